@@ -1,0 +1,115 @@
+"""MeshSpec parsing and ShardLayout geometry (pure Python)."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from workbench.mesh import MeshSpec, ShardLayout, auto_mesh, parse_mesh, valid_meshes
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("2x2x2", MeshSpec(2, 2, 2)),
+        ("1x2x4", MeshSpec(1, 2, 4)),
+        (" 4X2X1 ", MeshSpec(4, 2, 1)),
+        ("data=2,z=2,y=2,x=1", MeshSpec(2, 2, 1, data=2)),
+        ("z=8", MeshSpec(8, 1, 1)),
+    ],
+)
+def test_parse_mesh(text, expected):
+    spec = parse_mesh(text)
+    assert spec == expected
+    assert parse_mesh(str(spec)) == spec
+
+
+def test_auto_mesh_is_most_cubic():
+    assert parse_mesh("auto", n_devices=8) == MeshSpec(2, 2, 2)
+    assert auto_mesh(4) == MeshSpec(2, 2, 1)
+    assert auto_mesh(1) == MeshSpec(1, 1, 1)
+    assert auto_mesh(8, data=2) == MeshSpec(2, 2, 1, data=2)
+
+
+def test_valid_meshes_cover_all_factorisations():
+    meshes = valid_meshes(8)
+    assert len(meshes) == 10  # ordered factorisations of 8 into 3 factors
+    assert all(m.n_devices == 8 for m in meshes)
+    with_data = valid_meshes(8, data_parallel=True)
+    assert MeshSpec(2, 2, 1, data=2) in with_data
+    assert len(with_data) == 10 + 6 + 3 + 1
+
+
+@pytest.mark.parametrize(
+    "bad, fragment",
+    [
+        ("2x2", "write the mesh as ZxYxX"),
+        ("2x0x2", "sizes must be >= 1"),
+        ("a=2", "cannot read 'a=2'"),
+        ("z=2,z=2", "axis z given twice"),
+        ("", "write the mesh as ZxYxX"),
+        ("2x2x2x2", "write the mesh as ZxYxX"),
+    ],
+)
+def test_bad_mesh_strings_name_the_fix(bad, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        parse_mesh(bad)
+
+
+def test_mesh_device_mismatch_names_options():
+    with pytest.raises(ValueError, match=r"needs 16 devices but 8 are available.*--cpu-devices 16"):
+        parse_mesh("4x2x2", n_devices=8)
+    with pytest.raises(ValueError, match="needs the device count"):
+        parse_mesh("auto")
+
+
+def test_layout_uneven_volume():
+    layout = ShardLayout((37, 53, 45), "2x2x2", multiple=4)
+    assert layout.reference_shape == (40, 56, 48)
+    assert layout.padded_shape == (40, 56, 48)
+    assert layout.block_shape == (20, 28, 24)
+    assert layout.needs_mask == (False, False, False)
+    layout = ShardLayout((37, 53, 45), "8x1x1", multiple=4)
+    assert layout.padded_shape == (64, 56, 48)
+    assert layout.needs_mask == (True, False, False)
+    empty = [s for s in layout.shards() if s.is_empty]
+    assert [s.coords[0] for s in empty] == [5, 6, 7]
+
+
+def test_layout_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"must be 3 positive sizes"):
+        ShardLayout((10, 10), "2x2x2")
+    with pytest.raises(ValueError, match="power of two"):
+        ShardLayout((8, 8, 8), "2x2x2", multiple=3)
+    with pytest.raises(ValueError, match="does not match the layout"):
+        ShardLayout((8, 8, 8), "2x2x2").pad(np.zeros((9, 8, 8)))
+
+
+mesh_sizes = st.tuples(*[st.sampled_from([1, 2, 3, 4])] * 3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.tuples(*[st.integers(1, 70)] * 3),
+    mesh=mesh_sizes,
+    multiple=st.sampled_from([1, 2, 4, 8]),
+)
+def test_layout_boxes_tile_the_padded_volume(shape, mesh, multiple):
+    layout = ShardLayout(shape, MeshSpec(*mesh), multiple=multiple)
+    cover = np.zeros(layout.padded_shape, np.int32)
+    valid_voxels = 0
+    for shard in layout.shards():
+        (z0, z1), (y0, y1), (x0, x1) = shard.box
+        cover[z0:z1, y0:y1, x0:x1] += 1
+        for (lo, hi), (vlo, vhi), s in zip(shard.box, shard.valid_box, shape):
+            assert vlo <= vhi <= s and (vlo == vhi or lo <= vlo < vhi <= hi)
+        valid_voxels += int(np.prod([hi - lo for lo, hi in shard.valid_box]))
+    assert (cover == 1).all()  # every voxel exactly once: no gaps, no overlap
+    assert valid_voxels == np.prod(shape)
+    for p, r, m in zip(layout.padded_shape, layout.reference_shape, mesh):
+        assert p % (m * multiple) == 0 and r % multiple == 0 and p >= r
+    volume = np.random.default_rng(0).random(shape)
+    padded = layout.pad(volume)
+    assert padded.shape == layout.padded_shape
+    np.testing.assert_array_equal(layout.crop(padded), volume)
+    ids = layout.shard_ids()
+    assert ids.shape == shape and ids.max() < MeshSpec(*mesh).n_spatial

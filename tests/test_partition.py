@@ -1,0 +1,182 @@
+"""Every partitioned path against the single-device reference (8 simulated devices)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from workbench.mesh import ShardLayout, parse_mesh
+from workbench.run import apply, make_forward
+from workbench.unet import Model, UNetConfig, receptive_radius
+
+MESHES = ["1x1x1", "2x1x1", "1x2x1", "1x1x2", "2x2x2", "1x2x4", "4x2x1", "8x1x1", "data=2,z=2,y=2,x=1"]
+SHAPES = [(40, 56, 48), (37, 53, 45)]
+FORWARD_TOL = 1e-5
+GRAD_RTOL = 1e-4
+
+
+def _perturbed(model: Model, seed: int = 1) -> Model:
+    """Random biases and running statistics, so no layer is an identity."""
+    rng = np.random.default_rng(seed)
+
+    def jitter(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "var" in name:
+            return jnp.asarray(rng.uniform(0.5, 2.0, leaf.shape), leaf.dtype)
+        if "bias" in name or "mean" in name:
+            return jnp.asarray(rng.normal(0, 0.1, leaf.shape), leaf.dtype)
+        if "scale" in name:
+            return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
+        return leaf
+
+    return Model(model.config, jax.tree_util.tree_map_with_path(jitter, model.variables))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _perturbed(Model.init("small", seed=0))
+
+
+def _volume(shape, batch, seed=0):
+    return np.random.default_rng(seed).standard_normal((batch, *shape, 1)).astype(np.float32)
+
+
+def test_small_preset_parameter_count(model):
+    assert model.num_params == 85355
+    assert UNetConfig.preset("small").multiple == 4
+    paper = Model.init("paper")
+    assert paper.config.depth == 4 and paper.config.dtype == "bfloat16"
+    assert paper.num_params == 5_602_595  # counted by hand: convs, norms, up-convs, head
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("backend", ["explicit", "gspmd"])
+def test_forward_equals_reference(model, mesh, shape, backend):
+    batch = parse_mesh(mesh).data
+    x = _volume(shape, batch)
+    ref = apply(model, x, backend="reference")
+    out = apply(model, x, mesh, backend=backend)
+    assert out.shape == (batch, *shape, 3)
+    assert np.abs(ref).max() > 0.1  # the comparison is not between zeros
+    np.testing.assert_allclose(out, ref, rtol=0, atol=FORWARD_TOL)
+
+
+def test_three_d_input_returns_three_d_logits(model):
+    x = _volume((20, 24, 16), 1)[0, ..., 0]
+    out = apply(model, x, "2x2x2")
+    assert out.shape == (20, 24, 16, 3)
+    np.testing.assert_allclose(out, apply(model, x, backend="reference"), atol=FORWARD_TOL)
+
+
+def _train_step_outputs(model, x, mesh, backend, rng):
+    """Loss, gradients and updated batch statistics of one training-mode forward."""
+    config = model.config
+    layout = ShardLayout(x.shape[1:4], parse_mesh(mesh) if backend != "reference" else "1x1x1",
+                         multiple=config.multiple)
+    fn, _, in_sharding, var_sharding = make_forward(config, layout, backend=backend, train=True)
+    target = layout.reference_shape if backend == "reference" else layout.padded_shape
+    xp = np.pad(x, [(0, 0)] + [(0, t - s) for t, s in zip(target, x.shape[1:4])] + [(0, 0)])
+    x_dev = jax.device_put(xp, in_sharding)
+    variables = jax.device_put(model.variables, var_sharding)
+    z, y, w = x.shape[1:4]
+    weights = jnp.asarray(np.random.default_rng(7).standard_normal((*x.shape[:4], config.num_classes)),
+                          jnp.float32)
+
+    def loss(params):
+        logits, updates = fn({**variables, "params": params}, x_dev, rng)
+        logits = logits[:, :z, :y, :w, :]
+        return jnp.mean(logits * weights) + 0.01 * jnp.mean(logits**2), (logits, updates)
+
+    (value, (logits, updates)), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+    return float(value), np.asarray(logits), grads, updates
+
+
+TRAIN_MESHES = ["2x2x2", "1x2x4", "8x1x1", "data=2,z=2,y=2,x=1"]
+
+
+@pytest.mark.parametrize("mesh", TRAIN_MESHES)
+@pytest.mark.parametrize("backend", ["explicit", "gspmd"])
+def test_training_forward_gradients_and_statistics(mesh, backend):
+    """Batch statistics (with padding masked out), dropout and gradients match the reference."""
+    config = UNetConfig.preset("small", dropout=0.1)
+    model = _perturbed(Model.init(config, seed=3))
+    x = _volume((37, 53, 45), parse_mesh(mesh).data, seed=2)
+    rng = jax.random.key(5)
+    ref = _train_step_outputs(model, x, "1x1x1", "reference", rng)
+    out = _train_step_outputs(model, x, mesh, backend, rng)
+    assert abs(out[0] - ref[0]) <= 1e-5 * max(1.0, abs(ref[0]))
+    np.testing.assert_allclose(out[1], ref[1], atol=FORWARD_TOL)
+    for (path, g), g_ref in zip(jax.tree_util.tree_leaves_with_path(out[2]), jax.tree.leaves(ref[2])):
+        scale = float(jnp.abs(g_ref).max())
+        assert scale > 0, f"zero reference gradient at {jax.tree_util.keystr(path)}"
+        err = float(jnp.abs(g - g_ref).max()) / scale
+        assert err <= GRAD_RTOL, f"{jax.tree_util.keystr(path)}: relative error {err:.2e}"
+    for s, s_ref in zip(jax.tree.leaves(out[3]), jax.tree.leaves(ref[3])):
+        np.testing.assert_allclose(np.asarray(s), np.asarray(s_ref), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["group", "instance", "none"])
+def test_other_normalisations_train_mode(norm):
+    config = UNetConfig.preset("small", norm=norm, groups=4)
+    model = _perturbed(Model.init(config, seed=4))
+    x = _volume((37, 53, 45), 2, seed=3)
+    rng = jax.random.key(0)
+    ref = _train_step_outputs(model, x, "1x1x1", "reference", rng)
+    out = _train_step_outputs(model, x, "data=2,z=2,y=1,x=2", "explicit", rng)
+    np.testing.assert_allclose(out[1], ref[1], atol=FORWARD_TOL)
+    for g, g_ref in zip(jax.tree.leaves(out[2]), jax.tree.leaves(ref[2])):
+        assert float(jnp.abs(g - g_ref).max()) <= GRAD_RTOL * float(jnp.abs(g_ref).max())
+
+
+def test_bfloat16_compute_stays_close(model):
+    config = model.config.replace(dtype="bfloat16")
+    bf = Model(config, model.variables)
+    x = _volume((32, 32, 32), 1)
+    ref = apply(bf, x, backend="reference")
+    out = apply(bf, x, "2x2x2")
+    assert out.dtype == np.float32
+    # bfloat16 has 8 bits of mantissa; partitioning changes summation order only.
+    assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()
+
+
+# -- halo modes: artifacts exactly where the receptive field says -----------------
+
+@pytest.fixture(scope="module")
+def plain_model():
+    return _perturbed(Model.init(UNetConfig.preset("small", norm="none"), seed=2))
+
+
+def _seam_error(plain_model, halo):
+    x = _volume((96, 16, 16), 1, seed=4)
+    ref = apply(plain_model, x, backend="reference")
+    out = apply(plain_model, x, "2x1x1", halo=halo)
+    err = np.abs(out - ref).max(axis=(0, 2, 3, 4))  # per z slice
+    return err, 48  # seam between z=47 and z=48
+
+
+@pytest.mark.parametrize("halo", ["zero", "reflect", "replicate", 0])
+def test_per_layer_halo_artifacts_stay_in_receptive_band(plain_model, halo):
+    radius = receptive_radius(plain_model.config)
+    assert radius == 23
+    err, seam = _seam_error(plain_model, halo)
+    inside = np.zeros(err.shape, bool)
+    inside[seam - radius:seam + radius] = True
+    assert err[~inside].max() <= FORWARD_TOL, "artifact outside the receptive band"
+    assert err[seam - 1] > 1e-3 and err[seam] > 1e-3, "no artifact at the seam"
+
+
+@pytest.mark.parametrize("width", [4, 8, 16])
+def test_narrow_overlap_halo_band(plain_model, width):
+    radius = receptive_radius(plain_model.config)
+    band = radius - width
+    err, seam = _seam_error(plain_model, width)
+    inside = np.zeros(err.shape, bool)
+    inside[seam - band:seam + band] = True
+    assert err[~inside].max() <= FORWARD_TOL
+    assert err[seam - 1] > 1e-4 and err[seam] > 1e-4
+
+
+def test_full_overlap_is_exact(plain_model):
+    err, _ = _seam_error(plain_model, "overlap")
+    assert err.max() <= FORWARD_TOL

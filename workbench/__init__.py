@@ -1,0 +1,1 @@
+"""Partitioned U-Net Workbench."""

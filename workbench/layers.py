@@ -1,0 +1,278 @@
+"""Partition-aware layers: 3×3×3 convolution, normalisation, dropout, masking.
+
+A :class:`Partition` says how the model is laid out (single device, our explicit
+``shard_map`` with halos, or GSPMD). Layers ask it three questions:
+
+* how to pad a convolution's input (``conv_input``): halo exchange, self padding or
+  the convolution's own ``SAME`` padding;
+* which voxels are inside the volume (``valid_mask``): the partitioned run may pad
+  the volume beyond the reference's padding so the mesh splits it evenly; those
+  voxels are zeroed after every layer so they act as "outside the volume";
+* how to sum statistics over the whole volume (``psum``): across shards for the
+  explicit backend, a plain sum elsewhere.
+
+So one model definition serves every backend, and the partitioned output equals the
+single-device output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .halo import global_index, halo_pad
+from .mesh import ACTIVATION_SPEC, DATA_AXIS, SPATIAL_AXES
+
+__all__ = ["Partition", "Conv3", "Norm", "hash_dropout", "NORMS", "he_normal"]
+
+NORMS = ("none", "batch", "group", "instance")
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Static description of how a model is partitioned (hashable: a Flax attribute).
+
+    backend
+        ``reference`` (one device), ``explicit`` (inside ``shard_map``) or ``gspmd``
+        (global arrays under ``jax.jit`` with sharding constraints).
+    mesh_shape, data
+        spatial mesh sizes (z, y, x) and the data-parallel size.
+    valid_shape
+        level-0 extent of the reference's domain (the volume padded to a multiple of
+        2^(depth-1)); ``None`` when the whole array is valid.
+    global_shape
+        level-0 extent of the padded global array the partitioned run works on.
+    halo
+        per-layer halo mode for the explicit backend (see :mod:`workbench.halo`).
+    overlap
+        explicit backend only: width of a single input halo (level-0 voxels) after
+        which every shard runs the network alone, with no per-layer exchange.
+    mesh
+        the ``jax.sharding.Mesh`` (gspmd sharding constraints).
+    """
+
+    backend: str = "reference"
+    mesh_shape: tuple[int, int, int] = (1, 1, 1)
+    data: int = 1
+    valid_shape: tuple[int, int, int] | None = None
+    global_shape: tuple[int, int, int] | None = None
+    halo: str = "exact"
+    overlap: int = 0
+    mesh: Any = None
+
+    # -- geometry ---------------------------------------------------------------
+    def _block(self, dim: int, level: int) -> int:
+        return self.global_shape[dim] // self.mesh_shape[dim] // 2**level
+
+    def _axis_positions(self, dim: int, level: int, local: int):
+        """Global indices (level ``level``) of the ``local`` positions along spatial ``dim``."""
+        if self.backend != "explicit":
+            return jnp.arange(local, dtype=jnp.int32)
+        name, size = SPATIAL_AXES[dim], self.mesh_shape[dim]
+        halo = self.overlap // 2**level
+        return global_index(self._block(dim, level), name, size, offset=-halo, length=local)
+
+    def valid_mask(self, x, level: int):
+        """(1, z, y, x, 1) bool mask of voxels inside the reference domain, or None."""
+        if self.valid_shape is None:
+            return None
+        mask = None
+        for dim in range(3):
+            valid = self.valid_shape[dim] // 2**level
+            local = x.shape[1 + dim]
+            covers_all = self.overlap == 0 and self.global_shape[dim] <= self.valid_shape[dim]
+            if covers_all:
+                continue
+            pos = self._axis_positions(dim, level, local)
+            ok = (pos >= 0) & (pos < valid)
+            shape = [1, 1, 1, 1, 1]
+            shape[1 + dim] = local
+            ok = ok.reshape(shape)
+            mask = ok if mask is None else mask & ok
+        return mask
+
+    def mask(self, x, level: int):
+        """Zero the voxels outside the volume (a no-op when there are none)."""
+        valid = self.valid_mask(x, level)
+        x = x if valid is None else jnp.where(valid, x, jnp.zeros((), x.dtype))
+        return self.constrain(x)
+
+    def stats_mask(self, x, level: int):
+        """Voxels whose statistics count: inside the volume and (overlap mode) owned."""
+        valid = self.valid_mask(x, level)
+        if self.overlap == 0:
+            return valid
+        halo = self.overlap // 2**level
+        for dim in range(3):
+            local = x.shape[1 + dim]
+            idx = jnp.arange(local)
+            own = (idx >= halo) & (idx < local - halo)
+            shape = [1, 1, 1, 1, 1]
+            shape[1 + dim] = local
+            valid = own.reshape(shape) if valid is None else valid & own.reshape(shape)
+        return valid
+
+    # -- communication -----------------------------------------------------------
+    def conv_input(self, x, level: int):
+        """Input and padding for a 3×3×3 VALID/SAME convolution at ``level``."""
+        if self.backend != "explicit" or self.overlap > 0:
+            return x, "SAME"
+        if self.halo == "exact" and self.mesh_shape == (1, 1, 1):
+            return x, "SAME"
+        return halo_pad(x, width=1, mesh_shape=self.mesh_shape, mode=self.halo), "VALID"
+
+    def psum(self, value, *, over_batch: bool):
+        """Sum a per-shard partial statistic over the whole volume (and batch)."""
+        if self.backend != "explicit":
+            return value
+        names = tuple(n for n, s in zip(SPATIAL_AXES, self.mesh_shape) if s > 1)
+        if over_batch and self.data > 1:
+            names = (DATA_AXIS, *names)
+        return lax.psum(value, names) if names else value
+
+    def constrain(self, x):
+        """GSPMD: keep activations split over (data, z, y, x)."""
+        if self.backend != "gspmd" or self.mesh is None:
+            return x
+        sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*ACTIVATION_SPEC))
+        return lax.with_sharding_constraint(x, sharding)
+
+    def batch_positions(self, n_local: int):
+        if self.backend == "explicit" and self.data > 1:
+            return lax.axis_index(DATA_AXIS) * n_local + jnp.arange(n_local, dtype=jnp.int32)
+        return jnp.arange(n_local, dtype=jnp.int32)
+
+
+def he_normal(key, shape, dtype=jnp.float32):
+    """He (Kaiming) normal init, fan-in = every axis but the last.
+
+    Draws a flat vector and reshapes it: XLA:CPU compiles the partitionable threefry
+    generator for 5-D shapes very slowly (seconds per shape), flat draws are fast.
+    """
+    fan_in = math.prod(shape[:-1])
+    flat = jax.random.normal(key, (math.prod(shape),), jnp.float32)
+    return (flat * math.sqrt(2.0 / fan_in)).reshape(shape).astype(dtype)
+
+
+class Conv3(nn.Module):
+    """3×3×3 convolution whose padding comes from the :class:`Partition`."""
+
+    features: int
+    level: int
+    partition: Partition
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param(
+            "kernel", he_normal, (3, 3, 3, x.shape[-1], self.features), jnp.float32
+        )
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        x_in, padding = self.partition.conv_input(x.astype(self.dtype), self.level)
+        y = lax.conv_general_dilated(
+            x_in,
+            kernel.astype(self.dtype),
+            window_strides=(1, 1, 1),
+            padding=padding,
+            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+        )
+        return y + bias.astype(self.dtype)
+
+
+def _moments(x, weight, axes, partition: Partition, *, over_batch: bool):
+    """Mean and (biased) variance over ``axes`` of the whole volume, masked by ``weight``."""
+    if weight is None:
+        count = jnp.asarray(math.prod(x.shape[a] for a in axes), jnp.float32)
+        total = partition.psum(jnp.sum(x, axis=axes, keepdims=True), over_batch=over_batch)
+    else:
+        w = jnp.broadcast_to(weight, x.shape).astype(jnp.float32)
+        count = jnp.sum(w, axis=axes, keepdims=True)
+        total = partition.psum(jnp.sum(x * w, axis=axes, keepdims=True), over_batch=over_batch)
+    count = partition.psum(count, over_batch=over_batch)
+    mean = total / count
+    centered = x - mean
+    if weight is not None:
+        centered = centered * w
+    var = partition.psum(jnp.sum(centered * centered, axis=axes, keepdims=True), over_batch=over_batch) / count
+    return mean, var
+
+
+class Norm(nn.Module):
+    """Batch / group / instance normalisation with whole-volume statistics.
+
+    Statistics are summed over every shard (``psum``) and exclude voxels outside the
+    volume, so they equal the single-device statistics. Batch norm keeps running
+    averages in the ``batch_stats`` collection (same update rule as Flax's).
+    """
+
+    kind: str
+    level: int
+    partition: Partition
+    groups: int = 8
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones_init(), (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (c,), jnp.float32)
+        xf = x.astype(jnp.float32)
+        weight = self.partition.stats_mask(x, self.level)
+        if self.kind == "batch":
+            ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+            ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+            if self.train:
+                mean, var = _moments(xf, weight, (0, 1, 2, 3), self.partition, over_batch=True)
+                mean, var = mean.reshape(c), var.reshape(c)
+                if not self.is_initializing():
+                    ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                    ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+            else:
+                mean, var = ra_mean.value, ra_var.value
+            y = (xf - mean) * lax.rsqrt(var + self.epsilon)
+        elif self.kind in ("group", "instance"):
+            groups = c if self.kind == "instance" else math.gcd(self.groups, c)
+            xg = xf.reshape(*xf.shape[:4], groups, c // groups)
+            wg = None if weight is None else weight[..., None]
+            mean, var = _moments(xg, wg, (1, 2, 3, 5), self.partition, over_batch=False)
+            y = ((xg - mean) * lax.rsqrt(var + self.epsilon)).reshape(xf.shape)
+        else:
+            raise ValueError(f"unknown normalisation {self.kind!r}; use one of {NORMS}")
+        return (y * scale + bias).astype(x.dtype)
+
+
+def _mix32(h):
+    """murmur3 finaliser on uint32."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def hash_dropout(x, *, rate: float, seed, level: int, partition: Partition):
+    """Dropout whose mask depends only on the seed and the voxel's global position,
+
+    so every backend and every mesh drops exactly the same voxels.
+    """
+    if rate <= 0.0:
+        return x
+    n, *spatial, c = x.shape
+    coords = [partition.batch_positions(n)]
+    coords += [partition._axis_positions(d, level, spatial[d]) for d in range(3)]
+    coords.append(jnp.arange(c, dtype=jnp.int32))
+    h = jnp.asarray(seed, jnp.uint32).reshape((1,) * 5) ^ jnp.uint32(level * 0x9E3779B9 & 0xFFFFFFFF)
+    for axis, pos in enumerate(coords):
+        shape = [1] * 5
+        shape[axis] = pos.shape[0]
+        h = _mix32(h ^ (pos.astype(jnp.uint32) * jnp.uint32(0x27D4EB2F)).reshape(shape))
+    keep = h >= jnp.uint32(min(int(rate * 2**32), 2**32 - 1))
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)).astype(x.dtype)
