@@ -4,7 +4,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEBIAN_PKGS := xvfb xauth libgl1-mesa-dri libegl1 libxkbcommon-x11-0 libxcb-cursor0 libdbus-1-3 libfontconfig1
+# Xvfb + Mesa + Qt runtime libraries for napari tests; Chromium + driver for the notebook browser test.
+DEBIAN_PKGS := xvfb xauth libgl1-mesa-dri libegl1 libxkbcommon-x11-0 libxcb-cursor0 libxcb-icccm4 \
+	libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 \
+	libxcb-xkb1 libdbus-1-3 libfontconfig1 chromium chromium-driver
 
 .PHONY: install system-deps demo test bench clean
 
@@ -22,14 +25,15 @@ $(STAMP): pyproject.toml Makefile
 	$(MAKE) system-deps
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,viewer,notebook,bench]"
 	touch $(STAMP)
 
 demo: install
 	$(BIN)/workbench demo --out demo_out
 
+# napari tests need a real (virtual) display: the whole suite runs under xvfb-run.
 test: install
-	$(BIN)/python -m pytest -q
+	xvfb-run -a -s "-screen 0 1280x1024x24" $(BIN)/python -m pytest -q
 
 bench: install
 	$(BIN)/python benchmarks/partition_overhead.py

@@ -131,10 +131,10 @@ class Partition:
         """Sum a per-shard partial statistic over the whole volume (and batch)."""
         if self.backend != "explicit":
             return value
-        names = tuple(n for n, s in zip(SPATIAL_AXES, self.mesh_shape) if s > 1)
-        if over_batch and self.data > 1:
-            names = (DATA_AXIS, *names)
-        return lax.psum(value, names) if names else value
+        # Size-1 axes are included: the sum is free, and the result's type then says
+        # it is the same on every device (shard_map's replication check).
+        names = (DATA_AXIS, *SPATIAL_AXES) if over_batch else SPATIAL_AXES
+        return lax.psum(value, names)
 
     def constrain(self, x):
         """GSPMD: keep activations split over (data, z, y, x)."""
@@ -161,27 +161,45 @@ def he_normal(key, shape, dtype=jnp.float32):
 
 
 class Conv3(nn.Module):
-    """3×3×3 convolution whose padding comes from the :class:`Partition`."""
+    """3×3×3 convolution whose padding comes from the :class:`Partition`.
+
+    Called with a tuple of arrays, it convolves their channel concatenation (the
+    U-Net's skip connections). With ``split_inputs`` the concatenated array is never
+    built: each part is convolved with its slice of the kernel and the results are
+    added, so only one part's halo-padded copy is alive at a time; the parameters
+    are the same. The U-Net splits in inference on every backend, the reference included, so
+    partitioned ÷ reference memory compares like with like; in training it keeps the
+    concatenation, since the split costs more in the backward pass than it saves.
+    """
 
     features: int
     level: int
     partition: Partition
     dtype: Any = jnp.float32
+    split_inputs: bool = False
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param(
-            "kernel", he_normal, (3, 3, 3, x.shape[-1], self.features), jnp.float32
-        )
+        parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+        channels = [p.shape[-1] for p in parts]
+        kernel = self.param("kernel", he_normal, (3, 3, 3, sum(channels), self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-        x_in, padding = self.partition.conv_input(x.astype(self.dtype), self.level)
-        y = lax.conv_general_dilated(
-            x_in,
-            kernel.astype(self.dtype),
-            window_strides=(1, 1, 1),
-            padding=padding,
-            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
-        )
+        kernel = kernel.astype(self.dtype)
+        if not self.split_inputs and len(parts) > 1:
+            parts = (jnp.concatenate(parts, axis=-1),)
+            channels = [sum(channels)]
+        y, start = None, 0
+        for part, c in zip(parts, channels):
+            x_in, padding = self.partition.conv_input(part.astype(self.dtype), self.level)
+            term = lax.conv_general_dilated(
+                x_in,
+                kernel[..., start:start + c, :],
+                window_strides=(1, 1, 1),
+                padding=padding,
+                dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+            )
+            y = term if y is None else y + term
+            start += c
         return y + bias.astype(self.dtype)
 
 

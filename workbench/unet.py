@@ -112,7 +112,8 @@ class ConvBlock(nn.Module):
     def __call__(self, x):
         cfg, part = self.config, self.partition
         for i in range(cfg.convs_per_block):
-            x = Conv3(self.features, self.level, part, cfg.compute_dtype, name=f"conv{i}")(x)
+            x = Conv3(self.features, self.level, part, cfg.compute_dtype, split_inputs=not self.train,
+                      name=f"conv{i}")(x)
             if cfg.norm != "none":
                 x = Norm(cfg.norm, self.level, part, groups=cfg.groups, train=self.train, name=f"norm{i}")(x)
             x = nn.relu(x) if cfg.activation == "relu" else nn.leaky_relu(x, cfg.negative_slope)
@@ -147,8 +148,8 @@ class UNet3D(nn.Module):
                 dtype=cfg.compute_dtype, param_dtype=jnp.float32, kernel_init=he_normal, name=f"up{level}",
             )(x)
             x = part.mask(x, level)
-            x = jnp.concatenate([skips[level], x], axis=-1)
-            x = block_cls(cfg, features, level, part, train, name=f"dec{level}")(x)
+            # skip connection: the first conv sees the channel concatenation
+            x = block_cls(cfg, features, level, part, train, name=f"dec{level}")((skips[level], x))
         x = nn.Dense(
             cfg.num_classes, dtype=cfg.compute_dtype, param_dtype=jnp.float32, kernel_init=he_normal, name="head"
         )(x)

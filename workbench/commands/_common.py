@@ -1,4 +1,4 @@
-"""What the CLI commands do, as importable functions (notebooks call these too)."""
+"""Shared pieces of the CLI commands: staged output folders, per-shard errors, inference."""
 
 from __future__ import annotations
 
@@ -7,12 +7,35 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["infer_array", "shard_errors", "staged_output", "infer", "demo", "write_figure"]
+__all__ = [
+    "positive_int",
+    "add_common",
+    "infer_array", "shard_errors", "staged_output", "model_from_args", "image_for_model", "write_figure", "summary_line"]
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def add_common(p) -> None:
+    """Options every JAX-running command takes: devices, model preset, weights seed."""
+    p.add_argument("--cpu-devices", type=positive_int, default=8,
+                   help="simulated CPU devices when no accelerator is present (default 8)")
+    p.add_argument("--model", default="small", help="model preset: small | paper (default small)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
 
 
 @contextlib.contextmanager
@@ -68,8 +91,8 @@ def shard_errors(layout, output: np.ndarray, reference: np.ndarray) -> list[dict
 def infer_array(model, image: np.ndarray, mesh, *, backend="explicit", halo="exact",
                 reference=False) -> tuple[dict, np.ndarray, np.ndarray | None]:
     """Run one volume; return (report, logits, reference logits or None)."""
-    from .mesh import parse_mesh
-    from .run import run
+    from ..mesh import parse_mesh
+    from ..run import run
 
     result = run(model, image, mesh, backend=backend, halo=halo)
     report = {
@@ -108,52 +131,20 @@ def infer_array(model, image: np.ndarray, mesh, *, backend="explicit", halo="exa
     return report, result.output, ref_logits
 
 
-def _model_from_args(args):
-    from .unet import Model, UNetConfig
+def model_from_args(args):
+    from ..unet import Model, UNetConfig
 
     config = UNetConfig.preset(args.model)
     return Model.init(config, seed=args.seed)
 
 
-def _image_for_model(volume) -> np.ndarray:
+def image_for_model(volume) -> np.ndarray:
     from data_tools.preprocess import zscore
 
     return zscore(np.asarray(volume.array, np.float32)).astype(np.float32)
 
 
-def infer(args) -> int:
-    """``workbench infer``: read, run, write prediction + report.json."""
-    from data_tools.io import load_input, write_prediction
-
-    from .devices import device_summary
-    from .halo import validate_halo
-    from .mesh import parse_mesh
-    from .run import BACKENDS
-
-    if args.backend not in BACKENDS:
-        raise ValueError(f"--backend {args.backend!r} is unknown; use one of {', '.join(BACKENDS)}")
-    halo = validate_halo(args.halo)
-    if args.mesh.strip().lower() != "auto":
-        parse_mesh(args.mesh)  # fail on a malformed mesh before reading anything
-    volume = load_input(args.input)
-    with staged_output(args.out, overwrite=args.overwrite) as tmp:
-        model = _model_from_args(args)
-        image = _image_for_model(volume)
-        report, logits, _ = infer_array(model, image, args.mesh, backend=args.backend, halo=halo,
-                                        reference=args.reference)
-        labels = logits.argmax(-1).astype(np.uint8)
-        written = write_prediction(labels, volume, tmp)
-        if args.save_logits:
-            np.save(tmp / "logits.npy", logits)
-        report.update(input=str(args.input), prediction=Path(written).name,
-                      machine=device_summary(), weights=f"random (seed {args.seed})")
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(_summary_line(report))
-    print(f"wrote {Path(args.out) / Path(written).name} and {Path(args.out) / 'report.json'}")
-    return 0
-
-
-def _summary_line(report: dict) -> str:
+def summary_line(report: dict) -> str:
     mesh = report["mesh"]
     diff = report["max_abs_diff"]
     peak = report["peak_bytes_per_device"]
@@ -192,51 +183,3 @@ def write_figure(path, image: np.ndarray, labels: np.ndarray, error: np.ndarray 
     return Path(path)
 
 
-def demo(args) -> int:
-    """``workbench demo``: phantom → explicit and gspmd vs reference → table, report, PNG."""
-    from data_tools.io import load_input
-
-    from .devices import device_summary
-    from .mesh import ShardLayout, parse_mesh
-
-    spec = parse_mesh(args.mesh)
-    n = args.resolution
-    with staged_output(args.out, overwrite=args.overwrite) as tmp:
-        t0 = time.perf_counter()
-        volume = load_input(f"phantom:{n}")
-        model = _model_from_args(args)
-        image = _image_for_model(volume)
-        print(f"phantom {n}³ in {time.perf_counter() - t0:.1f} s; model '{args.model}' "
-              f"({model.num_params:,} parameters, random weights seed {args.seed}); mesh {spec}")
-        report, logits, ref = infer_array(model, image, spec, backend="explicit", reference=True)
-        gspmd_report, gspmd_logits, _ = infer_array(model, image, spec, backend="gspmd")
-        gspmd_diff = float(np.abs(gspmd_logits - ref).max())
-        rows = [
-            ("reference (1 device)", report["reference_seconds"], 0.0, report["reference_peak_bytes"]),
-            ("explicit (ours)", report["seconds"], report["max_abs_diff"], report["peak_bytes_per_device"]),
-            ("gspmd (XLA)", gspmd_report["seconds"], gspmd_diff, gspmd_report["peak_bytes_per_device"]),
-        ]
-        ref_seconds, ref_peak = rows[0][1], rows[0][3]
-        print(f"\n{'backend':<22}{'seconds':>9}{'÷ ref':>8}{'max |Δ|':>10}{'MiB/device':>12}{'ideal ÷ used':>14}")
-        for name, sec, diff, peak in rows:
-            ideal = ref_peak / spec.n_devices if "1 device" not in name else ref_peak
-            print(f"{name:<22}{sec:>9.2f}{sec / ref_seconds:>8.2f}{diff:>10.2g}"
-                  f"{peak / 2**20:>12.1f}{ideal / peak:>14.2f}")
-        labels = logits.argmax(-1).astype(np.uint8)
-        np.save(tmp / "prediction.npy", labels)
-        np.save(tmp / "image.npy", np.asarray(volume.array, np.float32))
-        if volume.labels is not None:
-            np.save(tmp / "ground_truth.npy", volume.labels.astype(np.uint8))
-        np.save(tmp / "reference_prediction.npy", ref.argmax(-1).astype(np.uint8))
-        error = np.abs(logits - ref).max(-1)
-        layout = ShardLayout(image.shape, spec, multiple=model.config.multiple)
-        write_figure(tmp / "view.png", image, labels, error, layout)
-        report.update(
-            input=f"phantom:{n}", prediction="prediction.npy", machine=device_summary(),
-            weights=f"random (seed {args.seed})",
-            gspmd={"seconds": gspmd_report["seconds"], "max_abs_diff": gspmd_diff,
-                   "peak_bytes_per_device": gspmd_report["peak_bytes_per_device"]},
-        )
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out}/report.json, prediction.npy and view.png")
-    return 0

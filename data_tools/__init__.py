@@ -1,0 +1,100 @@
+"""data_tools: numpy-only volume I/O, phantoms and preprocessing (no JAX).
+
+Everything is imported lazily, so ``import data_tools`` costs almost nothing::
+
+    from data_tools import Volume, load_input, make_phantom, read_volume, write_prediction
+
+Modules: :mod:`~data_tools.volume` (the :class:`Volume`), :mod:`~data_tools.io`
+(readers, writers, CLI entry points), :mod:`~data_tools.phantoms`,
+:mod:`~data_tools.samples` (MNI152), :mod:`~data_tools.preprocess`,
+:mod:`~data_tools.errors`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "Volume": "volume",
+    "DataError": "errors",
+    "MissingDataError": "errors",
+    "read_volume": "io",
+    "write_volume": "io",
+    "read_box": "io",
+    "volume_info": "io",
+    "detect_format": "io",
+    "load_input": "io",
+    "write_prediction": "io",
+    "write_dicom_series": "io",
+    "make_phantom": "phantoms",
+    "make_phantom_block": "phantoms",
+    "write_phantom": "phantoms",
+    "phantom_lesions": "phantoms",
+    "load_mni": "samples",
+    "window": "preprocess",
+    "zscore": "preprocess",
+    "percentile_normalise": "preprocess",
+    "resample": "preprocess",
+    "pad_to_multiple": "preprocess",
+    "crop_padding": "preprocess",
+}
+_MODULES = ("volume", "errors", "io", "phantoms", "samples", "preprocess")
+
+__all__ = [
+    "DataError",
+    "MissingDataError",
+    "Volume",
+    "crop_padding",
+    "detect_format",
+    "load_input",
+    "load_mni",
+    "make_phantom",
+    "make_phantom_block",
+    "pad_to_multiple",
+    "percentile_normalise",
+    "phantom_lesions",
+    "read_box",
+    "read_volume",
+    "resample",
+    "volume_info",
+    "window",
+    "write_dicom_series",
+    "write_phantom",
+    "write_prediction",
+    "write_volume",
+    "zscore",
+]
+assert sorted(_EXPORTS) == __all__
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name in _MODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'data_tools' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS) | set(_MODULES))
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from .errors import DataError, MissingDataError
+    from .io import (
+        detect_format,
+        load_input,
+        read_box,
+        read_volume,
+        volume_info,
+        write_dicom_series,
+        write_prediction,
+        write_volume,
+    )
+    from .phantoms import make_phantom, make_phantom_block, phantom_lesions, write_phantom
+    from .preprocess import crop_padding, pad_to_multiple, percentile_normalise, resample, window, zscore
+    from .samples import load_mni
+    from .volume import Volume

@@ -1,0 +1,71 @@
+"""Atomic writes: build the output under a temporary sibling name, then rename it.
+
+A reader never sees a half-written file or folder, and a failure (an exception, a full
+disk, Ctrl-C) leaves nothing behind: the temporary is removed and the error re-raised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+TEMP_PREFIX = ".tmp-"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def temp_sibling(path: Path, tag: str = "") -> Path:
+    """A fresh hidden name in ``path``'s folder that keeps ``path``'s suffixes.
+
+    ``out/scan.nii.gz`` -> ``out/.tmp-3fa9c1d2-scan.nii.gz`` (nibabel still sees ``.nii.gz``).
+    """
+    return path.with_name(f"{TEMP_PREFIX}{tag}{secrets.token_hex(4)}-{path.name}")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces ``path`` in one rename.
+
+    Works for files and for folders (zarr stores). An existing folder at ``path`` is moved
+    aside, the new one renamed in, and the old one deleted.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> with atomic_output(d / "a.txt") as tmp:
+    ...     _ = tmp.write_text("hello")
+    >>> sorted(p.name for p in d.iterdir())
+    ['a.txt']
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise AssertionError(f"writer produced nothing at {tmp}")
+        if path.exists() and (path.is_dir() or tmp.is_dir()) and not path.is_symlink():
+            old = temp_sibling(path, "old-")
+            os.rename(path, old)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(old, path)  # put the previous output back
+                raise
+            _remove(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:  # clean up whatever the cause, then let it propagate
+        _remove(tmp)
+        raise

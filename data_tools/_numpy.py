@@ -1,0 +1,97 @@
+"""``.npy`` (one array, 1 mm spacing) and ``.npz`` (image plus geometry and labels).
+
+An ``.npz`` written here holds ``image`` and, when known, ``labels``, ``spacing``,
+``affine`` and ``class_names``. Reading takes ``image`` (or the only array, or
+``arr_0``). A ``.npy`` holds only the array: spacing is 1 mm and the affine the default.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from ._atomic import atomic_output
+from .errors import DataError
+from .volume import Volume
+
+
+def _load(path: Path, mmap: bool = False):
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except ValueError as exc:
+        if "pickle" in str(exc):
+            raise DataError(path, "holds Python objects (a pickled array), not numbers",
+                            "save a numeric array with np.save") from None  # fmt: skip
+        raise DataError(path, f"not a readable numpy file ({exc})", "re-save it with np.save / np.savez") from None
+    except (EOFError, OSError, zipfile.BadZipFile) as exc:
+        raise DataError(path, f"not a readable numpy file, truncated? ({exc})",
+                        "re-save it with np.save / np.savez") from None  # fmt: skip
+
+
+def read_npy(path: Path) -> Volume:
+    return Volume(np.asarray(_load(path)), source_format="npy", path=str(path))
+
+
+def npy_box(path: Path, box) -> np.ndarray:
+    """Only the box, through a read-only memory map."""
+    mm = _load(path, mmap=True)
+    if mm.ndim != 3:
+        raise DataError(path, f"array has shape {mm.shape}, expected 3-D (Z, Y, X)", "save a 3-D array")
+    return np.array(mm[tuple(slice(a, b) for a, b in box)])
+
+
+def npy_shape(path: Path):
+    from .volume import default_affine
+
+    mm = _load(path, mmap=True)
+    if mm.ndim != 3:
+        raise DataError(path, f"array has shape {mm.shape}, expected 3-D (Z, Y, X)", "save a 3-D array")
+    return tuple(mm.shape), mm.dtype, default_affine((1.0, 1.0, 1.0))
+
+
+def _npz_image_key(path: Path, keys: list[str]) -> str:
+    if "image" in keys:
+        return "image"
+    arrays = [k for k in keys if k not in ("labels", "spacing", "affine", "class_names")]
+    if len(arrays) == 1:
+        return arrays[0]
+    raise DataError(path, f"holds arrays {keys} and none is named 'image'",
+                    "save the volume under the key 'image', e.g. np.savez(path, image=array)")  # fmt: skip
+
+
+def read_npz(path: Path) -> Volume:
+    with _load(path) as npz:
+        keys = list(npz.files)
+        image = npz[_npz_image_key(path, keys)]
+        labels = npz["labels"] if "labels" in keys else None
+        spacing = tuple(float(s) for s in npz["spacing"]) if "spacing" in keys else (1.0, 1.0, 1.0)
+        affine = npz["affine"] if "affine" in keys else None
+        names = tuple(str(n) for n in npz["class_names"]) if "class_names" in keys else None
+    return Volume(image, spacing=spacing, affine=affine, source_format="npz", labels=labels,  # type: ignore[arg-type]
+                  class_names=names, path=str(path))  # fmt: skip
+
+
+def npz_box(path: Path, box) -> np.ndarray:
+    """Full read of the image, then the slice (npz members cannot be memory-mapped)."""
+    with _load(path) as npz:
+        image = npz[_npz_image_key(path, list(npz.files))]
+    return np.ascontiguousarray(image[tuple(slice(a, b) for a, b in box)])
+
+
+def write_npy(volume: Volume, path: Path) -> Path:
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, volume.array)
+    return Path(path)
+
+
+def write_npz(volume: Volume, path: Path) -> Path:
+    items = {"image": volume.array, "spacing": np.asarray(volume.spacing), "affine": volume.affine}
+    if volume.labels is not None:
+        items["labels"] = volume.labels
+    if volume.class_names is not None:
+        items["class_names"] = np.asarray(volume.class_names, dtype=str)
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **items)
+    return Path(path)

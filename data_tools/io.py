@@ -1,0 +1,452 @@
+"""Read and write volumes in any supported format; the entry points the CLI calls.
+
+=================  ==================================  =============================
+format             read (by content, not by name)      write (by suffix)
+=================  ==================================  =============================
+NIfTI              ``.nii`` / ``.nii.gz`` header        ``.nii``, ``.nii.gz``
+DICOM series       folder (or one file) with ``DICM``   ``write_dicom_series``
+TIFF stack         ``II*``/``MM*`` (incl. BigTIFF)       ``.tif``, ``.tiff``
+zarr / OME-Zarr    folder with ``zarr.json``/``.zarray`` ``.zarr`` (OME-Zarr 0.5)
+numpy              ``\\x93NUMPY`` / zip with ``.npy``    ``.npy``, ``.npz``
+=================  ==================================  =============================
+
+Inputs may also be the specs ``phantom:N``, ``phantom:N:SEED``, ``phantom:ZxYxX[:SEED]``,
+``mni`` and ``mni:N`` / ``mni:ZxYxX`` (see :func:`load_input`).
+
+:func:`read_box` reads one shard's block: zarr reads only the chunks it touches; ``.npy``
+and uncompressed ``.nii`` are memory-mapped; ``.nii.gz`` is streamed up to the block
+(memory of the block only, time of decompressing up to it); TIFF reads only the pages
+of the z range; DICOM reads only the slice files of the z range; ``phantom:`` specs
+generate only the block. ``.npz`` and ``mni`` read the whole image, then slice.
+
+Every writer is atomic: it writes a hidden temporary sibling and renames it, so a
+failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError, MissingDataError
+from .volume import Volume
+
+__all__ = [
+    "FORMATS",
+    "VolumeInfo",
+    "detect_format",
+    "read_volume",
+    "write_volume",
+    "read_box",
+    "volume_info",
+    "load_input",
+    "write_prediction",
+    "write_dicom_series",
+]
+
+FORMATS = ("nifti", "dicom", "tiff", "zarr", "npy", "npz")
+_SUPPORTED = (
+    "supported: NIfTI (.nii, .nii.gz), DICOM series folders, TIFF stacks, zarr/OME-Zarr stores, "
+    ".npy/.npz, or the specs phantom:N and mni"
+)
+Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    """What a reader can tell without loading the voxels."""
+
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+    source_format: str
+
+
+# -- format detection -------------------------------------------------------------------
+def _is_nifti_header(head: bytes) -> bool:
+    if len(head) < 348:
+        return False
+    for order in ("<", ">"):
+        size = int(np.frombuffer(head[:4], dtype=f"{order}i4")[0])
+        if size == 348 and head[344:347] in (b"n+1", b"ni1"):
+            return True
+        if size == 540 and head[4:7] in (b"n+2", b"ni2"):
+            return True
+    return False
+
+
+def _gunzip_head(path: Path, n: int = 600) -> bytes:
+    with open(path, "rb") as f:
+        raw = f.read(64 * 1024)
+    try:
+        d = zlib.decompressobj(31)
+        return d.decompress(raw, n)
+    except zlib.error:
+        raise DataError(path, "damaged gzip stream", "re-export or re-download the file") from None
+
+
+def _missing(path: Path) -> MissingDataError:
+    parent = path.parent
+    hint = "check the path"
+    if parent.is_dir():
+        near = sorted(p.name for p in parent.iterdir() if not p.name.startswith("."))[:8]
+        hint = f"check the path; {parent} holds {near}" if near else f"check the path; {parent} is empty"
+    return MissingDataError(path, "no such file or folder", hint)
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """The format of ``path`` from its content: one of :data:`FORMATS`.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "a.bin"
+    >>> np.save(open(p, "wb"), np.zeros((2, 2, 2)))
+    >>> detect_format(p)
+    'npy'
+    """
+    from ._dicom import dicom_files
+
+    path = Path(path)
+    if not path.exists():
+        raise _missing(path)
+    if path.is_dir():
+        if any((path / name).exists() for name in ("zarr.json", ".zarray", ".zgroup", ".zattrs")):
+            return "zarr"
+        entries = [p for p in path.iterdir() if not p.name.startswith(".")]
+        if not entries:
+            raise DataError(path, "the folder is empty",
+                            "point to a DICOM series folder or a zarr store (or a file)")  # fmt: skip
+        if dicom_files(path):
+            return "dicom"
+        names = sorted(p.name for p in entries)[:6]
+        raise DataError(path, f"the folder holds no DICOM files and no zarr metadata ({len(entries)} entries: {names})",
+                        "point to a DICOM series folder, a zarr store, or one of the files; " + _SUPPORTED)  # fmt: skip
+    with open(path, "rb") as f:
+        head = f.read(1024)
+    if not head:
+        raise DataError(path, "the file is empty (0 bytes)", "re-export or re-download the file")
+    if head[:2] == b"\x1f\x8b":
+        if _is_nifti_header(_gunzip_head(path)):
+            return "nifti"
+        raise DataError(path, "a gzip file that does not hold a NIfTI image", _SUPPORTED)
+    if _is_nifti_header(head):
+        return "nifti"
+    if head[:6] == b"\x93NUMPY":
+        return "npy"
+    if head[:4] == b"PK\x03\x04":
+        return "npz"
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
+    raise DataError(path, f"unknown format (file starts with {head[:8]!r})", _SUPPORTED)
+
+
+# -- reading ----------------------------------------------------------------------------
+def read_volume(path: str | os.PathLike, *, series: str | None = None, labels: str | os.PathLike | None = None,
+                class_names=None) -> Volume:  # fmt: skip
+    """Read a volume, choosing the reader from the content.
+
+    Parameters
+    ----------
+    path : str or path-like
+        File or folder (DICOM series folder, zarr store).
+    series : str, optional
+        For a DICOM folder with several series: the SeriesInstanceUID (or SeriesNumber).
+    labels : path-like, optional
+        A label map on the same grid (any format) to attach as ``Volume.labels``.
+    class_names : sequence of str, optional
+        Names for the label values (checked against the label map).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "v.npy"
+    >>> np.save(p, np.zeros((2, 3, 4), np.float32))
+    >>> read_volume(p).shape
+    (2, 3, 4)
+    """
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "nifti":
+        from ._nifti import read_nifti
+
+        vol = read_nifti(path)
+    elif fmt == "dicom":
+        from ._dicom import read_dicom
+
+        vol = read_dicom(path, series)  # type: ignore[assignment]
+    elif fmt == "tiff":
+        from ._tiff import read_tiff
+
+        vol = read_tiff(path)  # type: ignore[assignment]
+    elif fmt == "zarr":
+        from ._zarr import read_zarr
+
+        vol = read_zarr(path)
+    elif fmt == "npy":
+        from ._numpy import read_npy
+
+        vol = read_npy(path)
+    else:
+        from ._numpy import read_npz
+
+        vol = read_npz(path)
+    if labels is not None:
+        lab = read_volume(labels)
+        values = lab.array
+        if not np.issubdtype(values.dtype, np.integer):
+            if not np.array_equal(values, np.rint(values)):
+                raise DataError(labels, "label map holds non-integer values",
+                                "pass an integer label map (nearest-neighbour resampled)")  # fmt: skip
+            values = values.astype(np.int64)
+        if values.shape != vol.shape:
+            raise DataError(labels, f"label map has shape {values.shape}, the image {vol.shape}",
+                            "pass the label map of this image (same grid)")  # fmt: skip
+        names = class_names if class_names is not None else vol.class_names
+        try:
+            vol = vol.replace(labels=values, class_names=names)
+        except DataError as exc:
+            raise DataError(labels, exc.problem, exc.fix) from None
+    elif class_names is not None:
+        vol = vol.replace(class_names=class_names)
+    return vol
+
+
+def _check_box(where, box, shape) -> Box:
+    try:
+        box = tuple((int(a), int(b)) for a, b in box)
+    except (TypeError, ValueError):
+        box = ()
+    if len(box) != 3 or not all(0 <= a < b <= n for (a, b), n in zip(box, shape)):
+        raise DataError(where, f"box={box!r} is not inside the volume of shape {tuple(shape)}",
+                        "pass ((z0, z1), (y0, y1), (x0, x1)) with 0 <= start < stop <= size")  # fmt: skip
+    return box  # type: ignore[return-value]
+
+
+def read_box(path: str | os.PathLike, box: Box, *, series: str | None = None) -> np.ndarray:
+    """Read only ``box`` = ``((z0, z1), (y0, y1), (x0, x1))`` of the image (half-open).
+
+    Equals ``read_volume(path).array[z0:z1, y0:y1, x0:x1]`` (phantom specs: the image of
+    :func:`~data_tools.phantoms.make_phantom_block`). See the module notes for which
+    formats avoid reading the whole volume.
+    """
+    spec = _parse_spec(str(path)) if isinstance(path, str) else None
+    if spec is not None and spec[0] == "phantom":
+        from .phantoms import make_phantom_block
+
+        _, shape, seed = spec
+        return make_phantom_block(shape, box, seed=seed)[0]
+    if spec is not None:
+        vol = load_input(str(path))
+        box = _check_box(path, box, vol.shape)
+        return np.ascontiguousarray(vol.array[tuple(slice(a, b) for a, b in box)])
+    info = volume_info(path, series=series)
+    box = _check_box(path, box, info.shape)
+    path = Path(path)
+    fmt = info.source_format
+    if fmt == "zarr":
+        from ._zarr import zarr_box
+
+        return zarr_box(path, box)
+    if fmt == "npy":
+        from ._numpy import npy_box
+
+        return npy_box(path, box)
+    if fmt == "npz":
+        from ._numpy import npz_box
+
+        return npz_box(path, box)
+    if fmt == "nifti":
+        from ._nifti import read_nifti_box
+
+        return read_nifti_box(path, box)
+    if fmt == "tiff":
+        from ._tiff import read_tiff
+
+        return read_tiff(path, box)  # type: ignore[return-value]
+    from ._dicom import read_dicom
+
+    return read_dicom(path, series, box)  # type: ignore[return-value]
+
+
+def volume_info(path: str | os.PathLike, *, series: str | None = None) -> VolumeInfo:
+    """Shape, dtype, spacing and affine from headers only (phantom specs: computed).
+
+    Examples
+    --------
+    >>> volume_info("phantom:64").shape
+    (64, 64, 64)
+    """
+    spec = _parse_spec(str(path)) if isinstance(path, str) else None
+    if spec is not None:
+        if spec[0] == "phantom":
+            from .phantoms import phantom_geometry
+
+            spacing, affine = phantom_geometry(spec[1])
+            return VolumeInfo(spec[1], np.dtype(np.float32), spacing, affine, "phantom")
+        vol = load_input(str(path))
+        return VolumeInfo(vol.shape, vol.dtype, vol.spacing, vol.affine, vol.source_format)
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "nifti":
+        from ._nifti import nifti_shape as probe
+    elif fmt == "zarr":
+        from ._zarr import zarr_shape as probe
+    elif fmt == "npy":
+        from ._numpy import npy_shape as probe
+    elif fmt == "tiff":
+        from ._tiff import tiff_shape as probe
+    elif fmt == "dicom":
+        from ._dicom import scan_series
+
+        geo = scan_series(path, series)
+        return VolumeInfo(geo.shape, np.dtype(np.float32), geo.spacing, geo.affine, "dicom")
+    else:
+        vol = read_volume(path)
+        return VolumeInfo(vol.shape, vol.dtype, vol.spacing, vol.affine, "npz")
+    shape, dtype, affine = probe(path)
+    spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
+    return VolumeInfo(tuple(int(s) for s in shape), np.dtype(dtype), spacing, affine, fmt)  # type: ignore[arg-type]
+
+
+# -- writing ----------------------------------------------------------------------------
+def _writer_for(path: Path) -> str:
+    name = path.name.lower()
+    for suffix, fmt in ((".nii.gz", "nifti"), (".nii", "nifti"), (".tif", "tiff"), (".tiff", "tiff"),
+                        (".zarr", "zarr"), (".npy", "npy"), (".npz", "npz")):  # fmt: skip
+        if name.endswith(suffix):
+            return fmt
+    raise DataError(path, f"cannot tell the output format from the name {path.name!r}",
+                    "end the name with .nii.gz, .nii, .tif, .zarr, .npy or .npz")  # fmt: skip
+
+
+def write_volume(volume: Volume, path: str | os.PathLike) -> Path:
+    """Write ``volume`` in the format named by ``path``'s suffix, atomically.
+
+    NIfTI keeps the affine (and a source NIfTI header); TIFF and ``.npz`` keep spacing and
+    affine; zarr (``.zarr``) writes OME-Zarr with down-sampled levels and the labels;
+    ``.npy`` keeps only the array. DICOM export: :func:`write_dicom_series`.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "v.nii.gz"
+    >>> _ = write_volume(Volume(np.zeros((2, 3, 4), np.float32), spacing=(3.0, 2.0, 1.0)), p)
+    >>> read_volume(p).spacing
+    (3.0, 2.0, 1.0)
+    """
+    path = Path(path)
+    fmt = _writer_for(path)
+    if fmt == "nifti":
+        from ._nifti import write_nifti as write
+    elif fmt == "tiff":
+        from ._tiff import write_tiff as write
+    elif fmt == "zarr":
+        from ._zarr import write_zarr as write
+    elif fmt == "npy":
+        from ._numpy import write_npy as write
+    else:
+        from ._numpy import write_npz as write
+    return write(volume, path)
+
+
+def write_dicom_series(volume: Volume, folder: str | os.PathLike, **kwargs) -> Path:
+    """Write ``volume`` as a CT DICOM series folder (int16 + RescaleSlope/Intercept).
+
+    Keyword arguments: ``slope`` (1.0), ``intercept`` (-1024.0), ``series_uid``,
+    ``description``, ``file_names``. Mostly for tests and demos of the DICOM reader.
+    """
+    from ._dicom import write_dicom_series as write
+
+    return write(volume, Path(folder), **kwargs)
+
+
+# -- CLI entry points -------------------------------------------------------------------
+_SHAPE = r"(\d+)(?:x(\d+)x(\d+))?"
+
+
+def _parse_spec(spec: str):
+    """``("phantom", shape, seed)``, ``("mni", shape_or_None)`` or None for a path."""
+    low = spec.strip().lower()
+    if low.startswith("phantom:") or low == "phantom":
+        m = re.fullmatch(rf"phantom:{_SHAPE}(?::(-?\d+))?", low)
+        if not m:
+            raise DataError(spec, "malformed phantom spec",
+                            "use phantom:N, phantom:N:SEED or phantom:ZxYxX[:SEED], e.g. phantom:128")  # fmt: skip
+        n = int(m.group(1))
+        shape = (n, n, n) if m.group(2) is None else (n, int(m.group(2)), int(m.group(3)))
+        return ("phantom", shape, int(m.group(4) or 0))
+    if low == "mni" or low.startswith("mni:"):
+        if low == "mni":
+            return ("mni", None)
+        m = re.fullmatch(rf"mni:{_SHAPE}", low)
+        if not m:
+            raise DataError(spec, "malformed mni spec", "use mni (native 189x233x197), mni:N or mni:ZxYxX")
+        n = int(m.group(1))
+        return ("mni", (n, n, n) if m.group(2) is None else (n, int(m.group(2)), int(m.group(3))))
+    return None
+
+
+def load_input(spec: str | os.PathLike, *, series: str | None = None) -> Volume:
+    """A :class:`Volume` from a CLI input: any readable path or a sample spec.
+
+    ``phantom:N`` (N³, seed 0), ``phantom:N:SEED``, ``phantom:ZxYxX[:SEED]``, ``mni``
+    (native grid) and ``mni:N`` / ``mni:ZxYxX`` (resampled). A file literally named
+    ``mni`` is read with ``./mni``.
+
+    Examples
+    --------
+    >>> v = load_input("phantom:32:1")
+    >>> v.shape, v.source_format, v.metadata["seed"]
+    ((32, 32, 32), 'phantom', 1)
+    """
+    parsed = _parse_spec(str(spec)) if isinstance(spec, str) else None
+    if parsed is None:
+        return read_volume(spec, series=series)
+    if parsed[0] == "phantom":
+        from .phantoms import make_phantom
+
+        return make_phantom(parsed[1], seed=parsed[2])
+    from .samples import load_mni
+
+    return load_mni(shape=parsed[1])
+
+
+_FAMILY = {"nifti": ".nii.gz", "dicom": ".nii.gz", "mni": ".nii.gz", "zarr": ".zarr", "tiff": ".tif",
+           "npy": ".npy", "npz": ".npy", "phantom": ".npy", "array": ".npy"}  # fmt: skip
+
+
+def write_prediction(array: np.ndarray, like: Volume, out_dir: str | os.PathLike, *, name: str = "prediction") -> Path:
+    """Write a (Z, Y, X) prediction next to its input's format family; returns the path.
+
+    NIfTI, DICOM and MNI inputs give ``name.nii.gz`` with the input's affine (a NIfTI
+    input's header codes are kept); zarr gives ``name.zarr`` (OME-Zarr, same spacing and
+    affine); TIFF gives ``name.tif``; npy, npz and phantoms give ``name.npy``. Atomic.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> like = load_input("phantom:32")
+    >>> write_prediction(like.labels, like, tempfile.mkdtemp()).suffix
+    '.npy'
+    """
+    array = np.asarray(array)
+    if array.shape != like.shape:
+        raise DataError("prediction", f"has shape {array.shape}, the input {like.shape}",
+                        "crop the padding off the prediction before writing it")  # fmt: skip
+    if not name or "/" in name or os.sep in name or name.startswith("."):
+        raise DataError("name", f"name={name!r} is not a plain file name", "pass e.g. name='prediction'")
+    suffix = _FAMILY.get(like.source_format, ".npy")
+    out = Path(out_dir) / f"{name}{suffix}"
+    meta = {"nifti_header": like.metadata["nifti_header"]} if "nifti_header" in like.metadata else {}
+    pred = Volume(array, spacing=like.spacing, affine=like.affine, source_format=like.source_format,
+                  path=str(out), metadata=meta)  # fmt: skip
+    return write_volume(pred, out)
