@@ -83,40 +83,58 @@ def _train_step_outputs(model, x, mesh, backend, rng):
     weights = jnp.asarray(np.random.default_rng(7).standard_normal((*x.shape[:4], config.num_classes)),
                           jnp.float32)
 
-    def loss(params):
+    def loss(params, x_dev, weights):
         logits, updates = fn({**variables, "params": params}, x_dev, rng)
         logits = logits[:, :z, :y, :w, :]
         return jnp.mean(logits * weights) + 0.01 * jnp.mean(logits**2), (logits, updates)
 
-    (value, (logits, updates)), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (value, (logits, updates)), grads = step(variables["params"], x_dev, weights)
     return float(value), np.asarray(logits), grads, updates
 
 
-TRAIN_MESHES = ["2x2x2", "1x2x4", "8x1x1", "data=2,z=2,y=2,x=1"]
+TRAIN_CASES = [
+    ("explicit", "2x2x2"), ("explicit", "1x2x4"), ("explicit", "8x1x1"),
+    ("explicit", "data=2,z=2,y=2,x=1"), ("gspmd", "2x2x2"), ("gspmd", "data=2,z=2,y=2,x=1"),
+]
 
 
-@pytest.mark.parametrize("mesh", TRAIN_MESHES)
-@pytest.mark.parametrize("backend", ["explicit", "gspmd"])
-def test_training_forward_gradients_and_statistics(mesh, backend):
-    """Batch statistics (with padding masked out), dropout and gradients match the reference."""
+@pytest.fixture(scope="module")
+def train_setup():
+    """Model with dropout, and the reference's outputs per batch size (computed once)."""
     config = UNetConfig.preset("small", dropout=0.1)
     model = _perturbed(Model.init(config, seed=3))
-    x = _volume((37, 53, 45), parse_mesh(mesh).data, seed=2)
     rng = jax.random.key(5)
-    ref = _train_step_outputs(model, x, "1x1x1", "reference", rng)
+    cache = {}
+
+    def reference(batch):
+        if batch not in cache:
+            x = _volume((37, 53, 45), batch, seed=2)
+            cache[batch] = (x, _train_step_outputs(model, x, "1x1x1", "reference", rng))
+        return cache[batch]
+
+    return model, rng, reference
+
+
+@pytest.mark.parametrize("backend, mesh", TRAIN_CASES)
+def test_training_forward_gradients_and_statistics(train_setup, backend, mesh):
+    """Batch statistics (with padding masked out), dropout and gradients match the reference."""
+    model, rng, reference = train_setup
+    x, ref = reference(parse_mesh(mesh).data)
     out = _train_step_outputs(model, x, mesh, backend, rng)
     assert abs(out[0] - ref[0]) <= 1e-5 * max(1.0, abs(ref[0]))
     np.testing.assert_allclose(out[1], ref[1], atol=FORWARD_TOL)
     for (path, g), g_ref in zip(jax.tree_util.tree_leaves_with_path(out[2]), jax.tree.leaves(ref[2])):
-        scale = float(jnp.abs(g_ref).max())
+        g, g_ref = np.asarray(g), np.asarray(g_ref)
+        scale = float(np.abs(g_ref).max())
         assert scale > 0, f"zero reference gradient at {jax.tree_util.keystr(path)}"
-        err = float(jnp.abs(g - g_ref).max()) / scale
+        err = float(np.abs(g - g_ref).max()) / scale
         assert err <= GRAD_RTOL, f"{jax.tree_util.keystr(path)}: relative error {err:.2e}"
     for s, s_ref in zip(jax.tree.leaves(out[3]), jax.tree.leaves(ref[3])):
         np.testing.assert_allclose(np.asarray(s), np.asarray(s_ref), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("norm", ["group", "instance", "none"])
+@pytest.mark.parametrize("norm", ["group", "instance"])
 def test_other_normalisations_train_mode(norm):
     config = UNetConfig.preset("small", norm=norm, groups=4)
     model = _perturbed(Model.init(config, seed=4))
@@ -126,7 +144,8 @@ def test_other_normalisations_train_mode(norm):
     out = _train_step_outputs(model, x, "data=2,z=2,y=1,x=2", "explicit", rng)
     np.testing.assert_allclose(out[1], ref[1], atol=FORWARD_TOL)
     for g, g_ref in zip(jax.tree.leaves(out[2]), jax.tree.leaves(ref[2])):
-        assert float(jnp.abs(g - g_ref).max()) <= GRAD_RTOL * float(jnp.abs(g_ref).max())
+        g, g_ref = np.asarray(g), np.asarray(g_ref)
+        assert float(np.abs(g - g_ref).max()) <= GRAD_RTOL * float(np.abs(g_ref).max())
 
 
 def test_bfloat16_compute_stays_close(model):

@@ -38,6 +38,7 @@ __all__ = [
     "as_batch",
     "memory_stats",
     "overlap_width",
+    "check_options",
 ]
 
 BACKENDS = ("explicit", "gspmd", "reference")
@@ -109,6 +110,22 @@ class Compiled:
     @property
     def memory(self) -> dict[str, int]:
         return memory_stats(self.compiled) if self.compiled is not None else {}
+
+
+def check_options(config: UNetConfig, backend: str, halo) -> tuple[str, int]:
+    """Validate a backend/halo choice for ``config`` before any work is done.
+
+    Returns the per-layer halo mode and the overlap width (0 for per-layer modes).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    mode, overlap = _resolve_halo(halo, config)
+    if backend == "gspmd" and (mode != "exact" or overlap):
+        raise ValueError(
+            f"halo {halo!r} is only available with the explicit backend (gspmd lets XLA "
+            "insert exact halos); use backend='explicit' or halo='exact'"
+        )
+    return mode, overlap
 
 
 def _resolve_halo(halo, config: UNetConfig) -> tuple[str, int]:

@@ -1,0 +1,127 @@
+"""`workbench infer` / `workbench demo`: outputs, report keys, and bad input (exit 2)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from workbench.cli import main
+
+REPORT_KEYS = {
+    "input_shape", "output_shape", "mesh", "backend", "halo", "seconds", "max_abs_diff",
+    "per_shard", "peak_bytes_per_device",
+}
+
+
+@pytest.fixture(scope="module")
+def npy_input(tmp_path_factory):
+    path = tmp_path_factory.mktemp("in") / "volume.npy"
+    np.save(path, np.random.default_rng(0).standard_normal((20, 28, 24)).astype(np.float32))
+    return path
+
+
+def test_infer_npy_with_reference(npy_input, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["infer", str(npy_input), "--mesh", "2x2x2", "--reference", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert REPORT_KEYS <= set(report)
+    assert report["input_shape"] == [20, 28, 24] and report["output_shape"] == [20, 28, 24]
+    assert report["mesh"] == {"data": 1, "z": 2, "y": 2, "x": 2}
+    assert report["max_abs_diff"] <= 1e-5
+    assert len(report["per_shard"]) == 8
+    assert all(s["max_abs_diff"] <= 1e-5 for s in report["per_shard"])
+    assert report["peak_bytes_per_device"] > 0
+    prediction = np.load(out / "prediction.npy")
+    assert prediction.shape == (20, 28, 24) and prediction.max() < 3
+    assert "max |Δ| vs reference" in capsys.readouterr().out
+
+
+def test_infer_nifti_keeps_affine(tmp_path):
+    import nibabel as nib
+
+    affine = np.array([[0.8, 0, 0, -10], [0, 0.8, 0, 5], [0, 0, 2.0, 30], [0, 0, 0, 1]])
+    data = np.random.default_rng(1).random((24, 20, 12)).astype(np.float32)  # (X, Y, Z) on disk
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "scan.nii.gz")
+    out = tmp_path / "run"
+    assert main(["infer", str(tmp_path / "scan.nii.gz"), "--mesh", "1x2x2", "--backend", "gspmd",
+                 "--out", str(out)]) == 0
+    written = nib.load(out / "prediction.nii.gz")
+    np.testing.assert_allclose(written.affine, affine)
+    assert written.shape == data.shape
+    assert json.loads((out / "report.json").read_text())["max_abs_diff"] is None
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--mesh", "2x2"], "invalid mesh '2x2'; write the mesh as ZxYxX"),
+        (["--mesh", "4x4x2"], "needs 32 devices but 8 are available"),
+        (["--mesh", "2x2x2", "--halo", "-1"], "halo width -1 must be >= 0"),
+        (["--mesh", "2x2x2", "--halo", "mirror"], "unknown halo mode 'mirror'"),
+        (["--mesh", "2x2x2", "--backend", "tpu"], "--backend 'tpu' is unknown"),
+        (["--mesh", "2x2x2", "--halo", "6"], "must be a multiple of 4"),
+        (["--mesh", "2x2x2", "--backend", "gspmd", "--halo", "zero"], "only available with the explicit backend"),
+        (["--mesh", "2x2x2", "--model", "huge"], "unknown model preset 'huge'"),
+    ],
+)
+def test_bad_options_exit_2_without_output(npy_input, tmp_path, capsys, argv, fragment):
+    out = tmp_path / "run"
+    assert main(["infer", str(npy_input), *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+    assert not list(tmp_path.glob(".run.tmp-*"))  # no staging leftovers
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (np.full((8, 8, 8), np.nan, np.float32), "NaN or infinit"),
+        (np.zeros((8, 8), np.float32), "3"),
+    ],
+    ids=["nan", "2d"],
+)
+def test_bad_volumes_exit_2(tmp_path, capsys, content, fragment):
+    path = tmp_path / "bad.npy"
+    np.save(path, content)
+    assert main(["infer", str(path), "--mesh", "2x2x2", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.npy" in err and fragment in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_output_is_kept(npy_input, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["infer", str(npy_input), "--mesh", "2x2x2", "--out", str(out)]) == 2
+    assert "already holds files" in capsys.readouterr().err
+    assert main(["infer", str(npy_input), "--mesh", "2x2x2", "--out", str(out), "--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "report.json").exists()
+
+
+def test_missing_input_subprocess_exit_2(tmp_path):
+    """The installed entry point: exit 2, one line, no traceback, nothing written."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "workbench", "infer", str(tmp_path / "nope.nii.gz"), "--mesh", "2x2x2",
+         "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("workbench: error: ") and proc.stderr.count("\n") == 1
+    assert "nope.nii.gz" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_demo_small(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--resolution", "32", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "explicit (ours)" in text and "gspmd (XLA)" in text
+    report = json.loads((out / "report.json").read_text())
+    assert REPORT_KEYS <= set(report)
+    assert report["max_abs_diff"] <= 1e-5 and report["gspmd"]["max_abs_diff"] <= 1e-5
+    assert (out / "view.png").stat().st_size > 10_000
+    assert np.load(out / "prediction.npy").shape == (32, 32, 32)
