@@ -134,6 +134,12 @@ class Partition:
         # Size-1 axes are included: the sum is free, and the result's type then says
         # it is the same on every device (shard_map's replication check).
         names = (DATA_AXIS, *SPATIAL_AXES) if over_batch else SPATIAL_AXES
+        # A value that is the same on some of these axes (e.g. a voxel count that
+        # depends only on the z position) is first marked as varying, so psum adds
+        # one copy per device on every axis.
+        missing = tuple(n for n in names if n not in getattr(jax.typeof(value), "vma", frozenset(names)))
+        if missing:
+            value = lax.pcast(value, missing, to="varying")
         return lax.psum(value, names)
 
     def constrain(self, x):
@@ -206,10 +212,10 @@ class Conv3(nn.Module):
 def _moments(x, weight, axes, partition: Partition, *, over_batch: bool):
     """Mean and (biased) variance over ``axes`` of the whole volume, masked by ``weight``."""
     if weight is None:
-        count = jnp.asarray(math.prod(x.shape[a] for a in axes), jnp.float32)
+        count = jnp.asarray(math.prod(x.shape[a] for a in axes), x.dtype)
         total = partition.psum(jnp.sum(x, axis=axes, keepdims=True), over_batch=over_batch)
     else:
-        w = jnp.broadcast_to(weight, x.shape).astype(jnp.float32)
+        w = jnp.broadcast_to(weight, x.shape).astype(x.dtype)
         count = jnp.sum(w, axis=axes, keepdims=True)
         total = partition.psum(jnp.sum(x * w, axis=axes, keepdims=True), over_batch=over_batch)
     count = partition.psum(count, over_batch=over_batch)
@@ -242,7 +248,7 @@ class Norm(nn.Module):
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones_init(), (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (c,), jnp.float32)
-        xf = x.astype(jnp.float32)
+        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # statistics in >= float32
         weight = self.partition.stats_mask(x, self.level)
         if self.kind == "batch":
             ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))

@@ -30,7 +30,7 @@ from .layers import NORMS, Conv3, Norm, Partition, hash_dropout, he_normal
 __all__ = ["UNetConfig", "UNet3D", "Model", "PRESETS", "receptive_radius"]
 
 ACTIVATIONS = ("relu", "leaky_relu")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float64")  # float64: verification only, needs jax_enable_x64
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The Mesh-TensorFlow paper's configuration (Hou et al. 2019).
@@ -90,7 +90,12 @@ class UNetConfig:
 
     @property
     def compute_dtype(self):
-        return jnp.bfloat16 if self.dtype == "bfloat16" else jnp.float32
+        return {"bfloat16": jnp.bfloat16, "float64": jnp.float64}.get(self.dtype, jnp.float32)
+
+    @property
+    def output_dtype(self):
+        """Logits are float32 (float64 for the float64 verification dtype)."""
+        return jnp.float64 if self.dtype == "float64" else jnp.float32
 
     def replace(self, **changes) -> "UNetConfig":
         return dataclasses.replace(self, **changes)
@@ -153,7 +158,7 @@ class UNet3D(nn.Module):
         x = nn.Dense(
             cfg.num_classes, dtype=cfg.compute_dtype, param_dtype=jnp.float32, kernel_init=he_normal, name="head"
         )(x)
-        return part.constrain(x.astype(jnp.float32))
+        return part.constrain(x.astype(cfg.output_dtype))
 
 
 @dataclass

@@ -31,11 +31,16 @@ def positive_int(text: str) -> int:
 
 
 def add_common(p) -> None:
-    """Options every JAX-running command takes: devices, model preset, weights seed."""
+    """Options every JAX-running command takes: devices, model preset, weights (checkpoint or seed)."""
     p.add_argument("--cpu-devices", type=positive_int, default=8,
                    help="simulated CPU devices when no accelerator is present (default 8)")
     p.add_argument("--model", default="small", help="model preset: small | paper (default small)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    p.add_argument("--checkpoint", default=None,
+                   help="trained weights: a workbench train folder, its checkpoints/ or a .msgpack file "
+                        "(default: the shipped weights of --model small)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="use random weights (--seed) instead of the shipped ones")
 
 
 @contextlib.contextmanager
@@ -131,10 +136,30 @@ def infer_array(model, image: np.ndarray, mesh, *, backend="explicit", halo="exa
     return report, result.output, ref_logits
 
 
-def model_from_args(args):
+def model_from_args(args, task: str | None = None):
+    """The model a command runs: ``--checkpoint PATH``, else the shipped weights, else random.
+
+    Shipped weights exist for ``--model small`` (phantom and MNI tasks; ``task`` or the
+    command's input picks one, see :func:`workbench.checkpoint.weights_for_input`);
+    ``--random-weights`` or another preset gives random weights from ``--seed``. The
+    choice is recorded in ``args.weights_description`` for report.json.
+    """
+    from ..checkpoint import WEIGHTS_DIR, PRETRAINED, load_model, pretrained, weights_for_input
     from ..unet import Model, UNetConfig
 
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint:
+        model, meta = load_model(checkpoint)
+        step = meta.get("step")
+        args.weights_description = f"checkpoint {checkpoint}" + (f" (step {step})" if step is not None else "")
+        return model
     config = UNetConfig.preset(args.model)
+    if args.model == "small" and not getattr(args, "random_weights", False):
+        task = task or weights_for_input(getattr(args, "input", "phantom"))
+        if (WEIGHTS_DIR / PRETRAINED[task]).is_file():
+            args.weights_description = f"shipped {task} weights ({PRETRAINED[task]})"
+            return pretrained(task)
+    args.weights_description = f"random (seed {args.seed})"
     return Model.init(config, seed=args.seed)
 
 

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from ..viewer import signed_error
 from ._common import add_common, positive_int, image_for_model, infer_array, model_from_args, staged_output, write_figure
 
 HELP = "the main job: partitioned inference vs the reference on a phantom"
@@ -36,7 +37,7 @@ def run(args) -> int:
         model = model_from_args(args)
         image = image_for_model(volume)
         print(f"phantom {n}³ in {time.perf_counter() - t0:.1f} s; model '{args.model}' "
-              f"({model.num_params:,} parameters, random weights seed {args.seed}); mesh {spec}")
+              f"({model.num_params:,} parameters, {args.weights_description}); mesh {spec}")
         report, logits, ref = infer_array(model, image, spec, backend="explicit", reference=True)
         gspmd_report, gspmd_logits, _ = infer_array(model, image, spec, backend="gspmd")
         gspmd_diff = float(np.abs(gspmd_logits - ref).max())
@@ -59,13 +60,37 @@ def run(args) -> int:
         np.save(tmp / "reference_prediction.npy", ref.argmax(-1).astype(np.uint8))
         error = np.abs(logits - ref).max(-1)
         layout = ShardLayout(image.shape, spec, multiple=model.config.multiple)
-        write_figure(tmp / "view.png", image, labels, error, layout)
+        signed = signed_error(logits, ref)
+        np.save(tmp / "error.npy", signed)
+        view = save_view(tmp / "view.png", np.asarray(volume.array, np.float32), labels, error, signed,
+                         layout, volume.spacing)
         report.update(
             input=f"phantom:{n}", prediction="prediction.npy", machine=device_summary(),
-            weights=f"random (seed {args.seed})",
+            weights=args.weights_description, view=view, spacing=list(volume.spacing),
+            class_names=(list(volume.class_names) if volume.class_names
+                                   and len(volume.class_names) == report["num_classes"] else None),
             gspmd={"seconds": gspmd_report["seconds"], "max_abs_diff": gspmd_diff,
                    "peak_bytes_per_device": gspmd_report["peak_bytes_per_device"]},
         )
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out}/report.json, prediction.npy and view.png")
+    print(f"\nwrote {args.out}/report.json, prediction.npy and view.png ({view['kind']})")
     return 0
+
+
+def save_view(path, image, labels, error, signed, layout, spacing) -> dict:
+    """PNG of the napari 3D view (image MIP, |error| MIP, shard wireframes) where a display
+    exists, else the matplotlib mid-slice figure; returns what was written, for report.json."""
+    from ..viewer import boundary_layer, display_available, error_layers, image_layer, save_view_png
+
+    ok, why = display_available()
+    if ok:
+        layers = [image_layer(image, spacing=spacing), error_layers(signed, layout, spacing=spacing)[1],
+                  boundary_layer(layout, spacing=spacing)]
+        try:
+            save_view_png(path, layers, ndisplay=3)
+            return {"file": path.name, "kind": "napari", "ndisplay": 3}
+        except Exception as err:  # a Qt/OpenGL failure: keep the figure and say why in the report
+            why = f"napari screenshot failed: {type(err).__name__}: {err}"
+            print(f"note: {why}; writing the matplotlib figure instead")
+    write_figure(path, image, labels, error, layout)
+    return {"file": path.name, "kind": "matplotlib", "reason": why}

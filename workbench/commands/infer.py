@@ -32,28 +32,44 @@ def run(args) -> int:
     """``workbench infer``: read, run, write prediction + report.json."""
     from data_tools.io import load_input, write_prediction
 
+    import jax
+
     from ..devices import device_summary
     from ..halo import validate_halo
     from ..mesh import parse_mesh
-    from ..run import BACKENDS
+    from ..run import BACKENDS, check_options
+    from ..unet import UNetConfig
 
+    # Every option is checked before anything is read or written.
     if args.backend not in BACKENDS:
         raise ValueError(f"--backend {args.backend!r} is unknown; use one of {', '.join(BACKENDS)}")
     halo = validate_halo(args.halo)
+    check_options(UNetConfig.preset(args.model), args.backend, halo)
     if args.mesh.strip().lower() != "auto":
-        parse_mesh(args.mesh)  # fail on a malformed mesh before reading anything
+        spec = parse_mesh(args.mesh)
+        if spec.n_devices > len(jax.devices()):
+            parse_mesh(spec, n_devices=len(jax.devices()))  # raises: names the meshes that fit
     volume = load_input(args.input, series=args.series)
     with staged_output(args.out, overwrite=args.overwrite) as tmp:
         model = model_from_args(args)
         image = image_for_model(volume)
-        report, logits, _ = infer_array(model, image, args.mesh, backend=args.backend, halo=halo,
-                                        reference=args.reference)
+        report, logits, ref_logits = infer_array(model, image, args.mesh, backend=args.backend, halo=halo,
+                                                 reference=args.reference)
         labels = logits.argmax(-1).astype(np.uint8)
         written = write_prediction(labels, volume, tmp)
         if args.save_logits:
             np.save(tmp / "logits.npy", logits)
+        if ref_logits is not None:  # what `workbench view` / the napari reader show
+            from ..viewer import signed_error
+
+            np.save(tmp / "image.npy", np.asarray(volume.array, np.float32))
+            np.save(tmp / "reference_prediction.npy", ref_logits.argmax(-1).astype(np.uint8))
+            np.save(tmp / "error.npy", signed_error(logits, ref_logits))
         report.update(input=str(args.input), prediction=Path(written).name,
-                      machine=device_summary(), weights=f"random (seed {args.seed})")
+                      machine=device_summary(), weights=args.weights_description,
+                      spacing=list(volume.spacing),
+                      class_names=(list(volume.class_names) if volume.class_names
+                                   and len(volume.class_names) == report["num_classes"] else None))
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(summary_line(report))
     print(f"wrote {Path(args.out) / Path(written).name} and {Path(args.out) / 'report.json'}")
