@@ -9,7 +9,7 @@ DEBIAN_PKGS := xvfb xauth libgl1-mesa-dri libegl1 libxkbcommon-x11-0 libxcb-curs
 	libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 \
 	libxcb-xkb1 libdbus-1-3 libfontconfig1 chromium chromium-driver
 
-.PHONY: install system-deps demo test bench clean
+.PHONY: install system-deps demo test bench lab clean
 
 install: $(STAMP)
 
@@ -26,17 +26,27 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[test,viewer,notebook,bench]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name workbench --display-name "Python (workbench)" >/dev/null
 	touch $(STAMP)
 
+# Without a display, the demo's napari screenshot is taken on a virtual one.
+XVFB := $(if $(DISPLAY),,xvfb-run -a -s "-screen 0 1280x1024x24")
 demo: install
-	$(BIN)/workbench demo --out demo_out
+	$(XVFB) $(BIN)/workbench demo --out demo_out --overwrite
 
 # napari tests need a real (virtual) display: the whole suite runs under xvfb-run.
+# JAX's compilation cache (per checkout) spares recompiling the same programs across
+# tests, notebooks and runs.
 test: install
-	xvfb-run -a -s "-screen 0 1280x1024x24" $(BIN)/python -m pytest -q
+	JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.cache/jax xvfb-run -a -s "-screen 0 1280x1024x24" \
+		$(BIN)/python -m pytest -q
+
+# JupyterLab on the notebooks with the project's kernel ("Python (workbench)").
+lab: install
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 bench: install
 	$(BIN)/python benchmarks/partition_overhead.py
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) demo_out .pytest_cache .cache

@@ -134,12 +134,6 @@ class Partition:
         # Size-1 axes are included: the sum is free, and the result's type then says
         # it is the same on every device (shard_map's replication check).
         names = (DATA_AXIS, *SPATIAL_AXES) if over_batch else SPATIAL_AXES
-        # A value that is the same on some of these axes (e.g. a voxel count that
-        # depends only on the z position) is first marked as varying, so psum adds
-        # one copy per device on every axis.
-        missing = tuple(n for n in names if n not in getattr(jax.typeof(value), "vma", frozenset(names)))
-        if missing:
-            value = lax.pcast(value, missing, to="varying")
         return lax.psum(value, names)
 
     def constrain(self, x):
@@ -215,7 +209,10 @@ def _moments(x, weight, axes, partition: Partition, *, over_batch: bool):
         count = jnp.asarray(math.prod(x.shape[a] for a in axes), x.dtype)
         total = partition.psum(jnp.sum(x, axis=axes, keepdims=True), over_batch=over_batch)
     else:
-        w = jnp.broadcast_to(weight, x.shape).astype(x.dtype)
+        # Built from x so it varies over the same mesh axes as x: a mask that depends
+        # only on the z position would otherwise be typed as equal on the other axes,
+        # and shard_map's psum refuses to mix the two.
+        w = jnp.where(weight, jnp.ones_like(x), jnp.zeros_like(x))
         count = jnp.sum(w, axis=axes, keepdims=True)
         total = partition.psum(jnp.sum(x * w, axis=axes, keepdims=True), over_batch=over_batch)
     count = partition.psum(count, over_batch=over_batch)
