@@ -1,7 +1,21 @@
-"""Per-device memory from ahead-of-time compilation (nothing is allocated).
+"""Per-device memory planner from ahead-of-time compilation (nothing is allocated).
 
 Inputs are ``jax.ShapeDtypeStruct``s carrying their shardings; ``lower().compile()``
-gives XLA's own per-device accounting through ``compiled.memory_analysis()``.
+gives XLA's own per-device accounting through ``compiled.memory_analysis()``
+(arguments, outputs, temporaries, aliasing), and the compiled HLO gives the
+communication audit (:mod:`workbench.audit`).
+
+* :func:`compile_step` / :func:`plan_memory`: inference, or loss-and-gradients.
+* :func:`compile_train_step`: the whole training step of :mod:`workbench.train`
+  (loss, gradients, clipping, Adam update; parameters and optimiser state donated).
+* :func:`plan`: one resolution on one mesh: per-device bytes, the single-device
+  bytes, efficiency, fit against a budget, communication audit.
+* :func:`recommend`: the smallest mesh (power-of-two device count, most cube-like
+  split) whose plan fits the budget; meshes that need more devices than this process
+  has are planned in a subprocess with that many simulated CPU devices.
+
+Figures are XLA's for the backend that compiles (CPU when simulating devices); a
+GPU/TPU compiler schedules differently, so treat them as a plan, not a guarantee.
 
 Example
 -------
@@ -9,9 +23,13 @@ Example
 >>> cfg = UNetConfig.preset("small")
 >>> layout = ShardLayout((128, 128, 128), "2x2x2", multiple=cfg.multiple)
 >>> plan_memory(cfg, layout, backend="explicit", train=True)["peak"]  # bytes per device
+>>> plan(cfg, 128, "2x2x2", train=True)["efficiency"]
 """
 
 from __future__ import annotations
+
+import copy
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +38,20 @@ from .mesh import ShardLayout
 from .run import make_forward, memory_stats
 from .unet import Model, UNetConfig
 
-__all__ = ["compile_step", "plan_memory"]
+__all__ = [
+    "compile_step",
+    "plan_memory",
+    "compile_train_step",
+    "parse_resolution",
+    "plan_layout",
+    "plan",
+    "recommend",
+    "plan_subprocess",
+    "format_plan",
+    "GIB",
+]
+
+GIB = 2**30
 
 
 def _loss_fn(fn, config: UNetConfig, volume_shape):
@@ -71,3 +102,292 @@ def plan_memory(config: UNetConfig, layout: ShardLayout, *, backend: str = "expl
                 halo="exact", train: bool = False, batch: int = 1) -> dict[str, int]:
     """Per-device bytes (argument, output, temp, alias, peak) of the compiled program."""
     return memory_stats(compile_step(config, layout, backend=backend, halo=halo, train=train, batch=batch))
+
+
+# -- whole training step (optimiser included) -------------------------------------------------
+def compile_train_step(config: UNetConfig, layout: ShardLayout, *, backend: str = "explicit",
+                       batch: int = 1, optimizer: str = "adam"):
+    """Compile :func:`workbench.train.build_train_step` (loss, gradients, optimiser update)
+    for abstract inputs: parameters, batch statistics and ``optimizer`` state are
+    arguments (donated, so the update is in place)."""
+    from .train import TrainConfig, abstract_train_state, build_train_step
+
+    spec = layout.mesh
+    tc = TrainConfig(mesh=f"{spec.z}x{spec.y}x{spec.x}", data_parallel=spec.data, batch=batch,
+                     backend=backend, optimizer=optimizer)
+    ts = build_train_step(config, tc, layout, backend=backend)
+    state = abstract_train_state(config, tc, ts.state_sharding)
+    target = ts.target_shape
+    images = jax.ShapeDtypeStruct((batch, *target, config.in_channels), jnp.float32, sharding=ts.image_sharding)
+    labels = jax.ShapeDtypeStruct((batch, *target), jnp.int32, sharding=ts.label_sharding)
+    return ts.fn.lower(state, images, labels).compile()
+
+
+# -- one plan ------------------------------------------------------------------------------------
+def parse_resolution(value) -> tuple[int, int, int]:
+    """``512``, ``"512"``, ``"256x512x512"`` or a 3-sequence → (Z, Y, X)."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        parts = text.split("x") if "x" in text else [text]
+        if not all(p.strip().isdigit() for p in parts) or len(parts) not in (1, 3):
+            raise ValueError(f"resolution {value!r} is not N or ZxYxX (e.g. 512 or 256x512x512)")
+        value = [int(p) for p in parts]
+    sizes = [value] * 3 if isinstance(value, (int,)) else list(value)
+    if len(sizes) == 1:
+        sizes = sizes * 3
+    if len(sizes) != 3 or any(isinstance(s, bool) or int(s) != s or s < 1 for s in sizes):
+        raise ValueError(f"resolution {value!r} must be N or ZxYxX with positive sizes")
+    return tuple(int(s) for s in sizes)
+
+
+def plan_layout(resolution, mesh, config: UNetConfig, *, allow_padding: bool = False) -> ShardLayout:
+    """The shard layout of ``resolution`` on ``mesh``; refuses uneven splits unless
+    ``allow_padding``, naming the padding a run would add."""
+    from .mesh import parse_mesh
+
+    shape = parse_resolution(resolution)
+    spec = parse_mesh(mesh)
+    layout = ShardLayout(shape, spec, multiple=config.multiple)
+    if layout.padded_shape != shape and not allow_padding:
+        need = [m * config.multiple for m in spec.spatial]
+        raise ValueError(
+            f"resolution {'x'.join(map(str, shape))} does not split evenly over mesh {spec} with a "
+            f"depth-{config.depth} U-Net (each axis must be a multiple of mesh size x {config.multiple}: "
+            f"{'x'.join(map(str, need))}); a run would pad it to {'x'.join(map(str, layout.padded_shape))} "
+            f"(+{layout.padding_fraction / (1 - layout.padding_fraction):.0%} voxels); plan that "
+            f"resolution or pass --allow-padding"
+        )
+    return layout
+
+
+def _budget_bytes(budget_gib) -> int:
+    if isinstance(budget_gib, bool) or not isinstance(budget_gib, (int, float)) or not budget_gib > 0:
+        raise ValueError(f"budget {budget_gib!r} GiB must be a positive number (e.g. 16 for a TPU v3 core)")
+    return int(budget_gib * GIB)
+
+
+def _compile(config, layout, *, backend, halo, train, batch):
+    if train:
+        if halo != "exact":
+            raise ValueError(f"training plans use exact halos; halo {halo!r} is for inference only")
+        return compile_train_step(config, layout, backend=backend, batch=batch)
+    return compile_step(config, layout, backend=backend, halo=halo, batch=batch)
+
+
+@functools.lru_cache(maxsize=64)
+def _measure(config, volume_shape, spec, backend, halo, train, batch):
+    """(memory, audit, compile seconds) of one step; cached, so a notebook or a budget
+    search asking again costs nothing (the compiled program itself is not kept)."""
+    import time
+
+    from .audit import audit
+
+    layout = ShardLayout(volume_shape, spec, multiple=config.multiple)
+    t0 = time.perf_counter()
+    compiled = _compile(config, layout, backend=backend, halo=halo, train=train, batch=batch)
+    seconds = time.perf_counter() - t0
+    return memory_stats(compiled), audit(compiled), seconds
+
+
+def plan(config: UNetConfig, resolution, mesh, *, train: bool = False, backend: str = "explicit",
+         halo="exact", batch: int | None = None, budget_gib: float = 16.0, reference: bool = True,
+         allow_padding: bool = False) -> dict:
+    """Per-device memory of one step of ``config`` at ``resolution`` on ``mesh``.
+
+    Returns the ``plan --json`` object: ``resolution``, ``mesh``, ``devices``,
+    ``bytes_per_device`` (peak = arguments + outputs + temporaries - aliased),
+    ``memory`` (that breakdown), ``bytes_single_device`` (the same step unpartitioned
+    on one device; ``None`` without ``reference``), ``efficiency``
+    (= single / devices / per-device), ``budget_bytes``, ``fits``, ``padded_shape``,
+    ``padding_fraction``, ``communication`` (see :func:`workbench.audit.audit`),
+    ``warnings`` and compile times. The mesh needs that many JAX devices in this process.
+    """
+    from .mesh import MeshSpec
+    from .run import BACKENDS
+
+    if backend not in ("explicit", "gspmd"):
+        raise ValueError(f"backend {backend!r} cannot be planned; use explicit or gspmd (of {BACKENDS})")
+    budget = _budget_bytes(budget_gib)
+    layout = plan_layout(resolution, mesh, config, allow_padding=allow_padding)
+    spec = layout.mesh
+    batch = spec.data if batch is None else batch
+    have = len(jax.devices())
+    if spec.n_devices > have:
+        raise ValueError(
+            f"mesh {spec} needs {spec.n_devices} devices but this process has {have}; "
+            f"pass --cpu-devices {spec.n_devices} (simulated CPU devices) or plan a smaller mesh"
+        )
+    memory, comm, seconds = _measure(config, layout.volume_shape, spec, backend, halo, train, batch)
+    single = None
+    ref_seconds = None
+    if reference:
+        single_memory, _, ref_seconds = _measure(config, layout.volume_shape, MeshSpec(), "reference", "exact",
+                                                 train, batch)
+        single = single_memory["peak"]
+    per_device = memory["peak"]
+    warnings = list(comm["warnings"])
+    if config.dtype == "bfloat16" and "f32" in comm["convolution_dtypes"]:
+        warnings.append(
+            f"the {jax.devices()[0].platform} compiler computes these bfloat16 convolutions in float32, so "
+            "this plan counts float32 activations around them; TPU/GPU compilers keep bfloat16 and need less"
+        )
+    if layout.padding_fraction > 0:
+        warnings.append(f"the volume is padded to {'x'.join(map(str, layout.padded_shape))}: "
+                        f"{layout.padding_fraction:.1%} of the compute is padding")
+    return {
+        "resolution": list(layout.volume_shape),
+        "mesh": spec.as_dict(),
+        "mesh_text": str(spec),
+        "devices": spec.n_devices,
+        "backend": backend,
+        "halo": halo,
+        "train": bool(train),
+        "batch": batch,
+        "model": config.as_dict(),
+        "bytes_per_device": per_device,
+        "memory": dict(memory),
+        "bytes_single_device": single,
+        "efficiency": None if single is None else single / spec.n_devices / per_device,
+        "budget_bytes": budget,
+        "fits": per_device <= budget,
+        "padded_shape": list(layout.padded_shape),
+        "block_shape": list(layout.block_shape),
+        "padding_fraction": layout.padding_fraction,
+        "communication": copy.deepcopy(comm),
+        "warnings": warnings,
+        "compile_seconds": seconds,
+        "reference_compile_seconds": ref_seconds,
+        "platform": jax.devices()[0].platform,
+    }
+
+
+# -- the smallest mesh that fits ------------------------------------------------------------------
+def plan_subprocess(argv: list[str], *, devices: int, timeout: float = 600.0) -> dict:
+    """Run ``python -m workbench plan ARGV --json --cpu-devices DEVICES`` and return its JSON."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "workbench", "plan", *argv, "--json", "--cpu-devices", str(devices)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"planning in a subprocess failed ({' '.join(cmd[2:])}): {tail}")
+    return json.loads(proc.stdout)
+
+
+def _cli_args(config: UNetConfig, resolution, mesh, *, train, backend, halo, allow_padding, base=None):
+    from .unet import PRESETS
+
+    model = next((name for name in PRESETS if UNetConfig.preset(name).replace(
+        dtype=config.dtype, remat=config.remat) == config), None)
+    if model is None:
+        raise ValueError("only preset models (small, paper; any dtype, remat) can be planned in a "
+                         "subprocess; plan custom configs in a process with enough devices")
+    argv = ["--resolution", "x".join(map(str, parse_resolution(resolution))), "--mesh", str(mesh),
+            "--model", model, "--dtype", config.dtype, "--backend", backend, "--halo", str(halo),
+            "--no-reference"]
+    argv += ["--train"] if train else []
+    argv += ["--remat"] if config.remat else []
+    argv += ["--allow-padding"] if allow_padding else []
+    return argv
+
+
+def recommend(config: UNetConfig, resolution, *, budget_gib: float = 16.0, train: bool = False,
+              backend: str = "explicit", halo="exact", known: dict | None = None,
+              max_devices: int = 4096, allow_padding: bool = True, log=None) -> dict:
+    """The smallest power-of-two device count whose most cube-like mesh fits ``budget_gib``.
+
+    ``known`` is a :func:`plan` result to start from (its per-device bytes give the
+    first guess by ideal scaling). Each candidate is compiled (in a subprocess with
+    enough simulated CPU devices when this process has too few). Returns
+    ``{"mesh", "devices", "bytes_per_device", "tried": [...]}``, with ``mesh`` None
+    when nothing up to ``max_devices`` fits.
+    """
+    from .mesh import auto_mesh
+
+    budget = _budget_bytes(budget_gib)
+    have = len(jax.devices())
+    tried: dict[int, dict] = {}
+
+    def measure(n: int) -> int:
+        spec = auto_mesh(n)
+        if known is not None and known["devices"] == n and known["mesh"] == spec.as_dict():
+            peak = known["bytes_per_device"]
+        elif n <= have:
+            peak = plan(config, resolution, spec, train=train, backend=backend, halo=halo, budget_gib=budget_gib,
+                        reference=False, allow_padding=allow_padding)["bytes_per_device"]
+        elif jax.devices()[0].platform == "cpu":
+            argv = _cli_args(config, resolution, spec, train=train, backend=backend, halo=halo,
+                             allow_padding=allow_padding)
+            peak = plan_subprocess(argv, devices=n)["bytes_per_device"]
+        else:
+            raise ValueError(f"mesh {spec} needs {n} devices but only {have} {jax.devices()[0].platform} "
+                             "devices are here; plan on CPU (JAX_PLATFORMS=cpu) to simulate them")
+        tried[n] = {"mesh": str(spec), "devices": n, "bytes_per_device": peak, "fits": peak <= budget}
+        if log is not None:
+            log(f"  {str(spec):>8} ({n} devices): {_size(peak)}/device "
+                f"{'fits' if peak <= budget else 'does not fit'}")
+        return peak
+
+    counts = [2**k for k in range(max_devices.bit_length()) if 2**k <= max_devices]
+    if known is not None:
+        total = known["bytes_per_device"] * known["devices"]
+        guess = next((n for n in counts if total / n <= budget), counts[-1])
+    else:
+        guess = 1
+    i = counts.index(guess)
+    if measure(counts[i]) <= budget:
+        while i > 0 and measure(counts[i - 1]) <= budget:
+            i -= 1
+        best = counts[i]
+    else:
+        best = None
+        while i + 1 < len(counts):
+            i += 1
+            if measure(counts[i]) <= budget:
+                best = counts[i]
+                break
+    rows = [tried[n] for n in sorted(tried)]
+    if best is None:
+        return {"mesh": None, "devices": None, "bytes_per_device": None, "tried": rows}
+    return {**tried[best], "tried": rows}
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB / 4 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def format_plan(result: dict) -> str:
+    """Human-readable summary of a :func:`plan` result (and its recommendation)."""
+    from .audit import format_audit
+
+    m = result["memory"]
+    model = result["model"]
+    lines = [
+        f"{'training step' if result['train'] else 'inference'} of a depth-{model['depth']}, "
+        f"{model['base_filters']}-filter U-Net ({model['dtype']}, norm {model['norm']}"
+        f"{', remat' if model['remat'] else ''}) at {'x'.join(map(str, result['resolution']))} "
+        f"on mesh {result['mesh_text']} ({result['devices']} devices, {result['backend']}, "
+        f"{result['platform']} compiler, compiled in {result['compile_seconds']:.1f} s)",
+        f"  per device: {_size(m['peak'])} = arguments {_size(m['argument'])} + outputs "
+        f"{_size(m['output'])} + temporaries {_size(m['temp'])} - aliased {_size(m['alias'])}",
+    ]
+    if result["bytes_single_device"] is not None:
+        lines.append(f"  single device: {_size(result['bytes_single_device'])}; efficiency "
+                     f"(single / devices / per device) {result['efficiency']:.3f}")
+    lines.append(f"  budget {result['budget_bytes'] / GIB:g} GiB/device: "
+                 f"{'fits' if result['fits'] else 'does NOT fit'}")
+    rec = result.get("recommended")
+    if rec is not None:
+        if rec["mesh"] is None:
+            lines.append(f"  no mesh up to {rec['tried'][-1]['devices']} devices fits the budget")
+        else:
+            lines.append(f"  smallest mesh that fits: {rec['mesh']} ({rec['devices']} devices, "
+                         f"{_size(rec['bytes_per_device'])}/device)")
+    lines.append("communication per step and device:")
+    lines.extend("  " + line for line in format_audit(result["communication"]).splitlines())
+    lines.extend(f"warning: {w}" for w in result["warnings"] if w not in result["communication"]["warnings"])
+    return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""Shared bits of the benchmark scripts: machine record, tables, JSON output.
+
+Every script accepts ``--quick`` (laptop-sized, about a minute) and ``--json PATH``,
+prints its tables, and never fails on time. ``workbench bench`` runs them all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from a checkout
+    sys.path.insert(0, str(ROOT))
+
+
+def start(devices: int = 8) -> None:
+    """Simulate ``devices`` CPU devices (must run before JAX starts)."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from workbench.devices import configure_cpu_devices
+
+    configure_cpu_devices(devices)
+
+
+def machine() -> dict:
+    """Host, devices and package versions of this run."""
+    from workbench.devices import device_summary
+
+    versions = {}
+    for name in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "monai"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        **device_summary(),
+        "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+def table(headers: list[str], rows: list[list], formats: list[str]) -> str:
+    """Right-aligned text table; ``None`` cells print as '-'."""
+    cells = [[h for h in headers]]
+    for row in rows:
+        cells.append(["-" if v is None else format(v, f) for v, f in zip(row, formats)])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(path, payload: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(payload, indent=2, default=float) + "\n")

@@ -1,0 +1,125 @@
+"""Memory planner: AOT per-device bytes, efficiency, budget fit, recommendation, CLI."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from workbench import cli
+from workbench.mesh import ShardLayout
+from workbench.plan import GIB, compile_train_step, parse_resolution, plan, plan_layout, recommend
+from workbench.run import memory_stats
+from workbench.unet import Model, UNetConfig
+
+SMALL = UNetConfig.preset("small")
+DESIGN_KEYS = {"resolution", "mesh", "devices", "bytes_per_device", "bytes_single_device", "efficiency", "fits"}
+
+
+@pytest.fixture(scope="module")
+def inference_plan():
+    return plan(SMALL, 32, "2x2x2")
+
+
+def test_plan_keys_and_arithmetic(inference_plan):
+    r = inference_plan
+    assert DESIGN_KEYS <= set(r)
+    assert r["resolution"] == [32, 32, 32] and r["devices"] == 8
+    assert r["mesh"] == {"data": 1, "z": 2, "y": 2, "x": 2}
+    m = r["memory"]
+    assert r["bytes_per_device"] == m["argument"] + m["output"] + m["temp"] - m["alias"]
+    # the input block (16³ float32) and the logits block (16³ x 3 float32) are per-device
+    assert m["output"] == 16**3 * 3 * 4 and m["argument"] >= 16**3 * 4
+    assert r["bytes_single_device"] > 4 * r["bytes_per_device"]
+    assert r["efficiency"] == pytest.approx(r["bytes_single_device"] / 8 / r["bytes_per_device"])
+    assert r["fits"] is True and r["budget_bytes"] == 16 * GIB
+    assert r["communication"]["collectives"]["collective-permute"]["count"] > 0
+    assert r["warnings"] == [] and json.loads(json.dumps(r)) == r
+
+
+def test_training_plan_holds_adam_state_and_donates_it():
+    config = SMALL.replace(depth=2)  # compiles faster; the optimiser state is what is checked
+    layout = ShardLayout((16, 16, 16), "2x2x2", multiple=config.multiple)
+    m = memory_stats(compile_train_step(config, layout))
+    param_bytes = 4 * Model.init(config).num_params
+    # params + Adam's two moments (replicated, float32) are arguments, donated in place
+    assert m["argument"] >= 3 * param_bytes
+    assert m["alias"] >= 3 * param_bytes
+    assert m["peak"] == m["argument"] + m["output"] + m["temp"] - m["alias"]
+
+
+def test_budget_decides_fit(inference_plan):
+    tiny = inference_plan["bytes_per_device"] / GIB / 2
+    assert plan(SMALL, 32, "2x2x2", budget_gib=tiny, reference=False)["fits"] is False
+
+
+def test_recommend_finds_the_smallest_mesh():
+    known = plan(SMALL, 64, "2x2x2", reference=False)
+    four = plan(SMALL, 64, "2x2x1", reference=False)["bytes_per_device"]
+    rec = recommend(SMALL, 64, budget_gib=four / GIB, known=known)
+    assert rec["devices"] == 4 and rec["mesh"] == "2x2x1" and rec["bytes_per_device"] == four
+    tried = {row["devices"]: row["fits"] for row in rec["tried"]}
+    assert tried[2] is False and tried[4] is True
+    assert recommend(SMALL, 64, budget_gib=1e-6, known=known, max_devices=8)["mesh"] is None
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: plan(SMALL, 32, "2x2x2", budget_gib=0), r"budget 0 GiB must be a positive number"),
+    (lambda: plan(SMALL, 32, "2x2x2", budget_gib=-1.5), r"budget -1.5 GiB must be a positive number"),
+    (lambda: plan(SMALL, 64, "4x4x4"), r"mesh 4x4x4 needs 64 devices but this process has 8; pass --cpu-devices 64"),
+    (lambda: plan_layout(500, "4x4x4", UNetConfig.preset("paper")),
+     r"resolution 500x500x500 does not split evenly over mesh 4x4x4 .* multiple of mesh size x 8: 32x32x32\)"
+     r"; a run would pad it to 512x512x512 \(\+7% voxels\); plan that resolution or pass --allow-padding"),
+    (lambda: parse_resolution("12x12"), r"resolution '12x12' is not N or ZxYxX"),
+    (lambda: plan(SMALL, 32, "2x2x2", train=True, halo="zero"), r"training plans use exact halos"),
+])
+def test_bad_input(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_padding_is_planned_when_allowed():
+    r = plan(SMALL, (30, 32, 32), "2x2x2", allow_padding=True, reference=False)
+    assert r["padded_shape"] == [32, 32, 32] and r["padding_fraction"] == pytest.approx(1 - 30 / 32)
+    assert any("padded to 32x32x32" in w for w in r["warnings"])
+
+
+def test_cli_json(capsys):
+    code = cli.main(["plan", "--resolution", "32", "--mesh", "2x2x2", "--json", "--no-reference"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert DESIGN_KEYS <= set(out) and out["efficiency"] is None and out["bytes_single_device"] is None
+    assert out["fits"] is True and out["devices"] == 8
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--budget-gib", "0"], "budget 0.0 GiB must be a positive number"),
+    (["--resolution", "36"], "resolution 36x36x36 does not split evenly over mesh 2x2x2"),
+    (["--mesh", "2x2"], "invalid mesh '2x2'"),
+    (["--backend", "reference"], "--backend 'reference' is unknown; use explicit or gspmd"),
+])
+def test_cli_errors(capsys, argv, message):
+    base = {"--resolution": "32", "--mesh": "2x2x2"}
+    for flag, value in zip(argv[::2], argv[1::2]):
+        base[flag] = value
+    args = [item for pair in base.items() for item in pair if item is not None]
+    args += [a for a in argv if a.startswith("--") and a not in base]
+    assert cli.main(["plan", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+@pytest.mark.slow
+def test_paper_model_512_on_8_devices_in_a_subprocess():
+    """The planner's headline case, in its own process with 8 simulated devices."""
+    cmd = [sys.executable, "-m", "workbench", "plan", "--resolution", "512", "--mesh", "2x2x2",
+           "--model", "paper", "--json", "--no-reference", "--cpu-devices", "8"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout)
+    assert r["block_shape"] == [256, 256, 256] and r["devices"] == 8 and r["padding_fraction"] == 0
+    # at least one level-0 activation (256³ x 32 channels, 2 bytes) lives on each device
+    assert 256**3 * 32 * 2 < r["bytes_per_device"] < 64 * GIB
+    assert np.isfinite(r["compile_seconds"]) and jax.device_count() == 8
