@@ -709,7 +709,8 @@ class WorkbenchPanel:
         if not (WEIGHTS_DIR / PRETRAINED[task]).is_file():
             return None
         trained = pretrained(task)
-        return Model(config, trained.variables)  # dtype/remat do not change the parameters
+        # the shipped config fixes the classes (MNI: 4); dtype/remat do not change parameters
+        return Model(trained.config.replace(dtype=config.dtype, remat=config.remat), trained.variables)
 
     def _inference_mesh(self) -> MeshSpec:
         spec = self.spec
