@@ -96,8 +96,8 @@ def main() -> int:
                 row[f"{mode}_ideal_bytes"] = ideal
                 row[f"{mode}_efficiency"] = ideal / peak
             rows.append(row)
-    header = (f"| size | backend  | time ÷ ref | max abs Δ | fwd MiB/dev (ideal) | fwd eff "
-              f"| train MiB/dev (ideal) | train eff |")
+    header = ("| size | backend  | time ÷ ref | max abs Δ | fwd MiB/dev (ideal) | fwd eff "
+              "| train MiB/dev (ideal) | train eff |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for r in rows:
@@ -106,7 +106,7 @@ def main() -> int:
         print(f"| {r['resolution']:>3}³ | {r['backend']:<8} | {r['time_ratio']:10.2f} | {r['max_abs_diff']:9.1e} "
               f"| {r['forward_bytes_per_device'] / 2**20:8.1f} ({r['forward_ideal_bytes'] / 2**20:6.1f})  "
               f"| {r['forward_efficiency']:7.2f} | {train} |")
-    print(f"(reference seconds: " + ", ".join(
+    print("(reference seconds: " + ", ".join(
         f"{r['resolution']}³ {r['reference_seconds']:.3f}" for r in rows if r["backend"] == "explicit") + ")")
     if args.json:
         with open(args.json, "w") as f:

@@ -55,7 +55,7 @@ def test_outer_faces_receive_zeros():
 def test_self_padding_modes(mode):
     global_x = np.random.default_rng(1).random((1, 8, 8, 8, 1)).astype(np.float32)
     blocks = _padded_blocks(global_x, "2x1x1", 1, mode)
-    (shard, low), (_, high) = blocks[(0, 0, 0)], blocks[(1, 0, 0)]
+    (_, low), (_, high) = blocks[(0, 0, 0)], blocks[(1, 0, 0)]
     own = global_x[:, 0:4]
     np_mode = {"zero": "constant", "reflect": "reflect", "replicate": "edge"}[mode]
     expected_seam = np.pad(own, [(0, 0), (0, 1), (0, 0), (0, 0), (0, 0)], mode=np_mode)[:, -1]
