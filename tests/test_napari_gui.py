@@ -197,8 +197,6 @@ def test_view_screenshot_and_demo_view(result_dir, tmp_path):
     """`workbench view DIR --screenshot` and the demo's view step write a napari PNG with wireframes."""
     from PIL import Image
 
-    from workbench.commands.demo import save_view
-
     png = tmp_path / "view.png"
     # A fresh process, as a user runs it: in this process earlier tests' viewers have
     # already registered the plugin's commands with npe2's global registry.
@@ -208,12 +206,23 @@ def test_view_screenshot_and_demo_view(result_dir, tmp_path):
     shot = np.asarray(Image.open(png))
     assert shot.shape[:2] == (720, 720) and _colored(shot).sum() > 1000
 
-    result = V.load_result(result_dir)
-    error = np.abs(result.signed)
-    view = save_view(tmp_path / "demo.png", np.asarray(result.image), np.asarray(result.prediction), error,
-                     result.signed, result.layout, result.spacing)  # fmt: skip
+    # The demo's view step, also in a fresh process (as `workbench demo` runs it).
+    script = (
+        "import json, sys, numpy as np\n"
+        "from workbench import viewer as V\n"
+        "from workbench.commands.demo import save_view\n"
+        "r = V.load_result(sys.argv[1])\n"
+        "view = save_view(__import__('pathlib').Path(sys.argv[2]), np.asarray(r.image), np.asarray(r.prediction),\n"
+        "                 np.abs(r.signed), r.signed, r.layout, r.spacing)\n"
+        "print(json.dumps(view))\n"
+    )
+    demo_png = tmp_path / "demo.png"
+    proc = subprocess.run([sys.executable, "-c", script, str(result_dir), str(demo_png)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    view = json.loads(proc.stdout.strip().splitlines()[-1])
     assert view == {"file": "demo.png", "kind": "napari", "ndisplay": 3}
-    assert _colored(np.asarray(Image.open(tmp_path / "demo.png"))).sum() > 1000
+    assert _colored(np.asarray(Image.open(demo_png))).sum() > 1000
 
 
 @pytest.mark.parametrize("key, spec", [("phantom64", "phantom:64"), ("phantom128", "phantom:128"), ("mni", "mni")])
