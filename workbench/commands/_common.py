@@ -181,28 +181,19 @@ def summary_line(report: dict) -> str:
 
 def write_figure(path, image: np.ndarray, labels: np.ndarray, error: np.ndarray | None, layout,
                  title: str = "") -> Path:
-    """Mid-slices of image, prediction and |error| with shard boundaries (matplotlib, Agg)."""
+    """Mid-slices of image, prediction and |error| with shard boundaries (matplotlib, Agg).
+
+    The figure is the notebooks' :func:`workbench.figures.plot_slices`, saved to ``path``.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    z = image.shape[0] // 2
-    panels = [("image", image[z], "gray"), ("prediction", labels[z], "viridis")]
-    if error is not None:
-        panels.append(("|partitioned − reference|", error[z], "magma"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.2))
-    ids = layout.shard_ids()[z]
-    for ax, (name, data, cmap) in zip(np.atleast_1d(axes), panels):
-        im = ax.imshow(data, cmap=cmap, interpolation="nearest")
-        ax.contour(ids, levels=np.arange(ids.max() + 1) + 0.5, colors="red", linewidths=0.8)
-        ax.set_title(name)
-        ax.axis("off")
-        if name.startswith("|"):
-            fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle(title or f"slice z={z}; red lines: shard boundaries (mesh {layout.mesh})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    from ..figures import plot_slices
+
+    fig = plot_slices(image, labels, layout, error=error, title=title)
+    fig.savefig(path, dpi=130)
     plt.close(fig)
     return Path(path)
 
