@@ -45,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module = _command_module(args.command)
     try:
-        if hasattr(args, "cpu_devices"):
+        from .distributed import initialize_from_env
+
+        # One of several processes (``workbench launch`` or a cluster job): the launcher
+        # sets the devices per process, so --cpu-devices does not apply.
+        if not initialize_from_env() and hasattr(args, "cpu_devices"):
             from .devices import configure_cpu_devices
 
             configure_cpu_devices(args.cpu_devices)

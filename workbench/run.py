@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from .distributed import put, put_tree, to_host
 from .halo import halo_pad, validate_halo
 from .layers import Partition
 from .mesh import ACTIVATION_SPEC, MeshSpec, ShardLayout, build_mesh, parse_mesh
@@ -198,7 +199,7 @@ def make_forward(config: UNetConfig, layout: ShardLayout, *, backend: str = "exp
     mode, overlap = _resolve_halo(halo, config)
     spec = layout.mesh
     if backend == "reference":
-        device = (list(devices) if devices is not None else jax.devices())[0]
+        device = (list(devices) if devices is not None else jax.local_devices())[0]
         sharding = jax.sharding.SingleDeviceSharding(device)
         return jax.jit(_module_call(UNet3D(config, Partition()), train)), None, sharding, sharding
 
@@ -300,11 +301,11 @@ def run(model: Model, volume, mesh=None, *, backend: str = "explicit", halo="exa
         [(0, 0)] + [(0, t - s) for t, s in zip(
             layout.reference_shape if backend == "reference" else layout.padded_shape, spatial)] + [(0, 0)],
     )
-    variables = jax.device_put(model.variables, compiled.variables_sharding)
+    variables = put_tree(model.variables, compiled.variables_sharding)
     t0 = time.perf_counter()
-    x_dev = jax.device_put(padded, compiled.input_sharding)  # each device gets only its block
+    x_dev = put(padded, compiled.input_sharding)  # each device gets only its block
     y = compiled.fn(variables, x_dev)
-    y = np.asarray(jax.block_until_ready(y))
+    y = to_host(jax.block_until_ready(y))  # gathered across processes when there are several
     seconds = time.perf_counter() - t0
     out = layout.crop(y)
     if squeeze:

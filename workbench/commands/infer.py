@@ -35,6 +35,7 @@ def run(args) -> int:
     import jax
 
     from ..devices import device_summary
+    from ..distributed import is_main
     from ..halo import validate_halo
     from ..mesh import parse_mesh
     from ..run import BACKENDS, check_options
@@ -50,6 +51,10 @@ def run(args) -> int:
         if spec.n_devices > len(jax.devices()):
             parse_mesh(spec, n_devices=len(jax.devices()))  # raises: names the meshes that fit
     volume = load_input(args.input, series=args.series)
+    if not is_main():  # another process of a multi-process run: compute its shards; process 0 writes
+        infer_array(model_from_args(args), image_for_model(volume), args.mesh, backend=args.backend, halo=halo,
+                    reference=args.reference)
+        return 0
     with staged_output(args.out, overwrite=args.overwrite) as tmp:
         model = model_from_args(args)
         image = image_for_model(volume)
