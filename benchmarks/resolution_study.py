@@ -13,8 +13,8 @@ scaled-down ``--render 64 --resolutions 32 64`` makes the same comparison 8× ch
 Finished runs in ``--workdir`` are reused (``--resume``), so the script can be re-run
 for the table alone. Never fails on time; every number is measured in this run.
 
-    python benchmarks/resolution_study.py --render 64 --resolutions 32 64 --steps 100 \
-        --workdir study --run 64=/path/to/existing/phantom64/run
+    python benchmarks/resolution_study.py --render 64 --resolutions 32 64 --steps 160 \
+        --backend reference --workdir runs/study --run 64=runs/phantom64   # the shipped model's run
 """
 
 from __future__ import annotations
@@ -33,7 +33,12 @@ def parse_args(argv=None):
     p.add_argument("--render", type=int, default=128, help="phantom side and evaluation resolution")
     p.add_argument("--resolutions", type=int, nargs="+", default=[64, 128], help="training resolutions")
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--class-weights", default="1,1,1", help="cross-entropy weights (default 1,1,1, as the "
+                   "shipped phantom model; the paper used 1,8,16)")
+    p.add_argument("--augment", action="store_true", help="flips/rotations/intensity/noise (default off, as "
+                   "the shipped phantom model: every step is a new phantom)")
+    p.add_argument("--backend", default="explicit", help="explicit | gspmd | reference (same trajectory)")
     p.add_argument("--mesh", default="2x2x2")
     p.add_argument("--eval-cases", type=int, default=4, help="held-out phantoms (seeds 0..N-1)")
     p.add_argument("--workdir", default="resolution_study")
@@ -46,14 +51,15 @@ def parse_args(argv=None):
 
 def predict_full(model, image_full: np.ndarray, resolution: int, mesh) -> np.ndarray:
     """Labels at full resolution from a model run at ``resolution``³ (logits up-sampled)."""
-    from data_tools.preprocess import resample_array, zscore
+    from data_tools.preprocess import resample_array
 
+    from workbench.data import ct_input
     from workbench.run import apply
 
     image = image_full
     if image.shape[0] != resolution:
         image = resample_array(image_full, (resolution,) * 3, order=1)
-    logits = apply(model, zscore(image).astype(np.float32), mesh)
+    logits = apply(model, ct_input(image), mesh)  # phantoms are CT: as workbench.data.model_input
     if logits.shape[0] != image_full.shape[0]:
         logits = np.stack([resample_array(logits[..., k], image_full.shape, order=1)
                            for k in range(logits.shape[-1])], axis=-1)
@@ -91,7 +97,9 @@ def main(argv=None) -> int:
     models, train_seconds = {}, {}
     for res in args.resolutions:
         tc = TrainConfig(data=f"phantom:{args.render}", resolution=res, mesh=args.mesh, steps=args.steps,
-                         learning_rate=args.lr, schedule="cosine", checkpoint_every=10,
+                         learning_rate=args.lr, schedule="cosine", checkpoint_every=10, backend=args.backend,
+                         augment=args.augment,
+                         class_weights=tuple(float(w) for w in args.class_weights.split(",")),
                          eval_every=50 if res == args.render else 0, eval_cases=4)
         folder = runs.get(res, workdir / f"train{res}")
         t0 = time.perf_counter()

@@ -20,7 +20,8 @@ Sources (see :func:`make_source`):
 
 With ``resolution`` set, every volume is resampled to resolution³ (image linear, labels
 nearest): ``phantom:128`` at resolution 64 is a down-sampled copy of 128³ phantoms.
-Images are z-scored per volume (as ``workbench infer`` does).
+Images go through :func:`model_input` (as ``workbench infer`` does): CT in Hounsfield
+units gets the abdomen window, everything else a per-volume z-score.
 """
 
 from __future__ import annotations
@@ -31,9 +32,47 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["Case", "Source", "make_source", "augment", "place", "BatchStream", "TRAIN_SEED_BASE"]
+__all__ = ["Case", "Source", "make_source", "augment", "place", "BatchStream", "TRAIN_SEED_BASE",
+           "model_input", "ct_input", "is_ct"]
 
 TRAIN_SEED_BASE = 1_000_000
+CT_WINDOW = (40.0, 400.0)  # abdomen window (centre, width) in HU
+
+
+def is_ct(volume) -> bool:
+    """Whether ``volume`` holds Hounsfield units: a DICOM ``Modality`` of CT, a phantom, or,
+    without that metadata, intensities that reach air (min ≤ -900) and go above water."""
+    modality = str(volume.metadata.get("modality", "")).upper()
+    if modality:
+        return modality == "CT"
+    if volume.source_format == "phantom":
+        return True
+    array = np.asarray(volume.array)
+    return bool(array.size) and float(array.min()) <= -900.0 and float(array.max()) > 0.0
+
+
+def model_input(volume) -> np.ndarray:
+    """The float32 image a workbench model sees, the same for training and inference.
+
+    CT (see :func:`is_ct`): the abdomen window (40 ± 200 HU) mapped to [-2, 2], so the
+    60 HU between liver and soft tissue is 0.6 units, not the ~0.1 a whole-volume z-score
+    leaves once air and bone set the spread. Anything else (MRI, microscopy): z-score over
+    the volume.
+    """
+    from data_tools.preprocess import zscore
+
+    array = np.asarray(volume.array, np.float32)
+    return ct_input(array) if is_ct(volume) else zscore(array).astype(np.float32)
+
+
+def ct_input(hounsfield: np.ndarray) -> np.ndarray:
+    """CT normalisation of :func:`model_input`: the abdomen window mapped to [-2, 2]."""
+    from data_tools.preprocess import window
+
+    out = window(np.asarray(hounsfield, np.float32), center=CT_WINDOW[0], width=CT_WINDOW[1])
+    out -= np.float32(0.5)
+    out *= np.float32(4.0)
+    return out
 
 
 @dataclass
@@ -48,7 +87,7 @@ class Case:
 
 
 def _case_from_volume(volume, resolution: int | None, name: str, num_classes: int | None = None) -> Case:
-    from data_tools.preprocess import resample, zscore
+    from data_tools.preprocess import resample
 
     from .losses import check_labels
 
@@ -62,7 +101,7 @@ def _case_from_volume(volume, resolution: int | None, name: str, num_classes: in
     labels = np.asarray(volume.labels)
     if num_classes is not None:
         check_labels(labels, num_classes, name=f"labels of {name}")
-    image = zscore(np.asarray(volume.array, np.float32)).astype(np.float32)
+    image = model_input(volume)
     return Case(image, labels.astype(np.uint8), tuple(volume.spacing), name, dict(volume.metadata))
 
 

@@ -163,9 +163,10 @@ def model_from_args(args, task: str | None = None):
 
 
 def image_for_model(volume) -> np.ndarray:
-    from data_tools.preprocess import zscore
+    """The normalised image the shipped models expect (:func:`workbench.data.model_input`)."""
+    from ..data import model_input
 
-    return zscore(np.asarray(volume.array, np.float32)).astype(np.float32)
+    return model_input(volume)
 
 
 def summary_line(report: dict) -> str:

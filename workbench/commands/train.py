@@ -20,6 +20,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _weights(text: str) -> tuple:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 1,8,16") from None
+    if not all(v >= 0 for v in values) or not any(v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: class weights must be >= 0 and not all zero")
+    return values
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", default=["phantom"],
                    help="phantom[:N] (fresh synthetic phantoms rendered at N³), mni[:N], or labelled "
@@ -30,6 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-parallel", type=positive_int, default=1, help="size of the data axis (default 1)")
     p.add_argument("--backend", default="explicit", help="explicit | gspmd | reference (default explicit)")
     p.add_argument("--model", default="small", help="model preset: small | paper (default small)")
+    p.add_argument("--norm", default=None, help="batch | instance | group | none (default: the preset's)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 compute (default: the preset's)")
     p.add_argument("--remat", action="store_true", help="rematerialise activations per U-Net level")
     p.add_argument("--steps", type=positive_int, default=100, help="training steps (default 100)")
@@ -38,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=_positive_float, default=3e-3, help="peak learning rate (default 3e-3)")
     p.add_argument("--schedule", default="constant", help="constant | cosine | warmup_cosine (default constant)")
     p.add_argument("--clip", type=float, default=1.0, help="global-norm gradient clip, 0 = off (default 1)")
+    p.add_argument("--class-weights", type=_weights, default=None,
+                   help="cross-entropy weight per class, e.g. 1,8,16 (default: 1,8,16 for phantoms as the "
+                        "paper, else all 1)")
     p.add_argument("--dice-weight", type=float, default=0.2, help="loss = CE + w × Dice loss (default 0.2)")
     p.add_argument("--no-augment", action="store_true", help="turn flips/rotations/intensity/noise off")
     p.add_argument("--checkpoint-dir", required=True, help="run folder: checkpoints/, history.*, curves.png")
@@ -63,6 +77,8 @@ def run(args) -> int:
     overrides = {}
     if args.dtype is not None:
         overrides["dtype"] = args.dtype
+    if args.norm is not None:
+        overrides["norm"] = args.norm
     if args.remat:
         overrides["remat"] = True
     parse_mesh(args.mesh)
@@ -71,7 +87,7 @@ def run(args) -> int:
         data=data, resolution=args.resolution, mesh=args.mesh, data_parallel=args.data_parallel,
         backend=args.backend, model=args.model, model_overrides=overrides, steps=args.steps,
         batch=args.batch, optimizer=args.optimizer, learning_rate=args.lr, schedule=args.schedule,
-        clip_norm=args.clip, dice_weight=args.dice_weight, augment=not args.no_augment,
+        clip_norm=args.clip, dice_weight=args.dice_weight, class_weights=args.class_weights, augment=not args.no_augment,
         checkpoint_every=args.checkpoint_every, keep=args.keep, eval_every=args.eval_every,
         eval_cases=args.eval_cases, seed=args.seed,
     )
