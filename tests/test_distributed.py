@@ -66,12 +66,13 @@ def test_two_processes_equal_one(uneven_input, tmp_path):
     assert report["max_abs_diff"] <= 1e-5  # against the reference each process also ran
     logits = np.load(out / "logits.npy")
     assert logits.shape == (37, 45, 29, 3)
-    model = pretrained("phantom")
-    image = np.load(uneven_input)
-    from data_tools.preprocess import zscore
+    from data_tools.io import load_input
+    from workbench.data import model_input
 
-    single = apply(model, zscore(image), "1x2x4")  # this process: 8 devices in one process
-    reference = apply(model, zscore(image), backend="reference")
+    model = pretrained("phantom")
+    image = model_input(load_input(str(uneven_input)))  # as `workbench infer` normalises it
+    single = apply(model, image, "1x2x4")  # this process: 8 devices in one process
+    reference = apply(model, image, backend="reference")
     np.testing.assert_allclose(logits, single, atol=1e-5, rtol=0)
     np.testing.assert_allclose(logits, reference, atol=1e-5, rtol=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mp"]  # process 1 wrote nothing beside it

@@ -247,10 +247,11 @@ def pad_to(array: np.ndarray, spatial: Sequence[int]) -> np.ndarray:
 
 
 def place(array: np.ndarray, sharding):
-    """A global jax.Array from a host array; each device receives only its own block."""
-    import jax
+    """A global jax.Array from a host array; each device receives only its own block
+    (:func:`workbench.distributed.put`, so it also works across processes)."""
+    from .distributed import put
 
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+    return put(array, sharding)
 
 
 class BatchStream:
