@@ -99,7 +99,7 @@ def launch(argv: list[str], *, processes: int = 2, devices_per_process: int = 4,
     deadline = time.monotonic() + timeout
     status = 0
     try:
-        while any(p.poll() is None for p in procs):
+        while [p.poll() for p in procs].count(None):  # poll every process, not just the first running one
             failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
             if failed or time.monotonic() > deadline:
                 status = failed[0] if failed else 124
