@@ -51,15 +51,16 @@ def run(args) -> int:
         if spec.n_devices > len(jax.devices()):
             parse_mesh(spec, n_devices=len(jax.devices()))  # raises: names the meshes that fit
     volume = load_input(args.input, series=args.series)
+
+    def infer():
+        return infer_array(model_from_args(args), image_for_model(volume), args.mesh, backend=args.backend,
+                           halo=halo, reference=args.reference)
+
     if not is_main():  # another process of a multi-process run: compute its shards; process 0 writes
-        infer_array(model_from_args(args), image_for_model(volume), args.mesh, backend=args.backend, halo=halo,
-                    reference=args.reference)
+        infer()
         return 0
     with staged_output(args.out, overwrite=args.overwrite) as tmp:
-        model = model_from_args(args)
-        image = image_for_model(volume)
-        report, logits, ref_logits = infer_array(model, image, args.mesh, backend=args.backend, halo=halo,
-                                                 reference=args.reference)
+        report, logits, ref_logits = infer()
         labels = logits.argmax(-1).astype(np.uint8)
         written = write_prediction(labels, volume, tmp)
         if args.save_logits:
