@@ -203,6 +203,48 @@ class Conv3(nn.Module):
         return y + bias.astype(self.dtype)
 
 
+class UpConv2(nn.Module):
+    """The U-Net's up-sampling: a 2×2×2 transposed convolution with stride 2, as one
+    matrix product and a depth-to-space reshape.
+
+    Every input voxel writes its own 2×2×2 output block, so the layer needs no halo
+    and is the same function on a shard as on the whole volume. Its parameters are
+    those of ``flax.linen.ConvTranspose(features, (2, 2, 2), strides=(2, 2, 2),
+    padding="VALID")`` (kernel ``(2, 2, 2, C_in, C_out)``, bias), and so is its output:
+    that layer convolves without flipping the kernel, so output offset ``a`` takes kernel
+    tap ``1 - a``. Why not ``lax.conv_transpose``: XLA:GPU lowers it as a convolution over
+    the input dilated with zeros, a buffer 8× the input (2 GiB per device for the paper
+    model's last up-sampling at 512³ on 2x2x2, seen in the H100 buffer report), in the
+    forward pass and again for the kernel gradient; the product needs none.
+    """
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        n, z, y, w, c = x.shape
+        kernel = self.param("kernel", he_normal, (2, 2, 2, c, self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        kernel = kernel[::-1, ::-1, ::-1].astype(self.dtype)
+        out = jnp.einsum("nzyxi,abcio->nzaybxco", x.astype(self.dtype), kernel)
+        return out.reshape(n, 2 * z, 2 * y, 2 * w, self.features) + bias.astype(self.dtype)
+
+
+def max_pool2(x):
+    """2×2×2 max-pooling with stride 2 as a reshape and a max (spatial sizes even).
+
+    Same values as ``flax.linen.max_pool``; the gradient differs only where a window
+    holds tied maxima: it is shared equally among them (the rule of ``jnp.max``)
+    instead of going to the first. Why not ``lax.reduce_window``: its gradient is a
+    select-and-scatter, which XLA:GPU expands into five int32 index arrays of the
+    pooled size (1.25 GiB per device at the paper model's first level at 512³ on
+    2x2x2); here the gradient is one fused element-wise pass.
+    """
+    n, z, y, w, c = x.shape
+    return x.reshape(n, z // 2, 2, y // 2, 2, w // 2, 2, c).max(axis=(2, 4, 6))
+
+
 def _moments(x, weight, axes, partition: Partition, *, over_batch: bool):
     """Mean and (biased) variance over ``axes`` of the whole volume, masked by ``weight``."""
     if weight is None:

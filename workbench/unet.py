@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .layers import NORMS, Conv3, Norm, Partition, hash_dropout, he_normal
+from .layers import NORMS, Conv3, Norm, Partition, UpConv2, hash_dropout, he_normal, max_pool2
 
 __all__ = ["UNetConfig", "UNet3D", "Model", "PRESETS", "receptive_radius"]
 
@@ -146,13 +146,10 @@ class UNet3D(nn.Module):
             x = block_cls(cfg, cfg.base_filters * 2**level, level, part, train, name=f"down{level}")(x)
             if level < cfg.depth - 1:
                 skips.append(x)
-                x = part.constrain(nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2)))
+                x = part.constrain(max_pool2(x))
         for level in reversed(range(cfg.depth - 1)):
             features = cfg.base_filters * 2**level
-            x = nn.ConvTranspose(
-                features, (2, 2, 2), strides=(2, 2, 2), padding="VALID",
-                dtype=cfg.compute_dtype, param_dtype=jnp.float32, kernel_init=he_normal, name=f"up{level}",
-            )(x)
+            x = UpConv2(features, dtype=cfg.compute_dtype, name=f"up{level}")(x)
             x = part.mask(x, level)
             # skip connection: the first conv sees the channel concatenation
             x = block_cls(cfg, features, level, part, train, name=f"dec{level}")((skips[level], x))
