@@ -59,3 +59,8 @@ def test_max_pool2_keeps_the_dtype(dtype):
     x = jnp.ones((1, 2, 2, 2, 1), dtype)
     y, back = jax.vjp(max_pool2, x)
     assert y.dtype == dtype and back(jnp.ones_like(y))[0].dtype == dtype
+
+
+def test_max_pool2_refuses_odd_sizes_with_the_fix():
+    with pytest.raises(ValueError, match="even spatial sizes, got 3x2x2; pad the volume"):
+        max_pool2(jnp.ones((1, 3, 2, 2, 1)))

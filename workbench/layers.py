@@ -233,6 +233,9 @@ class UpConv2(nn.Module):
 
 def _pool_blocks(x):
     n, z, y, w, c = x.shape
+    if z % 2 or y % 2 or w % 2:
+        raise ValueError(f"2x2x2 pooling needs even spatial sizes, got {z}x{y}x{w}; pad the volume to a "
+                         "multiple of 2^(depth-1) per axis (ShardLayout and run.apply do)")
     return x.reshape(n, z // 2, 2, y // 2, 2, w // 2, 2, c)
 
 
