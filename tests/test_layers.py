@@ -64,3 +64,26 @@ def test_max_pool2_keeps_the_dtype(dtype):
 def test_max_pool2_refuses_odd_sizes_with_the_fix():
     with pytest.raises(ValueError, match="even spatial sizes, got 3x2x2; pad the volume"):
         max_pool2(jnp.ones((1, 3, 2, 2, 1)))
+
+
+def test_conv3d_joins_input_and_kernel_gradients_in_one_barrier():
+    from jax import lax
+
+    from workbench.layers import conv3d
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, 5, 4, 3, 2)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 3, 3, 2, 4)), jnp.float32)
+
+    def plain(x, k):
+        return lax.conv_general_dilated(x, k, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+
+    loss = lambda f: lambda x, k: (jnp.tanh(f(x, k)) ** 2).sum()  # noqa: E731
+    np.testing.assert_array_equal(conv3d(x, k, "SAME"), plain(x, k))
+    for a, b in zip(jax.grad(loss(lambda x, k: conv3d(x, k, "SAME")), (0, 1))(x, k), jax.grad(loss(plain), (0, 1))(x, k)):
+        np.testing.assert_array_equal(a, b)
+    # the backward pass computes the kernel gradient together with the input gradient
+    jaxpr = jax.make_jaxpr(jax.grad(loss(lambda x, k: conv3d(x, k, "SAME")), (0, 1)))(x, k).jaxpr
+    barriers = [e for e in jaxpr.eqns if e.primitive.name == "optimization_barrier"]
+    shapes = [sorted(tuple(v.aval.shape) for v in e.outvars) for e in barriers]
+    assert sorted([x.shape, k.shape]) in shapes

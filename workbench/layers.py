@@ -160,6 +160,24 @@ def he_normal(key, shape, dtype=jnp.float32):
     return (flat * math.sqrt(2.0 / fan_in)).reshape(shape).astype(dtype)
 
 
+def conv3d(x, kernel, padding):
+    """A 3-D convolution whose kernel gradient is computed when its input gradient is.
+
+    ``x`` and ``kernel`` pass through one ``optimization_barrier``, whose transpose
+    joins their cotangents: in the backward pass the input gradient (which every
+    earlier layer waits for) exists only once the kernel gradient does. Values and
+    gradients are unchanged; only the schedule is pinned. Without it XLA:GPU runs the
+    kernel-gradient convolutions at the end of the backward pass, which keeps every
+    layer's (halo-padded, rematerialised) input alive until then: in the H100 buffer
+    report of 512³ training on 2x2x2 with remat, the 2.05 GiB padded input of the first
+    decoder convolution lived until the last kernel gradient, and remat saved 5 %
+    instead of the 46 % it saves on XLA:CPU.
+    """
+    x, kernel = lax.optimization_barrier((x, kernel))
+    return lax.conv_general_dilated(x, kernel, window_strides=(1, 1, 1), padding=padding,
+                                    dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+
+
 class Conv3(nn.Module):
     """3×3×3 convolution whose padding comes from the :class:`Partition`.
 
@@ -191,13 +209,7 @@ class Conv3(nn.Module):
         y, start = None, 0
         for part, c in zip(parts, channels):
             x_in, padding = self.partition.conv_input(part.astype(self.dtype), self.level)
-            term = lax.conv_general_dilated(
-                x_in,
-                kernel[..., start:start + c, :],
-                window_strides=(1, 1, 1),
-                padding=padding,
-                dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
-            )
+            term = conv3d(x_in, kernel[..., start:start + c, :], padding)
             y = term if y is None else y + term
             start += c
         return y + bias.astype(self.dtype)
