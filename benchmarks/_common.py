@@ -46,6 +46,28 @@ def machine() -> dict:
     }
 
 
+def median_seconds(fn, repeats: int):
+    """Time ``fn()``: one warm-up call (compilation, caches), then ``repeats`` timed calls.
+
+    Every call's output is waited for (``jax.block_until_ready``). Returns (median
+    seconds of the timed calls, seconds of the warm-up call, the last output).
+    """
+    import statistics
+    import time
+
+    import jax
+
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    warm_up = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), warm_up, out
+
+
 def table(headers: list[str], rows: list[list], formats: list[str]) -> str:
     """Right-aligned text table; ``None`` cells print as '-'."""
     cells = [[h for h in headers]]

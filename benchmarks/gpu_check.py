@@ -30,13 +30,14 @@ import argparse
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import _common
+
+ROOT = _common.ROOT
 GIB = 2**30
 BUDGET_GIB = 16.0
 
@@ -52,18 +53,6 @@ PLANS = [
 
 
 # -- workers (each in its own process) --------------------------------------------------------
-def _timed(fn, repeats=3):
-    import jax
-
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def run_phase(phase: str, size: int, allow_cpu: bool, dump: str | None) -> dict:
     """One real run: ``infer:reference``, ``infer:explicit``, ``train:reference``, ``train:explicit``."""
     import jax
@@ -88,7 +77,7 @@ def run_phase(phase: str, size: int, allow_cpu: bool, dump: str | None) -> dict:
         v, xd = jax.device_put(model.variables, vs), jax.device_put(x, xs)
         compiled = fn.lower(v, xd).compile()
         out["compile_s"] = time.perf_counter() - t0
-        out["seconds"] = _timed(lambda: compiled(v, xd))
+        out["seconds"] = _common.median_seconds(lambda: compiled(v, xd), 3)[0]
         if dump:
             np.save(dump, np.asarray(compiled(v, xd), np.float32)[..., :size, :size, :size, :])
     else:
@@ -107,7 +96,7 @@ def run_phase(phase: str, size: int, allow_cpu: bool, dump: str | None) -> dict:
             box["state"], metrics = compiled(box["state"], images, labels)
             return metrics
 
-        out["seconds"] = _timed(step)
+        out["seconds"] = _common.median_seconds(step, 3)[0]
         out["loss"] = float(step()["loss"])
     out["xla_bytes"] = memory_stats(compiled).get("peak")
     out["allocator_peak"] = (dev.memory_stats() or {}).get("peak_bytes_in_use")
@@ -249,13 +238,13 @@ def main(argv=None) -> int:
     # -- tables -------------------------------------------------------------------------------
     print(f"\nGPU check: {info['nvidia_smi'] or 'no GPU'}; jax {info['versions'].get('jax')}; "
           f"paper model, bfloat16, {args.size}³, one device")
-    print(f"{'phase':<18}{'step s':>9}{'compile s':>11}{'XLA GiB':>10}{'alloc peak GiB':>16}")
-    for phase, r in phases.items():
-        if "error" in r:
-            print(f"{phase:<18}  {r['error'][:110]}")
-            continue
-        print(f"{phase:<18}{r['seconds']:>9.3f}{r['compile_s']:>11.1f}{_gib(r['xla_bytes']):>10}"
-              f"{_gib(r['allocator_peak']):>16}")
+    ok = {k: r for k, r in phases.items() if "error" not in r}
+    print(_common.table(["phase", "step s", "compile s", "XLA GiB", "alloc peak GiB"],
+                        [[k, r["seconds"], r["compile_s"], _gib(r["xla_bytes"]), _gib(r["allocator_peak"])]
+                         for k, r in ok.items()], ["", ".3f", ".1f", "", ""]))
+    for k, r in phases.items():
+        if k not in ok:
+            print(f"{k}: {r['error'][:110]}")
     for kind in ("infer", "train"):
         e, r = phases.get(f"{kind}:explicit", {}), phases.get(f"{kind}:reference", {})
         if "seconds" in e and "seconds" in r:
@@ -267,14 +256,13 @@ def main(argv=None) -> int:
     if plans:
         print(f"\nPlans (XLA:{'CPU dry run' if args.allow_cpu else 'GPU, mocked devices'}; "
               f"budget {BUDGET_GIB:g} GiB per device)")
-        print(f"{'plan':<26}{'GiB/device':>11}{'fits':>6}{'efficiency':>12}{'compile s':>11}")
-        for name, r in plans.items():
-            if "error" in r:
-                print(f"{name:<26}  {r['error'][:110]}")
-                continue
-            eff = "-" if r["efficiency"] is None else f"{r['efficiency']:.3f}"
-            print(f"{name:<26}{_gib(r['bytes_per_device']):>11}{'yes' if r['fits'] else 'no':>6}{eff:>12}"
-                  f"{r['compile_seconds']:>11.1f}")
+        ok = {k: r for k, r in plans.items() if "error" not in r}
+        print(_common.table(["plan", "GiB/device", "fits", "efficiency", "compile s"],
+                            [[k, _gib(r["bytes_per_device"]), "yes" if r["fits"] else "no", r["efficiency"],
+                              r["compile_seconds"]] for k, r in ok.items()], ["", "", "", ".3f", ".1f"]))
+        for k, r in plans.items():
+            if k not in ok:
+                print(f"{k}: {r['error'][:110]}")
     print(f"total {time.perf_counter() - start:.0f} s; JSON in {out / 'gpu_check.json'}")
     return 0
 

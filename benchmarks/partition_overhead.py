@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
+
+import _common
 
 
 def _parse() -> argparse.Namespace:
@@ -44,16 +44,8 @@ def _time_forward(config, layout, backend, variables, image, repeats):
     x = np.pad(image, [(0, 0)] + [(0, t - s) for t, s in zip(target, image.shape[1:4])] + [(0, 0)])
     x = jax.device_put(x, in_sharding)
     v = jax.device_put(variables, var_sharding)
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn(v, x))  # compile + first run
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(v, x))
-        times.append(time.perf_counter() - t0)
-    logits = layout.crop(np.asarray(out))
-    return statistics.median(times), compile_s, logits
+    seconds, compile_s, out = _common.median_seconds(lambda: fn(v, x), repeats)  # warm-up: compile + first run
+    return seconds, compile_s, layout.crop(np.asarray(out))
 
 
 def main() -> int:

@@ -14,8 +14,6 @@ errors are against the reference. Ratios are to MONAI's time (or ours without MO
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import _common
 
@@ -37,16 +35,6 @@ def _parse(argv):
     return args
 
 
-def _median_time(fn, repeats):
-    fn()  # warm-up: compile, caches
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
-
-
 def main(argv=None) -> int:
     args = _parse(argv)
     _common.start(8)
@@ -64,19 +52,19 @@ def main(argv=None) -> int:
     image = zscore(np.asarray(load_input(f"phantom:{n}").array, np.float32)).astype(np.float32)
     model = Model.init("small", seed=0)
     layout = ShardLayout(image.shape, args.mesh, multiple=model.config.multiple)
-    ref_t, ref = _median_time(lambda: run(model, image, backend="reference").output, args.repeats)
+    ref_t, _, ref = _common.median_seconds(lambda: run(model, image, backend="reference").output, args.repeats)
     rows = {"reference (1 device)": (ref_t, ref, n**3)}
     for backend in ("explicit", "gspmd"):
-        t, out = _median_time(lambda: run(model, image, args.mesh, backend=backend).output, args.repeats)
+        t, _, out = _common.median_seconds(lambda: run(model, image, args.mesh, backend=backend).output, args.repeats)
         rows[f"exact {backend} {args.mesh}"] = (t, out, int(np.prod(layout.padded_shape)))
     roi = (args.roi,) * 3
     predict = _window_predictor(model, roi, args.batch_windows)
     kw = dict(roi=args.roi, overlap=args.overlap, mode=args.mode, batch_windows=args.batch_windows, predictor=predict)
-    sw_t, sw = _median_time(lambda: sliding_window(model, image, **kw), args.repeats)
+    sw_t, _, sw = _common.median_seconds(lambda: sliding_window(model, image, **kw), args.repeats)
     rows[f"sliding window (ours, {args.mode})"] = (sw_t, sw.output, sw.voxels_computed)
     monai_note = None
     try:
-        m_t, m = _median_time(lambda: monai_sliding_window(model, image, **kw), args.repeats)
+        m_t, _, m = _common.median_seconds(lambda: monai_sliding_window(model, image, **kw), args.repeats)
         rows[f"sliding window (MONAI, {args.mode})"] = (m_t, m.output, m.voxels_computed)
         monai_vs_ours = float(np.abs(m.output - sw.output).max())
     except ModuleNotFoundError as err:
