@@ -6,14 +6,16 @@ Every function here runs *inside* ``jax.shard_map`` over a mesh with the axes of
 ``halo_pad(x_block, width=w, mesh_shape=(mz, my, mx), mode=...)`` returns the block
 grown by ``w`` voxels on each side of each spatial axis:
 
-* ``exact``: the grown faces hold the neighbours' voxels. The block is padded first
-  and the received faces are written into the padded buffer
-  (``dynamic_update_slice``), axis after axis (z, then y, then x), each exchange
-  sending faces that already include the halos of the previous axes, so edges and
-  corners arrive from diagonal neighbours without extra messages. ``ppermute``
-  leaves unlisted destinations at zero: the shards on the volume's outer faces get
-  exactly the convolution's zero padding. Widths wider than a block take several
-  hops.
+* ``exact``: the grown faces hold the neighbours' voxels. Axis after axis (z, then
+  y, then x), each exchange sends faces that already include the halos received
+  along the previous axes, so edges and corners arrive from diagonal neighbours
+  without extra messages. Each face is assembled from the block and the earlier
+  (small) messages; the padded block is written once at the end, by one pad and
+  one in-place ``dynamic_update_slice`` per received slab. Reading faces out of the
+  padded block while writing halos into it made XLA copy the whole padded block at
+  each exchange (two alive at once: the inference peak). ``ppermute`` leaves
+  unlisted destinations at zero: the shards on the volume's outer faces get exactly
+  the convolution's zero padding. Widths wider than a block take several hops.
 * ``zero``: every shard pads itself with zeros, as naive tiling does.
 * ``reflect`` / ``replicate``: every shard pads itself from its own voxels
   (``numpy.pad`` modes ``reflect`` / ``edge``) at faces shared with a neighbour; the
@@ -24,6 +26,9 @@ Only ``exact`` is exact; the others exist to show seam artifacts.
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -71,11 +76,7 @@ def halo_pad(x_block, *, width: int, mesh_shape: tuple[int, int, int], mode: str
     for dim in _SPATIAL_DIMS:
         pad[dim] = (width, width)
     if mode == "exact":
-        xp_block = jnp.pad(x_block, pad)  # f32[n, z+2w, y+2w, x+2w, c]
-        for dim, name, size in zip(_SPATIAL_DIMS, SPATIAL_AXES, mesh_shape):
-            if size > 1:
-                xp_block = _exchange_axis(xp_block, dim, name, size, width)
-        return xp_block
+        return _exact_pad(x_block, width, tuple(mesh_shape))
     if mode == "zero":
         return jnp.pad(x_block, pad)
     np_mode = "reflect" if mode == "reflect" else "edge"
@@ -103,28 +104,129 @@ def halo_pad(x_block, *, width: int, mesh_shape: tuple[int, int, int], mode: str
     return x_block
 
 
-def _exchange_axis(xp_block, dim: int, name: str, size: int, width: int):
-    """Fill the two ``width``-deep halo slabs of ``xp_block`` along ``dim`` from neighbours.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _exact_pad(x_block, width: int, mesh_shape: tuple[int, int, int]):
+    """``exact`` halo: exchange along z, y, x; then pad once and write the slabs in.
 
-    ``xp_block`` already has its halo slabs (zeros) on this axis; its interior is
-    ``n`` voxels. A width wider than ``n`` takes ``ceil(width / n)`` hops.
+    Its gradient (:func:`_exact_pad_bwd`) is the adjoint exchange, written by hand:
+    differentiating the face assembly would pad every face's cotangent to the whole
+    block (+22 % training memory for the paper model at 256³ on 2x2x2).
     """
-    total = xp_block.shape[dim]
-    n = total - 2 * width
+    received = {}  # dim -> (low slab, high slab); a slab spans the grown extent of earlier axes
+
+    def face(dim, start, stop):
+        """Voxels [start, stop) along ``dim`` of the block grown along the earlier axes."""
+        part = lax.slice_in_dim(x_block, start, stop, axis=dim)
+        for prev in _SPATIAL_DIMS[:_SPATIAL_DIMS.index(dim)]:
+            if prev in received:
+                lo, hi = (lax.slice_in_dim(slab, start, stop, axis=dim) for slab in received[prev])
+                part = jnp.concatenate([lo, part, hi], axis=prev)
+            else:  # an axis of size 1: the volume's zero padding
+                widths = [(0, 0)] * part.ndim
+                widths[prev] = (width, width)
+                part = jnp.pad(part, widths)
+        return part
+
+    for dim, name, size in zip(_SPATIAL_DIMS, SPATIAL_AXES, mesh_shape):
+        if size > 1:
+            received[dim] = _exchange_axis(face, dim, name, size, width, x_block.shape[dim])
+    pad = [(0, 0), *([(width, width)] * 3), (0, 0)]
+    xp_block = jnp.pad(x_block, pad)  # f32[n, z+2w, y+2w, x+2w, c]
+    for dim, (lo, hi) in received.items():
+        start = [0, *(0 if d <= dim else width for d in _SPATIAL_DIMS), 0]
+        xp_block = lax.dynamic_update_slice(xp_block, lo, start)
+        start[dim] = width + x_block.shape[dim]
+        xp_block = lax.dynamic_update_slice(xp_block, hi, start)
+    return xp_block
+
+
+def _exact_pad_fwd(x_block, width, mesh_shape):
+    return _exact_pad(x_block, width, mesh_shape), None
+
+
+def _exact_pad_bwd(width, mesh_shape, _, g):
+    """The adjoint exchange: each halo's cotangent goes back to the shard its voxels
+    came from and is added there, axes in reverse order (x, y, z), so edge and corner
+    cotangents travel back along the diagonal path they came by.
+
+    Mirrors the forward: the cotangents of the received slabs are cut out of ``g``;
+    what comes back for a face is split into its parts, added to the earlier axes'
+    slab cotangents (still to be sent) and to the block's own gradient. The block's
+    gradient is ``g``'s interior, made once and updated in place.
+    """
+    w = width
+    n = {d: g.shape[d] - 2 * w for d in _SPATIAL_DIMS}
+    names = dict(zip(_SPATIAL_DIMS, SPATIAL_AXES))
+    sizes = dict(zip(_SPATIAL_DIMS, mesh_shape))
+    exchanged = [d for d in _SPATIAL_DIMS if sizes[d] > 1]
+
+    def cut(d, lo: bool):
+        """Where the forward wrote the slab received along ``d``."""
+        start, limit = [0] * g.ndim, list(g.shape)
+        for e in _SPATIAL_DIMS:
+            if e > d:
+                start[e], limit[e] = w, w + n[e]
+        start[d], limit[d] = (0, w) if lo else (w + n[d], n[d] + 2 * w)
+        return lax.slice(g, start, limit)
+
+    slabs = {d: [cut(d, True), cut(d, False)] for d in exchanged}
+    grad = g[:, w:w + n[1], w:w + n[2], w:w + n[3], :]
+
+    def scatter_face(r, d, start):
+        """Add the cotangent of ``face(d, start, start + seg)`` where its voxels came from."""
+        nonlocal grad
+        for prev in reversed(_SPATIAL_DIMS[:_SPATIAL_DIMS.index(d)]):
+            total = r.shape[prev]
+            if prev in slabs:
+                lo_part, hi_part = lax.slice_in_dim(r, 0, w, axis=prev), lax.slice_in_dim(r, total - w, total, axis=prev)
+                slabs[prev][0] = _add_in_dim(slabs[prev][0], lo_part, start, d)
+                slabs[prev][1] = _add_in_dim(slabs[prev][1], hi_part, start, d)
+            r = lax.slice_in_dim(r, w, total - w, axis=prev)
+        grad = _add_in_dim(grad, r, start, d)
+
+    for d in reversed(exchanged):
+        lo, hi = slabs[d]
+        name, size = names[d], sizes[d]
+        for hop in range(1, -(-w // n[d]) + 1):
+            seg = min(n[d], w - (hop - 1) * n[d])
+            # My low halo's segment came from the tail of the device `hop` before,
+            # my high halo's from the head of the device `hop` after: send them back.
+            lo_end = w - (hop - 1) * n[d]
+            back = lax.ppermute(lax.slice_in_dim(lo, lo_end - seg, lo_end, axis=d), name,
+                                [(i + hop, i) for i in range(size - hop)])
+            scatter_face(back, d, n[d] - seg)
+            hi_start = (hop - 1) * n[d]
+            back = lax.ppermute(lax.slice_in_dim(hi, hi_start, hi_start + seg, axis=d), name,
+                                [(i, i + hop) for i in range(size - hop)])
+            scatter_face(back, d, 0)
+    return (grad,)
+
+
+_exact_pad.defvjp(_exact_pad_fwd, _exact_pad_bwd)
+
+
+def _add_in_dim(x, update, start: int, dim: int):
+    """``x`` with ``update`` added to the slab of ``x`` that starts at ``start`` along ``dim``."""
+    current = lax.slice_in_dim(x, start, start + update.shape[dim], axis=dim)
+    return lax.dynamic_update_slice_in_dim(x, current + update, start, axis=dim)
+
+
+def _exchange_axis(face, dim: int, name: str, size: int, width: int, n: int):
+    """The low and high ``width``-deep halo slabs along ``dim``, received from neighbours.
+
+    ``face(dim, start, stop)`` gives this block's voxels to send. The interior is
+    ``n`` voxels; a width wider than ``n`` takes ``ceil(width / n)`` hops.
+    """
+    lows, highs = [], []
     hops = -(-width // n)
     for hop in range(1, hops + 1):
         seg = min(n, width - (hop - 1) * n)
-        # Low halo <- the last `seg` interior voxels of the device `hop` places before.
-        tail = lax.slice_in_dim(xp_block, width + n - seg, width + n, axis=dim)
-        from_prev = lax.ppermute(tail, name, [(i, i + hop) for i in range(size - hop)])
-        # High halo <- the first `seg` interior voxels of the device `hop` places after.
-        head = lax.slice_in_dim(xp_block, width, width + seg, axis=dim)
-        from_next = lax.ppermute(head, name, [(i + hop, i) for i in range(size - hop)])
-        lo_start = width - (hop - 1) * n - seg
-        hi_start = width + n + (hop - 1) * n
-        xp_block = lax.dynamic_update_slice_in_dim(xp_block, from_prev, lo_start, axis=dim)
-        xp_block = lax.dynamic_update_slice_in_dim(xp_block, from_next, hi_start, axis=dim)
-    return xp_block
+        # Low halo <- the last `seg` voxels of the device `hop` places before.
+        lows.insert(0, lax.ppermute(face(dim, n - seg, n), name, [(i, i + hop) for i in range(size - hop)]))
+        # High halo <- the first `seg` voxels of the device `hop` places after.
+        highs.append(lax.ppermute(face(dim, 0, seg), name, [(i + hop, i) for i in range(size - hop)]))
+    join = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=dim)  # noqa: E731
+    return join(lows), join(highs)
 
 
 def global_index(block_size: int, name: str, size: int, *, offset: int = 0, length: int | None = None):
