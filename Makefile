@@ -4,6 +4,12 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# `workbench plan --compiler h100` compiles for GPUs this machine does not have. JAX's
+# CUDA plugin does that (no GPU, driver or CUDA libraries needed) but prints notices
+# whenever JAX starts without a driver, so it lives in its own small environment, with
+# the same jax, flax and optax as .venv.
+GPU_PLAN_VENV := .venv-gpu-plan
+GPU_PLAN_STAMP := $(GPU_PLAN_VENV)/.installed
 # Xvfb + Mesa + Qt runtime libraries for napari tests; Chromium + driver for the notebook browser test.
 DEBIAN_PKGS := xvfb xauth libgl1-mesa-dri libegl1 libxkbcommon-x11-0 libxcb-cursor0 libxcb-icccm4 \
 	libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 \
@@ -11,7 +17,7 @@ DEBIAN_PKGS := xvfb xauth libgl1-mesa-dri libegl1 libxkbcommon-x11-0 libxcb-curs
 
 .PHONY: install system-deps demo test bench lab clean
 
-install: $(STAMP)
+install: $(STAMP) $(GPU_PLAN_STAMP)
 
 system-deps:
 	@missing=""; for p in $(DEBIAN_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -28,6 +34,14 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e ".[test,viewer,notebook,bench]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name workbench --display-name "Python (workbench)" >/dev/null
 	touch $(STAMP)
+
+$(GPU_PLAN_STAMP): $(STAMP)
+	test -x $(GPU_PLAN_VENV)/bin/python || $(PY) -m venv $(GPU_PLAN_VENV)
+	set -e; set -- $$($(BIN)/python -c "import jax, flax, optax, numpy; \
+	  print(jax.__version__, flax.__version__, optax.__version__, numpy.__version__)"); \
+	$(GPU_PLAN_VENV)/bin/python -m pip install -q "jax==$$1" "jaxlib==$$1" "jax-cuda12-plugin==$$1" \
+	  "flax==$$2" "optax==$$3" "numpy==$$4"
+	touch $(GPU_PLAN_STAMP)
 
 # Without a display, the demo's napari screenshot is taken on a virtual one.
 XVFB := $(if $(DISPLAY),,xvfb-run -a -s "-screen 0 1280x1024x24")
@@ -49,4 +63,4 @@ bench: install
 	$(BIN)/python benchmarks/partition_overhead.py
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache .cache
+	rm -rf $(VENV) $(GPU_PLAN_VENV) demo_out .pytest_cache .cache

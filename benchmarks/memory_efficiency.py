@@ -4,8 +4,9 @@ ideal = the single-device program's bytes ÷ devices. The paper model (float32 b
 default, as the issue's target) at 256³ on 2x2x2, inference and a full training
 step (loss, gradients, Adam), each compiled ahead of time for abstract inputs (no
 volume is allocated). Also the communication audit of each compiled step.
+``--compiler h100`` plans with XLA:GPU for H100s (no GPU needed) instead of XLA:CPU.
 
-    python benchmarks/memory_efficiency.py [--resolution 256] [--dtype float32] [--quick] [--json out.json]
+    python benchmarks/memory_efficiency.py [--resolution 256] [--dtype float32] [--quick] [--compiler cpu|h100] [--json out.json]
 """
 
 from __future__ import annotations
@@ -22,21 +23,32 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="paper")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--quick", action="store_true", help="small model at 64³")
+    p.add_argument("--compiler", default="cpu",
+                   help="cpu (XLA:CPU, simulated devices) or h100 (XLA:GPU for H100s, no GPU needed)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.quick:
         args.resolution, args.model = 64, "small"
     _common.start(8)
-    from workbench.plan import GIB, plan
+    from workbench.mesh import parse_mesh
+    from workbench.plan import GIB, _cli_args, plan, plan_subprocess
     from workbench.unet import UNetConfig
+
+    def plan_one(config, train, backend, reference):
+        if args.compiler == "cpu":
+            return plan(config, args.resolution, args.mesh, train=train, backend=backend, reference=reference)
+        argv = _cli_args(config, args.resolution, args.mesh, train=train, backend=backend, halo="exact",
+                         allow_padding=False)
+        if reference:
+            argv.remove("--no-reference")
+        return plan_subprocess(argv, devices=parse_mesh(args.mesh).n_devices, compiler=args.compiler)
 
     config = UNetConfig.preset(args.model, dtype=args.dtype)
     rows = []
     single = {}
     for train in (False, True):
         for backend in ("explicit", "gspmd"):
-            r = plan(config, args.resolution, args.mesh, train=train, backend=backend,
-                     reference=train not in single)
+            r = plan_one(config, train, backend, reference=train not in single)
             if r["bytes_single_device"] is not None:
                 single[train] = r["bytes_single_device"]
             eff = single[train] / r["devices"] / r["bytes_per_device"]
@@ -49,8 +61,8 @@ def main(argv=None) -> int:
                          "collectives": comm["collectives"], "warnings": r["warnings"],
                          "compile_seconds": r["compile_seconds"]})
             print(f"{rows[-1]['step']} {backend}: {rows[-1]['gib_per_device']:.3f} GiB/device", flush=True)
-    print(f"\n{args.model} model ({args.dtype}) at {args.resolution}³ on {args.mesh}; efficiency = "
-          "single-device bytes ÷ devices ÷ per-device bytes")
+    print(f"\n{args.model} model ({args.dtype}) at {args.resolution}³ on {args.mesh}, {args.compiler} compiler; "
+          "efficiency = single-device bytes ÷ devices ÷ per-device bytes")
     print(_common.table(
         ["step", "backend", "GiB/device", "ideal GiB", "1-device GiB", "efficiency", "halo/act", "all-gathers"],
         [[r["step"], r["backend"], r["gib_per_device"], r["ideal_gib"], r["single_gib"], r["efficiency"],

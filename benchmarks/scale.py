@@ -3,11 +3,13 @@
 Each row is ``workbench plan ... --json`` in its own process with as many simulated
 CPU devices as its mesh (nothing is allocated: abstract inputs, AOT compile). The
 paper model (depth 4, 32 filters, batch norm, bfloat16) with a full training step
-(loss, gradients, Adam state). Columns: GiB per device (XLA:CPU's accounting),
+(loss, gradients, Adam state). ``--compiler h100`` plans with XLA:GPU for H100s
+instead (no GPU needed; bfloat16 convolutions stay bfloat16, which XLA:CPU computes in
+float32). Columns: GiB per device (the compiler's accounting),
 fit in a 16 GiB device (a TPU v3 core), halo bytes ÷ activation bytes, wall seconds
 of the planning process.
 
-    python benchmarks/scale.py [--quick] [--json out.json]
+    python benchmarks/scale.py [--quick] [--compiler cpu|h100] [--json out.json]
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="paper")
     p.add_argument("--budget-gib", type=float, default=16.0)
     p.add_argument("--quick", action="store_true", help="small model, 128³ on 2x2x2 only")
+    p.add_argument("--compiler", default="cpu",
+                   help="cpu (XLA:CPU, simulated devices) or h100 (XLA:GPU for H100s, no GPU needed)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.quick:
@@ -50,7 +54,7 @@ def main(argv=None) -> int:
         argv_ += ["--remat"] if remat else []
         t0 = time.perf_counter()
         try:
-            r = plan_subprocess(argv_, devices=devices, timeout=900)
+            r = plan_subprocess(argv_, devices=devices, timeout=900, compiler=args.compiler)
         except Exception as err:  # record and go on: a benchmark never fails as a whole
             rows.append({"resolution": res, "mesh": mesh, "devices": devices, "train": train, "remat": remat,
                          "error": str(err), "wall_seconds": time.perf_counter() - t0})
@@ -66,7 +70,7 @@ def main(argv=None) -> int:
               f"({wall:.0f} s)", flush=True)
     ok = [r for r in rows if "error" not in r]
     print(f"\n{args.model} model, {'training step + Adam' if ok and ok[0]['train'] else 'inference'}, "
-          f"budget {args.budget_gib:g} GiB/device")
+          f"budget {args.budget_gib:g} GiB/device, {args.compiler} compiler")
     print(_common.table(
         ["resolution", "mesh", "devices", "remat", "GiB/device", f"fits {args.budget_gib:g}", "halo/act",
          "compile s", "wall s"],
@@ -74,7 +78,7 @@ def main(argv=None) -> int:
           "yes" if r["fits"] else "NO", r["halo_ratio"], r["compile_seconds"], r["wall_seconds"]] for r in ok],
         ["", "", "d", "", ".2f", "", ".3f", ".0f", ".0f"]))
     _common.write_json(args.json, {"benchmark": "scale", "machine": _common.machine(), "model": args.model,
-                                   "rows": rows})
+                                   "compiler": args.compiler, "rows": rows})
     return 0
 
 

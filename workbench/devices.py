@@ -46,3 +46,109 @@ def device_summary() -> dict:
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,
     }
+
+
+# -- planning for a GPU this machine does not have ---------------------------------------------
+# XLA:GPU's description of the device it compiles for (a GpuTargetConfigProto). With it,
+# the CUDA plugin of JAX compiles for N such GPUs with no GPU present ("deviceless"), and
+# ``memory_analysis()`` gives XLA:GPU's own per-device bytes: bfloat16 convolutions stay
+# bfloat16, which XLA:CPU's plans cannot show. Checked against an H100: the plans of
+# 512³ training on 2x2x2 and of the float32 model at 256³ matched the H100's plans on
+# mocked meshes to the byte (README, "GPU check").
+GPU_TARGETS = {
+    "h100": """
+gpu_device_info {
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_block_optin: 232448
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: 84929347584
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+  cuda_compute_capability { major: 9 minor: 0 }
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 }
+runtime_version { major: 12 minor: 8 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+""",
+}
+COMPILERS = ("cpu", *GPU_TARGETS)
+GPU_PLAN_ENV = ".venv-gpu-plan"
+_gpu_target: str | None = None
+
+
+def gpu_target() -> str | None:
+    """The GPU this process compiles for without having it (:func:`use_gpu_target`), or None."""
+    return _gpu_target
+
+
+def has_cuda_plugin() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except ModuleNotFoundError:  # no jax_plugins namespace at all
+        return False
+
+
+def gpu_plan_python() -> str:
+    """An interpreter whose JAX has the CUDA plugin: ``$WORKBENCH_GPU_PLAN_PYTHON``, this
+    one, or the checkout's ``.venv-gpu-plan`` (``make install`` creates it)."""
+    import sys
+    from pathlib import Path
+
+    if os.environ.get("WORKBENCH_GPU_PLAN_PYTHON"):
+        return os.environ["WORKBENCH_GPU_PLAN_PYTHON"]
+    if has_cuda_plugin():
+        return sys.executable
+    candidate = Path(__file__).resolve().parent.parent / GPU_PLAN_ENV / "bin" / "python"
+    if candidate.exists():
+        return str(candidate)
+    raise ValueError(
+        "planning for a GPU needs JAX's CUDA plugin (no GPU needed) and this Python has none; "
+        f"`make install` creates {GPU_PLAN_ENV} with it, or set WORKBENCH_GPU_PLAN_PYTHON to a "
+        "Python with jax-cuda12-plugin of the same version as jax"
+    )
+
+
+def use_gpu_target(n: int, target: str = "h100") -> list:
+    """Compile for ``n`` GPUs of kind ``target`` in this process, with no GPU present.
+
+    JAX keeps its CPU backend; the returned devices come from a GPU topology
+    description, and ``jax.devices()`` / ``jax.local_devices()`` return them from now on,
+    so meshes and single-device shardings built from them make ``lower().compile()``
+    target XLA:GPU. Programs can be compiled, not run: use it only in a process that
+    plans (``workbench plan --compiler h100`` runs one). Call before the first JAX
+    computation.
+    """
+    global _gpu_target
+    if target not in GPU_TARGETS:
+        raise ValueError(f"unknown GPU target {target!r}; use one of {', '.join(GPU_TARGETS)}")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"GPU device count {n!r} must be a positive integer, e.g. 8")
+    if not has_cuda_plugin():
+        gpu_plan_python()  # raises the helpful error when no interpreter has the plugin
+        raise ValueError("this Python has no CUDA plugin for JAX; run the plan with "
+                         f"{gpu_plan_python()} (workbench plan --compiler {target} does)")
+    import jax
+    from jax.experimental import topologies
+
+    jax.config.update("jax_platforms", "cpu")  # the plugin is never started: no GPU is needed
+    topology = topologies.get_topology_desc(platform="cuda", target_config=GPU_TARGETS[target],
+                                            topology=f"1x1x{n}")
+    devices = list(topology.devices)
+    jax.devices = lambda backend=None: list(devices)
+    jax.local_devices = lambda process_index=None, backend=None, host_id=None: list(devices)
+    _gpu_target = target
+    return devices

@@ -47,6 +47,7 @@ __all__ = [
     "plan",
     "recommend",
     "plan_subprocess",
+    "plan_command",
     "format_plan",
     "GIB",
 ]
@@ -258,19 +259,51 @@ def plan(config: UNetConfig, resolution, mesh, *, train: bool = False, backend: 
         "compile_seconds": seconds,
         "reference_compile_seconds": ref_seconds,
         "platform": jax.devices()[0].platform,
+        "compiler": _compiler_name(),
     }
 
 
-# -- the smallest mesh that fits ------------------------------------------------------------------
-def plan_subprocess(argv: list[str], *, devices: int, timeout: float = 600.0) -> dict:
-    """Run ``python -m workbench plan ARGV --json --cpu-devices DEVICES`` and return its JSON."""
-    import json
-    import os
-    import subprocess
-    import sys
+def _compiler_name() -> str:
+    """Whose accounting the plan is: ``cpu``, ``gpu``/``tpu`` (real devices) or a GPU target."""
+    from .devices import gpu_target
 
+    return gpu_target() or jax.devices()[0].platform
+
+
+# -- the smallest mesh that fits ------------------------------------------------------------------
+def plan_command(argv: list[str], *, devices: int, compiler: str = "cpu") -> tuple[list[str], dict]:
+    """The command line and environment of ``workbench plan ARGV`` in its own process
+    with ``devices`` simulated devices of ``compiler`` (``cpu``, or a GPU target such as
+    ``h100``, planned by an interpreter whose JAX has the CUDA plugin)."""
+    import os
+    import sys
+    from pathlib import Path
+
+    from .devices import COMPILERS, gpu_plan_python
+
+    if compiler not in COMPILERS:
+        raise ValueError(f"--compiler {compiler!r} is unknown; use one of {', '.join(COMPILERS)}")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "-m", "workbench", "plan", *argv, "--json", "--cpu-devices", str(devices)]
+    python = sys.executable
+    if compiler != "cpu":
+        python = gpu_plan_python()
+        env["WORKBENCH_GPU_PLAN_CHILD"] = "1"  # that process must plan, not delegate again
+        root = str(Path(__file__).resolve().parent.parent)  # that interpreter may lack the package
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the CUDA plugin's "no driver" notices
+        # Plans are about memory; XLA:GPU cannot autotune without a GPU anyway.
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_gpu_autotune_level=0".strip()
+    cmd = [python, "-m", "workbench", "plan", *argv, "--cpu-devices", str(devices), "--compiler", compiler]
+    return cmd, env
+
+
+def plan_subprocess(argv: list[str], *, devices: int, timeout: float = 600.0, compiler: str = "cpu") -> dict:
+    """Run ``workbench plan ARGV --json`` in its own process (:func:`plan_command`) and
+    return its JSON."""
+    import json
+    import subprocess
+
+    cmd, env = plan_command([*argv, "--json"], devices=devices, compiler=compiler)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -306,6 +339,7 @@ def recommend(config: UNetConfig, resolution, *, budget_gib: float = 16.0, train
     ``{"mesh", "devices", "bytes_per_device", "tried": [...]}``, with ``mesh`` None
     when nothing up to ``max_devices`` fits.
     """
+    from .devices import gpu_target
     from .mesh import auto_mesh
 
     budget = _budget_bytes(budget_gib)
@@ -319,10 +353,10 @@ def recommend(config: UNetConfig, resolution, *, budget_gib: float = 16.0, train
         elif n <= have:
             peak = plan(config, resolution, spec, train=train, backend=backend, halo=halo, budget_gib=budget_gib,
                         reference=False, allow_padding=allow_padding)["bytes_per_device"]
-        elif jax.devices()[0].platform == "cpu":
+        elif jax.devices()[0].platform == "cpu" or gpu_target() is not None:
             argv = _cli_args(config, resolution, spec, train=train, backend=backend, halo=halo,
                              allow_padding=allow_padding)
-            peak = plan_subprocess(argv, devices=n)["bytes_per_device"]
+            peak = plan_subprocess(argv, devices=n, compiler=gpu_target() or "cpu")["bytes_per_device"]
         else:
             raise ValueError(f"mesh {spec} needs {n} devices but only {have} {jax.devices()[0].platform} "
                              "devices are here; plan on CPU (JAX_PLATFORMS=cpu) to simulate them")
@@ -360,6 +394,13 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB / 4 else f"{nbytes / 2**20:.1f} MiB"
 
 
+def _compiler_text(result: dict) -> str:
+    compiler = result.get("compiler") or result["platform"]
+    if compiler in ("cpu", "gpu", "tpu"):
+        return f"{compiler} compiler"
+    return f"XLA:GPU compiler for {compiler.upper()} (no GPU needed)"
+
+
 def format_plan(result: dict) -> str:
     """Human-readable summary of a :func:`plan` result (and its recommendation)."""
     from .audit import format_audit
@@ -371,7 +412,7 @@ def format_plan(result: dict) -> str:
         f"{model['base_filters']}-filter U-Net ({model['dtype']}, norm {model['norm']}"
         f"{', remat' if model['remat'] else ''}) at {'x'.join(map(str, result['resolution']))} "
         f"on mesh {result['mesh_text']} ({result['devices']} devices, {result['backend']}, "
-        f"{result['platform']} compiler, compiled in {result['compile_seconds']:.1f} s)",
+        f"{_compiler_text(result)}, compiled in {result['compile_seconds']:.1f} s)",
         f"  per device: {_size(m['peak'])} = arguments {_size(m['argument'])} + outputs "
         f"{_size(m['output'])} + temporaries {_size(m['temp'])} - aliased {_size(m['alias'])}",
     ]
