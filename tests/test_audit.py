@@ -51,8 +51,9 @@ def _expected_halo_bytes(block: int, depth: int, base: int) -> int:
     """Exact halo traffic of the explicit backend, small U-Net inference on 2x2x2.
 
     Every conv input is padded by 1 and exchanged along z, y, x in turn, each axis
-    sending one (block+2)^2 face each way; the decoder's first conv pads the skip and
-    the upsampled parts separately.
+    sending one face each way that includes the halos of the axes before it: b x b
+    along z, (b+2) x b along y, (b+2) x (b+2) along x. The decoder's first conv pads
+    the skip and the upsampled parts separately.
     """
     total = 0
     for level in range(depth):
@@ -60,7 +61,8 @@ def _expected_halo_bytes(block: int, depth: int, base: int) -> int:
         inputs = [1 if level == 0 else f // 2, f]  # down block: conv0 in, conv1 in
         if level < depth - 1:
             inputs += [f, f, f]  # dec block: skip part, upsampled part, conv1 in
-        total += sum(3 * 2 * (b + 2) ** 2 * c * 4 for c in inputs)
+        faces = b * b + (b + 2) * b + (b + 2) ** 2
+        total += sum(2 * faces * c * 4 for c in inputs)
     return total
 
 
