@@ -31,16 +31,14 @@ def main(argv=None) -> int:
         args.resolution, args.model = 64, "small"
     _common.start(8)
     from workbench.mesh import parse_mesh
-    from workbench.plan import GIB, _cli_args, plan, plan_subprocess
+    from workbench.plan import GIB, plan, plan_argv, plan_subprocess
     from workbench.unet import UNetConfig
 
     def plan_one(config, train, backend, reference):
         if args.compiler == "cpu":
             return plan(config, args.resolution, args.mesh, train=train, backend=backend, reference=reference)
-        argv = _cli_args(config, args.resolution, args.mesh, train=train, backend=backend, halo="exact",
-                         allow_padding=False)
-        if reference:
-            argv.remove("--no-reference")
+        argv = plan_argv(config, args.resolution, args.mesh, train=train, backend=backend, halo="exact",
+                         allow_padding=False, reference=reference)
         return plan_subprocess(argv, devices=parse_mesh(args.mesh).n_devices, compiler=args.compiler)
 
     config = UNetConfig.preset(args.model, dtype=args.dtype)

@@ -89,6 +89,13 @@ GPU_PLAN_ENV = ".venv-gpu-plan"
 _gpu_target: str | None = None
 
 
+def validate_compiler(name: str) -> str:
+    """``cpu`` or a known GPU target (:data:`GPU_TARGETS`); anything else is a clear error."""
+    if name not in COMPILERS:
+        raise ValueError(f"--compiler {name!r} is unknown; use one of {', '.join(COMPILERS)}")
+    return name
+
+
 def gpu_target() -> str | None:
     """The GPU this process compiles for without having it (:func:`use_gpu_target`), or None."""
     return _gpu_target
@@ -139,9 +146,8 @@ def use_gpu_target(n: int, target: str = "h100") -> list:
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"GPU device count {n!r} must be a positive integer, e.g. 8")
     if not has_cuda_plugin():
-        gpu_plan_python()  # raises the helpful error when no interpreter has the plugin
-        raise ValueError("this Python has no CUDA plugin for JAX; run the plan with "
-                         f"{gpu_plan_python()} (workbench plan --compiler {target} does)")
+        raise ValueError(f"this Python has no CUDA plugin for JAX, so it cannot compile for {target}; "
+                         f"plan with `workbench plan --compiler {target}`, which runs {GPU_PLAN_ENV}")
     import jax
     from jax.experimental import topologies
 

@@ -48,6 +48,7 @@ __all__ = [
     "recommend",
     "plan_subprocess",
     "plan_command",
+    "plan_argv",
     "format_plan",
     "GIB",
 ]
@@ -279,10 +280,9 @@ def plan_command(argv: list[str], *, devices: int, compiler: str = "cpu") -> tup
     import sys
     from pathlib import Path
 
-    from .devices import COMPILERS, gpu_plan_python
+    from .devices import gpu_plan_python, validate_compiler
 
-    if compiler not in COMPILERS:
-        raise ValueError(f"--compiler {compiler!r} is unknown; use one of {', '.join(COMPILERS)}")
+    validate_compiler(compiler)
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     python = sys.executable
     if compiler != "cpu":
@@ -290,7 +290,6 @@ def plan_command(argv: list[str], *, devices: int, compiler: str = "cpu") -> tup
         env["WORKBENCH_GPU_PLAN_CHILD"] = "1"  # that process must plan, not delegate again
         root = str(Path(__file__).resolve().parent.parent)  # that interpreter may lack the package
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the CUDA plugin's "no driver" notices
         # Plans are about memory; XLA:GPU cannot autotune without a GPU anyway.
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_gpu_autotune_level=0".strip()
     cmd = [python, "-m", "workbench", "plan", *argv, "--cpu-devices", str(devices), "--compiler", compiler]
@@ -311,7 +310,9 @@ def plan_subprocess(argv: list[str], *, devices: int, timeout: float = 600.0, co
     return json.loads(proc.stdout)
 
 
-def _cli_args(config: UNetConfig, resolution, mesh, *, train, backend, halo, allow_padding, base=None):
+def plan_argv(config: UNetConfig, resolution, mesh, *, train, backend, halo, allow_padding,
+              reference: bool = False) -> list[str]:
+    """``workbench plan`` arguments for ``config`` (a preset with any dtype and remat)."""
     from .unet import PRESETS
 
     model = next((name for name in PRESETS if UNetConfig.preset(name).replace(
@@ -320,8 +321,8 @@ def _cli_args(config: UNetConfig, resolution, mesh, *, train, backend, halo, all
         raise ValueError("only preset models (small, paper; any dtype, remat) can be planned in a "
                          "subprocess; plan custom configs in a process with enough devices")
     argv = ["--resolution", "x".join(map(str, parse_resolution(resolution))), "--mesh", str(mesh),
-            "--model", model, "--dtype", config.dtype, "--backend", backend, "--halo", str(halo),
-            "--no-reference"]
+            "--model", model, "--dtype", config.dtype, "--backend", backend, "--halo", str(halo)]
+    argv += [] if reference else ["--no-reference"]
     argv += ["--train"] if train else []
     argv += ["--remat"] if config.remat else []
     argv += ["--allow-padding"] if allow_padding else []
@@ -354,7 +355,7 @@ def recommend(config: UNetConfig, resolution, *, budget_gib: float = 16.0, train
             peak = plan(config, resolution, spec, train=train, backend=backend, halo=halo, budget_gib=budget_gib,
                         reference=False, allow_padding=allow_padding)["bytes_per_device"]
         elif jax.devices()[0].platform == "cpu" or gpu_target() is not None:
-            argv = _cli_args(config, resolution, spec, train=train, backend=backend, halo=halo,
+            argv = plan_argv(config, resolution, spec, train=train, backend=backend, halo=halo,
                              allow_padding=allow_padding)
             peak = plan_subprocess(argv, devices=n, compiler=gpu_target() or "cpu")["bytes_per_device"]
         else:

@@ -46,7 +46,7 @@ def run(args) -> int:
     import os
     import sys
 
-    from ..devices import COMPILERS, configure_cpu_devices, has_cuda_plugin, use_gpu_target
+    from ..devices import configure_cpu_devices, has_cuda_plugin, use_gpu_target, validate_compiler
     from ..halo import validate_halo
     from ..mesh import MeshSpec, parse_mesh
     from ..plan import _budget_bytes, format_plan, parse_resolution, plan, plan_layout, recommend
@@ -67,9 +67,7 @@ def run(args) -> int:
     resolution = parse_resolution(args.resolution)
     plan_layout(resolution, spec, config, allow_padding=args.allow_padding)
     n_devices = max(args.plan_cpu_devices or 1, spec.n_devices)
-    if args.compiler not in COMPILERS:
-        raise ValueError(f"--compiler {args.compiler!r} is unknown; use one of {', '.join(COMPILERS)}")
-    if args.compiler != "cpu":
+    if validate_compiler(args.compiler) != "cpu":
         if not has_cuda_plugin():  # plan in an interpreter that has the plugin
             if os.environ.get("WORKBENCH_GPU_PLAN_CHILD"):
                 raise ValueError(f"{sys.executable} has no CUDA plugin for JAX, so it cannot plan for "
