@@ -72,13 +72,10 @@ def halo_pad(x_block, *, width: int, mesh_shape: tuple[int, int, int], mode: str
         raise ValueError(f"unknown halo mode {mode!r}; use one of {HALO_MODES}")
     if width == 0:
         return x_block
-    pad = [(0, 0)] * x_block.ndim
-    for dim in _SPATIAL_DIMS:
-        pad[dim] = (width, width)
     if mode == "exact":
         return _exact_pad(x_block, width, tuple(mesh_shape))
     if mode == "zero":
-        return jnp.pad(x_block, pad)
+        return jnp.pad(x_block, _grow(width))
     np_mode = "reflect" if mode == "reflect" else "edge"
     for dim, name, size in zip(_SPATIAL_DIMS, SPATIAL_AXES, mesh_shape):
         if mode == "reflect" and x_block.shape[dim] <= width:
@@ -130,14 +127,32 @@ def _exact_pad(x_block, width: int, mesh_shape: tuple[int, int, int]):
     for dim, name, size in zip(_SPATIAL_DIMS, SPATIAL_AXES, mesh_shape):
         if size > 1:
             received[dim] = _exchange_axis(face, dim, name, size, width, x_block.shape[dim])
-    pad = [(0, 0), *([(width, width)] * 3), (0, 0)]
-    xp_block = jnp.pad(x_block, pad)  # f32[n, z+2w, y+2w, x+2w, c]
+    xp_block = jnp.pad(x_block, _grow(width))  # f32[n, z+2w, y+2w, x+2w, c]
     for dim, (lo, hi) in received.items():
-        start = [0, *(0 if d <= dim else width for d in _SPATIAL_DIMS), 0]
-        xp_block = lax.dynamic_update_slice(xp_block, lo, start)
-        start[dim] = width + x_block.shape[dim]
-        xp_block = lax.dynamic_update_slice(xp_block, hi, start)
+        xp_block = lax.dynamic_update_slice(xp_block, lo, _slab_start(dim, True, x_block.shape, width))
+        xp_block = lax.dynamic_update_slice(xp_block, hi, _slab_start(dim, False, x_block.shape, width))
     return xp_block
+
+
+def _grow(width: int):
+    """``jnp.pad`` widths that grow a (N, z, y, x, C) block by ``width`` on every spatial side."""
+    return [(0, 0), *([(width, width)] * 3), (0, 0)]
+
+
+def _slab_start(dim: int, low: bool, block_shape, width: int) -> list[int]:
+    """Where the slab received along ``dim`` sits in the grown block: at the grown block's
+    origin along earlier axes (it spans their halos), at the block's own origin along
+    later ones, and in the low or high halo along ``dim``."""
+    start = [0, *(0 if d < dim else width for d in _SPATIAL_DIMS), 0]
+    start[dim] = 0 if low else width + block_shape[dim]
+    return start
+
+
+def _hops(width: int, n: int):
+    """(hop, seg) per exchange: a halo ``width`` deep over blocks of ``n`` voxels takes
+    ``ceil(width / n)`` hops, the ``hop``-th bringing ``seg`` voxels from ``hop`` devices away."""
+    for hop in range(1, -(-width // n) + 1):
+        yield hop, min(n, width - (hop - 1) * n)
 
 
 def _exact_pad_fwd(x_block, width, mesh_shape):
@@ -160,14 +175,14 @@ def _exact_pad_bwd(width, mesh_shape, _, g):
     sizes = dict(zip(_SPATIAL_DIMS, mesh_shape))
     exchanged = [d for d in _SPATIAL_DIMS if sizes[d] > 1]
 
+    block_shape = [g.shape[0], n[1], n[2], n[3], g.shape[4]]
+
     def cut(d, lo: bool):
         """Where the forward wrote the slab received along ``d``."""
-        start, limit = [0] * g.ndim, list(g.shape)
-        for e in _SPATIAL_DIMS:
-            if e > d:
-                start[e], limit[e] = w, w + n[e]
-        start[d], limit[d] = (0, w) if lo else (w + n[d], n[d] + 2 * w)
-        return lax.slice(g, start, limit)
+        start = _slab_start(d, lo, block_shape, w)
+        size = [g.shape[0], *(n[e] + 2 * w if e < d else w if e == d else n[e] for e in _SPATIAL_DIMS),
+                g.shape[4]]
+        return lax.slice(g, start, [a + b for a, b in zip(start, size)])
 
     slabs = {d: [cut(d, True), cut(d, False)] for d in exchanged}
     grad = g[:, w:w + n[1], w:w + n[2], w:w + n[3], :]
@@ -187,8 +202,7 @@ def _exact_pad_bwd(width, mesh_shape, _, g):
     for d in reversed(exchanged):
         lo, hi = slabs[d]
         name, size = names[d], sizes[d]
-        for hop in range(1, -(-w // n[d]) + 1):
-            seg = min(n[d], w - (hop - 1) * n[d])
+        for hop, seg in _hops(w, n[d]):
             # My low halo's segment came from the tail of the device `hop` before,
             # my high halo's from the head of the device `hop` after: send them back.
             lo_end = w - (hop - 1) * n[d]
@@ -218,9 +232,7 @@ def _exchange_axis(face, dim: int, name: str, size: int, width: int, n: int):
     ``n`` voxels; a width wider than ``n`` takes ``ceil(width / n)`` hops.
     """
     lows, highs = [], []
-    hops = -(-width // n)
-    for hop in range(1, hops + 1):
-        seg = min(n, width - (hop - 1) * n)
+    for hop, seg in _hops(width, n):
         # Low halo <- the last `seg` voxels of the device `hop` places before.
         lows.insert(0, lax.ppermute(face(dim, n - seg, n), name, [(i, i + hop) for i in range(size - hop)]))
         # High halo <- the first `seg` voxels of the device `hop` places after.
