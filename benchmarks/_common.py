@@ -21,14 +21,14 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from a checkout
 def start(devices: int = 8) -> None:
     """Simulate ``devices`` CPU devices (must run before JAX starts)."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from workbench.devices import configure_cpu_devices
+    from workbench.execute.devices import configure_cpu_devices
 
     configure_cpu_devices(devices)
 
 
 def machine() -> dict:
     """Host, devices and package versions of this run."""
-    from workbench.devices import device_summary
+    from workbench.execute.devices import device_summary
 
     versions = {}
     for name in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "monai"):

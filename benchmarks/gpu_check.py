@@ -59,8 +59,8 @@ def run_phase(phase: str, size: int, allow_cpu: bool, dump: str | None) -> dict:
     import numpy as np
 
     from workbench.mesh import ShardLayout
-    from workbench.run import make_forward, memory_stats
-    from workbench.unet import Model, UNetConfig
+    from workbench.execute.run import make_forward, memory_stats
+    from workbench.model.unet import Model, UNetConfig
 
     dev = jax.devices()[0]
     if dev.platform != "gpu" and not allow_cpu:
@@ -81,7 +81,7 @@ def run_phase(phase: str, size: int, allow_cpu: bool, dump: str | None) -> dict:
         if dump:
             np.save(dump, np.asarray(compiled(v, xd), np.float32)[..., :size, :size, :size, :])
     else:
-        from workbench.train import TrainConfig, build_train_step, create_train_state
+        from workbench.training.loop import TrainConfig, build_train_step, create_train_state
 
         tc = TrainConfig(mesh="1x1x1", backend=backend)
         ts = build_train_step(cfg, tc, layout)
@@ -115,8 +115,8 @@ def run_plan(name: str, mock: int, allow_cpu: bool, scale: int) -> dict:
             jax.config.update("jax_mock_gpu_topology", f"1x{mock}x1")
         except AttributeError:  # older/newer JAX without the topology flag
             jax.config.update("mock_num_gpu_processes", mock)
-    from workbench.plan import plan
-    from workbench.unet import UNetConfig
+    from workbench.analysis.plan import plan
+    from workbench.model.unet import UNetConfig
 
     _, res, mesh, dtype, remat, train, reference = next(p for p in PLANS if p[0] == name)
     cfg = UNetConfig.preset("paper").replace(dtype=dtype, remat=remat)

@@ -31,8 +31,8 @@ def main(argv=None) -> int:
         args.resolution, args.model = 64, "small"
     _common.start(8)
     from workbench.mesh import parse_mesh
-    from workbench.plan import GIB, plan, plan_argv, plan_subprocess
-    from workbench.unet import UNetConfig
+    from workbench.analysis.plan import GIB, plan, plan_argv, plan_subprocess
+    from workbench.model.unet import UNetConfig
 
     def plan_one(config, train, backend, reference):
         if args.compiler == "cpu":

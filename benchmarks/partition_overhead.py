@@ -37,7 +37,7 @@ def _time_forward(config, layout, backend, variables, image, repeats):
     import jax
     import numpy as np
 
-    from workbench.run import make_forward
+    from workbench.execute.run import make_forward
 
     fn, _, in_sharding, var_sharding = make_forward(config, layout, backend=backend)
     target = layout.reference_shape if backend == "reference" else layout.padded_shape
@@ -50,14 +50,14 @@ def _time_forward(config, layout, backend, variables, image, repeats):
 
 def main() -> int:
     args = _parse()
-    from workbench.devices import configure_cpu_devices, device_summary
+    from workbench.execute.devices import configure_cpu_devices, device_summary
 
     configure_cpu_devices(args.cpu_devices)
     import numpy as np
 
     from workbench.mesh import ShardLayout, parse_mesh
-    from workbench.plan import plan_memory
-    from workbench.unet import Model, UNetConfig
+    from workbench.analysis.plan import plan_memory
+    from workbench.model.unet import Model, UNetConfig
 
     config = UNetConfig.preset(args.model)
     model = Model.init(config, seed=0)

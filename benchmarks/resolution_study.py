@@ -53,13 +53,13 @@ def predict_full(model, image_full: np.ndarray, resolution: int, mesh) -> np.nda
     """Labels at full resolution from a model run at ``resolution``³ (logits up-sampled)."""
     from data_tools.preprocess import resample_array
 
-    from workbench.data import ct_input
-    from workbench.run import apply
+    from workbench.training.data import ct_input
+    from workbench.execute.run import apply
 
     image = image_full
     if image.shape[0] != resolution:
         image = resample_array(image_full, (resolution,) * 3, order=1)
-    logits = apply(model, ct_input(image), mesh)  # phantoms are CT: as workbench.data.model_input
+    logits = apply(model, ct_input(image), mesh)  # phantoms are CT: as workbench.training.data.model_input
     if logits.shape[0] != image_full.shape[0]:
         logits = np.stack([resample_array(logits[..., k], image_full.shape, order=1)
                            for k in range(logits.shape[-1])], axis=-1)
@@ -83,14 +83,14 @@ def lesion_hits(pred: np.ndarray, truth: np.ndarray, lesions: list[dict]) -> lis
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from workbench.devices import configure_cpu_devices
+    from workbench.execute.devices import configure_cpu_devices
 
     configure_cpu_devices(args.cpu_devices)
     from data_tools.phantoms import make_phantom
 
-    from workbench.losses import dice_per_class
+    from workbench.training.losses import dice_per_class
     from workbench.mesh import parse_mesh
-    from workbench.train import TrainConfig, train_and_evaluate
+    from workbench.training.loop import TrainConfig, train_and_evaluate
 
     runs = {int(k): Path(v) for k, v in (item.split("=", 1) for item in args.run)}
     workdir = Path(args.workdir)

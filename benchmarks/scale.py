@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.model = "small"
     from workbench.mesh import parse_mesh
-    from workbench.plan import GIB, plan_subprocess
+    from workbench.analysis.plan import GIB, plan_subprocess
 
     rows = []
     for res, mesh, train, remat in (QUICK_ROWS if args.quick else ROWS):

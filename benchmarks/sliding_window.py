@@ -42,11 +42,11 @@ def main(argv=None) -> int:
 
     from data_tools.io import load_input
     from data_tools.preprocess import zscore
-    from workbench.baselines import _window_predictor, monai_sliding_window, sliding_window
-    from workbench.inspect import compare
+    from workbench.analysis.baselines import _window_predictor, monai_sliding_window, sliding_window
+    from workbench.analysis.compare import compare
     from workbench.mesh import ShardLayout
-    from workbench.run import run
-    from workbench.unet import Model
+    from workbench.execute.run import run
+    from workbench.model.unet import Model
 
     n = args.resolution
     image = zscore(np.asarray(load_input(f"phantom:{n}").array, np.float32)).astype(np.float32)

@@ -3,10 +3,10 @@
 import jax
 import pytest
 
-from workbench.audit import audit, audit_text, format_audit
+from workbench.analysis.audit import audit, audit_text, format_audit
 from workbench.mesh import ShardLayout
-from workbench.plan import compile_step
-from workbench.unet import UNetConfig
+from workbench.analysis.plan import compile_step
+from workbench.model.unet import UNetConfig
 
 HLO = """
 ENTRY %main {

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from workbench.baselines import (
+from workbench.analysis.baselines import (
     _window_predictor,
     importance_map,
     monai_sliding_window,
@@ -11,8 +11,8 @@ from workbench.baselines import (
     sliding_window,
     window_starts,
 )
-from workbench.run import apply
-from workbench.unet import Model
+from workbench.execute.run import apply
+from workbench.model.unet import Model
 
 
 @pytest.fixture(scope="module")

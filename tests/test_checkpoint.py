@@ -11,10 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from workbench.checkpoint import CheckpointMismatchError, Checkpoints, load_weights, pretrained, save_weights
-from workbench.data import make_source
-from workbench.train import NonFiniteLossError, TrainConfig, abstract_train_state, model_config, train_and_evaluate
-from workbench.unet import Model
+from workbench.training.checkpoint import CheckpointMismatchError, Checkpoints, load_weights, pretrained, save_weights
+from workbench.training.data import make_source
+from workbench.training.loop import NonFiniteLossError, TrainConfig, abstract_train_state, model_config, train_and_evaluate
+from workbench.model.unet import Model
 
 TINY = {"depth": 2, "base_filters": 4, "norm": "batch"}  # batch statistics are saved too
 CONFIG = TrainConfig(data="phantom", resolution=32, mesh="2x2x2", steps=6, checkpoint_every=3, keep=3,
@@ -212,9 +212,9 @@ def test_shipped_phantom_weights_segment_a_held_out_phantom():
     """The shipped model on held-out phantom seed 0 at 64³, normalised as `workbench infer` does,
     partitioned on 2x2x2: organ Dice 0.907 when the weights were trained (2 points slack)."""
     from data_tools.phantoms import make_phantom
-    from workbench.data import model_input
-    from workbench.losses import dice_per_class
-    from workbench.run import apply
+    from workbench.training.data import model_input
+    from workbench.training.losses import dice_per_class
+    from workbench.execute.run import apply
 
     volume = make_phantom(64, seed=0, vessels=False)
     logits = apply(pretrained("phantom"), model_input(volume), "2x2x2")
@@ -244,7 +244,7 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
 def test_model_from_args_picks_checkpoint_shipped_or_random(straight):
     import argparse
 
-    from workbench.commands._common import model_from_args
+    from workbench.cli.args import model_from_args
 
     args = argparse.Namespace(model="small", seed=0, checkpoint=straight["workdir"], random_weights=False,
                               input="phantom:32")

@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from workbench.distributed import settings_from_env
-from workbench.run import apply
+from workbench.execute.distributed import settings_from_env
+from workbench.execute.run import apply
 
 
 def _launch(*argv, timeout=300):
@@ -53,7 +53,7 @@ def test_settings_from_env_errors(change, fragment):
 
 def test_two_processes_equal_one(uneven_input, tmp_path):
     """1x2x4 over 2 processes × 4 devices on an uneven volume: the same logits as one process."""
-    from workbench.checkpoint import pretrained
+    from workbench.training.checkpoint import pretrained
 
     out = tmp_path / "mp"
     done = _launch("--processes", "2", "--devices-per-process", "4", "--", "infer", str(uneven_input),
@@ -67,7 +67,7 @@ def test_two_processes_equal_one(uneven_input, tmp_path):
     logits = np.load(out / "logits.npy")
     assert logits.shape == (37, 45, 29, 3)
     from data_tools.io import load_input
-    from workbench.data import model_input
+    from workbench.training.data import model_input
 
     model = pretrained("phantom")
     image = model_input(load_input(str(uneven_input)))  # as `workbench infer` normalises it

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from workbench.halo import HALO_MODES, halo_pad, validate_halo
+from workbench.model.halo import HALO_MODES, halo_pad, validate_halo
 from workbench.mesh import ACTIVATION_SPEC, ShardLayout, build_mesh, parse_mesh
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from workbench.inspect import (
+from workbench.analysis.compare import (
     artifact_depth,
     compare,
     plot_seam_profile,
@@ -13,8 +13,8 @@ from workbench.inspect import (
     seam_profile_table,
 )
 from workbench.mesh import ShardLayout
-from workbench.run import apply, overlap_width
-from workbench.unet import Model, UNetConfig, receptive_radius
+from workbench.execute.run import apply, overlap_width
+from workbench.model.unet import Model, UNetConfig, receptive_radius
 
 TOL = 1e-4  # partitioned vs reference agree to ~1e-6 where no halo is wrong
 

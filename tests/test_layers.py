@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from workbench.layers import UpConv2, he_normal, max_pool2
+from workbench.model.layers import UpConv2, he_normal, max_pool2
 
 
 def test_upconv2_equals_flax_conv_transpose_with_the_same_parameters():
@@ -69,7 +69,7 @@ def test_max_pool2_refuses_odd_sizes_with_the_fix():
 def test_conv3d_joins_input_and_kernel_gradients_in_one_barrier():
     from jax import lax
 
-    from workbench.layers import conv3d
+    from workbench.model.layers import conv3d
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((1, 5, 4, 3, 2)), jnp.float32)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from workbench.losses import (
+from workbench.training.losses import (
     check_labels,
     confusion_counts,
     dice_from_counts,

@@ -210,7 +210,7 @@ def test_view_screenshot_and_demo_view(result_dir, tmp_path):
     script = (
         "import json, sys, numpy as np\n"
         "from workbench import viewer as V\n"
-        "from workbench.commands.demo import save_view\n"
+        "from workbench.cli.demo import save_view\n"
         "r = V.load_result(sys.argv[1])\n"
         "view = save_view(__import__('pathlib').Path(sys.argv[2]), np.asarray(r.image), np.asarray(r.prediction),\n"
         "                 np.abs(r.signed), r.signed, r.layout, r.spacing)\n"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from workbench.mesh import ShardLayout, parse_mesh
-from workbench.run import apply, make_forward
-from workbench.unet import Model, UNetConfig, receptive_radius
+from workbench.execute.run import apply, make_forward
+from workbench.model.unet import Model, UNetConfig, receptive_radius
 
 MESHES = ["1x1x1", "2x1x1", "1x2x1", "1x1x2", "2x2x2", "1x2x4", "4x2x1", "8x1x1", "data=2,z=2,y=2,x=1"]
 SHAPES = [(40, 56, 48), (37, 53, 45)]

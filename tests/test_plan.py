@@ -11,9 +11,9 @@ import pytest
 
 from workbench import cli
 from workbench.mesh import ShardLayout
-from workbench.plan import GIB, compile_train_step, parse_resolution, plan, plan_layout, recommend
-from workbench.run import memory_stats
-from workbench.unet import Model, UNetConfig
+from workbench.analysis.plan import GIB, compile_train_step, parse_resolution, plan, plan_layout, recommend
+from workbench.execute.run import memory_stats
+from workbench.model.unet import Model, UNetConfig
 
 SMALL = UNetConfig.preset("small")
 DESIGN_KEYS = {"resolution", "mesh", "devices", "bytes_per_device", "bytes_single_device", "efficiency", "fits"}
@@ -46,7 +46,7 @@ def test_training_plan_holds_adam_state_and_donates_it():
     m = memory_stats(compile_train_step(config, layout))
     import jax
 
-    from workbench.train import _frozen_labels
+    from workbench.training.loop import _frozen_labels
 
     params = Model.init(config).variables["params"]
     param_bytes = 4 * sum(leaf.size for leaf in jax.tree.leaves(params))

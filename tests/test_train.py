@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from data_tools import Volume
-from workbench.data import augment, make_source, place
+from workbench.training.data import augment, make_source, place
 from workbench.mesh import ShardLayout, parse_mesh
-from workbench.train import TrainConfig, build_train_step, create_train_state, model_config, put_batch
+from workbench.training.loop import TrainConfig, build_train_step, create_train_state, model_config, put_batch
 
 # float32: the CT window clips air to one exact value, so max-pool meets exact and near
 # ties whose winner can flip with summation order (explicit and gspmd agree with each
@@ -159,7 +159,7 @@ def test_bad_config_messages():
 
 def test_model_input_windows_ct_and_zscores_the_rest():
     from data_tools.phantoms import make_phantom
-    from workbench.data import is_ct, model_input
+    from workbench.training.data import is_ct, model_input
 
     phantom = make_phantom(32, seed=0, vessels=False)
     assert is_ct(phantom)

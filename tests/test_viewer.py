@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from workbench import viewer
 from workbench.cli import main
-from workbench.halo import halo_pad
+from workbench.model.halo import halo_pad
 from workbench.mesh import ACTIVATION_SPEC, ShardLayout, build_mesh, parse_mesh
 
 
@@ -23,7 +23,7 @@ def _edges(path):
 def test_module_imports_no_qt_or_napari():
     import subprocess
 
-    code = "import workbench.viewer, sys; print(sorted(m for m in sys.modules if m.split('.')[0] in ('napari', 'PyQt6', 'qtpy', 'jax')))"
+    code = "import workbench.ui.napari.layers, sys; print(sorted(m for m in sys.modules if m.split('.')[0] in ('napari', 'PyQt6', 'qtpy', 'jax')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -117,8 +117,8 @@ def test_halo_width_per_mode():
     assert viewer.halo_width("exact") == 1
     assert [viewer.halo_width(m) for m in ("zero", "reflect", "replicate", "0", 0)] == [0] * 5
     assert viewer.halo_width("8") == 8
-    from workbench.run import overlap_width
-    from workbench.unet import UNetConfig
+    from workbench.execute.run import overlap_width
+    from workbench.model.unet import UNetConfig
 
     assert viewer.halo_width("overlap", model=model) == overlap_width(UNetConfig(**model)) > 8
     with pytest.raises(ValueError, match="halo 'overlap' needs the model config"):
@@ -168,9 +168,9 @@ def test_halo_shell_is_what_exact_exchange_delivers(width):
 def seam_run():
     """32³ phantom, halo 'zero' (seam artifacts) vs the reference, small model."""
     from data_tools.io import load_input
-    from workbench.commands._common import image_for_model
-    from workbench.run import run
-    from workbench.unet import Model
+    from workbench.cli.args import image_for_model
+    from workbench.execute.run import run
+    from workbench.model.unet import Model
 
     model = Model.init("small", seed=0)
     image = image_for_model(load_input("phantom:32"))
@@ -304,7 +304,7 @@ def test_view_cli_errors(result_dir, tmp_path, capsys, monkeypatch):
 
 
 def test_demo_view_falls_back_to_matplotlib_without_display(tmp_path, monkeypatch):
-    from workbench.commands.demo import save_view
+    from workbench.cli.demo import save_view
 
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)

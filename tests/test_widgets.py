@@ -16,7 +16,7 @@ import pytest
 matplotlib.use("Agg")
 
 from workbench.mesh import MeshSpec, ShardLayout  # noqa: E402
-from workbench.widgets import (  # noqa: E402
+from workbench.ui.panel import (  # noqa: E402
     MemoryEstimator,
     PlanKey,
     WorkbenchPanel,
@@ -48,7 +48,7 @@ def fake_panel():
 
 
 def test_import_does_not_start_jax_or_napari():
-    code = "import sys, workbench.widgets; print(sorted(m for m in ('jax', 'napari', 'PyQt6') if m in sys.modules))"
+    code = "import sys, workbench.ui.panel; print(sorted(m for m in ('jax', 'napari', 'PyQt6') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -117,7 +117,7 @@ def test_estimator_caches_and_runs_in_a_background_thread():
 
 
 def widgets_config():
-    from workbench.unet import UNetConfig
+    from workbench.model.unet import UNetConfig
 
     return UNetConfig.preset("small")
 
@@ -222,7 +222,7 @@ def test_data_parallel_inference_is_refused_in_the_panel(fake_panel):
 
 
 def test_train_button_calls_train_and_evaluate(fake_panel, monkeypatch, tmp_path):
-    import workbench.train as train
+    import workbench.training.loop as train
 
     calls = []
 
@@ -250,7 +250,7 @@ def test_train_button_calls_train_and_evaluate(fake_panel, monkeypatch, tmp_path
 
 
 def test_napari_without_a_display_is_one_line(fake_panel, monkeypatch):
-    import workbench.viewer as viewer
+    import workbench.ui.napari.layers as viewer
 
     monkeypatch.setattr(viewer, "display_available", lambda: (False, "no display (DISPLAY is unset)"))
     monkeypatch.setattr(WorkbenchPanel, "layers", lambda self: [])
@@ -323,7 +323,7 @@ def test_napari_layers_of_the_run(real_panel):
 
 
 def test_screenshot_falls_back_to_matplotlib_without_display(real_panel, monkeypatch, tmp_path):
-    import workbench.viewer as viewer
+    import workbench.ui.napari.layers as viewer
 
     monkeypatch.setattr(viewer, "display_available", lambda: (False, "no display (DISPLAY is unset)"))
     path, how = real_panel.screenshot(tmp_path / "shards.png")

@@ -1,0 +1,92 @@
+"""``workbench bench [--quick] [--json OUT]``: run the benchmark suite in ``benchmarks/``.
+
+Each benchmark is a script in the source checkout's ``benchmarks/`` folder, run in
+its own process (each simulates the devices it needs); its tables stream through
+and its JSON rows are gathered into one file with the machine and versions.
+Benchmarks print ratios measured in the same run and never fail on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HELP = "run the benchmark suite (tables of ratios and memory; never fails on time)"
+
+# name -> (full arguments, --quick arguments)
+BENCHMARKS = {
+    "sliding_window": ([], ["--quick"]),
+    "memory_efficiency": ([], ["--quick"]),
+    "scale": ([], ["--quick"]),
+    "partition_overhead": ([], ["--sizes", "64", "--repeats", "2", "--no-train"]),
+}
+
+
+def benchmarks_dir() -> Path:
+    """The checkout's ``benchmarks/`` folder (the suite is not part of an installed wheel)."""
+    folder = Path(__file__).resolve().parents[2] / "benchmarks"
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"no benchmarks folder at {folder}; run `workbench bench` from a source checkout "
+            "(pip install -e .)"
+        )
+    return folder
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="laptop-sized runs (a few minutes in all)")
+    p.add_argument("--json", default=None, metavar="OUT", help="write every result to this JSON file")
+    p.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                   help=f"run only these ({', '.join(BENCHMARKS)})")
+
+
+def run(args) -> int:
+    """Run the selected scripts; a failing script is reported and the rest still run."""
+    names = list(BENCHMARKS) if args.only is None else args.only
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    out = Path(args.json) if args.json else None
+    if out is not None and out.is_dir():
+        raise ValueError(f"--json {out} is a folder; give a file path such as bench.json")
+    if out is not None and not out.parent.is_dir():
+        raise FileNotFoundError(f"--json {out}: folder {out.parent} does not exist; create it first")
+    folder = benchmarks_dir()
+    results, failed = {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            script = folder / f"{name}.py"
+            if not script.is_file():
+                print(f"== {name}: {script} is missing; skipped", flush=True)
+                results[name] = {"skipped": f"{script} is missing"}
+                continue
+            full, quick = BENCHMARKS[name]
+            target = Path(tmp) / f"{name}.json"
+            cmd = [sys.executable, str(script), *(quick if args.quick else full), "--json", str(target)]
+            print(f"== {name}: {' '.join(cmd[1:-2])}", flush=True)
+            t0 = time.perf_counter()
+            code = subprocess.call(cmd, cwd=folder.parent)
+            seconds = time.perf_counter() - t0
+            if code != 0 or not target.is_file():
+                failed.append(name)
+                results[name] = {"failed": f"exit status {code}", "seconds": seconds}
+                print(f"== {name}: failed (exit status {code})", flush=True)
+                continue
+            results[name] = {**json.loads(target.read_text()), "seconds": seconds}
+    if out is not None:
+        from workbench.execute.devices import device_summary
+
+        payload = {"quick": args.quick, "machine": device_summary(), "results": results}
+        tmp_out = out.with_name(f".{out.name}.tmp")
+        tmp_out.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+        tmp_out.replace(out)
+        print(f"wrote {out}")
+    if failed:
+        print(f"workbench: error: benchmark(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,216 @@
+"""The 3D U-Net: one Flax definition for every backend.
+
+Encoder levels of ``convs_per_block`` 3×3×3 convolutions (each followed by
+normalisation, activation and dropout), 2×2×2 max-pool down, 2×2×2 stride-2
+transposed convolution up, skip concatenation, and a final 1×1×1 convolution to
+``num_classes`` logits. Partitioning lives in the :class:`~workbench.model.layers.Partition`
+the module is given; the parameters do not depend on it.
+
+Example
+-------
+>>> config = UNetConfig.preset("small")
+>>> model = Model.init(config, seed=0)
+>>> model.num_params
+85355
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from workbench.model.layers import NORMS, Conv3, Norm, Partition, UpConv2, hash_dropout, he_normal, max_pool2
+
+__all__ = ["UNetConfig", "UNet3D", "Model", "PRESETS", "receptive_radius"]
+
+ACTIVATIONS = ("relu", "leaky_relu")
+DTYPES = ("float32", "bfloat16", "float64")  # float64: verification only, needs jax_enable_x64
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The Mesh-TensorFlow paper's configuration (Hou et al. 2019).
+    "paper": dict(
+        depth=4, base_filters=32, convs_per_block=2, norm="batch",
+        activation="leaky_relu", dtype="bfloat16", num_classes=3,
+    ),
+    # Small enough to train on a laptop CPU. Instance norm (as nnU-Net): with one volume
+    # per step, batch norm's running averages lag the weights and hurt held-out inference.
+    "small": dict(
+        depth=3, base_filters=8, convs_per_block=2, norm="instance",
+        activation="relu", dtype="float32", num_classes=3,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Everything that defines the network (hashable, JSON-able via ``asdict``)."""
+
+    depth: int = 3
+    base_filters: int = 8
+    convs_per_block: int = 2
+    in_channels: int = 1
+    num_classes: int = 3
+    activation: str = "relu"
+    negative_slope: float = 0.1
+    dropout: float = 0.0
+    norm: str = "batch"
+    groups: int = 8
+    dtype: str = "float32"
+    remat: bool = False
+
+    def __post_init__(self):
+        def check(ok, msg):
+            if not ok:
+                raise ValueError(msg)
+
+        check(isinstance(self.depth, int) and 1 <= self.depth <= 7, f"depth={self.depth!r} must be an integer in 1..7")
+        check(isinstance(self.base_filters, int) and self.base_filters >= 1, f"base_filters={self.base_filters!r} must be >= 1")
+        check(isinstance(self.convs_per_block, int) and self.convs_per_block >= 1, f"convs_per_block={self.convs_per_block!r} must be >= 1")
+        check(self.in_channels >= 1 and self.num_classes >= 1, "in_channels and num_classes must be >= 1")
+        check(self.activation in ACTIVATIONS, f"activation={self.activation!r}; use one of {ACTIVATIONS}")
+        check(self.norm in NORMS, f"norm={self.norm!r}; use one of {NORMS}")
+        check(self.dtype in DTYPES, f"dtype={self.dtype!r}; use one of {DTYPES}")
+        check(0.0 <= self.dropout < 1.0, f"dropout={self.dropout!r} must be in [0, 1)")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "UNetConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; use one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @property
+    def multiple(self) -> int:
+        """Volume sides must be multiples of this (2^(depth-1)); the reference pads to it."""
+        return 2 ** (self.depth - 1)
+
+    @property
+    def compute_dtype(self):
+        return {"bfloat16": jnp.bfloat16, "float64": jnp.float64}.get(self.dtype, jnp.float32)
+
+    @property
+    def output_dtype(self):
+        """Logits are float32 (float64 for the float64 verification dtype)."""
+        return jnp.float64 if self.dtype == "float64" else jnp.float32
+
+    def replace(self, **changes) -> "UNetConfig":
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConvBlock(nn.Module):
+    """``convs_per_block`` × (conv → norm → activation → dropout → mask) at one level."""
+
+    config: UNetConfig
+    features: int
+    level: int
+    partition: Partition
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        cfg, part = self.config, self.partition
+        for i in range(cfg.convs_per_block):
+            x = Conv3(self.features, self.level, part, cfg.compute_dtype, split_inputs=not self.train,
+                      name=f"conv{i}")(x)
+            if cfg.norm != "none":
+                x = Norm(cfg.norm, self.level, part, groups=cfg.groups, train=self.train, name=f"norm{i}")(x)
+            x = nn.relu(x) if cfg.activation == "relu" else nn.leaky_relu(x, cfg.negative_slope)
+            if self.train and cfg.dropout > 0:
+                seed = jax.random.bits(self.make_rng("dropout"), dtype=jnp.uint32)
+                x = hash_dropout(x, rate=cfg.dropout, seed=seed, level=self.level, partition=part)
+            x = part.mask(x, self.level)
+        return x
+
+
+class UNet3D(nn.Module):
+    """(N, Z, Y, X, C) → (N, Z, Y, X, num_classes) float32 logits."""
+
+    config: UNetConfig
+    partition: Partition = Partition()
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        cfg, part = self.config, self.partition
+        block_cls = nn.remat(ConvBlock) if cfg.remat else ConvBlock
+        x = part.constrain(x.astype(cfg.compute_dtype))
+        skips = []
+        for level in range(cfg.depth):
+            x = block_cls(cfg, cfg.base_filters * 2**level, level, part, train, name=f"down{level}")(x)
+            if level < cfg.depth - 1:
+                skips.append(x)
+                x = part.constrain(max_pool2(x))
+        for level in reversed(range(cfg.depth - 1)):
+            features = cfg.base_filters * 2**level
+            x = UpConv2(features, dtype=cfg.compute_dtype, name=f"up{level}")(x)
+            x = part.mask(x, level)
+            # skip connection: the first conv sees the channel concatenation
+            x = block_cls(cfg, features, level, part, train, name=f"dec{level}")((skips[level], x))
+        x = nn.Dense(
+            cfg.num_classes, dtype=cfg.compute_dtype, param_dtype=jnp.float32, kernel_init=he_normal, name="head"
+        )(x)
+        return part.constrain(x.astype(cfg.output_dtype))
+
+
+@dataclass
+class Model:
+    """A config with its variables (``params`` and, with batch norm, ``batch_stats``)."""
+
+    config: UNetConfig
+    variables: Any
+
+    @classmethod
+    def init(cls, config: UNetConfig | str = "small", *, seed: int = 0) -> "Model":
+        if isinstance(config, str):
+            config = UNetConfig.preset(config)
+        size = config.multiple
+        dummy = jnp.zeros((1, size, size, size, config.in_channels), jnp.float32)
+        variables = jax.jit(UNet3D(config).init)(jax.random.key(seed), dummy)
+        return cls(config, variables)
+
+    @property
+    def num_params(self) -> int:
+        return int(sum(np.size(p) for p in jax.tree.leaves(self.variables["params"])))
+
+    def module(self, partition: Partition = Partition()) -> UNet3D:
+        return UNet3D(self.config, partition)
+
+
+def receptive_radius(config: UNetConfig) -> int:
+    """Exact receptive-field radius (level-0 voxels) of the U-Net along one axis.
+
+    An output voxel at position p depends on inputs in ``[p - r, p + r]`` at most,
+    for every p (the worst case over the alignment of p to the pooling grid). Found
+    by walking the network backwards with index intervals.
+    """
+    depth, convs = config.depth, config.convs_per_block
+
+    def encoder(level: int, lo: int, hi: int) -> tuple[int, int]:
+        # interval at the output of encoder block `level` -> interval at the input
+        lo, hi = lo - convs, hi + convs
+        if level == 0:
+            return lo, hi
+        return encoder(level - 1, 2 * lo, 2 * hi + 1)
+
+    def decoder(level: int, lo: int, hi: int) -> tuple[int, int]:
+        # interval at the output of decoder block `level` -> interval at the input;
+        # the bottom of the U is the deepest encoder block.
+        if level == depth - 1:
+            return encoder(level, lo, hi)
+        lo, hi = lo - convs, hi + convs
+        skip = encoder(level, lo, hi)
+        up = decoder(level + 1, lo // 2, hi // 2)  # transposed conv: i <- i // 2
+        return min(skip[0], up[0]), max(skip[1], up[1])
+
+    radius = 0
+    for p in range(config.multiple):
+        lo, hi = decoder(0, p, p)
+        radius = max(radius, p - lo, hi - p)
+    return radius

@@ -1,0 +1,277 @@
+"""Training data: batches of (image, labels) from phantoms, MNI or any labelled volumes.
+
+Everything here is numpy on the host and deterministic in ``(seed, step)``: the batch
+for step ``s`` (sample choice, augmentation, noise) is the same whichever mesh or
+backend trains on it and whether the run was resumed, so a partitioned run sees
+exactly what the single-device reference sees. :func:`place` then hands each device
+only its own block (``jax.make_array_from_callback``).
+
+Sources (see :func:`make_source`):
+
+* ``phantom`` / ``phantom:N``: synthetic CT phantoms rendered at N³ (default 64), fresh
+  seeds every step (seed ``1_000_000 + step·B + i``), held-out evaluation seeds
+  ``0, 1, …`` (``workbench demo`` shows seed 0, never trained on). Labels: 0 background,
+  1 organ, 2 lesion; hepatic vessels are folded into the organ (they lie inside it) and
+  the aorta into background (``make_phantom(vessels=False)``).
+* ``mni`` / ``mni:N``: the MNI152 T1 with 4 tissue classes. There is one subject, so
+  evaluation is on the training volume (augmentations differ): it measures fit, not
+  generalisation.
+* paths: volumes with labels; the last ``max(1, n // 5)`` are held out when n ≥ 2.
+
+With ``resolution`` set, every volume is resampled to resolution³ (image linear, labels
+nearest): ``phantom:128`` at resolution 64 is a down-sampled copy of 128³ phantoms.
+Images go through :func:`model_input` (as ``workbench infer`` does): CT in Hounsfield
+units gets the abdomen window, everything else a per-volume z-score.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["Case", "Source", "make_source", "augment", "place", "BatchStream", "TRAIN_SEED_BASE",
+           "model_input", "ct_input", "is_ct"]
+
+TRAIN_SEED_BASE = 1_000_000
+CT_WINDOW = (40.0, 400.0)  # abdomen window (centre, width) in HU
+
+
+def is_ct(volume) -> bool:
+    """Whether ``volume`` holds Hounsfield units: a DICOM ``Modality`` of CT, a phantom, or,
+    without that metadata, intensities that reach air (min ≤ -900) and go above water."""
+    modality = str(volume.metadata.get("modality", "")).upper()
+    if modality:
+        return modality == "CT"
+    if volume.source_format == "phantom":
+        return True
+    array = np.asarray(volume.array)
+    return bool(array.size) and float(array.min()) <= -900.0 and float(array.max()) > 0.0
+
+
+def model_input(volume) -> np.ndarray:
+    """The float32 image a workbench model sees, the same for training and inference.
+
+    CT (see :func:`is_ct`): the abdomen window (40 ± 200 HU) mapped to [-2, 2], so the
+    60 HU between liver and soft tissue is 0.6 units, not the ~0.1 a whole-volume z-score
+    leaves once air and bone set the spread. Anything else (MRI, microscopy): z-score over
+    the volume.
+    """
+    from data_tools.preprocess import zscore
+
+    array = np.asarray(volume.array, np.float32)
+    return ct_input(array) if is_ct(volume) else zscore(array).astype(np.float32)
+
+
+def ct_input(hounsfield: np.ndarray) -> np.ndarray:
+    """CT normalisation of :func:`model_input`: the abdomen window mapped to [-2, 2]."""
+    from data_tools.preprocess import window
+
+    out = window(np.asarray(hounsfield, np.float32), center=CT_WINDOW[0], width=CT_WINDOW[1])
+    out -= np.float32(0.5)
+    out *= np.float32(4.0)
+    return out
+
+
+@dataclass
+class Case:
+    """One normalised volume: image (Z,Y,X) float32, labels (Z,Y,X) uint8, spacing, name."""
+
+    image: np.ndarray
+    labels: np.ndarray
+    spacing: tuple[float, float, float]
+    name: str
+    metadata: dict
+
+
+def _case_from_volume(volume, resolution: int | None, name: str, num_classes: int | None = None) -> Case:
+    from data_tools.preprocess import resample
+
+    from workbench.training.losses import check_labels
+
+    if volume.labels is None:
+        raise ValueError(
+            f"{name} has no labels; training needs (image, labels) pairs: pass a volume with a "
+            "label map (e.g. an .npz holding 'image' and 'labels')"
+        )
+    if resolution is not None and volume.shape != (resolution,) * 3:
+        volume = resample(volume, shape=resolution)
+    labels = np.asarray(volume.labels)
+    if num_classes is not None:
+        check_labels(labels, num_classes, name=f"labels of {name}")
+    image = model_input(volume)
+    return Case(image, labels.astype(np.uint8), tuple(volume.spacing), name, dict(volume.metadata))
+
+
+class Source:
+    """Train batches by step and held-out evaluation cases."""
+
+    num_classes: int
+    class_names: tuple[str, ...]
+    shape: tuple[int, int, int]
+    description: str
+
+    def train_case(self, step: int, index: int) -> Case:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def eval_cases(self, n: int) -> list[Case]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def train_batch(self, step: int, batch: int, *, seed: int = 0, augment_data: bool = True):
+        """(images f32[B, Z, Y, X, 1], labels i32[B, Z, Y, X]) for ``step``, deterministic."""
+        images, labels = [], []
+        for i in range(batch):
+            case = self.train_case(step, i)
+            image, label = case.image, case.labels
+            if augment_data:
+                image, label = augment(image, label, np.random.default_rng([seed, step, i]))
+            images.append(image)
+            labels.append(label)
+        return np.stack(images)[..., None].astype(np.float32), np.stack(labels).astype(np.int32)
+
+
+class PhantomSource(Source):
+    def __init__(self, render: int, resolution: int | None = None):
+        from data_tools.phantoms import CLASS_NAMES
+
+        self.render, self.resolution = int(render), resolution
+        n = resolution or self.render
+        self.shape = (n, n, n)
+        self.num_classes, self.class_names = 3, tuple(CLASS_NAMES[:3])
+        self.description = f"phantom:{self.render}" + (f" at {n}³" if resolution else "")
+
+    def _case(self, seed: int) -> Case:
+        from data_tools.phantoms import make_phantom
+
+        volume = make_phantom(self.render, seed=seed, vessels=False)
+        return _case_from_volume(volume, self.resolution, f"phantom seed {seed}")
+
+    def train_case(self, step: int, index: int) -> Case:
+        return self._case(TRAIN_SEED_BASE + step * 64 + index)
+
+    def eval_cases(self, n: int) -> list[Case]:
+        return [self._case(seed) for seed in range(n)]
+
+
+class VolumeSource(Source):
+    def __init__(self, train: Sequence[Case], held_out: Sequence[Case], class_names, description: str):
+        self.train, self.held_out = list(train), list(held_out)
+        self.class_names = tuple(class_names)
+        self.num_classes = len(self.class_names)
+        self.shape = self.train[0].image.shape
+        self.description = description
+
+    def train_case(self, step: int, index: int) -> Case:
+        order = np.random.default_rng([7, step]).permutation(len(self.train))
+        return self.train[order[index % len(self.train)]]
+
+    def eval_cases(self, n: int) -> list[Case]:
+        return self.held_out[:n]
+
+
+def make_source(data: str | Sequence, resolution: int | None = None) -> Source:
+    """A :class:`Source` from ``phantom[:N]``, ``mni[:N]``, a list of paths or of ``Volume``s."""
+    from data_tools.io import load_input
+
+    if resolution is not None and (not isinstance(resolution, int) or resolution < 8):
+        raise ValueError(f"resolution={resolution!r} must be an integer >= 8 (voxels per side)")
+    items = [data] if isinstance(data, str) else list(data)
+    if not items:
+        raise ValueError("no training data given; pass phantom, phantom:N, mni or labelled volume paths")
+    if len(items) == 1 and isinstance(items[0], str):
+        spec = items[0].strip().lower()
+        if spec == "phantom" or spec.startswith("phantom:"):
+            parts = spec.split(":")
+            if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+                raise ValueError(f"--data {items[0]!r}: write phantom or phantom:N (render side N, e.g. phantom:128)")
+            render = int(parts[1]) if len(parts) == 2 else (resolution or 64)
+            if render < 8:
+                raise ValueError(f"--data {items[0]!r}: the phantom side must be >= 8")
+            return PhantomSource(render, resolution)
+        if spec == "mni" or spec.startswith("mni:"):
+            if resolution is None and spec == "mni":
+                resolution = 64
+            volume = load_input(spec if resolution is None else "mni")
+            case = _case_from_volume(volume, resolution, "mni")
+            return VolumeSource([case], [case], volume.class_names, f"mni at {case.image.shape}")
+    volumes = [load_input(v) if not hasattr(v, "array") else v for v in items]
+    class_names = next((v.class_names for v in volumes if v.class_names), None)
+    cases = [_case_from_volume(v, resolution, str(getattr(v, "path", None) or f"volume {i}"))
+             for i, v in enumerate(volumes)]
+    num_classes = len(class_names) if class_names else int(max(c.labels.max() for c in cases)) + 1
+    if class_names is None:
+        class_names = ("background",) + tuple(f"class{k}" for k in range(1, num_classes))
+    shapes = {c.image.shape for c in cases}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"training volumes have different shapes {sorted(shapes)}; pass --resolution N to "
+            "resample them all to N³"
+        )
+    for c in cases:
+        from workbench.training.losses import check_labels
+
+        check_labels(c.labels, num_classes, name=f"labels of {c.name}")
+    held = max(1, len(cases) // 5) if len(cases) >= 2 else 0
+    train = cases[: len(cases) - held]
+    return VolumeSource(train, cases[len(cases) - held:] or train, class_names,
+                        f"{len(cases)} volume(s) at {cases[0].image.shape}")
+
+
+def augment(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
+    """Random flips, a 180° rotation, intensity scale/shift and Gaussian noise.
+
+    The same ``rng`` state gives the same result: batches are identical on every mesh.
+    """
+    for axis in range(3):
+        if rng.random() < 0.5:
+            image, labels = np.flip(image, axis), np.flip(labels, axis)
+    if rng.random() < 0.5:
+        plane = [(0, 1), (0, 2), (1, 2)][int(rng.integers(3))]
+        image, labels = np.rot90(image, 2, plane), np.rot90(labels, 2, plane)
+    scale = rng.uniform(0.9, 1.1)
+    shift = rng.uniform(-0.1, 0.1)
+    sigma = rng.uniform(0.0, 0.05)
+    noise = rng.standard_normal(image.size, dtype=np.float32).reshape(image.shape)
+    image = (image * np.float32(scale) + np.float32(shift) + np.float32(sigma) * noise).astype(np.float32)
+    return np.ascontiguousarray(image), np.ascontiguousarray(labels)
+
+
+def pad_to(array: np.ndarray, spatial: Sequence[int]) -> np.ndarray:
+    """Zero-pad the spatial axes (1..3) of a batch array at their high ends."""
+    widths = [(0, 0)] * array.ndim
+    for d in range(3):
+        widths[1 + d] = (0, int(spatial[d]) - array.shape[1 + d])
+    return np.pad(array, widths)
+
+
+def place(array: np.ndarray, sharding):
+    """A global jax.Array from a host array; each device receives only its own block
+    (:func:`workbench.execute.distributed.put`, so it also works across processes)."""
+    from workbench.execute.distributed import put
+
+    return put(array, sharding)
+
+
+class BatchStream:
+    """Host batches for steps ``start, start+1, …`` with the next one prepared in a thread."""
+
+    def __init__(self, source: Source, batch: int, *, start: int, seed: int, augment_data: bool = True):
+        self.source, self.batch, self.seed, self.augment_data = source, batch, seed, augment_data
+        self.step = start
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self._next = self._pool.submit(self._make, start)
+
+    def _make(self, step):
+        return self.source.train_batch(step, self.batch, seed=self.seed, augment_data=self.augment_data)
+
+    def next(self):
+        images, labels = self._next.result()
+        self.step += 1
+        self._next = self._pool.submit(self._make, self.step)
+        return images, labels
+
+    def close(self):
+        self._next.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)

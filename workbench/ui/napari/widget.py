@@ -1,0 +1,151 @@
+"""npe2 dock widget: partitioned inference on the active image layer.
+
+Thin GUI over the library: the controls are attributes (``image``, ``mesh``,
+``backend``, ``halo``, ``reference``, ``run_button``, ``status``) so tests set
+``.value`` and call :meth:`PartitionedInferenceWidget.run`. Inference goes through
+``workbench.cli.args`` (the same model, preprocessing and report as
+``workbench infer``); layers come from :func:`workbench.ui.napari.layers.build_layers`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, Container, Label, PushButton
+
+__all__ = ["PartitionedInferenceWidget"]
+
+HALO_CHOICES = ("exact", "zero", "reflect", "replicate", "overlap")
+BACKEND_CHOICES = ("explicit", "gspmd")
+
+
+def _devices() -> int:
+    """JAX device count, simulating CPU devices if JAX has not started yet."""
+    from workbench.execute.devices import DEFAULT_CPU_DEVICES, configure_cpu_devices
+
+    try:
+        configure_cpu_devices(DEFAULT_CPU_DEVICES)
+    except ValueError:
+        pass  # JAX already started with another count: offer meshes for the devices it has
+    import jax
+
+    return len(jax.devices())
+
+
+def _default_model_args():
+    import argparse
+
+    from workbench.cli.args import add_common
+
+    parser = argparse.ArgumentParser()
+    add_common(parser)
+    return parser.parse_args([])
+
+
+class PartitionedInferenceWidget(Container):
+    """Run the U-Net partitioned over a device mesh on an image layer; add the result layers."""
+
+    def __init__(self, napari_viewer):
+        from workbench.mesh import auto_mesh, valid_meshes
+
+        super().__init__(labels=True)
+        self._viewer = napari_viewer
+        self._model = None
+        self._added: list[str] = []
+        self.last_report: dict | None = None
+        n = _devices()
+        meshes = [str(m) for m in valid_meshes(n)]
+        self.image = ComboBox(label="image", choices=self._image_choices, nullable=True)
+        self.mesh = ComboBox(label="mesh (z×y×x)", choices=meshes, value=str(auto_mesh(n)))
+        self.backend = ComboBox(label="backend", choices=BACKEND_CHOICES, value="explicit")
+        self.halo = ComboBox(label="halo", choices=HALO_CHOICES, value="exact")
+        self.reference = CheckBox(text="compare with the single-device reference", value=True)
+        self.run_button = PushButton(text="Run partitioned inference")
+        self.status = Label(value=f"{n} devices")
+        self.extend([self.image, self.mesh, self.backend, self.halo, self.reference, self.run_button, self.status])
+        self.run_button.changed.connect(self.run)
+        events = napari_viewer.layers.events
+        for event in (events.inserted, events.removed, events.moved):
+            event.connect(self._refresh)
+        selection = napari_viewer.layers.selection.events.active
+        selection.connect(self._refresh)
+        self._refresh()
+
+    def _image_choices(self, _widget=None):
+        from napari.layers import Image
+
+        return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image)]
+
+    def _refresh(self, _event=None):
+        from napari.layers import Image
+
+        self.image.reset_choices()
+        active = self._viewer.layers.selection.active
+        if isinstance(active, Image):
+            self.image.value = active
+
+    def model(self):
+        if self._model is None:
+            from workbench.cli.args import model_from_args
+
+            self._model = model_from_args(_default_model_args())
+        return self._model
+
+    def run(self, _value=None) -> list | None:
+        """Infer on the selected image layer and add the result layers (returned).
+
+        Bad input (no layer, not 3-D, a halo the backend lacks, ...) shows one error
+        notification and returns ``None``.
+        """
+        from napari.utils.notifications import show_error
+
+        from workbench.ui.napari.layers import add_layers
+
+        try:
+            layers = self.result_layers()
+        except ValueError as err:
+            self.status.value = f"error: {err}"
+            show_error(f"partitioned inference: {err}")
+            return None
+        names = [kwargs["name"] for _, kwargs, _ in layers]
+        for stale in self._added:  # layers of the previous run this one does not replace
+            if stale not in names and stale in self._viewer.layers:
+                self._viewer.layers.remove(stale)
+        self._added = names
+        return add_layers(self._viewer, layers)
+
+    def result_layers(self) -> list:
+        """Run inference and return the layer data tuples (raises ``ValueError`` on bad input)."""
+        from data_tools.volume import Volume
+
+        from workbench.cli.args import image_for_model, infer_array, summary_line
+        from workbench.mesh import ShardLayout
+        from workbench.execute.run import check_options
+        from workbench.ui.napari.layers import build_layers, halo_width, signed_error
+
+        layer = self.image.value
+        if layer is None:
+            raise ValueError("no image layer selected; open or add a 3-D image layer first")
+        data = layer.data[0] if layer.multiscale else layer.data
+        if layer.rgb or np.ndim(data) != 3:
+            raise ValueError(
+                f"image layer {layer.name!r} has {np.ndim(data)} dimensions {tuple(np.shape(data))}"
+                f"{' (RGB)' if layer.rgb else ''}; partitioned inference needs a 3-D (Z, Y, X) volume, "
+                "so pick a 3-D image layer"
+            )
+        spacing = tuple(float(s) for s in layer.scale[-3:])
+        volume = Volume(np.asarray(data), spacing=spacing, path=f"layer {layer.name!r}")
+        model = self.model()
+        halo = self.halo.value
+        check_options(model.config, self.backend.value, halo)  # e.g. gspmd only does exact halos
+        report, logits, ref = infer_array(model, image_for_model(volume), self.mesh.value,
+                                          backend=self.backend.value, halo=halo,
+                                          reference=self.reference.value)  # fmt: skip
+        layout = ShardLayout(volume.shape, report["mesh"], multiple=model.config.multiple)
+        self.last_report = report
+        self.status.value = summary_line(report)
+        return build_layers(
+            layout, spacing=spacing, prediction=logits.argmax(-1).astype(np.uint8), logits=logits,
+            reference_prediction=None if ref is None else ref.argmax(-1).astype(np.uint8),
+            signed=None if ref is None else signed_error(logits, ref), halo=halo,
+            halo_band_width=halo_width(halo, model=model.config.as_dict()),
+        )
