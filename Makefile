@@ -31,7 +31,8 @@ $(STAMP): pyproject.toml Makefile
 	$(MAKE) system-deps
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test,viewer,notebook,bench]"
+	# setuptools' advisory about editable installs is not actionable here; keep the log readable.
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q -e ".[test,viewer,notebook,bench]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name workbench --display-name "Python (workbench)" >/dev/null
 	touch $(STAMP)
 

@@ -3,15 +3,9 @@
 import numpy as np
 import pytest
 
-from workbench.analysis.compare import (
-    artifact_depth,
-    compare,
-    plot_seam_profile,
-    predicted_artifact_depth,
-    receptive_field,
-    seam_distance,
-    seam_profile_table,
-)
+from workbench.analysis.compare import artifact_depth, compare, seam_distance, seam_profile_table
+from workbench.analysis.figures import plot_seam_profile
+from workbench.analysis.receptive import predicted_artifact_depth, receptive_field
 from workbench.mesh import ShardLayout
 from workbench.execute.run import apply, overlap_width
 from workbench.model.unet import Model, UNetConfig, receptive_radius
@@ -65,7 +59,7 @@ def test_compare_counts_by_hand():
     assert c.max_abs_diff == pytest.approx(5.0)
     assert c.mean_abs_diff == pytest.approx(5.5 / 288)
     assert [r["max_abs_diff"] for r in c.per_shard] == pytest.approx([5.0, 0.5])
-    assert [r["artifact_voxels"] for r in c.per_shard] == [1, 1]
+    assert [r["voxels_over_tolerance"] for r in c.per_shard] == [1, 1]
     assert c.error.shape == (8, 6, 6) and c.error[3, 2, 2] == pytest.approx(5.0)
     prof = c.profile
     assert list(prof["distance"]) == [0, 1, 2, 3]

@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from workbench import viewer as V
+from workbench.app import load_result
+from workbench.ui.napari import layers as V
+from workbench.ui.napari import view as napari_view
 from workbench.cli import main
 from workbench.mesh import ShardLayout
 
 pytestmark = pytest.mark.skipif(
-    not V.display_available()[0], reason=f"needs a display: {V.display_available()[1]} (make test runs xvfb-run)"
+    not napari_view.display_available()[0], reason=f"needs a display: {napari_view.display_available()[1]} (make test runs xvfb-run)"
 )
 PLUGIN = "partitioned-unet-workbench"
 
@@ -65,8 +67,8 @@ def test_screenshot_shows_boundaries_where_they_project(make_napari_viewer):
     shape, spacing = (32, 40, 48), (2.0, 1.0, 1.0)
     layout = ShardLayout(shape, "2x2x2")
     image = np.random.default_rng(0).uniform(0.2, 0.6, shape).astype(np.float32)
-    img, shapes = V.add_layers(viewer, [V.image_layer(image, spacing=spacing), V.boundary_layer(layout, spacing=spacing)])
-    V.show_view(viewer, ndisplay=3)
+    img, shapes = napari_view.add_layers(viewer, [V.image_layer(image, spacing=spacing), V.boundary_layer(layout, spacing=spacing)])
+    napari_view.show_view(viewer, ndisplay=3)
     shot = viewer.screenshot(canvas_only=True, flash=False)
     h, w = shot.shape[:2]
     colored = _colored(shot)
@@ -211,7 +213,7 @@ def test_view_screenshot_and_demo_view(result_dir, tmp_path):
         "import json, sys, numpy as np\n"
         "from workbench import viewer as V\n"
         "from workbench.cli.demo import save_view\n"
-        "r = V.load_result(sys.argv[1])\n"
+        "r = load_result(sys.argv[1])\n"
         "view = save_view(__import__('pathlib').Path(sys.argv[2]), np.asarray(r.image), np.asarray(r.prediction),\n"
         "                 np.abs(r.signed), r.signed, r.layout, r.spacing)\n"
         "print(json.dumps(view))\n"

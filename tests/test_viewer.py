@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from workbench import viewer
+from workbench.analysis.compare import shard_stats, signed_error
+from workbench.analysis.receptive import halo_width
+from workbench.app import load_result
+from workbench.ui.napari import layers as viewer
 from workbench.cli import main
 from workbench.model.halo import halo_pad
 from workbench.mesh import ACTIVATION_SPEC, ShardLayout, build_mesh, parse_mesh
@@ -114,17 +117,17 @@ def test_probabilities_are_softmax():
 # -- halo bands -----------------------------------------------------------------------
 def test_halo_width_per_mode():
     model = {"depth": 3, "base_filters": 8, "convs_per_block": 2}
-    assert viewer.halo_width("exact") == 1
-    assert [viewer.halo_width(m) for m in ("zero", "reflect", "replicate", "0", 0)] == [0] * 5
-    assert viewer.halo_width("8") == 8
+    assert halo_width("exact") == 1
+    assert [halo_width(m) for m in ("zero", "reflect", "replicate", "0", 0)] == [0] * 5
+    assert halo_width("8") == 8
     from workbench.execute.run import overlap_width
     from workbench.model.unet import UNetConfig
 
-    assert viewer.halo_width("overlap", model=model) == overlap_width(UNetConfig(**model)) > 8
+    assert halo_width("overlap", model=model) == overlap_width(UNetConfig(**model)) > 8
     with pytest.raises(ValueError, match="halo 'overlap' needs the model config"):
-        viewer.halo_width("overlap")
+        halo_width("overlap")
     with pytest.raises(ValueError, match="unknown halo mode 'wide'"):
-        viewer.halo_width("wide")
+        halo_width("wide")
 
 
 def test_halo_band_counts_and_receivers():
@@ -168,7 +171,7 @@ def test_halo_shell_is_what_exact_exchange_delivers(width):
 def seam_run():
     """32³ phantom, halo 'zero' (seam artifacts) vs the reference, small model."""
     from data_tools.io import load_input
-    from workbench.cli.args import image_for_model
+    from workbench.training.data import model_input as image_for_model
     from workbench.execute.run import run
     from workbench.model.unet import Model
 
@@ -181,7 +184,7 @@ def seam_run():
 
 def test_signed_error_and_layers(seam_run):
     out, ref, layout = seam_run
-    signed = viewer.signed_error(out, ref)
+    signed = signed_error(out, ref)
     diff = out - ref
     np.testing.assert_array_equal(np.abs(signed), np.abs(diff).max(-1))
     k = np.abs(diff).argmax(-1)
@@ -202,8 +205,8 @@ def test_signed_error_and_layers(seam_run):
         assert row["voxels_over_tolerance"] == int((e > 1e-5).sum())
     # seam profile: the error lives at the seam (distance 0) and decays away from it
     prof = meta["seam_profile"]
-    assert prof["distance"][0] == 0 and prof["max_abs_diff"][0] == pytest.approx(worst, rel=1e-6)
-    assert prof["max_abs_diff"][-1] < prof["max_abs_diff"][0]
+    assert prof["distance"][0] == 0 and prof["max"][0] == pytest.approx(worst, rel=1e-6)
+    assert prof["max"][-1] < prof["max"][0]
 
 
 def test_error_stats_exact_run_and_mismatch():
@@ -213,11 +216,11 @@ def test_error_stats_exact_run_and_mismatch():
     layers = viewer.error_layers(signed, layout)
     meta = layers[1][1]["metadata"]
     assert [r["max_abs_diff"] for r in meta["per_shard"]] == [0.25] + [0.0] * 7
-    assert meta["seam_profile"]["max_abs_diff"][0] == 0.25 and meta["seam_profile"]["distance"][:2] == [0, 1]
+    assert meta["seam_profile"]["max"][0] == 0.25 and meta["seam_profile"]["distance"][:2] == [0, 1]
     zero = viewer.error_layers(np.zeros_like(signed), layout)
     assert zero[0][1]["contrast_limits"] == [-1e-5, 1e-5]
     with pytest.raises(ValueError, match=r"output shape \(2, 2, 2, 3\) does not match reference shape \(2, 2, 2, 2\)"):
-        viewer.signed_error(np.zeros((2, 2, 2, 3)), np.zeros((2, 2, 2, 2)))
+        signed_error(np.zeros((2, 2, 2, 3)), np.zeros((2, 2, 2, 2)))
     with pytest.raises(ValueError, match=r"error map has shape \(8, 16, 16\) but the volume is \(16, 16, 16\)"):
         viewer.error_layers(signed[:8], layout)
 
@@ -234,11 +237,11 @@ def result_dir(tmp_path_factory):
 def test_infer_reference_writes_what_the_reader_needs(result_dir):
     names = sorted(p.name for p in result_dir.iterdir())
     assert names == ["error.npy", "image.npy", "prediction.npy", "reference_prediction.npy", "report.json"]
-    result = viewer.load_result(result_dir)
+    result = load_result(result_dir)
     report = json.loads((result_dir / "report.json").read_text())
     assert result.spacing == tuple(report["spacing"]) and result.halo_band_width == 0
     assert result.class_names == report["class_names"]
-    stats = viewer.shard_error_stats(result.signed, result.layout)
+    stats = shard_stats(result.signed, result.layout)
     assert [r["max_abs_diff"] for r in stats] == [r["max_abs_diff"] for r in report["per_shard"]]
     assert float(np.abs(result.signed).max()) == report["max_abs_diff"]
     layers = viewer.result_layers(result)
@@ -258,32 +261,32 @@ def _copy(src, dst):
 
 def test_bad_result_folders(result_dir, tmp_path):
     with pytest.raises(ValueError, match="report.json: is missing; pass the --out folder"):
-        viewer.load_result(tmp_path)
+        load_result(tmp_path)
     bad = _copy(result_dir, tmp_path / "a")
     (bad / "prediction.npy").unlink()
     with pytest.raises(ValueError, match=r"prediction.npy: is missing \(report.json names it\)"):
-        viewer.load_result(bad)
+        load_result(bad)
     bad = _copy(result_dir, tmp_path / "b")
     np.save(bad / "prediction.npy", np.zeros((32, 32, 30), np.uint8))
     with pytest.raises(ValueError, match=r"prediction.npy: has shape \(32, 32, 30\) but report.json says the volume is \(32, 32, 32\)"):
-        viewer.load_result(bad)
+        load_result(bad)
     bad = _copy(result_dir, tmp_path / "c")
     np.save(bad / "image.npy", np.zeros((16, 32, 32), np.float32))
     with pytest.raises(ValueError, match=r"image.npy: has shape \(16, 32, 32\)"):
-        viewer.load_result(bad)
+        load_result(bad)
     bad = _copy(result_dir, tmp_path / "d")
     np.save(bad / "error.npy", np.zeros((32, 32, 32), np.float32))
     with pytest.raises(ValueError, match=r"error.npy: gives max \|Δ\| 0 in shard 0 but report.json says"):
-        viewer.load_result(bad)
+        load_result(bad)
     bad = _copy(result_dir, tmp_path / "e")
     report = json.loads((bad / "report.json").read_text())
     report["mesh"] = {"data": 1, "z": 1, "y": 2, "x": 4}
     (bad / "report.json").write_text(json.dumps(report))
     with pytest.raises(ValueError, match="per_shard boxes do not match mesh 1x2x4"):
-        viewer.load_result(bad)
+        load_result(bad)
     (bad / "report.json").write_text("{not json")
     with pytest.raises(ValueError, match="report.json: is not valid JSON"):
-        viewer.load_result(bad)
+        load_result(bad)
 
 
 def test_view_cli_errors(result_dir, tmp_path, capsys, monkeypatch):

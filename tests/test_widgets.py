@@ -16,19 +16,10 @@ import pytest
 matplotlib.use("Agg")
 
 from workbench.mesh import MeshSpec, ShardLayout  # noqa: E402
-from workbench.ui.panel import (  # noqa: E402
-    MemoryEstimator,
-    PlanKey,
-    WorkbenchPanel,
-    fits_line,
-    memory_table,
-    mesh_choices,
-    mesh_svg,
-    padding_note,
-    parse_resolution,
-    table_text,
-    valid_resolutions,
-)
+from workbench.app.planning import MemoryEstimator, PlanKey, fits_line, memory_table, table_text  # noqa: E402
+from workbench.mesh import parse_resolution  # noqa: E402
+from workbench.ui.choices import mesh_choices, mesh_svg, padding_note, valid_resolutions  # noqa: E402
+from workbench.ui.panel import WorkbenchPanel  # noqa: E402
 
 
 def fake_planner(key: PlanKey) -> dict:
@@ -85,10 +76,14 @@ def test_resolutions_offered_split_evenly_and_others_show_padding():
 
 
 def test_parse_resolution_and_its_error():
-    assert parse_resolution(" 64 ") == 64 and parse_resolution("Native") == "native"
-    for bad in ("abc", "-3", "0", "6.5"):
+    assert parse_resolution(" 64 ", allow_native=True) == (64, 64, 64)
+    assert parse_resolution("Native", allow_native=True) == "native"
+    assert parse_resolution("32x64x48") == (32, 64, 48)
+    for bad in ("abc", "-3", "0", "6.5", "12x12"):
         with pytest.raises(ValueError, match=f"resolution '{bad}' is not a size; type a positive integer"):
-            parse_resolution(bad)
+            parse_resolution(bad, allow_native=True)
+    with pytest.raises(ValueError, match="resolution 'native' is not a size"):
+        parse_resolution("native")
 
 
 def test_fits_line_against_the_budget():
@@ -250,7 +245,7 @@ def test_train_button_calls_train_and_evaluate(fake_panel, monkeypatch, tmp_path
 
 
 def test_napari_without_a_display_is_one_line(fake_panel, monkeypatch):
-    import workbench.ui.napari.layers as viewer
+    import workbench.ui.napari.view as viewer
 
     monkeypatch.setattr(viewer, "display_available", lambda: (False, "no display (DISPLAY is unset)"))
     monkeypatch.setattr(WorkbenchPanel, "layers", lambda self: [])
@@ -323,7 +318,7 @@ def test_napari_layers_of_the_run(real_panel):
 
 
 def test_screenshot_falls_back_to_matplotlib_without_display(real_panel, monkeypatch, tmp_path):
-    import workbench.ui.napari.layers as viewer
+    import workbench.ui.napari.view as viewer
 
     monkeypatch.setattr(viewer, "display_available", lambda: (False, "no display (DISPLAY is unset)"))
     path, how = real_panel.screenshot(tmp_path / "shards.png")

@@ -23,6 +23,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from workbench.errors import UserError
+
 __all__ = [
     "DATA_AXIS",
     "SPATIAL_AXES",
@@ -35,6 +37,7 @@ __all__ = [
     "valid_meshes",
     "auto_mesh",
     "build_mesh",
+    "parse_resolution",
 ]
 
 DATA_AXIS = "data"
@@ -62,7 +65,7 @@ class MeshSpec:
         for name in MESH_AXES:
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise ValueError(
+                raise UserError(
                     f"mesh axis {name}={value!r} must be a positive integer; {_MESH_HELP}"
                 )
 
@@ -90,7 +93,7 @@ class MeshSpec:
 def auto_mesh(n_devices: int, *, data: int = 1) -> MeshSpec:
     """The most cube-like z×y×x split of ``n_devices // data`` devices (ties: more on z)."""
     if n_devices < 1 or n_devices % data:
-        raise ValueError(
+        raise UserError(
             f"cannot split {n_devices} devices into data={data} groups; "
             f"choose a data size that divides {n_devices}"
         )
@@ -119,7 +122,7 @@ def valid_meshes(n_devices: int, *, data_parallel: bool = False) -> list[MeshSpe
     data size that divides ``n_devices`` as well.
     """
     if not isinstance(n_devices, (int, np.integer)) or n_devices < 1:
-        raise ValueError(f"n_devices={n_devices!r} must be a positive integer")
+        raise UserError(f"n_devices={n_devices!r} must be a positive integer")
     datas = [d for d in range(1, n_devices + 1) if n_devices % d == 0] if data_parallel else [1]
     return [MeshSpec(*s, data=d) for d in datas for s in _factorizations(n_devices // d)]
 
@@ -135,11 +138,11 @@ def parse_mesh(spec, *, n_devices: int | None = None) -> MeshSpec:
     elif isinstance(spec, dict):
         unknown = set(spec) - set(MESH_AXES)
         if unknown:
-            raise ValueError(f"unknown mesh axes {sorted(unknown)} in {spec!r}; axes are {MESH_AXES}")
+            raise UserError(f"unknown mesh axes {sorted(unknown)} in {spec!r}; axes are {MESH_AXES}")
         result = MeshSpec(**{k: int(v) for k, v in spec.items()})
     elif isinstance(spec, (tuple, list)):
         if len(spec) != 3:
-            raise ValueError(f"mesh {spec!r} must have 3 sizes (z, y, x); {_MESH_HELP}")
+            raise UserError(f"mesh {spec!r} must have 3 sizes (z, y, x); {_MESH_HELP}")
         result = MeshSpec(*[int(v) for v in spec])
     elif isinstance(spec, str):
         result = _parse_mesh_string(spec.strip().lower(), n_devices)
@@ -147,7 +150,7 @@ def parse_mesh(spec, *, n_devices: int | None = None) -> MeshSpec:
         raise TypeError(f"mesh must be a string, dict or MeshSpec, got {type(spec).__name__}")
     if n_devices is not None and result.n_devices != n_devices:
         options = ", ".join(str(m) for m in valid_meshes(n_devices)[:12])
-        raise ValueError(
+        raise UserError(
             f"mesh {result} needs {result.n_devices} devices but {n_devices} are available; "
             f"use a mesh with {n_devices} devices (e.g. {options}) or change the device "
             f"count (--cpu-devices {result.n_devices} on CPU)"
@@ -158,26 +161,26 @@ def parse_mesh(spec, *, n_devices: int | None = None) -> MeshSpec:
 def _parse_mesh_string(text: str, n_devices: int | None) -> MeshSpec:
     if text == "auto":
         if n_devices is None:
-            raise ValueError("mesh 'auto' needs the device count; pass n_devices")
+            raise UserError("mesh 'auto' needs the device count; pass n_devices")
         return auto_mesh(n_devices)
     if re.fullmatch(r"\d+x\d+x\d+", text):
         sizes = [int(v) for v in text.split("x")]
         if min(sizes) < 1:
-            raise ValueError(f"invalid mesh {text!r}: sizes must be >= 1; {_MESH_HELP}")
+            raise UserError(f"invalid mesh {text!r}: sizes must be >= 1; {_MESH_HELP}")
         return MeshSpec(*sizes)
     if "=" in text:
         sizes: dict[str, int] = {}
         for part in text.split(","):
             match = re.fullmatch(r"\s*(data|z|y|x)\s*=\s*(\d+)\s*", part)
             if not match:
-                raise ValueError(f"invalid mesh {text!r}: cannot read {part!r}; {_MESH_HELP}")
+                raise UserError(f"invalid mesh {text!r}: cannot read {part!r}; {_MESH_HELP}")
             if match.group(1) in sizes:
-                raise ValueError(f"invalid mesh {text!r}: axis {match.group(1)} given twice")
+                raise UserError(f"invalid mesh {text!r}: axis {match.group(1)} given twice")
             sizes[match.group(1)] = int(match.group(2))
         if min(sizes.values()) < 1:
-            raise ValueError(f"invalid mesh {text!r}: sizes must be >= 1; {_MESH_HELP}")
+            raise UserError(f"invalid mesh {text!r}: sizes must be >= 1; {_MESH_HELP}")
         return MeshSpec(**sizes)
-    raise ValueError(f"invalid mesh {text!r}; {_MESH_HELP}")
+    raise UserError(f"invalid mesh {text!r}; {_MESH_HELP}")
 
 
 def build_mesh(spec, devices: Sequence | None = None):
@@ -225,11 +228,11 @@ class ShardLayout:
     def __init__(self, volume_shape: Sequence[int], mesh, *, multiple: int = 1):
         shape = tuple(int(s) for s in volume_shape)
         if len(shape) != 3 or min(shape) < 1:
-            raise ValueError(
+            raise UserError(
                 f"volume shape {tuple(volume_shape)} must be 3 positive sizes (Z, Y, X)"
             )
         if multiple < 1 or multiple & (multiple - 1):
-            raise ValueError(f"multiple={multiple} must be a power of two (2^(depth-1))")
+            raise UserError(f"multiple={multiple} must be a power of two (2^(depth-1))")
         self.mesh = parse_mesh(mesh)
         self.volume_shape = shape
         self.multiple = multiple
@@ -277,7 +280,7 @@ class ShardLayout:
         for i in range(3):
             have = array.shape[first + i]
             if have != self.volume_shape[i]:
-                raise ValueError(
+                raise UserError(
                     f"array spatial shape {array.shape[first:first + 3]} does not match "
                     f"the layout's volume shape {self.volume_shape}"
                 )
@@ -307,10 +310,42 @@ def _spatial_start(ndim: int) -> int:
         return 0
     if ndim == 5:
         return 1
-    raise ValueError(
+    raise UserError(
         f"expected a (Z, Y, X), (Z, Y, X, C) or (N, Z, Y, X, C) array, got {ndim} dimensions"
     )
 
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
+
+
+def parse_resolution(value, *, allow_native: bool = False) -> tuple[int, int, int] | str:
+    """A volume size as (Z, Y, X): ``512``, ``"512"``, ``"256x512x512"`` or a 3-sequence.
+
+    With ``allow_native``, ``"native"`` (a loaded volume's own shape) is returned as is.
+
+    >>> parse_resolution("64"), parse_resolution("32x64x64")
+    ((64, 64, 64), (32, 64, 64))
+    """
+    fix = "type a positive integer such as 64, or ZxYxX such as 256x512x512" + (
+        ", or native" if allow_native else "")
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if allow_native and text == "native":
+            return "native"
+        parts = text.split("x")
+        if len(parts) not in (1, 3) or not all(p.strip().isdigit() for p in parts):
+            raise UserError(f"resolution {value!r} is not a size; {fix}")
+        sizes = [int(p) for p in parts]
+    elif isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        sizes = [int(value)]
+    else:
+        try:
+            sizes = list(value)
+        except TypeError:
+            raise UserError(f"resolution {value!r} is not a size; {fix}") from None
+    if len(sizes) == 1:
+        sizes = sizes * 3
+    if len(sizes) != 3 or any(isinstance(s, bool) or int(s) != s or s < 1 for s in sizes):
+        raise UserError(f"resolution {value!r} is not a size; {fix}")
+    return tuple(int(s) for s in sizes)

@@ -31,6 +31,8 @@ from typing import Sequence
 
 import numpy as np
 
+from workbench.errors import UserError
+
 __all__ = [
     "BLEND_MODES",
     "SlidingWindowResult",
@@ -60,25 +62,25 @@ class SlidingWindowResult:
 def _triple(value, name: str) -> tuple[int, int, int]:
     values = [value] * 3 if np.isscalar(value) else list(value)
     if len(values) != 3 or any(isinstance(v, bool) or int(v) != v or v < 1 for v in values):
-        raise ValueError(f"{name}={value!r} must be a positive integer or three of them (Z, Y, X)")
+        raise UserError(f"{name}={value!r} must be a positive integer or three of them (Z, Y, X)")
     return tuple(int(v) for v in values)
 
 
 def _check(volume_shape, roi, overlap, mode, sigma_scale, batch_windows):
     roi = _triple(roi, "roi")
     if not isinstance(overlap, (int, float)) or isinstance(overlap, bool) or not 0 <= overlap < 1:
-        raise ValueError(f"overlap={overlap!r} must be >= 0 and < 1 (the fraction of a window shared "
+        raise UserError(f"overlap={overlap!r} must be >= 0 and < 1 (the fraction of a window shared "
                          "with its neighbour, e.g. 0.25 or 0.5)")
     for r, s, axis in zip(roi, volume_shape, "ZYX"):
         if r > s:
-            raise ValueError(f"roi {roi} is larger than the volume {tuple(volume_shape)} along {axis}; "
+            raise UserError(f"roi {roi} is larger than the volume {tuple(volume_shape)} along {axis}; "
                              f"use a roi of at most {tuple(volume_shape)} (or pad the volume)")
     if mode not in BLEND_MODES:
-        raise ValueError(f"blending mode {mode!r} is unknown; use one of {BLEND_MODES}")
+        raise UserError(f"blending mode {mode!r} is unknown; use one of {BLEND_MODES}")
     if not sigma_scale > 0:
-        raise ValueError(f"sigma_scale={sigma_scale!r} must be > 0 (MONAI's default is 0.125)")
+        raise UserError(f"sigma_scale={sigma_scale!r} must be > 0 (MONAI's default is 0.125)")
     if isinstance(batch_windows, bool) or not isinstance(batch_windows, int) or batch_windows < 1:
-        raise ValueError(f"batch_windows={batch_windows!r} must be an integer >= 1")
+        raise UserError(f"batch_windows={batch_windows!r} must be an integer >= 1")
     return roi
 
 
@@ -114,7 +116,7 @@ def importance_map(roi: Sequence[int], mode: str = "gaussian", sigma_scale: floa
             axes.append(np.exp(x**2 / np.float32(-2 * (r * sigma_scale) ** 2)).astype(np.float32))
         weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
     else:
-        raise ValueError(f"blending mode {mode!r} is unknown; use one of {BLEND_MODES}")
+        raise UserError(f"blending mode {mode!r} is unknown; use one of {BLEND_MODES}")
     return np.maximum(weights, max(float(weights.min()), 1e-3)).astype(np.float32)
 
 

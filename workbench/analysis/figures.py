@@ -1,12 +1,18 @@
-"""Matplotlib figures shared by the CLI and the notebook panels (no ipywidgets, no Qt)."""
+"""Matplotlib figures shared by the CLI, the notebook panel and the notebooks (no ipywidgets, no Qt).
+
+Slices with shard boundaries, the seam profile, per-device memory against devices, and
+curves.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
 from workbench.mesh import ShardLayout
 
-__all__ = ["plot_slices"]
+__all__ = ["plot_slices", "plot_seam_profile", "plot_memory", "plot_curves"]
 
 
 def _pyplot():
@@ -34,5 +40,72 @@ def plot_slices(image: np.ndarray, labels: np.ndarray, layout: ShardLayout, *,
         if error is not None and name.startswith("|"):
             fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(title or f"slice z={z}; red: shard boundaries (mesh {layout.mesh})", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_seam_profile(profiles: dict[str, dict[str, np.ndarray]], *, path=None, predicted: dict | None = None,
+                      title: str = "", tol: float = 1e-4):
+    """Max |Δ| against seam distance, one line per run (``{label: profile}``), log scale.
+
+    ``predicted`` ({label: depth}) draws each run's predicted band edge as a dashed
+    line. Saves to ``path`` when given; returns the figure.
+    """
+    import matplotlib
+
+    if path is not None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, prof in profiles.items():
+        line, = ax.semilogy(prof["distance"], np.maximum(prof["max"], 1e-9), marker=".", label=label)
+        if predicted and label in predicted and predicted[label] > 0:
+            ax.axvline(predicted[label] - 0.5, color=line.get_color(), linestyle="--", linewidth=0.8)
+    ax.axhline(tol, color="gray", linewidth=0.6)
+    ax.set_xlabel("distance to the nearest shard face (voxels)")
+    ax.set_ylabel("max |partitioned − reference|")
+    ax.set_title(title or "seam profile (dashed: receptive-field prediction)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+    return fig
+
+
+def plot_memory(rows: list[dict], *, x: str = "devices", budgets_gib=(16, 80), title: str = ""):
+    """Per-device peak memory (GiB) vs ``x`` (a key of ``rows``), one line per resolution."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    by_res: dict[Any, list[dict]] = {}
+    for row in rows:
+        by_res.setdefault(row["resolution"], []).append(row)
+    for res, group in by_res.items():
+        group = sorted(group, key=lambda r: r[x])
+        ax.plot([r[x] for r in group], [r["bytes_per_device"] / 2**30 for r in group], marker="o",
+                label=f"{res}³")
+    for budget in budgets_gib:
+        ax.axhline(budget, color="grey", ls="--", lw=0.8)
+        ax.text(ax.get_xlim()[0], budget, f" {budget} GiB", va="bottom", fontsize=8, color="grey")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(x)
+    ax.set_ylabel("peak GiB per device")
+    ax.set_title(title or "per-device memory (planner)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(curves: dict[str, list[float]], *, xlabel: str = "step", title: str = ""):
+    """Line plots of named series (loss, Dice ...), one axis each."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves), 3), squeeze=False)
+    for ax, (name, values) in zip(axes[0], curves.items()):
+        ax.plot(np.arange(1, len(values) + 1), values, marker="o", ms=3)
+        ax.set_xlabel(xlabel)
+        ax.set_title(name, fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig

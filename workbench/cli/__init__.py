@@ -1,16 +1,21 @@
-"""``workbench`` command line: a thin layer over the package.
+"""``workbench`` command line: a thin layer over the application layer.
 
-Each command lives in ``workbench/cli/<name>.py`` (``HELP``,
-``add_arguments(parser)``, ``run(args)``). Bad input ends with exit status 2 and one
-line on stderr naming the problem and the fix; output folders are written to a
-temporary sibling and renamed at the end, so nothing partial is left behind.
+Each command lives in ``workbench/cli/<name>.py`` (``HELP``, ``add_arguments(parser)``,
+``run(args)``). A user error (:data:`workbench.errors.USER_ERRORS`: bad input, named with
+its fix) ends with exit status 2 and one line on stderr; output folders are written to a
+temporary sibling and renamed at the end, so nothing partial is left behind. Anything
+else is a bug: one "internal error" line, exit status 1, and the traceback kept in a file
+the line names (``--debug`` prints it instead).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import tempfile
+import traceback
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
@@ -32,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="workbench",
         description="Spatially partitioned 3D U-Nets on full-resolution volumes.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of an internal error (also: WORKBENCH_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         module = _command_module(name)
@@ -41,8 +48,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _internal_error(err: BaseException, debug: bool) -> int:
+    """A bug: keep the traceback (printed with --debug, else in a file the message names)."""
+    text = "".join(traceback.format_exception(err))
+    if debug:
+        sys.stderr.write(text)
+        print(f"workbench: internal error: {type(err).__name__} (a bug, not your input; traceback above)",
+              file=sys.stderr)
+        return 1
+    fd, path = tempfile.mkstemp(prefix="workbench-internal-error-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"workbench {' '.join(sys.argv[1:])}\n\n{text}")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    print(f"workbench: internal error: {type(err).__name__}{': ' + first if first else ''} (a bug, not your "
+          f"input); traceback written to {path}; rerun with --debug to print it", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    from workbench.errors import USER_ERRORS, one_line
+
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("WORKBENCH_DEBUG", "") not in ("", "0")
     module = _command_module(args.command)
     try:
         from workbench.execute.distributed import initialize_from_env
@@ -54,11 +81,17 @@ def main(argv: list[str] | None = None) -> int:
 
             configure_cpu_devices(args.cpu_devices)
         return int(module.run(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
-        text = str(err).strip()
-        message = text.splitlines()[0] if text else type(err).__name__
-        print(f"workbench: error: {message}", file=sys.stderr)
+    except USER_ERRORS as err:
+        print(f"workbench: error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the system refused a file operation the user asked for (permissions, space)
+        if err.filename is None:
+            return _internal_error(err, debug)
+        print(f"workbench: error: {err.strerror or type(err).__name__}: {err.filename}; check the path, "
+              "its permissions and the free space", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("workbench: interrupted; no output folder was written", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - a bug: reported with its traceback kept
+        return _internal_error(err, debug)

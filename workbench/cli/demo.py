@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
 
-from workbench.ui.napari.layers import signed_error
-from workbench.cli.args import add_common, positive_int, image_for_model, infer_array, model_from_args, staged_output, write_figure
+from workbench.cli.args import add_common, model_choice, positive_int, write_figure
 
 HELP = "the main job: partitioned inference vs the reference on a phantom"
 
@@ -24,27 +22,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     """``workbench demo``: phantom → explicit and gspmd vs reference → table, report, PNG."""
-    from data_tools.io import load_input
-
-    from workbench.execute.devices import device_summary
-    from workbench.mesh import ShardLayout, parse_mesh
+    from workbench.app import infer, load_volume, staged_output, write_report, write_result_files
+    from workbench.mesh import parse_mesh
 
     spec = parse_mesh(args.mesh)
     n = args.resolution
     with staged_output(args.out, overwrite=args.overwrite) as tmp:
         t0 = time.perf_counter()
-        volume = load_input(f"phantom:{n}")
-        model = model_from_args(args)
-        image = image_for_model(volume)
+        loaded = load_volume(f"phantom:{n}")
+        choice = model_choice(args)
         print(f"phantom {n}³ in {time.perf_counter() - t0:.1f} s; model '{args.model}' "
-              f"({model.num_params:,} parameters, {args.weights_description}); mesh {spec}")
-        report, logits, ref = infer_array(model, image, spec, backend="explicit", reference=True)
-        gspmd_report, gspmd_logits, _ = infer_array(model, image, spec, backend="gspmd")
-        gspmd_diff = float(np.abs(gspmd_logits - ref).max())
+              f"({choice.model.num_params:,} parameters, {choice.description}); mesh {spec}")
+        explicit = infer(choice, loaded, spec, backend="explicit", reference=True)
+        gspmd = infer(choice, loaded, spec, backend="gspmd")
+        gspmd_diff = float(np.abs(gspmd.logits - explicit.reference.output).max())
+        report = explicit.report
         rows = [
             ("reference (1 device)", report["reference_seconds"], 0.0, report["reference_peak_bytes"]),
             ("explicit (ours)", report["seconds"], report["max_abs_diff"], report["peak_bytes_per_device"]),
-            ("gspmd (XLA)", gspmd_report["seconds"], gspmd_diff, gspmd_report["peak_bytes_per_device"]),
+            ("gspmd (XLA)", gspmd.report["seconds"], gspmd_diff, gspmd.report["peak_bytes_per_device"]),
         ]
         ref_seconds, ref_peak = rows[0][1], rows[0][3]
         print(f"\n{'backend':<22}{'seconds':>9}{'÷ ref':>8}{'max |Δ|':>10}{'MiB/device':>12}{'ideal ÷ used':>14}")
@@ -52,27 +48,14 @@ def run(args) -> int:
             ideal = ref_peak / spec.n_devices if "1 device" not in name else ref_peak
             print(f"{name:<22}{sec:>9.2f}{sec / ref_seconds:>8.2f}{diff:>10.2g}"
                   f"{peak / 2**20:>12.1f}{ideal / peak:>14.2f}")
-        labels = logits.argmax(-1).astype(np.uint8)
-        np.save(tmp / "prediction.npy", labels)
-        np.save(tmp / "image.npy", np.asarray(volume.array, np.float32))
-        if volume.labels is not None:
-            np.save(tmp / "ground_truth.npy", volume.labels.astype(np.uint8))
-        np.save(tmp / "reference_prediction.npy", ref.argmax(-1).astype(np.uint8))
-        error = np.abs(logits - ref).max(-1)
-        layout = ShardLayout(image.shape, spec, multiple=model.config.multiple)
-        signed = signed_error(logits, ref)
-        np.save(tmp / "error.npy", signed)
-        view = save_view(tmp / "view.png", np.asarray(volume.array, np.float32), labels, error, signed,
-                         layout, volume.spacing)
-        report.update(
-            input=f"phantom:{n}", prediction="prediction.npy", machine=device_summary(),
-            weights=args.weights_description, view=view, spacing=list(volume.spacing),
-            class_names=(list(volume.class_names) if volume.class_names
-                                   and len(volume.class_names) == report["num_classes"] else None),
-            gspmd={"seconds": gspmd_report["seconds"], "max_abs_diff": gspmd_diff,
-                   "peak_bytes_per_device": gspmd_report["peak_bytes_per_device"]},
-        )
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        report = write_result_files(tmp, explicit, input_name=f"phantom:{n}", images=True, ground_truth=True,
+                                    native_format=False)
+        signed = np.load(tmp / "error.npy")
+        view = save_view(tmp / "view.png", np.asarray(loaded.volume.array, np.float32), explicit.labels,
+                         np.abs(signed), signed, explicit.layout, loaded.spacing)
+        report.update(view=view, gspmd={"seconds": gspmd.report["seconds"], "max_abs_diff": gspmd_diff,
+                                        "peak_bytes_per_device": gspmd.report["peak_bytes_per_device"]})
+        write_report(tmp, report)
     print(f"\nwrote {args.out}/report.json, prediction.npy and view.png ({view['kind']})")
     return 0
 
@@ -80,7 +63,8 @@ def run(args) -> int:
 def save_view(path, image, labels, error, signed, layout, spacing) -> dict:
     """PNG of the napari 3D view (image MIP, |error| MIP, shard wireframes) where a display
     exists, else the matplotlib mid-slice figure; returns what was written, for report.json."""
-    from workbench.ui.napari.layers import boundary_layer, display_available, error_layers, image_layer, save_view_png
+    from workbench.ui.napari.layers import boundary_layer, error_layers, image_layer
+    from workbench.ui.napari.view import display_available, save_view_png
 
     ok, why = display_available()
     if ok:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from workbench.errors import UserError
+
 HELP = "open a result folder (infer --reference / demo) in napari"
 
 
@@ -18,14 +20,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     """Check the folder first (bad files: exit 2, one line), then open napari."""
-    from workbench.ui.napari.layers import add_layers, display_available, load_result, result_layers, save_view_png, show_view
+    from workbench.app import load_result
+    from workbench.ui.napari.layers import result_layers
+    from workbench.ui.napari.view import add_layers, display_available, save_view_png, show_view
 
     result = load_result(args.dir)
     if args.screenshot is not None and Path(args.screenshot).suffix.lower() != ".png":
-        raise ValueError(f"--screenshot {args.screenshot} must end in .png")
+        raise UserError(f"--screenshot {args.screenshot} must end in .png")
     ok, why = display_available()
     if not ok:
-        raise ValueError(f"cannot open napari: {why}")
+        raise UserError(f"cannot open napari: {why}")
     layers = result_layers(result)
     print(f"{result.path}: {result.layout}, halo {result.report['halo']}, "
           f"max |Δ| vs reference {result.report.get('max_abs_diff')}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from workbench.errors import UserError
+
 __all__ = ["configure_cpu_devices", "device_summary"]
 
 DEFAULT_CPU_DEVICES = 8
@@ -17,7 +19,7 @@ DEFAULT_CPU_DEVICES = 8
 def configure_cpu_devices(n: int = DEFAULT_CPU_DEVICES) -> None:
     """Simulate ``n`` CPU devices (no effect on GPU/TPU devices, which JAX prefers)."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"--cpu-devices {n!r} must be a positive integer, e.g. 8")
+        raise UserError(f"--cpu-devices {n!r} must be a positive integer, e.g. 8")
     import jax
 
     try:
@@ -25,7 +27,7 @@ def configure_cpu_devices(n: int = DEFAULT_CPU_DEVICES) -> None:
     except RuntimeError as err:  # backend already started with another count
         have = len(jax.devices("cpu"))
         if have != n:
-            raise ValueError(
+            raise UserError(
                 f"JAX already started with {have} CPU devices, cannot switch to {n}; "
                 "set the device count before the first JAX computation (restart the kernel)"
             ) from err
@@ -92,7 +94,7 @@ _gpu_target: str | None = None
 def validate_compiler(name: str) -> str:
     """``cpu`` or a known GPU target (:data:`GPU_TARGETS`); anything else is a clear error."""
     if name not in COMPILERS:
-        raise ValueError(f"--compiler {name!r} is unknown; use one of {', '.join(COMPILERS)}")
+        raise UserError(f"--compiler {name!r} is unknown; use one of {', '.join(COMPILERS)}")
     return name
 
 
@@ -123,7 +125,7 @@ def gpu_plan_python() -> str:
     candidate = Path(__file__).resolve().parents[2] / GPU_PLAN_ENV / "bin" / "python"
     if candidate.exists():
         return str(candidate)
-    raise ValueError(
+    raise UserError(
         "planning for a GPU needs JAX's CUDA plugin (no GPU needed) and this Python has none; "
         f"`make install` creates {GPU_PLAN_ENV} with it, or set WORKBENCH_GPU_PLAN_PYTHON to a "
         "Python with jax-cuda12-plugin of the same version as jax"
@@ -142,11 +144,11 @@ def use_gpu_target(n: int, target: str = "h100") -> list:
     """
     global _gpu_target
     if target not in GPU_TARGETS:
-        raise ValueError(f"unknown GPU target {target!r}; use one of {', '.join(GPU_TARGETS)}")
+        raise UserError(f"unknown GPU target {target!r}; use one of {', '.join(GPU_TARGETS)}")
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"GPU device count {n!r} must be a positive integer, e.g. 8")
+        raise UserError(f"GPU device count {n!r} must be a positive integer, e.g. 8")
     if not has_cuda_plugin():
-        raise ValueError(f"this Python has no CUDA plugin for JAX, so it cannot compile for {target}; "
+        raise UserError(f"this Python has no CUDA plugin for JAX, so it cannot compile for {target}; "
                          f"plan with `workbench plan --compiler {target}`, which runs {GPU_PLAN_ENV}")
     import jax
     from jax.experimental import topologies

@@ -22,6 +22,8 @@ import os
 
 import numpy as np
 
+from workbench.errors import UserError
+
 __all__ = ["ENV", "settings_from_env", "initialize_from_env", "initialize", "is_main", "process_info",
            "put", "put_tree", "to_host"]
 
@@ -53,19 +55,19 @@ def settings_from_env(environ=None) -> dict | None:
         try:
             value = int(text)
         except (TypeError, ValueError):
-            raise ValueError(f"{name}={text!r} must be an integer >= {low} (set by `workbench launch`)") from None
+            raise UserError(f"{name}={text!r} must be an integer >= {low} (set by `workbench launch`)") from None
         if value < low:
-            raise ValueError(f"{name}={value} must be an integer >= {low} (set by `workbench launch`)")
+            raise UserError(f"{name}={value} must be an integer >= {low} (set by `workbench launch`)")
         return value
 
     coordinator = env[ENV["coordinator"]].strip()
     host, _, port = coordinator.rpartition(":")
     if not host or not port.isdigit():
-        raise ValueError(f"{ENV['coordinator']}={coordinator!r} must be host:port, e.g. localhost:12355")
+        raise UserError(f"{ENV['coordinator']}={coordinator!r} must be host:port, e.g. localhost:12355")
     settings = {"auto": False, "coordinator": coordinator, "num_processes": integer("num_processes", 1),
                 "process_id": integer("process_id", 0), "local_devices": integer("local_devices", 1)}
     if settings["process_id"] >= settings["num_processes"]:
-        raise ValueError(f"{ENV['process_id']}={settings['process_id']} must be below "
+        raise UserError(f"{ENV['process_id']}={settings['process_id']} must be below "
                          f"{ENV['num_processes']}={settings['num_processes']}")
     return settings
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from workbench.errors import UserError
 from workbench.execute.distributed import put, put_tree, to_host
 from workbench.model.halo import halo_pad, validate_halo
 from workbench.model.layers import Partition
@@ -51,21 +52,21 @@ def as_batch(volume, in_channels: int = 1) -> np.ndarray:
     if array.ndim == 3:
         array = array[None, ..., None]
     if array.ndim != 5:
-        raise ValueError(
+        raise UserError(
             f"volume has shape {array.shape}: expected (Z, Y, X) or (N, Z, Y, X, C); "
             "squeeze extra axes or add batch/channel axes"
         )
     if array.shape[-1] != in_channels:
-        raise ValueError(
+        raise UserError(
             f"volume has {array.shape[-1]} channels but the model expects {in_channels}; "
             "pass (N, Z, Y, X, C) with the right C"
         )
     if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
-        raise ValueError(f"volume dtype {array.dtype} is not a real number type; convert it to float32")
+        raise UserError(f"volume dtype {array.dtype} is not a real number type; convert it to float32")
     array = array.astype(np.float32, copy=False)
     if not np.isfinite(array).all():
         bad = int(np.size(array) - np.isfinite(array).sum())
-        raise ValueError(
+        raise UserError(
             f"volume holds {bad} NaN/inf voxels; replace them (e.g. np.nan_to_num) before running"
         )
     return array
@@ -119,10 +120,10 @@ def check_options(config: UNetConfig, backend: str, halo) -> tuple[str, int]:
     Returns the per-layer halo mode and the overlap width (0 for per-layer modes).
     """
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+        raise UserError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     mode, overlap = _resolve_halo(halo, config)
     if backend == "gspmd" and (mode != "exact" or overlap):
-        raise ValueError(
+        raise UserError(
             f"halo {halo!r} is only available with the explicit backend (gspmd lets XLA "
             "insert exact halos); use backend='explicit' or halo='exact'"
         )
@@ -136,7 +137,7 @@ def _resolve_halo(halo, config: UNetConfig) -> tuple[str, int]:
         return "exact", overlap_width(config)
     if isinstance(halo, int):
         if halo % config.multiple:
-            raise ValueError(
+            raise UserError(
                 f"overlap halo width {halo} must be a multiple of {config.multiple} "
                 f"(2^(depth-1)) so every shard's pooling grid lines up; use "
                 f"{halo // config.multiple * config.multiple} or {-(-halo // config.multiple) * config.multiple}"
@@ -162,10 +163,10 @@ def compile_forward(
     Nothing is allocated: inputs are ``jax.ShapeDtypeStruct``s with shardings.
     """
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS}")
+        raise UserError(f"unknown backend {backend!r}; use one of {BACKENDS}")
     spec = layout.mesh
     if batch % spec.data:
-        raise ValueError(
+        raise UserError(
             f"batch of {batch} does not split over data={spec.data}; use a batch that is a "
             f"multiple of {spec.data} or a mesh with a smaller data axis"
         )
@@ -195,7 +196,7 @@ def make_forward(config: UNetConfig, layout: ShardLayout, *, backend: str = "exp
     (``layout.reference_shape`` for the reference) and the logits keep that shape.
     """
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS}")
+        raise UserError(f"unknown backend {backend!r}; use one of {BACKENDS}")
     mode, overlap = _resolve_halo(halo, config)
     spec = layout.mesh
     if backend == "reference":
@@ -208,7 +209,7 @@ def make_forward(config: UNetConfig, layout: ShardLayout, *, backend: str = "exp
     act_sharding, replicated = NamedSharding(mesh, act), NamedSharding(mesh, P())
     if backend == "gspmd":
         if mode != "exact" or overlap:
-            raise ValueError(
+            raise UserError(
                 f"halo {halo!r} is only available with the explicit backend (gspmd lets XLA "
                 "insert exact halos); use backend='explicit' or halo='exact'"
             )
@@ -277,7 +278,7 @@ def run(model: Model, volume, mesh=None, *, backend: str = "explicit", halo="exa
     accepts (ignored by ``backend="reference"``).
     """
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS}")
+        raise UserError(f"unknown backend {backend!r}; use one of {BACKENDS}")
     validate_halo(halo)
     squeeze = np.ndim(volume) == 3
     x = as_batch(volume, model.config.in_channels)

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from workbench.errors import UserError
 from workbench.mesh import SPATIAL_AXES
 
 __all__ = ["HALO_MODES", "halo_pad", "validate_halo", "global_index"]
@@ -43,10 +44,10 @@ _SPATIAL_DIMS = (1, 2, 3)
 def validate_halo(halo) -> str | int:
     """Normalise a halo choice: one of :data:`HALO_MODES`, ``overlap``, or an int width >= 0."""
     if isinstance(halo, bool):
-        raise ValueError(f"halo={halo!r} is not a halo mode; use one of {HALO_MODES + ('overlap',)} or a width >= 0")
+        raise UserError(f"halo={halo!r} is not a halo mode; use one of {HALO_MODES + ('overlap',)} or a width >= 0")
     if isinstance(halo, int):
         if halo < 0:
-            raise ValueError(f"halo width {halo} must be >= 0; use 0 (no halo) or a positive width")
+            raise UserError(f"halo width {halo} must be >= 0; use 0 (no halo) or a positive width")
         return halo
     if isinstance(halo, str):
         text = halo.strip().lower()
@@ -54,7 +55,7 @@ def validate_halo(halo) -> str | int:
             return validate_halo(int(text))
         if text in HALO_MODES or text == "overlap":
             return text
-    raise ValueError(
+    raise UserError(
         f"unknown halo mode {halo!r}; use one of {', '.join(HALO_MODES)}, 'overlap', "
         "or an integer width (e.g. 4)"
     )
@@ -67,9 +68,9 @@ def halo_pad(x_block, *, width: int, mesh_shape: tuple[int, int, int], mode: str
     Axes of size 1 are zero padded (the volume's outer faces).
     """
     if width < 0:
-        raise ValueError(f"halo width {width} must be >= 0")
+        raise UserError(f"halo width {width} must be >= 0")
     if mode not in HALO_MODES:
-        raise ValueError(f"unknown halo mode {mode!r}; use one of {HALO_MODES}")
+        raise UserError(f"unknown halo mode {mode!r}; use one of {HALO_MODES}")
     if width == 0:
         return x_block
     if mode == "exact":
@@ -79,7 +80,7 @@ def halo_pad(x_block, *, width: int, mesh_shape: tuple[int, int, int], mode: str
     np_mode = "reflect" if mode == "reflect" else "edge"
     for dim, name, size in zip(_SPATIAL_DIMS, SPATIAL_AXES, mesh_shape):
         if mode == "reflect" and x_block.shape[dim] <= width:
-            raise ValueError(
+            raise UserError(
                 f"halo mode 'reflect' needs shards wider than the halo ({width}) but the "
                 f"shard is {x_block.shape[dim]} voxels along {name}; use fewer devices along {name}"
             )

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from workbench.errors import UserError
 from workbench.model.halo import global_index, halo_pad
 from workbench.mesh import ACTIVATION_SPEC, DATA_AXIS, SPATIAL_AXES
 
@@ -246,7 +247,7 @@ class UpConv2(nn.Module):
 def _pool_blocks(x):
     n, z, y, w, c = x.shape
     if z % 2 or y % 2 or w % 2:
-        raise ValueError(f"2x2x2 pooling needs even spatial sizes, got {z}x{y}x{w}; pad the volume to a "
+        raise UserError(f"2x2x2 pooling needs even spatial sizes, got {z}x{y}x{w}; pad the volume to a "
                          "multiple of 2^(depth-1) per axis (ShardLayout and run.apply do)")
     return x.reshape(n, z // 2, 2, y // 2, 2, w // 2, 2, c)
 
@@ -350,7 +351,7 @@ class Norm(nn.Module):
             mean, var = _moments(xg, wg, (1, 2, 3, 5), self.partition, over_batch=False)
             y = ((xg - mean) * lax.rsqrt(var + self.epsilon)).reshape(xf.shape)
         else:
-            raise ValueError(f"unknown normalisation {self.kind!r}; use one of {NORMS}")
+            raise UserError(f"unknown normalisation {self.kind!r}; use one of {NORMS}")
         return (y * scale + bias).astype(x.dtype)
 
 

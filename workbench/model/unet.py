@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from workbench.errors import UserError
 from workbench.model.layers import NORMS, Conv3, Norm, Partition, UpConv2, hash_dropout, he_normal, max_pool2
 
 __all__ = ["UNetConfig", "UNet3D", "Model", "PRESETS", "receptive_radius"]
@@ -67,7 +68,7 @@ class UNetConfig:
     def __post_init__(self):
         def check(ok, msg):
             if not ok:
-                raise ValueError(msg)
+                raise UserError(msg)
 
         check(isinstance(self.depth, int) and 1 <= self.depth <= 7, f"depth={self.depth!r} must be an integer in 1..7")
         check(isinstance(self.base_filters, int) and self.base_filters >= 1, f"base_filters={self.base_filters!r} must be >= 1")
@@ -81,7 +82,7 @@ class UNetConfig:
     @classmethod
     def preset(cls, name: str, **overrides) -> "UNetConfig":
         if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; use one of {sorted(PRESETS)}")
+            raise UserError(f"unknown model preset {name!r}; use one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
     @property

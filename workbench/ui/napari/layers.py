@@ -25,18 +25,13 @@ Example
 from __future__ import annotations
 
 import colorsys
-import json
 import math
-import os
-import sys
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from data_tools.errors import DataError, MissingDataError
-
+from workbench.errors import UserError
+from workbench.analysis.compare import seam_profile, shard_stats
 from workbench.mesh import ShardLayout
 
 __all__ = [
@@ -48,22 +43,11 @@ __all__ = [
     "boundary_layer",
     "boundary_segments",
     "contour_layer",
-    "halo_width",
     "halo_band",
     "halo_band_layer",
-    "signed_error",
-    "shard_error_stats",
-    "seam_profile",
     "error_layers",
     "build_layers",
-    "ResultFolder",
-    "load_result",
     "result_layers",
-    "add_layers",
-    "apply_contour",
-    "display_available",
-    "save_view_png",
-    "show_view",
 ]
 
 LARGE_VOXELS = 256**3  # above this: multiscale views / lazy arrays, no whole-volume copies
@@ -91,18 +75,18 @@ def shard_colors(n: int) -> np.ndarray:
 def _spacing(spacing) -> tuple[float, float, float]:
     values = tuple(float(s) for s in np.ravel(spacing))
     if len(values) != 3 or not all(math.isfinite(s) and s > 0 for s in values):
-        raise ValueError(f"spacing={spacing!r} must be 3 positive numbers (dz, dy, dx) in mm")
+        raise UserError(f"spacing={spacing!r} must be 3 positive numbers (dz, dy, dx) in mm")
     return values
 
 
 def _check_volume(array, name: str, shape=None) -> None:
     if np.ndim(array) != 3:
-        raise ValueError(
+        raise UserError(
             f"{name} has {np.ndim(array)} dimensions {tuple(np.shape(array))}, expected 3 (Z, Y, X); "
             "pick one channel or time point first"
         )
     if shape is not None and tuple(array.shape) != tuple(shape):
-        raise ValueError(
+        raise UserError(
             f"{name} has shape {tuple(array.shape)} but the volume is {tuple(shape)}; "
             "pass arrays of the same run (crop padding first)"
         )
@@ -163,10 +147,9 @@ def _percentile_limits(array, percentiles=(0.5, 99.5)) -> list[float]:
     return [lo, hi]
 
 
-def _slabs(n_rows: int, row_voxels: int):
-    step = max(1, _SLAB_VOXELS // max(1, row_voxels))
-    for z0 in range(0, n_rows, step):
-        yield slice(z0, min(n_rows, z0 + step))
+def _lists(profile: dict) -> dict:
+    """A seam profile with plain lists (layer metadata is shown and saved as JSON)."""
+    return {k: np.asarray(v).tolist() for k, v in profile.items()}
 
 
 def _shard_label(shard) -> str:
@@ -196,7 +179,7 @@ def labels_layer(labels, *, spacing=(1.0, 1.0, 1.0), name: str = "prediction",
     """An integer label map as a Labels layer; ``features`` name the classes."""
     _check_volume(labels, name)
     if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{name} has dtype {labels.dtype}, expected integers; use argmax(-1) of the logits")
+        raise UserError(f"{name} has dtype {labels.dtype}, expected integers; use argmax(-1) of the logits")
     kwargs: dict[str, Any] = dict(name=name, scale=_spacing(spacing), opacity=opacity,
                                   metadata={"class_names": list(class_names or [])})
     if class_names:
@@ -208,7 +191,7 @@ def probability_layers(logits, *, spacing=(1.0, 1.0, 1.0), class_names: Sequence
                        skip_background: bool = True) -> list[LayerData]:
     """Softmax of ``(Z, Y, X, K)`` logits, one hidden additive Image layer per class."""
     if np.ndim(logits) != 4:
-        raise ValueError(f"logits have shape {np.shape(logits)}, expected (Z, Y, X, K)")
+        raise UserError(f"logits have shape {np.shape(logits)}, expected (Z, Y, X, K)")
     if _is_large(logits.shape[:3]):  # lazy softmax, slab by slab: no (Z, Y, X, K) copy
         import dask.array as da
 
@@ -257,7 +240,7 @@ def boundary_layer(layout: ShardLayout, *, spacing=(1.0, 1.0, 1.0), stats: Seque
     """3D wireframe of every shard's block: one ``path`` shape and one colour per shard.
 
     ``features`` has one row per drawn shard: ``index``, ``coord_z/y/x``, ``label`` (shown
-    as text) and, with ``stats`` (see :func:`shard_error_stats`), the error columns.
+    as text) and, with ``stats`` (see :func:`workbench.analysis.compare.shard_stats`), the error columns.
     Shards that hold only padding are not drawn; ``metadata["empty_shards"]`` lists them.
     """
     shards = [s for s in layout.shards() if not s.is_empty]
@@ -325,37 +308,6 @@ def contour_layer(layout: ShardLayout, *, spacing=(1.0, 1.0, 1.0), name: str = "
 
 
 # -- halo bands -------------------------------------------------------------------------
-def halo_width(halo, *, model: dict | None = None) -> int:
-    """Level-0 width of the shell each shard receives from its neighbours for a halo choice.
-
-    ``exact``: 1 voxel (a 1-voxel shell per 3×3×3 conv layer, at every resolution level);
-    an integer ``w``: ``w`` (the input halo); ``overlap``: the receptive radius rounded up
-    to 2^(depth-1) (needs ``model``, the report's config dict); ``zero`` / ``reflect`` /
-    ``replicate`` / ``0``: 0 (each shard pads itself, nothing is received).
-    """
-    if isinstance(halo, str) and halo.strip().lstrip("-").isdigit():
-        halo = int(halo)
-    if isinstance(halo, bool) or not isinstance(halo, (int, str)):
-        raise ValueError(f"halo={halo!r} is not a halo mode; use exact, zero, reflect, replicate, overlap or a width")
-    if isinstance(halo, int):
-        if halo < 0:
-            raise ValueError(f"halo width {halo} must be >= 0")
-        return halo
-    text = halo.strip().lower()
-    if text == "exact":
-        return 1
-    if text in ("zero", "reflect", "replicate"):
-        return 0
-    if text == "overlap":
-        if model is None:
-            raise ValueError("halo 'overlap' needs the model config to know its width; pass model=config.as_dict()")
-        from workbench.execute.run import overlap_width
-        from workbench.model.unet import UNetConfig
-
-        return overlap_width(UNetConfig(**model))
-    raise ValueError(f"unknown halo mode {halo!r}; use exact, zero, reflect, replicate, overlap or a width")
-
-
 def _axis_halo(n: int, block: int, mesh: int, width: int):
     """Per position along one axis: distance to the nearest inner boundary (0 = adjacent
     voxel) and the step (+1/-1) to the shard across it that receives the voxel."""
@@ -383,14 +335,14 @@ def halo_band(layout: ShardLayout, width: int, *, shard: int | None = None):
     box; valued ``i + 1``. 0 elsewhere. Numpy, or dask for large volumes.
     """
     if not isinstance(width, (int, np.integer)) or width < 1:
-        raise ValueError(f"halo band width {width!r} must be an integer >= 1 (halo modes without "
+        raise UserError(f"halo band width {width!r} must be an integer >= 1 (halo modes without "
                          "exchange receive nothing; skip the band for them)")  # fmt: skip
     shards = layout.shards()
     n = len(shards)
     dtype = np.uint8 if n < 255 else np.uint16
     if shard is not None:
         if not 0 <= shard < n:
-            raise ValueError(f"shard={shard} is not a shard of mesh {layout.mesh}; use 0..{n - 1}")
+            raise UserError(f"shard={shard} is not a shard of mesh {layout.mesh}; use 0..{n - 1}")
         box = shards[shard].valid_box
 
         def shell(*axes):
@@ -442,87 +394,6 @@ def halo_band_layer(layout: ShardLayout, width: int, *, spacing=(1.0, 1.0, 1.0),
 
 
 # -- error maps -------------------------------------------------------------------------
-def signed_error(output, reference) -> np.ndarray:
-    """Partitioned − reference per voxel, float32 (Z, Y, X).
-
-    For ``(Z, Y, X, K)`` logits it is the difference at the class with the largest
-    ``|Δ|`` (so ``|signed|`` is the max over classes, as ``report.json`` measures).
-    Computed slab by slab: temporaries stay small for 512³ volumes.
-    """
-    if np.shape(output) != np.shape(reference):
-        raise ValueError(f"output shape {np.shape(output)} does not match reference shape "
-                         f"{np.shape(reference)}; compare arrays of the same volume")  # fmt: skip
-    if np.ndim(output) not in (3, 4):
-        raise ValueError(f"expected (Z, Y, X) or (Z, Y, X, K) arrays, got shape {np.shape(output)}")
-    out = np.empty(output.shape[:3], np.float32)
-    row = int(np.prod(output.shape[1:]))
-    for sl in _slabs(output.shape[0], row):
-        diff = np.asarray(output[sl], np.float32) - np.asarray(reference[sl], np.float32)
-        if diff.ndim == 4:
-            k = np.abs(diff).argmax(-1)[..., None]
-            diff = np.take_along_axis(diff, k, -1)[..., 0]
-        out[sl] = diff
-    return out
-
-
-def _abs_max(array, box=None) -> float:
-    view = array if box is None else array[tuple(slice(lo, hi) for lo, hi in box)]
-    best = 0.0
-    for sl in _slabs(view.shape[0], int(np.prod(view.shape[1:]))):
-        if view[sl].size:
-            best = max(best, float(np.abs(np.asarray(view[sl])).max()))
-    return best
-
-
-def shard_error_stats(signed, layout: ShardLayout, *, tolerance: float = 1e-5) -> list[dict]:
-    """Per shard: ``index``, ``coords``, ``box``, ``max_abs_diff``, ``mean_abs_diff``,
-    ``rms_diff``, ``voxels_over_tolerance`` (``None`` for shards holding only padding)."""
-    _check_volume(signed, "error map", layout.volume_shape)
-    rows = []
-    for s in layout.shards():
-        row = {"index": s.index, "coords": list(s.coords), "box": [list(b) for b in s.valid_box],
-               "max_abs_diff": None, "mean_abs_diff": None, "rms_diff": None, "voxels_over_tolerance": None}
-        if not s.is_empty:
-            view = signed[tuple(slice(lo, hi) for lo, hi in s.valid_box)]
-            total = sq = 0.0
-            count = over = 0
-            worst = 0.0
-            for sl in _slabs(view.shape[0], int(np.prod(view.shape[1:]))):
-                e = np.abs(np.asarray(view[sl], np.float64))
-                total += float(e.sum())
-                sq += float((e * e).sum())
-                count += e.size
-                over += int((e > tolerance).sum())
-                worst = max(worst, float(e.max()))
-            row.update(max_abs_diff=worst, mean_abs_diff=total / count, rms_diff=math.sqrt(sq / count),
-                       voxels_over_tolerance=over)  # fmt: skip
-        rows.append(row)
-    return rows
-
-
-def seam_profile(signed, layout: ShardLayout, *, max_distance: int = 8) -> dict:
-    """Max ``|Δ|`` against the distance (voxels, 0 = touching) to the nearest inner shard
-    boundary, for distances ``0..max_distance``; farther voxels pooled in ``beyond``."""
-    _check_volume(signed, "error map", layout.volume_shape)
-    per_axis = [_axis_halo(s, b, m, 1)[0] for s, b, m in
-                zip(layout.volume_shape, layout.block_shape, layout.mesh.spatial)]  # fmt: skip
-    cap = max_distance + 1
-    worst = np.zeros(cap + 1, np.float64)
-    present = np.zeros(cap + 1, bool)
-    dyx = np.minimum(per_axis[1][:, None], per_axis[2][None, :])
-    for sl in _slabs(signed.shape[0], int(np.prod(signed.shape[1:]))):
-        d = np.minimum(np.minimum(per_axis[0][sl][:, None, None], dyx[None]), cap)
-        e = np.abs(np.asarray(signed[sl], np.float64))
-        for k in np.unique(d):
-            present[k] = True
-            worst[k] = max(worst[k], float(e[d == k].max()))
-    return {
-        "distance": [k for k in range(cap) if present[k]],
-        "max_abs_diff": [float(worst[k]) for k in range(cap) if present[k]],
-        "beyond": float(worst[cap]) if present[cap] else None,
-    }
-
-
 def error_layers(signed, layout: ShardLayout, *, spacing=(1.0, 1.0, 1.0), tolerance: float = 1e-5,
                  stats: Sequence[dict] | None = None) -> list[LayerData]:
     """Signed error (diverging, symmetric limits) and ``|error|`` (MIP in 3D) layers.
@@ -532,11 +403,11 @@ def error_layers(signed, layout: ShardLayout, *, spacing=(1.0, 1.0, 1.0), tolera
     the seam profile and ``max_abs_diff``.
     """
     _check_volume(signed, "error map", layout.volume_shape)
-    stats = list(stats) if stats is not None else shard_error_stats(signed, layout, tolerance=tolerance)
+    stats = list(stats) if stats is not None else shard_stats(signed, layout, tolerance=tolerance)
     worst = max((r["max_abs_diff"] for r in stats if r["max_abs_diff"] is not None), default=0.0)
     limit = max(worst, tolerance, 1e-12)  # an exact run's rounding noise stays dim, not full scale
     metadata = {"max_abs_diff": worst, "tolerance": tolerance, "per_shard": stats,
-                "seam_profile": seam_profile(signed, layout), "mesh": layout.mesh.as_dict(),
+                "seam_profile": _lists(seam_profile(signed, layout, max_distance=8)), "mesh": layout.mesh.as_dict(),
                 "definition": "partitioned − reference (logits: at the class with the largest |Δ|)"}  # fmt: skip
     signed_kwargs = dict(name="error (partitioned − reference)", scale=_spacing(spacing),
                          colormap="berlin", contrast_limits=[-limit, limit], blending="additive",
@@ -565,7 +436,7 @@ def build_layers(layout: ShardLayout, *, spacing=(1.0, 1.0, 1.0), image=None, pr
     prediction, class probabilities, error maps, halo band, shard contours, boundaries.
 
     Every array must have the layout's volume shape (a clear ``ValueError`` otherwise).
-    ``stats`` (from :func:`shard_error_stats` of ``signed``) saves recomputing them.
+    ``stats`` (from :func:`workbench.analysis.compare.shard_stats` of ``signed``) saves recomputing them.
     """
     shape = layout.volume_shape
     for name, arr in (("image", image), ("prediction", prediction), ("ground truth", ground_truth),
@@ -573,7 +444,7 @@ def build_layers(layout: ShardLayout, *, spacing=(1.0, 1.0, 1.0), image=None, pr
         if arr is not None:
             _check_volume(arr, name, shape)
     if logits is not None and tuple(logits.shape[:3]) != shape:
-        raise ValueError(f"logits have shape {tuple(logits.shape)} but the volume is {shape}")
+        raise UserError(f"logits have shape {tuple(logits.shape)} but the volume is {shape}")
     layers: list[LayerData] = []
     if image is not None:
         layers.append(image_layer(image, spacing=spacing))
@@ -592,7 +463,7 @@ def build_layers(layout: ShardLayout, *, spacing=(1.0, 1.0, 1.0), image=None, pr
         stats = None
     else:
         if stats is None:
-            stats = shard_error_stats(signed, layout, tolerance=tolerance)
+            stats = shard_stats(signed, layout, tolerance=tolerance)
         layers.extend(error_layers(signed, layout, spacing=spacing, tolerance=tolerance, stats=stats))
     if halo_band_width > 0:
         layers.append(halo_band_layer(layout, halo_band_width, spacing=spacing, halo=halo))
@@ -601,115 +472,8 @@ def build_layers(layout: ShardLayout, *, spacing=(1.0, 1.0, 1.0), image=None, pr
     return layers
 
 
-# -- result folders ---------------------------------------------------------------------
-@dataclass
-class ResultFolder:
-    """What ``workbench infer --reference`` / ``workbench demo`` wrote, validated."""
-
-    path: Path
-    report: dict
-    layout: ShardLayout
-    spacing: tuple[float, float, float]
-    prediction: np.ndarray
-    image: np.ndarray | None = None
-    ground_truth: np.ndarray | None = None
-    reference_prediction: np.ndarray | None = None
-    signed: np.ndarray | None = None
-    class_names: list[str] | None = None
-    halo_band_width: int = 0
-    files: dict[str, str] = field(default_factory=dict)
-    stats: list[dict] | None = None  # per-shard error statistics of ``signed``
-
-
-def _read_array(path: Path):
-    """A (Z, Y, X) array (memory-mapped for .npy) and its spacing if the format knows it."""
-    if path.suffix == ".npy":
-        try:
-            return np.load(path, mmap_mode="r", allow_pickle=False), None
-        except ValueError as err:
-            raise DataError(path, f"is not a readable .npy file ({err})", "rerun the command that wrote it") from None
-    from data_tools.io import read_volume
-
-    volume = read_volume(path)
-    return volume.array, volume.spacing
-
-
-def load_result(path: str | os.PathLike) -> ResultFolder:
-    """Read and check a result folder: ``report.json``, the prediction and, when present,
-    ``image.npy``, ``ground_truth.npy``, ``reference_prediction.npy`` and ``error.npy``.
-
-    Raises :class:`~data_tools.errors.DataError` (a ``ValueError``) naming the file, the
-    problem and the fix for a missing or mismatched file.
-    """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise MissingDataError(folder, "is not a result folder", "pass the --out folder of workbench infer or demo")
-    report_path = folder / "report.json"
-    if not report_path.is_file():
-        raise MissingDataError(report_path, "is missing",
-                               "pass the --out folder of `workbench infer ... --out DIR` or `workbench demo`")  # fmt: skip
-    try:
-        report = json.loads(report_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(report_path, f"is not valid JSON ({err})", "rerun the command that wrote it") from None
-    missing = [k for k in ("input_shape", "mesh", "halo", "per_shard") if k not in report]
-    if not isinstance(report, dict) or missing:
-        raise DataError(report_path, f"lacks the keys {missing}", "rerun workbench infer/demo to rewrite it")
-    shape = tuple(int(s) for s in report["input_shape"])
-    depth = int((report.get("model") or {}).get("depth", 1))
-    try:
-        layout = ShardLayout(shape, report["mesh"], multiple=2 ** (depth - 1))
-    except (TypeError, ValueError) as err:
-        raise DataError(report_path, f"has an unusable mesh/input_shape ({err})", "rerun workbench infer/demo") from None
-    boxes = [[list(b) for b in s.valid_box] for s in layout.shards()]
-    if [row.get("box") for row in report["per_shard"]] != boxes:
-        raise DataError(report_path, f"per_shard boxes do not match mesh {layout.mesh} on {shape}",
-                        "the report was edited or comes from another run; rerun workbench infer/demo")  # fmt: skip
-
-    files: dict[str, str] = {}
-    pred_name = report.get("prediction")
-    if pred_name is None:
-        found = sorted(p.name for p in folder.iterdir() if p.name.startswith("prediction."))
-        pred_name = found[0] if found else "prediction.npy"
-    pred_path = folder / pred_name
-    if not pred_path.exists():
-        raise MissingDataError(pred_path, "is missing (report.json names it)", "rerun workbench infer/demo into a new folder")
-    prediction, file_spacing = _read_array(pred_path)
-    files["prediction"] = pred_name
-
-    def check(name, array):
-        if np.ndim(array) != 3 or tuple(array.shape) != shape:
-            raise DataError(folder / name, f"has shape {tuple(np.shape(array))} but report.json says the "
-                            f"volume is {shape}", "the files come from different runs; rerun workbench infer/demo")  # fmt: skip
-        return array
-
-    check(pred_name, prediction)
-    if not np.issubdtype(prediction.dtype, np.integer):
-        raise DataError(pred_path, f"has dtype {prediction.dtype}, expected integer labels", "rerun workbench infer/demo")
-    optional = {}
-    for key, name in (("image", "image.npy"), ("ground_truth", "ground_truth.npy"),
-                      ("reference_prediction", "reference_prediction.npy"), ("signed", "error.npy")):  # fmt: skip
-        if (folder / name).exists():
-            optional[key] = check(name, _read_array(folder / name)[0])
-            files[key] = name
-    spacing = report.get("spacing") or file_spacing or (1.0, 1.0, 1.0)
-    stats = None
-    if "signed" in optional:
-        stats = shard_error_stats(optional["signed"], layout)
-        for row, mine in zip(report["per_shard"], stats):
-            theirs = row.get("max_abs_diff")
-            if theirs is not None and not math.isclose(theirs, mine["max_abs_diff"], rel_tol=1e-6, abs_tol=1e-7):
-                raise DataError(folder / "error.npy", f"gives max |Δ| {mine['max_abs_diff']:.3g} in shard "
-                                f"{row['index']} but report.json says {theirs:.3g}",
-                                "the files come from different runs; rerun workbench infer/demo")  # fmt: skip
-    return ResultFolder(folder, report, layout, _spacing(spacing), prediction,
-                        class_names=report.get("class_names"),
-                        halo_band_width=halo_width(report["halo"], model=report.get("model")),
-                        files=files, stats=stats, **optional)  # fmt: skip
-
-
-def result_layers(result: ResultFolder) -> list[LayerData]:
-    """The layers of a :class:`ResultFolder` (see :func:`build_layers`)."""
+def result_layers(result) -> list[LayerData]:
+    """The layers of a result folder (:func:`workbench.app.load_result`; see :func:`build_layers`)."""
     layers = build_layers(result.layout, spacing=result.spacing, image=result.image, prediction=result.prediction,
                           ground_truth=result.ground_truth, reference_prediction=result.reference_prediction,
                           signed=result.signed, halo=result.report["halo"],
@@ -722,64 +486,3 @@ def result_layers(result: ResultFolder) -> list[LayerData]:
     for _, kwargs, _ in layers:
         kwargs.setdefault("metadata", {})["result_folder"] = str(result.path)
     return layers
-
-
-# -- napari side (imports napari inside) ------------------------------------------------
-def add_layers(viewer, layers: Sequence[LayerData], *, replace: bool = True) -> list:
-    """Add layer data tuples to a napari viewer; with ``replace``, a layer of the same
-    name is removed first (re-running a widget updates instead of duplicating)."""
-    from napari.layers import Layer
-
-    added = []
-    for data, kwargs, kind in layers:
-        if replace and kwargs.get("name") in viewer.layers:
-            viewer.layers.remove(kwargs["name"])
-        layer = Layer.create(data, dict(kwargs), kind)
-        apply_contour(layer)
-        added.append(viewer.add_layer(layer))
-    return added
-
-
-def apply_contour(layer) -> None:
-    """Set a Labels layer's ``contour`` from ``metadata["contour"]`` (see :func:`contour_layer`)."""
-    if "contour" in layer.metadata and hasattr(layer, "contour"):
-        layer.contour = int(layer.metadata["contour"])
-
-
-def display_available() -> tuple[bool, str]:
-    """Can napari open a window here? ``(ok, reason)``; no Qt is imported."""
-    import importlib.util
-
-    if os.environ.get("QT_QPA_PLATFORM", "") == "offscreen":
-        return False, "QT_QPA_PLATFORM=offscreen cannot render napari's 3D canvas"
-    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-        return False, "no display (DISPLAY is unset); run under xvfb-run or on a desktop"
-    if importlib.util.find_spec("napari") is None:
-        return False, "napari is not installed (pip install 'partitioned-unet-workbench[viewer]')"
-    return True, ""
-
-
-def save_view_png(path: str | os.PathLike, layers: Sequence[LayerData], *, ndisplay: int = 3,
-                  angles=(0.0, -35.0, 120.0), size=(720, 720)) -> Path:
-    """Open a napari viewer with ``layers``, screenshot the canvas to ``path``, close it.
-
-    Needs a display (a real one or Xvfb): a hidden viewer renders black.
-    """
-    import napari
-
-    viewer = napari.Viewer(show=True, title="workbench view")
-    try:
-        add_layers(viewer, layers)
-        show_view(viewer, ndisplay=ndisplay, angles=angles)
-        viewer.screenshot(path=str(path), canvas_only=True, size=tuple(size), flash=False)
-    finally:
-        viewer.close()
-    return Path(path)
-
-
-def show_view(viewer, *, ndisplay: int = 3, angles=(0.0, -35.0, 120.0)) -> None:
-    """Switch to 2D/3D, fit the data, and in 3D turn the camera to an oblique view."""
-    viewer.dims.ndisplay = ndisplay
-    if ndisplay == 3:
-        viewer.scene.camera.angles = tuple(angles)
-    viewer.reset_view(reset_camera_angle=False)

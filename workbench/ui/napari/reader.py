@@ -29,7 +29,8 @@ def read_result_folder(path):
     """Layer data tuples of a result folder; ``[(None,)]`` after notifying a bad folder."""
     from napari.utils.notifications import show_error
 
-    from workbench.ui.napari.layers import load_result, result_layers
+    from workbench.app import load_result
+    from workbench.ui.napari.layers import result_layers
 
     if isinstance(path, (list, tuple)):
         path = path[0]
@@ -53,6 +54,6 @@ def _apply_contours_on_insert() -> None:
 
 
 def _on_inserted(event) -> None:
-    from workbench.ui.napari.layers import apply_contour
+    from workbench.ui.napari.view import apply_contour
 
     apply_contour(event.value)

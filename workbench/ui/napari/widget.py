@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, Label, PushButton
 
-__all__ = ["PartitionedInferenceWidget"]
+from workbench.errors import USER_ERRORS, one_line
+from workbench.options import HALO_MODES, PLAN_BACKENDS
 
-HALO_CHOICES = ("exact", "zero", "reflect", "replicate", "overlap")
-BACKEND_CHOICES = ("explicit", "gspmd")
+__all__ = ["PartitionedInferenceWidget"]
 
 
 def _devices() -> int:
@@ -29,16 +29,6 @@ def _devices() -> int:
     import jax
 
     return len(jax.devices())
-
-
-def _default_model_args():
-    import argparse
-
-    from workbench.cli.args import add_common
-
-    parser = argparse.ArgumentParser()
-    add_common(parser)
-    return parser.parse_args([])
 
 
 class PartitionedInferenceWidget(Container):
@@ -56,8 +46,8 @@ class PartitionedInferenceWidget(Container):
         meshes = [str(m) for m in valid_meshes(n)]
         self.image = ComboBox(label="image", choices=self._image_choices, nullable=True)
         self.mesh = ComboBox(label="mesh (z×y×x)", choices=meshes, value=str(auto_mesh(n)))
-        self.backend = ComboBox(label="backend", choices=BACKEND_CHOICES, value="explicit")
-        self.halo = ComboBox(label="halo", choices=HALO_CHOICES, value="exact")
+        self.backend = ComboBox(label="backend", choices=PLAN_BACKENDS, value="explicit")
+        self.halo = ComboBox(label="halo", choices=HALO_MODES, value="exact")
         self.reference = CheckBox(text="compare with the single-device reference", value=True)
         self.run_button = PushButton(text="Run partitioned inference")
         self.status = Label(value=f"{n} devices")
@@ -84,10 +74,11 @@ class PartitionedInferenceWidget(Container):
             self.image.value = active
 
     def model(self):
+        """The shipped phantom model of the small preset (random weights if they are missing)."""
         if self._model is None:
-            from workbench.cli.args import model_from_args
+            from workbench.app import resolve_model
 
-            self._model = model_from_args(_default_model_args())
+            self._model = resolve_model("small", task="phantom")
         return self._model
 
     def run(self, _value=None) -> list | None:
@@ -98,13 +89,13 @@ class PartitionedInferenceWidget(Container):
         """
         from napari.utils.notifications import show_error
 
-        from workbench.ui.napari.layers import add_layers
+        from workbench.ui.napari.view import add_layers
 
         try:
             layers = self.result_layers()
-        except ValueError as err:
-            self.status.value = f"error: {err}"
-            show_error(f"partitioned inference: {err}")
+        except USER_ERRORS as err:
+            self.status.value = f"error: {one_line(err)}"
+            show_error(f"partitioned inference: {one_line(err)}")
             return None
         names = [kwargs["name"] for _, kwargs, _ in layers]
         for stale in self._added:  # layers of the previous run this one does not replace
@@ -114,38 +105,35 @@ class PartitionedInferenceWidget(Container):
         return add_layers(self._viewer, layers)
 
     def result_layers(self) -> list:
-        """Run inference and return the layer data tuples (raises ``ValueError`` on bad input)."""
-        from data_tools.volume import Volume
-
-        from workbench.cli.args import image_for_model, infer_array, summary_line
-        from workbench.mesh import ShardLayout
-        from workbench.execute.run import check_options
-        from workbench.ui.napari.layers import build_layers, halo_width, signed_error
+        """Run inference and return the layer data tuples (raises a user error on bad input)."""
+        from workbench.analysis.receptive import halo_width
+        from workbench.app import check_run_options, infer, load_volume, summary_line
+        from workbench.errors import UserError
+        from workbench.ui.napari.layers import build_layers
 
         layer = self.image.value
         if layer is None:
-            raise ValueError("no image layer selected; open or add a 3-D image layer first")
+            raise UserError("no image layer selected; open or add a 3-D image layer first")
         data = layer.data[0] if layer.multiscale else layer.data
         if layer.rgb or np.ndim(data) != 3:
-            raise ValueError(
+            raise UserError(
                 f"image layer {layer.name!r} has {np.ndim(data)} dimensions {tuple(np.shape(data))}"
                 f"{' (RGB)' if layer.rgb else ''}; partitioned inference needs a 3-D (Z, Y, X) volume, "
                 "so pick a 3-D image layer"
             )
+        from data_tools.volume import Volume
+
         spacing = tuple(float(s) for s in layer.scale[-3:])
-        volume = Volume(np.asarray(data), spacing=spacing, path=f"layer {layer.name!r}")
-        model = self.model()
-        halo = self.halo.value
-        check_options(model.config, self.backend.value, halo)  # e.g. gspmd only does exact halos
-        report, logits, ref = infer_array(model, image_for_model(volume), self.mesh.value,
-                                          backend=self.backend.value, halo=halo,
-                                          reference=self.reference.value)  # fmt: skip
-        layout = ShardLayout(volume.shape, report["mesh"], multiple=model.config.multiple)
-        self.last_report = report
-        self.status.value = summary_line(report)
+        loaded = load_volume(Volume(np.asarray(data), spacing=spacing, path=f"layer {layer.name!r}"),
+                             name=f"layer {layer.name!r}")
+        choice = self.model()
+        halo, _ = check_run_options(choice.config, self.backend.value, self.halo.value, self.mesh.value)
+        run = infer(choice, loaded, self.mesh.value, backend=self.backend.value, halo=halo,
+                    reference=self.reference.value)
+        self.last_report = run.report
+        self.status.value = summary_line(run.report)
         return build_layers(
-            layout, spacing=spacing, prediction=logits.argmax(-1).astype(np.uint8), logits=logits,
-            reference_prediction=None if ref is None else ref.argmax(-1).astype(np.uint8),
-            signed=None if ref is None else signed_error(logits, ref), halo=halo,
-            halo_band_width=halo_width(halo, model=model.config.as_dict()),
+            run.layout, spacing=spacing, prediction=run.labels, logits=run.logits,
+            reference_prediction=run.reference_labels, signed=run.signed_error(), halo=halo,
+            halo_band_width=halo_width(halo, model=choice.config.as_dict()),
         )

@@ -1,0 +1,117 @@
+"""Run a partitioned inference, and compare it with the single-device reference.
+
+:func:`infer` is what ``workbench infer`` / ``demo``, the notebook panel and the napari
+widget all call: it runs the model on one mesh and backend, optionally runs the reference
+and compares (:func:`workbench.analysis.compare.compare`: per-shard errors and the seam
+profile, computed in one place), and returns an :class:`Inference` whose ``report`` is the
+``report.json`` object (:func:`workbench.app.results.build_report`).
+
+Example
+-------
+>>> choice = resolve_model("small")
+>>> loaded = load_volume("phantom:32")
+>>> run = infer(choice, loaded, "2x2x2", reference=True)
+>>> run.report["max_abs_diff"] <= 1e-5
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from workbench.errors import UserError
+from workbench.options import BACKENDS
+
+__all__ = ["Inference", "infer", "check_run_options"]
+
+
+@dataclass
+class Inference:
+    """One partitioned run, optionally with its reference and their comparison."""
+
+    result: Any  # workbench.execute.run.RunResult (logits cropped to the volume)
+    reference: Any | None  # RunResult of the single-device reference, or None
+    comparison: Any | None  # workbench.analysis.compare.Comparison, or None
+    report: dict  # the report.json object
+    loaded: Any = None  # the LoadedVolume it ran on
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def layout(self):
+        return self.result.layout
+
+    @property
+    def logits(self) -> np.ndarray:
+        return self.result.output
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The prediction: argmax of the logits, uint8 (Z, Y, X)."""
+        return self.result.output.argmax(-1).astype(np.uint8)
+
+    @property
+    def reference_labels(self) -> np.ndarray | None:
+        return None if self.reference is None else self.reference.output.argmax(-1).astype(np.uint8)
+
+    def signed_error(self) -> np.ndarray | None:
+        """Partitioned − reference per voxel (see :func:`workbench.analysis.compare.signed_error`)."""
+        from workbench.analysis.compare import signed_error
+
+        return None if self.reference is None else signed_error(self.result.output, self.reference.output)
+
+
+def check_run_options(config, backend: str, halo, mesh=None, *, inference: bool = True):
+    """Validate backend, halo mode and mesh before anything is read or compiled.
+
+    Returns ``(halo, MeshSpec or None)``; raises one :class:`~workbench.errors.UserError`.
+    """
+    import jax
+
+    from workbench.execute.run import check_options
+    from workbench.mesh import parse_mesh
+    from workbench.model.halo import validate_halo
+
+    if backend not in BACKENDS:
+        raise UserError(f"--backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
+    halo = validate_halo(halo)
+    check_options(config, backend, halo)
+    spec = None
+    if mesh is not None and not (isinstance(mesh, str) and mesh.strip().lower() == "auto"):
+        spec = parse_mesh(mesh)
+        if spec.n_devices > len(jax.devices()):
+            parse_mesh(spec, n_devices=len(jax.devices()))  # raises: names the meshes that fit
+        if inference and spec.data > 1:
+            raise UserError(
+                f"mesh {spec} has a data-parallel axis of {spec.data} but inference runs one volume; "
+                "set data-parallel to 1 (it is for training and memory plans)")
+    return halo, spec
+
+
+def infer(model, loaded, mesh, *, backend: str = "explicit", halo="exact", reference: bool = False,
+          tolerance: float = 1e-5) -> Inference:
+    """Run ``model`` (a :class:`~workbench.app.models.ModelChoice` or a ``Model``) on
+    ``loaded`` (a :class:`~workbench.app.volumes.LoadedVolume` or a (Z, Y, X) image).
+
+    With ``reference``, the single-device reference runs too and the report holds the
+    comparison: ``max_abs_diff``, ``argmax_disagreement``, per-shard statistics and the
+    seam profile.
+    """
+    from workbench.analysis.compare import compare
+    from workbench.app.results import build_report
+    from workbench.execute.run import run
+
+    choice = model
+    model = getattr(choice, "model", choice)
+    image = getattr(loaded, "image", loaded)
+    result = run(model, image, mesh, backend=backend, halo=halo)
+    ref = comparison = None
+    if reference:
+        ref = run(model, image, backend="reference")
+        comparison = compare(result.output, ref.output, result.layout, keep_error=False, tol=tolerance)
+    report = build_report(result, model=model, reference=ref, comparison=comparison,
+                          weights=getattr(choice, "description", None),
+                          volume=getattr(loaded, "volume", None))
+    return Inference(result, ref, comparison, report, loaded=loaded if hasattr(loaded, "image") else None)

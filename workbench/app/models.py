@@ -1,0 +1,78 @@
+"""Resolve the model a run uses, and say where its weights came from.
+
+One function answers "which weights?" for every front end: a preset with random weights,
+the shipped trained weights of the ``small`` preset (phantom or MNI task), a ``.msgpack``
+weights file, or a training folder / its checkpoints. The answer carries a one-line
+description for reports and status lines (``report.json``'s ``weights``).
+
+Example
+-------
+>>> choice = resolve_model("small", task="phantom")
+>>> choice.description
+'shipped phantom weights (phantom_small.msgpack)'
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from workbench.errors import UserError
+from workbench.options import PRESETS
+
+__all__ = ["ModelChoice", "resolve_model", "task_for_input"]
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """A model and the provenance of its weights."""
+
+    model: Any  # workbench.model.unet.Model
+    source: str  # "random" | "shipped" | "checkpoint"
+    description: str  # one line for reports: where the weights came from
+
+    @property
+    def config(self):
+        return self.model.config
+
+
+def task_for_input(source) -> str:
+    """The shipped model's task that suits an input: ``mni`` for brain MRI (``mni``, NIfTI
+    volumes), else ``phantom``. ``source`` is an input spec string or a ``Volume``."""
+    if hasattr(source, "source_format"):
+        return "mni" if source.source_format in ("mni", "nifti") else "phantom"
+    return "mni" if str(source).strip().lower().startswith("mni") else "phantom"
+
+
+def resolve_model(preset: str = "small", *, checkpoint: str | os.PathLike | None = None, task: str = "phantom",
+                  random_weights: bool = False, seed: int = 0, dtype: str | None = None,
+                  remat: bool | None = None, log=print) -> ModelChoice:
+    """The model a run uses: ``checkpoint`` if given, else the shipped weights of the
+    ``small`` preset for ``task``, else random weights of ``preset`` from ``seed``.
+
+    ``dtype`` and ``remat`` change how the model computes, not its parameters, so they
+    apply to trained weights too.
+    """
+    from workbench.model.unet import Model, UNetConfig
+    from workbench.training.checkpoint import PRETRAINED, WEIGHTS_DIR, load_model, pretrained
+
+    if preset not in PRESETS:
+        raise UserError(f"unknown model preset {preset!r}; use one of {sorted(PRESETS)}")
+    overrides = {k: v for k, v in (("dtype", dtype), ("remat", remat)) if v is not None}
+    if checkpoint:
+        model, meta = load_model(checkpoint, log=log)
+        step = meta.get("step")
+        description = f"checkpoint {checkpoint}" + (f" (step {step})" if step is not None else "")
+        return ModelChoice(_with(model, overrides), "checkpoint", description)
+    if preset == "small" and not random_weights and (WEIGHTS_DIR / PRETRAINED[task]).is_file():
+        return ModelChoice(_with(pretrained(task), overrides), "shipped",
+                           f"shipped {task} weights ({PRETRAINED[task]})")
+    config = UNetConfig.preset(preset, **overrides)
+    return ModelChoice(Model.init(config, seed=seed), "random", f"random (seed {seed})")
+
+
+def _with(model, overrides: dict):
+    if not overrides:
+        return model
+    return type(model)(model.config.replace(**overrides), model.variables)

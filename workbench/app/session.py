@@ -1,0 +1,159 @@
+"""A working session on one volume: what the notebook panel does, without widgets.
+
+A :class:`Session` holds an input (a phantom spec, a path or a ``Volume``) and what has
+been computed from it: the volume at each resolution asked for, the model for each
+configuration (shipped weights, or the weights a :meth:`Session.train` produced), and
+the last run and comparison. The panel's buttons are one call each:
+
+>>> session = Session("phantom:32")
+>>> settings = session.settings(mesh="2x2x2")
+>>> run = session.run(settings)                      # partitioned inference
+>>> run = session.compare(settings)                  # + the single-device reference
+>>> run.report["max_abs_diff"] < 1e-5
+True
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, replace
+from typing import Any
+
+from workbench.errors import UserError
+from workbench.mesh import MeshSpec, parse_resolution
+
+__all__ = ["Settings", "Session"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a run depends on: the grid, the mesh, the model and how it is partitioned."""
+
+    shape: tuple[int, int, int]
+    mesh: MeshSpec
+    preset: str = "small"
+    dtype: str = "float32"
+    remat: bool = False
+    halo: Any = "exact"
+    backend: str = "explicit"
+
+    @property
+    def config(self):
+        from workbench.model.unet import UNetConfig
+
+        return UNetConfig.preset(self.preset, dtype=self.dtype, remat=self.remat)
+
+    def replace(self, **changes) -> "Settings":
+        return replace(self, **changes)
+
+
+class Session:
+    """One input and the runs made on it (see the module docstring)."""
+
+    def __init__(self, source="phantom:32", *, seed: int = 0):
+        from workbench.app.volumes import load_volume, parse_phantom_spec
+
+        self.seed = seed
+        phantom = parse_phantom_spec(source) if isinstance(source, str) else None
+        if phantom is not None:
+            self.source, self.volume = f"phantom::{phantom[1]}", None
+            self.default_size: int | str = phantom[0] or 32
+        else:
+            self.volume = load_volume(source).volume  # native grid; resampled on demand
+            self.source, self.default_size = source, "native"
+        self._loaded: dict = {}
+        self._models: dict = {}
+        self.last = None  # the last Inference (with its reference after compare)
+        self.last_settings: Settings | None = None
+
+    # -- choices ---------------------------------------------------------------------------
+    @property
+    def native_shape(self) -> tuple[int, int, int] | None:
+        return None if self.volume is None else tuple(self.volume.shape)
+
+    def shape_for(self, resolution) -> tuple[int, int, int]:
+        """The grid of a resolution choice: ``native``, N (N³) or ZxYxX."""
+        shape = parse_resolution(resolution, allow_native=True)
+        if shape == "native":
+            if self.volume is None:
+                raise UserError("a phantom has no native size; type a side such as 64")
+            return self.native_shape
+        if min(shape) < 4:
+            raise UserError(f"resolution {resolution} is too small; use at least 8")
+        return shape
+
+    def settings(self, *, resolution=None, mesh="2x2x2", **choices) -> Settings:
+        from workbench.mesh import parse_mesh
+
+        return Settings(self.shape_for(resolution or self.default_size), parse_mesh(mesh), **choices)
+
+    # -- data and model --------------------------------------------------------------------
+    def load(self, shape):
+        """The :class:`~workbench.app.volumes.LoadedVolume` at ``shape`` (cached)."""
+        from workbench.app.volumes import load_volume
+
+        shape = tuple(shape)
+        if shape not in self._loaded:
+            if self.volume is None:
+                self._loaded[shape] = load_volume(f"phantom:{shape[0]}:{self.source.split('::')[1]}", shape=shape)
+            else:
+                self._loaded[shape] = load_volume(self.volume, shape=shape)
+        return self._loaded[shape]
+
+    def model(self, settings: Settings):
+        """The :class:`~workbench.app.models.ModelChoice` for ``settings`` (trained weights after :meth:`train`)."""
+        from workbench.app.models import resolve_model, task_for_input
+
+        key = settings.config
+        if key not in self._models:
+            task = "phantom" if self.volume is None else task_for_input(self.volume)
+            self._models[key] = resolve_model(settings.preset, task=task, seed=self.seed, dtype=settings.dtype,
+                                              remat=settings.remat)
+        return self._models[key]
+
+    # -- actions ---------------------------------------------------------------------------
+    def run(self, settings: Settings, *, reference: bool = False):
+        """Partitioned inference (and the reference with ``reference``); returns the Inference."""
+        from workbench.app.inference import check_run_options, infer
+
+        halo, _ = check_run_options(settings.config, settings.backend, settings.halo, settings.mesh)
+        loaded = self.load(settings.shape)
+        self.last = infer(self.model(settings), loaded, settings.mesh, backend=settings.backend, halo=halo,
+                          reference=reference)
+        self.last_settings = settings
+        return self.last
+
+    def compare(self, settings: Settings):
+        """:meth:`run` with the single-device reference and the comparison."""
+        return self.run(settings, reference=True)
+
+    def train_config(self, settings: Settings, steps: int):
+        """The :class:`~workbench.training.config.TrainConfig` of training ``steps`` with ``settings``."""
+        from workbench.app.training import TrainConfig
+
+        spec = settings.mesh
+        native = settings.shape == self.native_shape
+        if not native and len(set(settings.shape)) != 1:
+            raise UserError(f"training resamples every volume to N³, not {settings.shape}; pick a cube side "
+                            "such as 64 (or native)")
+        return TrainConfig(
+            data="phantom" if self.volume is None else [self.volume],
+            resolution=None if native else settings.shape[0],
+            mesh="x".join(str(s) for s in spec.spatial), data_parallel=spec.data, backend=settings.backend,
+            model=settings.preset, model_overrides={"dtype": settings.dtype, "remat": bool(settings.remat)},
+            steps=int(steps), batch=spec.data, eval_cases=1, checkpoint_every=int(steps), seed=self.seed,
+        )
+
+    def train(self, settings: Settings, steps: int, *, workdir=None, log=print) -> dict:
+        """Train ``steps`` steps; the trained weights replace the model of ``settings``' config."""
+        from workbench.app.models import ModelChoice
+        from workbench.app.training import train
+
+        workdir = workdir or tempfile.mkdtemp(prefix="workbench-train-")
+        out = train(self.train_config(settings, steps), workdir, progress=True, log=log)
+        if out.get("model") is not None:
+            self._models[settings.config] = ModelChoice(out["model"], "checkpoint",
+                                                        f"trained {out['step']} steps in {workdir}")
+            self.last = None
+        out["workdir"] = str(workdir)
+        return out
