@@ -260,7 +260,7 @@ def write_dicom_series(
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-    from ._atomic import atomic_output
+    from .atomic import atomic_output
 
     ras_to_lps = _LPS_TO_RAS  # its own inverse
     lps = ras_to_lps @ volume.affine

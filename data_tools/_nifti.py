@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._atomic import atomic_output
+from .atomic import atomic_output
 from .errors import DataError
 from .volume import Volume, ijk_affine_from_zyx, zyx_affine_from_ijk
 

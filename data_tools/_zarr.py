@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from ._atomic import atomic_output
+from .atomic import atomic_output
 from .errors import DataError
+from .geometry import iter_blocks
 from .volume import Volume, default_affine
 
 _KEY = "data_tools"
@@ -181,8 +182,6 @@ class OmeZarrWriter:
 
 def write_zarr(volume: Volume, path: Path, *, chunks: int = 64, levels: int | None = None) -> Path:
     """Write a whole :class:`Volume` as OME-Zarr (image levels, labels if present)."""
-    from .phantoms import iter_blocks
-
     extra = {"source_format": volume.source_format}
     with OmeZarrWriter(path, volume.shape, dtype=volume.dtype if volume.dtype != bool else np.uint8,
                        spacing=volume.spacing, affine=volume.affine, class_names=volume.class_names,

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError, MissingDataError
+from .geometry import Box, check_box
 from .volume import Volume
 
 __all__ = [
@@ -54,7 +55,6 @@ _SUPPORTED = (
     "supported: NIfTI (.nii, .nii.gz), DICOM series folders, TIFF stacks, zarr/OME-Zarr stores, "
     ".npy/.npz, or the specs phantom:N and mni"
 )
-Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 
 @dataclass(frozen=True)
@@ -220,17 +220,6 @@ def read_volume(path: str | os.PathLike, *, series: str | None = None, labels: s
     return vol
 
 
-def _check_box(where, box, shape) -> Box:
-    try:
-        box = tuple((int(a), int(b)) for a, b in box)
-    except (TypeError, ValueError):
-        box = ()
-    if len(box) != 3 or not all(0 <= a < b <= n for (a, b), n in zip(box, shape)):
-        raise DataError(where, f"box={box!r} is not inside the volume of shape {tuple(shape)}",
-                        "pass ((z0, z1), (y0, y1), (x0, x1)) with 0 <= start < stop <= size")  # fmt: skip
-    return box  # type: ignore[return-value]
-
-
 def read_box(path: str | os.PathLike, box: Box, *, series: str | None = None) -> np.ndarray:
     """Read only ``box`` = ``((z0, z1), (y0, y1), (x0, x1))`` of the image (half-open).
 
@@ -246,10 +235,10 @@ def read_box(path: str | os.PathLike, box: Box, *, series: str | None = None) ->
         return make_phantom_block(shape, box, seed=seed)[0]
     if spec is not None:
         vol = load_input(str(path))
-        box = _check_box(path, box, vol.shape)
+        box = check_box(path, box, vol.shape)
         return np.ascontiguousarray(vol.array[tuple(slice(a, b) for a, b in box)])
     info = volume_info(path, series=series)
-    box = _check_box(path, box, info.shape)
+    box = check_box(path, box, info.shape)
     path = Path(path)
     fmt = info.source_format
     if fmt == "zarr":

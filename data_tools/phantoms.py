@@ -30,11 +30,12 @@ import functools
 import math
 import os
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from .errors import DataError
+from .geometry import Box, as_box, box_inside, iter_blocks
 
 __all__ = [
     "FIELD_OF_VIEW_MM",
@@ -58,9 +59,6 @@ _HU = {
 # Lesion diameters in voxels *at 128³* (voxel 3.125 mm): 6.25 mm .. 50 mm.
 _LESION_DIAMETERS_AT_128 = (2.0, 2.5, 3.0, 4.0, 5.0, 6.5, 8.0, 10.0, 13.0, 16.0)
 _BLOCK_VOXELS = 1 << 21  # one-shot generation works in slabs of ~2M voxels
-
-Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
-
 
 # -- shapes in millimetres --------------------------------------------------------------
 def _smooth_min(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:
@@ -334,11 +332,8 @@ def _check_shape(shape) -> tuple[int, int, int]:
 
 
 def _check_box(box, shape) -> Box:
-    try:
-        box = tuple((int(a), int(b)) for a, b in box)
-    except (TypeError, ValueError):
-        box = ()
-    if len(box) != 3 or not all(0 <= a < b <= n for (a, b), n in zip(box, shape)):
+    box = as_box(box)
+    if not box_inside(box, shape):
         raise DataError(
             "phantom",
             f"box={box!r} is not ((z0, z1), (y0, y1), (x0, x1)) with 0 <= start < stop <= {shape}",
@@ -574,19 +569,6 @@ def make_phantom_block(shape, box: Box, *, seed: int = 0, vessels: bool = True) 
     _paint_liver(cv, an, vessel_label if vessels else ORGAN)
     _finish(cv, an)
     return cv.image, cv.labels
-
-
-def iter_blocks(shape, block) -> Iterator[Box]:
-    """Boxes tiling ``shape`` in C order with blocks of ``block`` voxels per axis."""
-    block = (block,) * 3 if isinstance(block, (int, np.integer)) else tuple(block)
-    for z0 in range(0, shape[0], block[0]):
-        for y0 in range(0, shape[1], block[1]):
-            for x0 in range(0, shape[2], block[2]):
-                yield (
-                    (z0, min(z0 + block[0], shape[0])),
-                    (y0, min(y0 + block[1], shape[1])),
-                    (x0, min(x0 + block[2], shape[2])),
-                )
 
 
 def phantom_lesions(shape, *, seed: int = 0) -> list[dict]:
