@@ -656,7 +656,7 @@ def write_phantom(
     pathlib.Path
         The store written.
     """
-    from . import _zarr
+    from .formats import zarr as _zarr
 
     shape = _check_shape(shape)
     spacing, affine = phantom_geometry(shape)

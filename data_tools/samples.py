@@ -49,12 +49,12 @@ def mni_files() -> dict[str, Path]:
 
 @functools.lru_cache(maxsize=1)
 def _native() -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    from ._nifti import read_nifti
+    from .formats import nifti
 
     files = mni_files()
-    t1 = read_nifti(files["t1"])
-    gm = read_nifti(files["gm"]).array.astype(np.float32) / np.float32(255.0)
-    wm = read_nifti(files["wm"]).array.astype(np.float32) / np.float32(255.0)
+    t1 = nifti.read(files["t1"])
+    gm = nifti.read(files["gm"]).array.astype(np.float32) / np.float32(255.0)
+    wm = nifti.read(files["wm"]).array.astype(np.float32) / np.float32(255.0)
     image = t1.array.astype(np.float32)
     mask = image > 0
     csf = np.where(mask, np.clip(1.0 - gm - wm, 0.0, 1.0), 0.0).astype(np.float32)
