@@ -182,7 +182,7 @@ def read_box(path: str | os.PathLike, box: Box, *, series: str | None = None) ->
     """
     spec = _parse_spec(str(path)) if isinstance(path, str) else None
     if spec is not None and spec[0] == "phantom":
-        from .phantoms import make_phantom_block
+        from .synthetic import make_phantom_block
 
         _, shape, seed = spec
         return make_phantom_block(shape, box, seed=seed)[0]
@@ -206,7 +206,7 @@ def volume_info(path: str | os.PathLike, *, series: str | None = None) -> Volume
     spec = _parse_spec(str(path)) if isinstance(path, str) else None
     if spec is not None:
         if spec[0] == "phantom":
-            from .phantoms import phantom_geometry
+            from .synthetic import phantom_geometry
 
             spacing, affine = phantom_geometry(spec[1])
             return VolumeInfo(spec[1], np.dtype(np.float32), spacing, affine, "phantom")
@@ -299,7 +299,7 @@ def load_input(spec: str | os.PathLike, *, series: str | None = None) -> Volume:
     if parsed is None:
         return read_volume(spec, series=series)
     if parsed[0] == "phantom":
-        from .phantoms import make_phantom
+        from .synthetic import make_phantom
 
         return make_phantom(parsed[1], seed=parsed[2])
     from .samples import load_mni

@@ -34,8 +34,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import DataError
-from .geometry import Box, as_box, box_inside, iter_blocks
+from ..errors import DataError
+from ..geometry import Box, as_box, box_inside, iter_blocks
 
 __all__ = [
     "FIELD_OF_VIEW_MM",
@@ -351,7 +351,7 @@ def phantom_geometry(shape) -> tuple[tuple[float, float, float], np.ndarray]:
     >>> spacing
     (3.125, 3.125, 3.125)
     """
-    from .volume import zyx_affine_from_ijk
+    from ..volume import zyx_affine_from_ijk
 
     shape = _check_shape(shape)
     spacing = tuple(FIELD_OF_VIEW_MM / n for n in shape)
@@ -607,7 +607,7 @@ def make_phantom(shape, *, seed: int = 0, vessels: bool = True):
     >>> v.shape, v.class_names
     ((32, 32, 32), ('background', 'organ', 'lesion', 'vessel'))
     """
-    from .volume import Volume
+    from ..volume import Volume
 
     shape = _check_shape(shape)
     image = np.empty(shape, dtype=np.float32)
@@ -656,7 +656,7 @@ def write_phantom(
     pathlib.Path
         The store written.
     """
-    from .formats import zarr as _zarr
+    from ..formats import zarr as _zarr
 
     shape = _check_shape(shape)
     spacing, affine = phantom_geometry(shape)
