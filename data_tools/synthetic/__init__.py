@@ -1,5 +1,8 @@
 """Synthetic CT-like abdominal phantoms with labels, at any resolution, block by block.
 
+Modules: :mod:`.anatomy` (the random anatomy in mm, per seed), :mod:`.raster` (samples it
+on a grid, block by block) and :mod:`.write` (streams a phantom into OME-Zarr).
+
 The anatomy is defined once per seed in continuous millimetres inside a
 ``FIELD_OF_VIEW_MM``-wide cube (400 mm, axes z, y, x; z = 0 is inferior) and
 rasterised at voxel centres, so the same seed gives the same anatomy at 128³ and 256³
@@ -26,16 +29,9 @@ exactly the same slice of :func:`make_phantom`, and costs only that box.
 
 from __future__ import annotations
 
-from .raster import (
-    CLASS_NAMES,
-    FIELD_OF_VIEW_MM,
-    Lesion,
-    make_phantom,
-    make_phantom_block,
-    phantom_geometry,
-    phantom_lesions,
-    write_phantom,
-)
+from .anatomy import CLASS_NAMES, FIELD_OF_VIEW_MM, Lesion
+from .raster import make_phantom, make_phantom_block, phantom_geometry, phantom_lesions
+from .write import write_phantom
 
 __all__ = [
     "FIELD_OF_VIEW_MM",
