@@ -38,6 +38,8 @@ import numpy as np
 from .errors import DataError, MissingDataError
 from .formats import FORMATS, MODULES, format_module, module_for_name
 from .geometry import Box, check_box
+from .samples import load_mni
+from .synthetic import make_phantom, make_phantom_block, phantom_geometry
 from .volume import Volume
 
 __all__ = [
@@ -182,8 +184,6 @@ def read_box(path: str | os.PathLike, box: Box, *, series: str | None = None) ->
     """
     spec = _parse_spec(str(path)) if isinstance(path, str) else None
     if spec is not None and spec[0] == "phantom":
-        from .synthetic import make_phantom_block
-
         _, shape, seed = spec
         return make_phantom_block(shape, box, seed=seed)[0]
     if spec is not None:
@@ -206,8 +206,6 @@ def volume_info(path: str | os.PathLike, *, series: str | None = None) -> Volume
     spec = _parse_spec(str(path)) if isinstance(path, str) else None
     if spec is not None:
         if spec[0] == "phantom":
-            from .synthetic import phantom_geometry
-
             spacing, affine = phantom_geometry(spec[1])
             return VolumeInfo(spec[1], np.dtype(np.float32), spacing, affine, "phantom")
         vol = load_input(str(path))
@@ -299,11 +297,7 @@ def load_input(spec: str | os.PathLike, *, series: str | None = None) -> Volume:
     if parsed is None:
         return read_volume(spec, series=series)
     if parsed[0] == "phantom":
-        from .synthetic import make_phantom
-
         return make_phantom(parsed[1], seed=parsed[2])
-    from .samples import load_mni
-
     return load_mni(shape=parsed[1])
 
 
