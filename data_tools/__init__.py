@@ -4,10 +4,17 @@ Everything is imported lazily, so ``import data_tools`` costs almost nothing::
 
     from data_tools import Volume, load_input, make_phantom, read_volume, write_prediction
 
-Modules: :mod:`~data_tools.volume` (the :class:`Volume`), :mod:`~data_tools.io`
-(readers, writers, CLI entry points), :mod:`~data_tools.phantoms`,
-:mod:`~data_tools.samples` (MNI152), :mod:`~data_tools.preprocess`,
-:mod:`~data_tools.errors`.
+Modules (imports flow one way, top to bottom)::
+
+    io            public entry points: detect, read, read_box, info, write, CLI specs
+    synthetic     phantoms: anatomy (random, in mm) -> raster (blocks) -> write (OME-Zarr)
+    samples       the MNI152 template
+    formats       the format table: nifti, numpy (npy, npz), tiff, zarr, dicom
+    preprocess    windowing, normalisation, resampling, padding
+    atomic        atomic writes (atomic_output, write_text_atomic)
+    geometry      the Box type, check_box, iter_blocks
+    volume        the Volume
+    errors        DataError, MissingDataError
 """
 
 from __future__ import annotations
@@ -27,10 +34,10 @@ _EXPORTS = {
     "load_input": "io",
     "write_prediction": "io",
     "write_dicom_series": "io",
-    "make_phantom": "phantoms",
-    "make_phantom_block": "phantoms",
-    "write_phantom": "phantoms",
-    "phantom_lesions": "phantoms",
+    "make_phantom": "synthetic",
+    "make_phantom_block": "synthetic",
+    "write_phantom": "synthetic",
+    "phantom_lesions": "synthetic",
     "load_mni": "samples",
     "window": "preprocess",
     "zscore": "preprocess",
@@ -39,7 +46,7 @@ _EXPORTS = {
     "pad_to_multiple": "preprocess",
     "crop_padding": "preprocess",
 }
-_MODULES = ("volume", "errors", "io", "phantoms", "samples", "preprocess")
+_MODULES = ("volume", "errors", "geometry", "atomic", "io", "formats", "synthetic", "samples", "preprocess")
 
 __all__ = [
     "DataError",
@@ -94,7 +101,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         write_prediction,
         write_volume,
     )
-    from .phantoms import make_phantom, make_phantom_block, phantom_lesions, write_phantom
     from .preprocess import crop_padding, pad_to_multiple, percentile_normalise, resample, window, zscore
     from .samples import load_mni
+    from .synthetic import make_phantom, make_phantom_block, phantom_lesions, write_phantom
     from .volume import Volume

@@ -21,19 +21,25 @@ generate only the block. ``.npz`` and ``mni`` read the whole image, then slice.
 
 Every writer is atomic: it writes a hidden temporary sibling and renames it, so a
 failure leaves nothing behind.
+
+Each format is one module of :mod:`data_tools.formats`; this module only dispatches
+through that table (detection by each module's ``sniff``, writing by its ``SUFFIXES``).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import DataError, MissingDataError
+from .formats import FORMATS, MODULES, format_module, module_for_name
+from .geometry import Box, check_box
+from .samples import load_mni
+from .synthetic import make_phantom, make_phantom_block, phantom_geometry
 from .volume import Volume
 
 __all__ = [
@@ -49,12 +55,10 @@ __all__ = [
     "write_dicom_series",
 ]
 
-FORMATS = ("nifti", "dicom", "tiff", "zarr", "npy", "npz")
 _SUPPORTED = (
     "supported: NIfTI (.nii, .nii.gz), DICOM series folders, TIFF stacks, zarr/OME-Zarr stores, "
     ".npy/.npz, or the specs phantom:N and mni"
 )
-Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 
 @dataclass(frozen=True)
@@ -69,28 +73,6 @@ class VolumeInfo:
 
 
 # -- format detection -------------------------------------------------------------------
-def _is_nifti_header(head: bytes) -> bool:
-    if len(head) < 348:
-        return False
-    for order in ("<", ">"):
-        size = int(np.frombuffer(head[:4], dtype=f"{order}i4")[0])
-        if size == 348 and head[344:347] in (b"n+1", b"ni1"):
-            return True
-        if size == 540 and head[4:7] in (b"n+2", b"ni2"):
-            return True
-    return False
-
-
-def _gunzip_head(path: Path, n: int = 600) -> bytes:
-    with open(path, "rb") as f:
-        raw = f.read(64 * 1024)
-    try:
-        d = zlib.decompressobj(31)
-        return d.decompress(raw, n)
-    except zlib.error:
-        raise DataError(path, "damaged gzip stream", "re-export or re-download the file") from None
-
-
 def _missing(path: Path) -> MissingDataError:
     parent = path.parent
     hint = "check the path"
@@ -111,20 +93,17 @@ def detect_format(path: str | os.PathLike) -> str:
     >>> detect_format(p)
     'npy'
     """
-    from ._dicom import dicom_files
-
     path = Path(path)
     if not path.exists():
         raise _missing(path)
     if path.is_dir():
-        if any((path / name).exists() for name in ("zarr.json", ".zarray", ".zgroup", ".zattrs")):
-            return "zarr"
+        fmt = _sniff(path, None)  # a zarr store may hold only hidden files (.zarray)
+        if fmt is not None:
+            return fmt
         entries = [p for p in path.iterdir() if not p.name.startswith(".")]
         if not entries:
             raise DataError(path, "the folder is empty",
                             "point to a DICOM series folder or a zarr store (or a file)")  # fmt: skip
-        if dicom_files(path):
-            return "dicom"
         names = sorted(p.name for p in entries)[:6]
         raise DataError(path, f"the folder holds no DICOM files and no zarr metadata ({len(entries)} entries: {names})",
                         "point to a DICOM series folder, a zarr store, or one of the files; " + _SUPPORTED)  # fmt: skip
@@ -132,21 +111,21 @@ def detect_format(path: str | os.PathLike) -> str:
         head = f.read(1024)
     if not head:
         raise DataError(path, "the file is empty (0 bytes)", "re-export or re-download the file")
-    if head[:2] == b"\x1f\x8b":
-        if _is_nifti_header(_gunzip_head(path)):
-            return "nifti"
+    fmt = _sniff(path, head)
+    if fmt is not None:
+        return fmt
+    if head[:2] == b"\x1f\x8b":  # NIfTI is the only format read inside gzip
         raise DataError(path, "a gzip file that does not hold a NIfTI image", _SUPPORTED)
-    if _is_nifti_header(head):
-        return "nifti"
-    if head[:6] == b"\x93NUMPY":
-        return "npy"
-    if head[:4] == b"PK\x03\x04":
-        return "npz"
-    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        return "tiff"
-    if len(head) >= 132 and head[128:132] == b"DICM":
-        return "dicom"
     raise DataError(path, f"unknown format (file starts with {head[:8]!r})", _SUPPORTED)
+
+
+def _sniff(path: Path, head: bytes | None) -> str | None:
+    """The first format module (in table order) that recognises ``path``."""
+    for module in MODULES.values():
+        fmt = module.sniff(path, head)
+        if fmt is not None:
+            return fmt
+    return None
 
 
 # -- reading ----------------------------------------------------------------------------
@@ -174,31 +153,7 @@ def read_volume(path: str | os.PathLike, *, series: str | None = None, labels: s
     (2, 3, 4)
     """
     path = Path(path)
-    fmt = detect_format(path)
-    if fmt == "nifti":
-        from ._nifti import read_nifti
-
-        vol = read_nifti(path)
-    elif fmt == "dicom":
-        from ._dicom import read_dicom
-
-        vol = read_dicom(path, series)  # type: ignore[assignment]
-    elif fmt == "tiff":
-        from ._tiff import read_tiff
-
-        vol = read_tiff(path)  # type: ignore[assignment]
-    elif fmt == "zarr":
-        from ._zarr import read_zarr
-
-        vol = read_zarr(path)
-    elif fmt == "npy":
-        from ._numpy import read_npy
-
-        vol = read_npy(path)
-    else:
-        from ._numpy import read_npz
-
-        vol = read_npz(path)
+    vol = format_module(detect_format(path)).read(path, series=series)
     if labels is not None:
         lab = read_volume(labels)
         values = lab.array
@@ -220,61 +175,24 @@ def read_volume(path: str | os.PathLike, *, series: str | None = None, labels: s
     return vol
 
 
-def _check_box(where, box, shape) -> Box:
-    try:
-        box = tuple((int(a), int(b)) for a, b in box)
-    except (TypeError, ValueError):
-        box = ()
-    if len(box) != 3 or not all(0 <= a < b <= n for (a, b), n in zip(box, shape)):
-        raise DataError(where, f"box={box!r} is not inside the volume of shape {tuple(shape)}",
-                        "pass ((z0, z1), (y0, y1), (x0, x1)) with 0 <= start < stop <= size")  # fmt: skip
-    return box  # type: ignore[return-value]
-
-
 def read_box(path: str | os.PathLike, box: Box, *, series: str | None = None) -> np.ndarray:
     """Read only ``box`` = ``((z0, z1), (y0, y1), (x0, x1))`` of the image (half-open).
 
     Equals ``read_volume(path).array[z0:z1, y0:y1, x0:x1]`` (phantom specs: the image of
-    :func:`~data_tools.phantoms.make_phantom_block`). See the module notes for which
+    :func:`~data_tools.synthetic.make_phantom_block`). See the module notes for which
     formats avoid reading the whole volume.
     """
     spec = _parse_spec(str(path)) if isinstance(path, str) else None
     if spec is not None and spec[0] == "phantom":
-        from .phantoms import make_phantom_block
-
         _, shape, seed = spec
         return make_phantom_block(shape, box, seed=seed)[0]
     if spec is not None:
         vol = load_input(str(path))
-        box = _check_box(path, box, vol.shape)
+        box = check_box(path, box, vol.shape)
         return np.ascontiguousarray(vol.array[tuple(slice(a, b) for a, b in box)])
     info = volume_info(path, series=series)
-    box = _check_box(path, box, info.shape)
-    path = Path(path)
-    fmt = info.source_format
-    if fmt == "zarr":
-        from ._zarr import zarr_box
-
-        return zarr_box(path, box)
-    if fmt == "npy":
-        from ._numpy import npy_box
-
-        return npy_box(path, box)
-    if fmt == "npz":
-        from ._numpy import npz_box
-
-        return npz_box(path, box)
-    if fmt == "nifti":
-        from ._nifti import read_nifti_box
-
-        return read_nifti_box(path, box)
-    if fmt == "tiff":
-        from ._tiff import read_tiff
-
-        return read_tiff(path, box)  # type: ignore[return-value]
-    from ._dicom import read_dicom
-
-    return read_dicom(path, series, box)  # type: ignore[return-value]
+    box = check_box(path, box, info.shape)
+    return format_module(info.source_format).read_box(Path(path), box, series=series)
 
 
 def volume_info(path: str | os.PathLike, *, series: str | None = None) -> VolumeInfo:
@@ -288,44 +206,24 @@ def volume_info(path: str | os.PathLike, *, series: str | None = None) -> Volume
     spec = _parse_spec(str(path)) if isinstance(path, str) else None
     if spec is not None:
         if spec[0] == "phantom":
-            from .phantoms import phantom_geometry
-
             spacing, affine = phantom_geometry(spec[1])
             return VolumeInfo(spec[1], np.dtype(np.float32), spacing, affine, "phantom")
         vol = load_input(str(path))
         return VolumeInfo(vol.shape, vol.dtype, vol.spacing, vol.affine, vol.source_format)
     path = Path(path)
     fmt = detect_format(path)
-    if fmt == "nifti":
-        from ._nifti import nifti_shape as probe
-    elif fmt == "zarr":
-        from ._zarr import zarr_shape as probe
-    elif fmt == "npy":
-        from ._numpy import npy_shape as probe
-    elif fmt == "tiff":
-        from ._tiff import tiff_shape as probe
-    elif fmt == "dicom":
-        from ._dicom import scan_series
-
-        geo = scan_series(path, series)
-        return VolumeInfo(geo.shape, np.dtype(np.float32), geo.spacing, geo.affine, "dicom")
-    else:
-        vol = read_volume(path)
-        return VolumeInfo(vol.shape, vol.dtype, vol.spacing, vol.affine, "npz")
-    shape, dtype, affine = probe(path)
-    spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
+    shape, dtype, spacing, affine = format_module(fmt).info(path, series=series)
+    spacing = tuple(float(s) for s in spacing)
     return VolumeInfo(tuple(int(s) for s in shape), np.dtype(dtype), spacing, affine, fmt)  # type: ignore[arg-type]
 
 
 # -- writing ----------------------------------------------------------------------------
-def _writer_for(path: Path) -> str:
-    name = path.name.lower()
-    for suffix, fmt in ((".nii.gz", "nifti"), (".nii", "nifti"), (".tif", "tiff"), (".tiff", "tiff"),
-                        (".zarr", "zarr"), (".npy", "npy"), (".npz", "npz")):  # fmt: skip
-        if name.endswith(suffix):
-            return fmt
-    raise DataError(path, f"cannot tell the output format from the name {path.name!r}",
-                    "end the name with .nii.gz, .nii, .tif, .zarr, .npy or .npz")  # fmt: skip
+def _writer_for(path: Path):
+    module = module_for_name(path)
+    if module is None:
+        raise DataError(path, f"cannot tell the output format from the name {path.name!r}",
+                        "end the name with .nii.gz, .nii, .tif, .zarr, .npy or .npz")  # fmt: skip
+    return module
 
 
 def write_volume(volume: Volume, path: str | os.PathLike) -> Path:
@@ -344,18 +242,7 @@ def write_volume(volume: Volume, path: str | os.PathLike) -> Path:
     (3.0, 2.0, 1.0)
     """
     path = Path(path)
-    fmt = _writer_for(path)
-    if fmt == "nifti":
-        from ._nifti import write_nifti as write
-    elif fmt == "tiff":
-        from ._tiff import write_tiff as write
-    elif fmt == "zarr":
-        from ._zarr import write_zarr as write
-    elif fmt == "npy":
-        from ._numpy import write_npy as write
-    else:
-        from ._numpy import write_npz as write
-    return write(volume, path)
+    return _writer_for(path).write(volume, path)
 
 
 def write_dicom_series(volume: Volume, folder: str | os.PathLike, **kwargs) -> Path:
@@ -364,9 +251,7 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike, **kwargs) -> P
     Keyword arguments: ``slope`` (1.0), ``intercept`` (-1024.0), ``series_uid``,
     ``description``, ``file_names``. Mostly for tests and demos of the DICOM reader.
     """
-    from ._dicom import write_dicom_series as write
-
-    return write(volume, Path(folder), **kwargs)
+    return format_module("dicom").write(volume, Path(folder), **kwargs)
 
 
 # -- CLI entry points -------------------------------------------------------------------
@@ -412,11 +297,7 @@ def load_input(spec: str | os.PathLike, *, series: str | None = None) -> Volume:
     if parsed is None:
         return read_volume(spec, series=series)
     if parsed[0] == "phantom":
-        from .phantoms import make_phantom
-
         return make_phantom(parsed[1], seed=parsed[2])
-    from .samples import load_mni
-
     return load_mni(shape=parsed[1])
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
+from .formats import nifti
+from .preprocess import resample
 from .volume import Volume
 
 __all__ = ["MNI_CLASS_NAMES", "mni_files", "load_mni"]
@@ -49,12 +51,10 @@ def mni_files() -> dict[str, Path]:
 
 @functools.lru_cache(maxsize=1)
 def _native() -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    from ._nifti import read_nifti
-
     files = mni_files()
-    t1 = read_nifti(files["t1"])
-    gm = read_nifti(files["gm"]).array.astype(np.float32) / np.float32(255.0)
-    wm = read_nifti(files["wm"]).array.astype(np.float32) / np.float32(255.0)
+    t1 = nifti.read(files["t1"])
+    gm = nifti.read(files["gm"]).array.astype(np.float32) / np.float32(255.0)
+    wm = nifti.read(files["wm"]).array.astype(np.float32) / np.float32(255.0)
     image = t1.array.astype(np.float32)
     mask = image > 0
     csf = np.where(mask, np.clip(1.0 - gm - wm, 0.0, 1.0), 0.0).astype(np.float32)
@@ -98,6 +98,4 @@ def load_mni(*, shape=None, order: int = 1) -> Volume:
                  labels=labels.copy(), class_names=MNI_CLASS_NAMES, path="mni", metadata=dict(meta))  # fmt: skip
     if shape is None:
         return vol
-    from .preprocess import resample
-
     return resample(vol, shape=shape, order=order)

@@ -180,7 +180,7 @@ def _half_then_fail(real):
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch, name):
     import tifffile
 
-    from data_tools import _zarr
+    from data_tools.formats import zarr as _zarr
 
     vol = Volume(np.ones((16, 8, 8), np.float32), labels=np.ones((16, 8, 8), np.uint8), class_names=("a", "b"))
     monkeypatch.setattr(nib.Nifti1Image, "to_filename", _half_then_fail(nib.Nifti1Image.to_filename))
@@ -194,7 +194,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch, name):
 
 
 def test_failed_overwrite_keeps_previous_output(tmp_path, monkeypatch):
-    from data_tools import _zarr
+    from data_tools.formats import zarr as _zarr
 
     old = Volume(np.full((4, 4, 4), 7, np.float32))
     for name in ("keep.npy", "keep.zarr"):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data_tools import DataError, make_phantom, make_phantom_block, phantom_lesions, read_box, write_phantom
-from data_tools.phantoms import CLASS_NAMES, phantom_geometry
+from data_tools.synthetic import CLASS_NAMES, phantom_geometry
 
 
 @pytest.fixture(scope="module")

@@ -85,7 +85,7 @@ def test_labels_validated():
 def test_import_is_cheap_and_jax_free():
     code = (
         "import sys, data_tools; from data_tools import Volume, DataError;"
-        "import data_tools.io, data_tools.phantoms, data_tools.preprocess, data_tools.samples;"
+        "import data_tools.io, data_tools.synthetic, data_tools.formats, data_tools.preprocess, data_tools.samples;"
         "heavy = [m for m in ('jax', 'nibabel', 'pydicom', 'zarr', 'scipy', 'tifffile', 'nilearn')"
         " if m in sys.modules];"
         "print(heavy)"

@@ -1,4 +1,9 @@
-"""NIfTI-1/2 (``.nii``, ``.nii.gz``) with nibabel: (i, j, k) on disk <-> (z, y, x) in memory."""
+"""NIfTI-1/2 (``.nii``, ``.nii.gz``) with nibabel: (i, j, k) on disk <-> (z, y, x) in memory.
+
+Detected by the header (size 348 or 540 and the ``n+1``/``ni1``/``n+2``/``ni2`` magic),
+also inside gzip. :func:`read_box` slices through nibabel: memory-mapped for ``.nii``,
+streamed up to the block for ``.nii.gz``.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ._atomic import atomic_output
-from .errors import DataError
-from .volume import Volume, ijk_affine_from_zyx, zyx_affine_from_ijk
+from ..atomic import atomic_output
+from ..errors import DataError
+from ..geometry import Box, spacing_of
+from ..volume import Volume, ijk_affine_from_zyx, zyx_affine_from_ijk
+
+__all__ = ["FORMATS", "SUFFIXES", "sniff", "read", "read_box", "info", "write"]
+
+FORMATS = ("nifti",)
+SUFFIXES = (".nii.gz", ".nii")
 
 _TRUNCATED = (
     "truncated gzip stream (file is incomplete)",
@@ -22,6 +33,39 @@ _SHORT = (
 )
 
 
+# -- detection --------------------------------------------------------------------------
+def _is_nifti_header(head: bytes) -> bool:
+    if len(head) < 348:
+        return False
+    for order in ("<", ">"):
+        size = int(np.frombuffer(head[:4], dtype=f"{order}i4")[0])
+        if size == 348 and head[344:347] in (b"n+1", b"ni1"):
+            return True
+        if size == 540 and head[4:7] in (b"n+2", b"ni2"):
+            return True
+    return False
+
+
+def _gunzip_head(path: Path, n: int = 600) -> bytes:
+    with open(path, "rb") as f:
+        raw = f.read(64 * 1024)
+    try:
+        d = zlib.decompressobj(31)
+        return d.decompress(raw, n)
+    except zlib.error:
+        raise DataError(path, "damaged gzip stream", "re-export or re-download the file") from None
+
+
+def sniff(path: Path, head: bytes | None) -> str | None:
+    """``"nifti"`` for a NIfTI file (plain or gzip), else None (``head`` None: a folder)."""
+    if head is None:
+        return None
+    if head[:2] == b"\x1f\x8b":
+        head = _gunzip_head(path)
+    return "nifti" if _is_nifti_header(head) else None
+
+
+# -- reading ----------------------------------------------------------------------------
 def _load(path: Path):
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
@@ -73,13 +117,14 @@ def _read_data(path: Path, img, index=None) -> np.ndarray:
         raise
 
 
-def read_nifti(path: Path) -> Volume:
+def read(path: Path, *, series=None) -> Volume:
+    """The image with its affine; ``metadata["nifti_header"]`` keeps the header (``series``: unused)."""
     img = _load(path)
     spatial = _spatial_shape(path, tuple(int(s) for s in img.shape))
     data = _read_data(path, img)
     data = data.reshape(spatial, order="F") if data.ndim != 3 else data
     affine = zyx_affine_from_ijk(img.affine)
-    spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
+    spacing = spacing_of(affine)
     header = img.header.copy()
     return Volume(
         data.transpose(2, 1, 0),
@@ -97,7 +142,7 @@ def read_nifti(path: Path) -> Volume:
     )
 
 
-def read_nifti_box(path: Path, box) -> np.ndarray:
+def read_box(path: Path, box: Box, *, series=None) -> np.ndarray:
     """Only the (z, y, x) box: nibabel slices the file (memory-mapped when uncompressed)."""
     img = _load(path)
     spatial = _spatial_shape(path, tuple(int(s) for s in img.shape))
@@ -107,12 +152,17 @@ def read_nifti_box(path: Path, box) -> np.ndarray:
     return np.ascontiguousarray(_read_data(path, img, index).transpose(2, 1, 0))
 
 
-def nifti_shape(path: Path) -> tuple[tuple[int, int, int], np.dtype, np.ndarray]:
+def info(path: Path, *, series=None):
+    """``(shape, dtype, spacing, affine)`` from the header (``series``: unused)."""
     img = _load(path)
     i, j, k = _spatial_shape(path, tuple(int(s) for s in img.shape))
     proxy = img.dataobj
     dtype = img.get_data_dtype() if (proxy.slope == 1 and proxy.inter == 0) else np.dtype(np.float32)
-    return (k, j, i), np.dtype(dtype), zyx_affine_from_ijk(img.affine)
+    affine = zyx_affine_from_ijk(img.affine)
+    return (k, j, i), np.dtype(dtype), spacing_of(affine), affine
+
+
+# -- writing ----------------------------------------------------------------------------
 
 
 def _storable(array: np.ndarray) -> np.ndarray:
@@ -127,7 +177,7 @@ def _storable(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def write_nifti(volume: Volume, path: Path) -> Path:
+def write(volume: Volume, path: Path) -> Path:
     """Write ``volume`` as NIfTI with its affine; keeps a source NIfTI header's codes/units."""
     import nibabel as nib
 

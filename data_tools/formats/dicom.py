@@ -22,9 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
-from .volume import Volume
+from ..atomic import atomic_output
+from ..errors import DataError
+from ..geometry import Box
+from ..volume import Volume
 
+__all__ = [
+    "FORMATS", "SUFFIXES", "sniff", "read", "read_box", "info", "write",
+    "Series", "dicom_files", "is_dicom_file", "scan_series",
+]  # fmt: skip
+
+FORMATS = ("dicom",)
+SUFFIXES = ()  # written only on request: write_dicom_series(volume, folder)
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -48,6 +57,13 @@ def dicom_files(folder: Path) -> list[Path]:
             if is_dicom_file(p):
                 out.append(p)
     return out
+
+
+def sniff(path: Path, head: bytes | None) -> str | None:
+    """``"dicom"`` for a file with ``DICM`` at byte 128, or a folder holding such files."""
+    if head is None:
+        return "dicom" if dicom_files(path) else None
+    return "dicom" if len(head) >= 132 and head[128:132] == b"DICM" else None
 
 
 @dataclass
@@ -208,22 +224,25 @@ def _pixels(sl: _Slice) -> np.ndarray:
     return pixels
 
 
-def read_dicom(folder: Path, series=None, box=None) -> Volume | np.ndarray:
-    """The series as a float32 HU :class:`Volume`, or only ``box`` of it as an array."""
-    geo = scan_series(folder, series)
-    (z0, z1), (y0, y1), (x0, x1) = box or ((0, geo.shape[0]), (0, geo.rows), (0, geo.columns))
+def _hu(geo: Series, box) -> np.ndarray:
+    """float32 HU of ``box`` of the series, reading only the slice files of its z range."""
+    (z0, z1), (y0, y1), (x0, x1) = box
     out = np.empty((z1 - z0, y1 - y0, x1 - x0), dtype=np.float32)
     for i, sl in enumerate(geo.slices[z0:z1]):
         pixels = _pixels(sl)[y0:y1, x0:x1]
         out[i] = pixels.astype(np.float32) * np.float32(sl.slope) + np.float32(sl.intercept)
-    if box is not None:
-        return out
+    return out
+
+
+def read(path: Path, *, series=None) -> Volume:
+    """The series as a float32 HU :class:`Volume` (``series``: UID or number, if several)."""
+    geo = scan_series(path, series)
     return Volume(
-        out,
+        _hu(geo, ((0, geo.shape[0]), (0, geo.rows), (0, geo.columns))),
         spacing=geo.spacing,
         affine=geo.affine,
         source_format="dicom",
-        path=str(folder),
+        path=str(path),
         metadata={
             "series_uid": geo.uid,
             "series_number": geo.number,
@@ -234,13 +253,24 @@ def read_dicom(folder: Path, series=None, box=None) -> Volume | np.ndarray:
     )
 
 
+def read_box(path: Path, box: Box, *, series=None) -> np.ndarray:
+    """Only ``box`` of the series (float32 HU), reading only the slice files of its z range."""
+    return _hu(scan_series(path, series), box)
+
+
+def info(path: Path, *, series=None):
+    """``(shape, dtype, spacing, affine)`` from the headers (pixels are float32 HU once read)."""
+    geo = scan_series(path, series)
+    return geo.shape, np.dtype(np.float32), geo.spacing, geo.affine
+
+
 def _ds(value: float) -> str:
     from pydicom.valuerep import format_number_as_ds
 
     return format_number_as_ds(float(value))
 
 
-def write_dicom_series(
+def write(
     volume: Volume,
     folder: Path,
     *,
@@ -259,8 +289,6 @@ def write_dicom_series(
     import pydicom
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    from ._atomic import atomic_output
 
     ras_to_lps = _LPS_TO_RAS  # its own inverse
     lps = ras_to_lps @ volume.affine

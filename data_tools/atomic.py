@@ -2,6 +2,9 @@
 
 A reader never sees a half-written file or folder, and a failure (an exception, a full
 disk, Ctrl-C) leaves nothing behind: the temporary is removed and the error re-raised.
+
+This is the one atomic-write helper of the project: every writer in ``data_tools`` uses
+:func:`atomic_output`, and the ``workbench`` package imports it from here.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import secrets
 import shutil
 from pathlib import Path
 from typing import Iterator
+
+__all__ = ["TEMP_PREFIX", "atomic_output", "temp_sibling", "write_text_atomic"]
 
 TEMP_PREFIX = ".tmp-"
 
@@ -69,3 +74,18 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:  # clean up whatever the cause, then let it propagate
         _remove(tmp)
         raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, *, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_output`); returns the path.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> p = write_text_atomic(Path(tempfile.mkdtemp()) / "h.json", "{}\\n")
+    >>> p.read_text()
+    '{}\\n'
+    """
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding=encoding)
+    return Path(path)

@@ -21,16 +21,33 @@ from typing import Any
 
 import numpy as np
 
-from ._atomic import atomic_output
-from .errors import DataError
-from .volume import Volume, default_affine
+from ..atomic import atomic_output
+from ..errors import DataError
+from ..geometry import Box, iter_blocks, spacing_of
+from ..volume import Volume, default_affine
 
+__all__ = [
+    "FORMATS", "SUFFIXES", "sniff", "read", "read_box", "info", "write",
+    "OmeZarrWriter", "default_levels", "downsample_mean",
+]  # fmt: skip
+
+FORMATS = ("zarr",)
+SUFFIXES = (".zarr",)
+_METADATA = ("zarr.json", ".zarray", ".zgroup", ".zattrs")
 _KEY = "data_tools"
 _UNIT_MM = {"millimeter": 1.0, "micrometer": 1e-3, "nanometer": 1e-6, "centimeter": 10.0, "meter": 1000.0}
 MIN_LEVEL_SIZE = 16
 MAX_LEVELS = 5
 
 
+def sniff(path: Path, head: bytes | None) -> str | None:
+    """``"zarr"`` for a folder holding zarr v2/v3 metadata, else None (``head`` not None: a file)."""
+    if head is None and any((path / name).exists() for name in _METADATA):
+        return "zarr"
+    return None
+
+
+# -- writing ----------------------------------------------------------------------------
 def default_levels(shape) -> int:
     """Levels down to a smallest side of ``MIN_LEVEL_SIZE`` (at most ``MAX_LEVELS``)."""
     levels, s = 1, tuple(shape)
@@ -179,10 +196,8 @@ class OmeZarrWriter:
         return ctx.__exit__(exc_type, exc, tb)
 
 
-def write_zarr(volume: Volume, path: Path, *, chunks: int = 64, levels: int | None = None) -> Path:
+def write(volume: Volume, path: Path, *, chunks: int = 64, levels: int | None = None) -> Path:
     """Write a whole :class:`Volume` as OME-Zarr (image levels, labels if present)."""
-    from .phantoms import iter_blocks
-
     extra = {"source_format": volume.source_format}
     with OmeZarrWriter(path, volume.shape, dtype=volume.dtype if volume.dtype != bool else np.uint8,
                        spacing=volume.spacing, affine=volume.affine, class_names=volume.class_names,
@@ -318,7 +333,8 @@ def _labels(path: Path, root) -> tuple[np.ndarray | None, tuple[str, ...] | None
     return labels, class_names
 
 
-def read_zarr(path: Path) -> Volume:
+def read(path: Path, *, series=None) -> Volume:
+    """The image (level 0) with its geometry and, when present, the labels (``series``: unused)."""
     node = _open(path)
     src = _Source(path, node)
     data = src.read()
@@ -330,11 +346,13 @@ def read_zarr(path: Path) -> Volume:
                   class_names=class_names, path=str(path), metadata=meta)  # fmt: skip
 
 
-def zarr_box(path: Path, box) -> np.ndarray:
+def read_box(path: Path, box: Box, *, series=None) -> np.ndarray:
+    """Only the box: zarr reads only the chunks it touches (``series``: unused)."""
     return _Source(path, _open(path)).read(box)
 
 
-def zarr_shape(path: Path):
+def info(path: Path, *, series=None):
+    """``(shape, dtype, spacing, affine)`` from the store's metadata (``series``: unused)."""
     src = _Source(path, _open(path))
     affine = src.affine if src.affine is not None else default_affine(src.spacing)
-    return src.shape, np.dtype(src.array.dtype), affine
+    return src.shape, np.dtype(src.array.dtype), spacing_of(affine), affine

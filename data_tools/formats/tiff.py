@@ -14,9 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ._atomic import atomic_output
-from .errors import DataError
-from .volume import Volume, default_affine
+from ..atomic import atomic_output
+from ..errors import DataError
+from ..geometry import Box, spacing_of
+from ..volume import Volume, default_affine
+
+__all__ = ["FORMATS", "SUFFIXES", "sniff", "read", "read_box", "info", "write"]
+
+FORMATS = ("tiff",)
+SUFFIXES = (".tif", ".tiff")
 
 _UNIT_MM = {
     "mm": 1.0, "millimeter": 1.0, "millimetre": 1.0, "um": 1e-3, "µm": 1e-3, "\\u00B5m": 1e-3,
@@ -25,6 +31,13 @@ _UNIT_MM = {
 }  # fmt: skip
 _IMAGEJ_DTYPES = {np.dtype(t) for t in ("uint8", "uint16", "int16", "float32")}
 _KEY = "data_tools"
+
+
+def sniff(path: Path, head: bytes | None) -> str | None:
+    """``"tiff"`` for classic or BigTIFF, either byte order, else None (``head`` None: a folder)."""
+    if head is not None and head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    return None
 
 
 def _open(path: Path):
@@ -86,14 +99,11 @@ def _spacing(path: Path, tif) -> tuple[tuple[float, float, float], np.ndarray | 
     return (1.0, 1.0, 1.0), None, "default"
 
 
-def read_tiff(path: Path, box=None) -> Volume | np.ndarray:
+def read(path: Path, *, series=None) -> Volume:
+    """The stack with its spacing (``metadata["spacing_source"]`` says from where; ``series``: unused)."""
     with _open(path) as tif:
-        series, index = _zyx_series(path, tif)
-        if box is not None:
-            (z0, z1), (y0, y1), (x0, x1) = box
-            data = _read_pages(tif, series, index, z0, z1)
-            return np.ascontiguousarray(data[:, y0:y1, x0:x1])
-        data = series.asarray()[index]
+        stack, index = _zyx_series(path, tif)
+        data = stack.asarray()[index]
         spacing, affine, source = _spacing(path, tif)
     if affine is None:
         affine = default_affine(spacing)
@@ -107,6 +117,15 @@ def read_tiff(path: Path, box=None) -> Volume | np.ndarray:
     )
 
 
+def read_box(path: Path, box: Box, *, series=None) -> np.ndarray:
+    """Only the box, reading only the pages of its z range when each page is one slice."""
+    with _open(path) as tif:
+        stack, index = _zyx_series(path, tif)
+        (z0, z1), (y0, y1), (x0, x1) = box
+        data = _read_pages(tif, stack, index, z0, z1)
+        return np.ascontiguousarray(data[:, y0:y1, x0:x1])
+
+
 def _read_pages(tif, series, index, z0, z1) -> np.ndarray:
     """Only pages z0..z1 when each page is one z slice; else the whole series, sliced."""
     shape = tuple(n for n, i in zip(series.shape, index) if i == slice(None))
@@ -116,15 +135,17 @@ def _read_pages(tif, series, index, z0, z1) -> np.ndarray:
     return series.asarray()[index][z0:z1]
 
 
-def tiff_shape(path: Path):
+def info(path: Path, *, series=None):
+    """``(shape, dtype, spacing, affine)`` from the tags and metadata (``series``: unused)."""
     with _open(path) as tif:
-        series, index = _zyx_series(path, tif)
-        shape = tuple(n for n, i in zip(series.shape, index) if i == slice(None))
+        stack, index = _zyx_series(path, tif)
+        shape = tuple(n for n, i in zip(stack.shape, index) if i == slice(None))
         spacing, affine, _ = _spacing(path, tif)
-        return shape, np.dtype(series.dtype), affine if affine is not None else default_affine(spacing)
+        affine = affine if affine is not None else default_affine(spacing)
+        return shape, np.dtype(stack.dtype), spacing_of(affine), affine
 
 
-def write_tiff(volume: Volume, path: Path) -> Path:
+def write(volume: Volume, path: Path) -> Path:
     """ImageJ-compatible stack for uint8/uint16/int16/float32, a plain stack otherwise.
 
     Both carry exact spacing and affine in a ``data_tools`` JSON entry, plus resolution

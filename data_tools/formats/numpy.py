@@ -3,6 +3,9 @@
 An ``.npz`` written here holds ``image`` and, when known, ``labels``, ``spacing``,
 ``affine`` and ``class_names``. Reading takes ``image`` (or the only array, or
 ``arr_0``). A ``.npy`` holds only the array: spacing is 1 mm and the affine the default.
+
+One module, two formats: ``npy`` (``\\x93NUMPY``) and ``npz`` (a zip); every function
+tells them apart by the first bytes of the file (writing: by the suffix).
 """
 
 from __future__ import annotations
@@ -12,9 +15,28 @@ from pathlib import Path
 
 import numpy as np
 
-from ._atomic import atomic_output
-from .errors import DataError
-from .volume import Volume
+from ..atomic import atomic_output
+from ..errors import DataError
+from ..geometry import Box
+from ..volume import Volume, default_affine
+
+__all__ = ["FORMATS", "SUFFIXES", "sniff", "read", "read_box", "info", "write"]
+
+FORMATS = ("npy", "npz")
+SUFFIXES = (".npy", ".npz")
+_MAGIC = {b"\x93NUMPY": "npy", b"PK\x03\x04": "npz"}
+
+
+def sniff(path: Path, head: bytes | None) -> str | None:
+    """``"npy"`` or ``"npz"`` from the first bytes, else None (``head`` None: a folder)."""
+    if head is None:
+        return None
+    return next((fmt for magic, fmt in _MAGIC.items() if head.startswith(magic)), None)
+
+
+def _is_npz(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return sniff(path, f.read(6)) == "npz"
 
 
 def _load(path: Path, mmap: bool = False):
@@ -30,11 +52,32 @@ def _load(path: Path, mmap: bool = False):
                         "re-save it with np.save / np.savez") from None  # fmt: skip
 
 
-def read_npy(path: Path) -> Volume:
+def read(path: Path, *, series=None) -> Volume:
+    """The ``.npy`` array (1 mm) or the ``.npz`` image with its geometry (``series``: unused)."""
+    if _is_npz(path):
+        return _read_npz(path)
     return Volume(np.asarray(_load(path)), source_format="npy", path=str(path))
 
 
-def npy_box(path: Path, box) -> np.ndarray:
+def read_box(path: Path, box: Box, *, series=None) -> np.ndarray:
+    """Only the box: memory-mapped for ``.npy``, a full read then the slice for ``.npz``."""
+    return (_npz_box if _is_npz(path) else _npy_box)(path, box)
+
+
+def info(path: Path, *, series=None):
+    """``(shape, dtype, spacing, affine)``: the ``.npy`` header, or a full read of a ``.npz``."""
+    if _is_npz(path):
+        vol = _read_npz(path)
+        return vol.shape, vol.dtype, vol.spacing, vol.affine
+    return _npy_info(path)
+
+
+def write(volume: Volume, path: Path) -> Path:
+    """``.npz`` (image, labels, geometry) when the name ends in ``.npz``, else ``.npy`` (array only)."""
+    return (_write_npz if Path(path).name.lower().endswith(".npz") else _write_npy)(volume, path)
+
+
+def _npy_box(path: Path, box) -> np.ndarray:
     """Only the box, through a read-only memory map."""
     mm = _load(path, mmap=True)
     if mm.ndim != 3:
@@ -42,13 +85,11 @@ def npy_box(path: Path, box) -> np.ndarray:
     return np.array(mm[tuple(slice(a, b) for a, b in box)])
 
 
-def npy_shape(path: Path):
-    from .volume import default_affine
-
+def _npy_info(path: Path):
     mm = _load(path, mmap=True)
     if mm.ndim != 3:
         raise DataError(path, f"array has shape {mm.shape}, expected 3-D (Z, Y, X)", "save a 3-D array")
-    return tuple(mm.shape), mm.dtype, default_affine((1.0, 1.0, 1.0))
+    return tuple(int(s) for s in mm.shape), np.dtype(mm.dtype), (1.0, 1.0, 1.0), default_affine((1.0, 1.0, 1.0))
 
 
 def _npz_image_key(path: Path, keys: list[str]) -> str:
@@ -61,7 +102,7 @@ def _npz_image_key(path: Path, keys: list[str]) -> str:
                     "save the volume under the key 'image', e.g. np.savez(path, image=array)")  # fmt: skip
 
 
-def read_npz(path: Path) -> Volume:
+def _read_npz(path: Path) -> Volume:
     with _load(path) as npz:
         keys = list(npz.files)
         image = npz[_npz_image_key(path, keys)]
@@ -73,20 +114,20 @@ def read_npz(path: Path) -> Volume:
                   class_names=names, path=str(path))  # fmt: skip
 
 
-def npz_box(path: Path, box) -> np.ndarray:
+def _npz_box(path: Path, box) -> np.ndarray:
     """Full read of the image, then the slice (npz members cannot be memory-mapped)."""
     with _load(path) as npz:
         image = npz[_npz_image_key(path, list(npz.files))]
     return np.ascontiguousarray(image[tuple(slice(a, b) for a, b in box)])
 
 
-def write_npy(volume: Volume, path: Path) -> Path:
+def _write_npy(volume: Volume, path: Path) -> Path:
     with atomic_output(path) as tmp, open(tmp, "wb") as f:
         np.save(f, volume.array)
     return Path(path)
 
 
-def write_npz(volume: Volume, path: Path) -> Path:
+def _write_npz(volume: Volume, path: Path) -> Path:
     items = {"image": volume.array, "spacing": np.asarray(volume.spacing), "affine": volume.affine}
     if volume.labels is not None:
         items["labels"] = volume.labels
