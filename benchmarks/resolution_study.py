@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     from workbench.execute.devices import configure_cpu_devices
 
     configure_cpu_devices(args.cpu_devices)
-    from data_tools.phantoms import make_phantom
+    from data_tools.synthetic import make_phantom
 
     from workbench.training.losses import dice_per_class
     from workbench.mesh import parse_mesh

@@ -211,7 +211,7 @@ def test_shipped_weights_load():
 def test_shipped_phantom_weights_segment_a_held_out_phantom():
     """The shipped model on held-out phantom seed 0 at 64³, normalised as `workbench infer` does,
     partitioned on 2x2x2: organ Dice 0.907 when the weights were trained (2 points slack)."""
-    from data_tools.phantoms import make_phantom
+    from data_tools.synthetic import make_phantom
     from workbench.training.data import model_input
     from workbench.training.losses import dice_per_class
     from workbench.execute.run import apply

@@ -158,7 +158,7 @@ def test_bad_config_messages():
 
 
 def test_model_input_windows_ct_and_zscores_the_rest():
-    from data_tools.phantoms import make_phantom
+    from data_tools.synthetic import make_phantom
     from workbench.training.data import is_ct, model_input
 
     phantom = make_phantom(32, seed=0, vessels=False)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools._atomic import atomic_output, temp_sibling
+from data_tools.atomic import atomic_output, temp_sibling
 from data_tools.errors import DataError, MissingDataError
 
 from workbench.analysis.compare import shard_stats

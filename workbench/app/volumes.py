@@ -84,7 +84,7 @@ def load_volume(source, *, shape=None, series: str | None = None, name: str | No
     elif isinstance(source, (str, os.PathLike)):
         phantom = parse_phantom_spec(source) if isinstance(source, str) else None
         if phantom is not None and shape is not None:
-            from data_tools.phantoms import make_phantom
+            from data_tools.synthetic import make_phantom
 
             volume = make_phantom(shape, seed=phantom[1])
         else:

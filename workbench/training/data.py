@@ -134,7 +134,7 @@ class Source:
 
 class PhantomSource(Source):
     def __init__(self, render: int, resolution: int | None = None):
-        from data_tools.phantoms import CLASS_NAMES
+        from data_tools.synthetic import CLASS_NAMES
 
         self.render, self.resolution = int(render), resolution
         n = resolution or self.render
@@ -143,7 +143,7 @@ class PhantomSource(Source):
         self.description = f"phantom:{self.render}" + (f" at {n}³" if resolution else "")
 
     def _case(self, seed: int) -> Case:
-        from data_tools.phantoms import make_phantom
+        from data_tools.synthetic import make_phantom
 
         volume = make_phantom(self.render, seed=seed, vessels=False)
         return _case_from_volume(volume, self.resolution, f"phantom seed {seed}")
