@@ -1,9 +1,105 @@
-"""Test set-up: 8 simulated CPU devices before any JAX computation."""
+"""Test set-up: 8 simulated CPU devices before any JAX computation; shared fixtures; tiers.
+
+Tiers (``pytest -m TIER``): ``unit`` (pure functions, fast), ``exactness`` (partitioned ==
+single-device reference), ``integration`` (commands, notebooks, result folders), with
+``gui`` (napari under a display), ``browser`` (JupyterLab in headless Chromium) and
+``multiprocess`` (several processes joined by jax.distributed) marking what they need.
+"""
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+# Each test file's tier and what it needs. A new file must be listed (see
+# test_every_test_file_has_a_tier), so `pytest -m exactness` never silently misses one.
+TIERS = {
+    "test_architecture.py": ("unit",),
+    "test_audit.py": ("unit",),
+    "test_baselines.py": ("exactness",),
+    "test_browser.py": ("integration", "browser"),
+    "test_checkpoint.py": ("integration",),
+    "test_cli.py": ("integration",),
+    "test_data_errors.py": ("unit",),
+    "test_data_formats.py": ("unit",),
+    "test_data_io.py": ("unit",),
+    "test_data_phantoms.py": ("unit",),
+    "test_data_preprocess.py": ("unit",),
+    "test_data_samples.py": ("unit",),
+    "test_data_volume.py": ("unit",),
+    "test_distributed.py": ("exactness", "multiprocess"),
+    "test_gpu_check.py": ("integration",),
+    "test_halo.py": ("exactness",),
+    "test_inspect.py": ("exactness",),
+    "test_layers.py": ("exactness",),
+    "test_losses.py": ("exactness",),
+    "test_mesh.py": ("unit",),
+    "test_napari_gui.py": ("integration", "gui"),
+    "test_partition.py": ("exactness",),
+    "test_plan.py": ("integration",),
+    "test_resolution.py": ("integration",),
+    "test_train.py": ("exactness",),
+    "test_viewer.py": ("integration",),
+    "test_widgets.py": ("integration",),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        tiers = TIERS.get(name, ("integration",) if name.endswith(".ipynb") else ())
+        for tier in tiers:
+            item.add_marker(getattr(pytest.mark, tier))
+
+
+# -- models: one cache instead of a Model.init per file ------------------------------------------
+_MODELS: dict = {}
+
+
+def perturbed(model, seed: int = 1):
+    """Random biases and running statistics, so no layer is an identity."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from workbench.model.unet import Model
+
+    rng = np.random.default_rng(seed)
+
+    def jitter(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "var" in name:
+            return jnp.asarray(rng.uniform(0.5, 2.0, leaf.shape), leaf.dtype)
+        if "bias" in name or "mean" in name:
+            return jnp.asarray(rng.normal(0, 0.1, leaf.shape), leaf.dtype)
+        if "scale" in name:
+            return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
+        return leaf
+
+    return Model(model.config, jax.tree_util.tree_map_with_path(jitter, model.variables))
+
+
+@pytest.fixture(scope="session")
+def make_model():
+    """``make_model(config="small", seed=0, perturbed=False)``: a cached ``Model`` (a preset
+    name or a ``UNetConfig``); ``perturbed`` randomises biases and norm statistics."""
+    from workbench.model.unet import Model, UNetConfig
+
+    def make(config="small", seed: int = 0, *, perturbed_model: bool = False):
+        config = UNetConfig.preset(config) if isinstance(config, str) else config
+        key = (config, seed, perturbed_model)
+        if key not in _MODELS:
+            model = Model.init(config, seed=seed)
+            _MODELS[key] = perturbed(model) if perturbed_model else model
+        return _MODELS[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def small_model(make_model):
+    """The small preset with random weights (seed 0)."""
+    return make_model("small", 0)

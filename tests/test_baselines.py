@@ -16,8 +16,8 @@ from workbench.model.unet import Model
 
 
 @pytest.fixture(scope="module")
-def model():
-    return Model.init("small", seed=0)
+def model(small_model):
+    return small_model
 
 
 ROI = (24, 20, 32)

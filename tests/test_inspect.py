@@ -105,9 +105,9 @@ def test_compare_rejects_mismatched_inputs():
 # -- measured artifact depth == receptive-field prediction -------------------------------
 
 @pytest.fixture(scope="module")
-def seam_runs():
+def seam_runs(make_model):
     """Small U-Net without normalisation (so errors stay local) on a 2x1x1 mesh."""
-    model = Model.init(UNetConfig.preset("small", norm="none"), seed=2)
+    model = make_model(UNetConfig.preset("small", norm="none"), 2)
     x = np.random.default_rng(4).standard_normal((96, 16, 16)).astype(np.float32)
     ref = apply(model, x, backend="reference")
     layout = ShardLayout(x.shape, "2x1x1", multiple=model.config.multiple)

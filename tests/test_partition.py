@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import perturbed
 from workbench.mesh import ShardLayout, parse_mesh
 from workbench.execute.run import apply, make_forward
 from workbench.model.unet import Model, UNetConfig, receptive_radius
@@ -16,36 +17,19 @@ GRAD_RTOL = 1e-4  # float64 compute (test_gradients_float64)
 GRAD_RTOL_F32 = 1e-2  # float32: max-pool near-ties, see test_training_forward_gradients_and_statistics
 
 
-def _perturbed(model: Model, seed: int = 1) -> Model:
-    """Random biases and running statistics, so no layer is an identity."""
-    rng = np.random.default_rng(seed)
-
-    def jitter(path, leaf):
-        name = jax.tree_util.keystr(path)
-        if "var" in name:
-            return jnp.asarray(rng.uniform(0.5, 2.0, leaf.shape), leaf.dtype)
-        if "bias" in name or "mean" in name:
-            return jnp.asarray(rng.normal(0, 0.1, leaf.shape), leaf.dtype)
-        if "scale" in name:
-            return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
-        return leaf
-
-    return Model(model.config, jax.tree_util.tree_map_with_path(jitter, model.variables))
-
-
 @pytest.fixture(scope="module")
-def model():
-    return _perturbed(Model.init(UNetConfig.preset("small", norm="batch"), seed=0))  # running statistics too
+def model(make_model):
+    return make_model(UNetConfig.preset("small", norm="batch"), 0, perturbed_model=True)  # running statistics too
 
 
 def _volume(shape, batch, seed=0):
     return np.random.default_rng(seed).standard_normal((batch, *shape, 1)).astype(np.float32)
 
 
-def test_small_preset_parameter_count(model):
+def test_small_preset_parameter_count(model, make_model):
     assert model.num_params == 85355
     assert UNetConfig.preset("small").multiple == 4
-    paper = Model.init("paper")
+    paper = make_model("paper")
     assert paper.config.depth == 4 and paper.config.dtype == "bfloat16"
     assert paper.num_params == 5_602_595  # counted by hand: convs, norms, up-convs, head
 
@@ -125,10 +109,10 @@ TRAIN_CASES = [
 
 
 @pytest.fixture(scope="module")
-def train_setup():
+def train_setup(make_model):
     """Model with dropout, and the reference's outputs per (shape, batch) (computed once)."""
     config = UNetConfig.preset("small", norm="batch", dropout=0.1)
-    model = _perturbed(Model.init(config, seed=3))
+    model = make_model(config, 3, perturbed_model=True)
     rng = jax.random.key(5)
     cache = {}
 
@@ -173,7 +157,7 @@ def test_gradients_float64(backend, mesh):
     """With float64 compute, rounding no longer flips max-pool winners: 1e-4 holds."""
     with jax.enable_x64(True):
         config = UNetConfig.preset("small", norm="batch", dropout=0.1, dtype="float64")
-        model = _perturbed(Model.init(config, seed=3))
+        model = perturbed(Model.init(config, seed=3))  # float64: not the float32 cache
         x = _volume((40, 56, 48), parse_mesh(mesh).data, seed=2)
         rng = jax.random.key(5)
         ref = _train_step_outputs(model, x, "1x1x1", "reference", rng)
@@ -198,9 +182,9 @@ def test_training_forward_statistics_uneven(train_setup, backend, mesh):
 
 
 @pytest.mark.parametrize("norm", ["group", "instance"])
-def test_other_normalisations_train_mode(norm):
+def test_other_normalisations_train_mode(norm, make_model):
     config = UNetConfig.preset("small", norm=norm, groups=4)
-    model = _perturbed(Model.init(config, seed=4))
+    model = make_model(config, 4, perturbed_model=True)
     x = _volume((40, 56, 48), 2, seed=3)
     rng = jax.random.key(0)
     ref = _train_step_outputs(model, x, "1x1x1", "reference", rng)
@@ -223,8 +207,8 @@ def test_bfloat16_compute_stays_close(model):
 # -- halo modes: artifacts exactly where the receptive field says -----------------
 
 @pytest.fixture(scope="module")
-def plain_model():
-    return _perturbed(Model.init(UNetConfig.preset("small", norm="none"), seed=2))
+def plain_model(make_model):
+    return make_model(UNetConfig.preset("small", norm="none"), 2, perturbed_model=True)
 
 
 def _seam_error(plain_model, halo):

@@ -168,14 +168,12 @@ def test_halo_shell_is_what_exact_exchange_delivers(width):
 
 # -- error maps -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def seam_run():
+def seam_run(small_model):
     """32³ phantom, halo 'zero' (seam artifacts) vs the reference, small model."""
     from data_tools.io import load_input
     from workbench.training.data import model_input as image_for_model
     from workbench.execute.run import run
-    from workbench.model.unet import Model
-
-    model = Model.init("small", seed=0)
+    model = small_model
     image = image_for_model(load_input("phantom:32"))
     out = run(model, image, "2x2x2", halo="zero").output
     ref = run(model, image, backend="reference").output

@@ -91,13 +91,13 @@ def check_run_options(config, backend: str, halo, mesh=None, *, inference: bool 
 
 
 def infer(model, loaded, mesh, *, backend: str = "explicit", halo="exact", reference: bool = False,
-          tolerance: float = 1e-5) -> Inference:
+          tolerance: float = 1e-5, on_stage=None) -> Inference:
     """Run ``model`` (a :class:`~workbench.app.models.ModelChoice` or a ``Model``) on
     ``loaded`` (a :class:`~workbench.app.volumes.LoadedVolume` or a (Z, Y, X) image).
 
     With ``reference``, the single-device reference runs too and the report holds the
     comparison: ``max_abs_diff``, ``argmax_disagreement``, per-shard statistics and the
-    seam profile.
+    seam profile. ``on_stage(text)``, if given, is called as each stage starts (progress bars).
     """
     from workbench.analysis.compare import compare
     from workbench.app.results import build_report
@@ -106,10 +106,14 @@ def infer(model, loaded, mesh, *, backend: str = "explicit", halo="exact", refer
     choice = model
     model = getattr(choice, "model", choice)
     image = getattr(loaded, "image", loaded)
+    stage = on_stage or (lambda text: None)
+    stage(f"compile and run ({backend})")
     result = run(model, image, mesh, backend=backend, halo=halo)
     ref = comparison = None
     if reference:
+        stage("single-device reference")
         ref = run(model, image, backend="reference")
+        stage("compare")
         comparison = compare(result.output, ref.output, result.layout, keep_error=False, tol=tolerance)
     report = build_report(result, model=model, reference=ref, comparison=comparison,
                           weights=getattr(choice, "description", None),

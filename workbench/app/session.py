@@ -112,20 +112,33 @@ class Session:
         return self._models[key]
 
     # -- actions ---------------------------------------------------------------------------
-    def run(self, settings: Settings, *, reference: bool = False):
-        """Partitioned inference (and the reference with ``reference``); returns the Inference."""
+    def run(self, settings: Settings, *, reference: bool = False, progress: bool = True):
+        """Partitioned inference (and the reference with ``reference``); returns the Inference.
+
+        ``progress`` shows a progress bar of the stages (tqdm: a widget in notebooks)."""
+        from tqdm.auto import tqdm
+
         from workbench.app.inference import check_run_options, infer
 
         halo, _ = check_run_options(settings.config, settings.backend, settings.halo, settings.mesh)
-        loaded = self.load(settings.shape)
-        self.last = infer(self.model(settings), loaded, settings.mesh, backend=settings.backend, halo=halo,
-                          reference=reference)
+        with tqdm(total=3 + 2 * reference, desc="compare" if reference else "inference", leave=False,
+                  disable=not progress) as bar:
+            def stage(text):
+                bar.set_postfix_str(text)
+                bar.update()
+
+            stage("loading the volume")
+            loaded = self.load(settings.shape)
+            stage("model")
+            choice = self.model(settings)
+            self.last = infer(choice, loaded, settings.mesh, backend=settings.backend, halo=halo,
+                              reference=reference, on_stage=stage)
         self.last_settings = settings
         return self.last
 
-    def compare(self, settings: Settings):
+    def compare(self, settings: Settings, *, progress: bool = True):
         """:meth:`run` with the single-device reference and the comparison."""
-        return self.run(settings, reference=True)
+        return self.run(settings, reference=True, progress=progress)
 
     def train_config(self, settings: Settings, steps: int):
         """The :class:`~workbench.training.config.TrainConfig` of training ``steps`` with ``settings``."""
