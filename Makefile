@@ -15,7 +15,7 @@ DEBIAN_PKGS := xvfb xauth libgl1-mesa-dri libegl1 libxkbcommon-x11-0 libxcb-curs
 	libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 \
 	libxcb-xkb1 libdbus-1-3 libfontconfig1 chromium chromium-driver
 
-.PHONY: install system-deps demo test bench lab clean
+.PHONY: install system-deps demo test lint format bench lab clean
 
 install: $(STAMP) $(GPU_PLAN_STAMP)
 
@@ -52,9 +52,18 @@ demo: install
 # napari tests need a real (virtual) display: the whole suite runs under xvfb-run.
 # JAX's compilation cache (per checkout) spares recompiling the same programs across
 # tests, notebooks and runs.
-test: install
+test: install lint
 	JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.cache/jax xvfb-run -a -s "-screen 0 1280x1024x24" \
 		$(BIN)/python -m pytest -q
+
+# ruff: lint and format check (configured in pyproject.toml); `make format` applies both.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # JupyterLab on the notebooks with the project's kernel ("Python (workbench)").
 lab: install

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from workbench.mesh import MeshSpec, ShardLayout
 
-__all__ = ["PlanKey", "plan_bytes", "MemoryEstimator", "memory_table", "table_text", "format_bytes", "fits_line"]
+__all__ = ["PlanKey", "plan_bytes", "MemoryEstimator", "memory_table", "memory_vs_devices", "table_text", "format_bytes", "fits_line"]
 
 
 def format_bytes(n: float) -> str:
@@ -140,3 +140,21 @@ def table_text(rows: list[dict], columns: list[str] | None = None) -> str:
     lines = ["  ".join(k.rjust(w) for k, w in zip(columns, widths))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
+
+
+def memory_vs_devices(estimator: MemoryEstimator, key: PlanKey, counts) -> list[dict]:
+    """Per-device peak of ``key``'s step on each device count (the most cube-like mesh of
+    that many devices, ``key``'s data-parallel size kept): rows for :func:`plot_memory`."""
+    from tqdm.auto import tqdm
+
+    from workbench.mesh import auto_mesh
+
+    rows = []
+    for n in tqdm(list(counts), desc="planning", leave=False):
+        spec = auto_mesh(n * key.mesh.data, data=key.mesh.data)
+        stats = estimator.estimate(PlanKey(key.config, key.shape, spec, key.backend, key.halo, key.train, key.batch))
+        shape = tuple(key.shape)
+        rows.append({"devices": spec.n_devices, "mesh": str(spec),
+                     "resolution": f"{shape[0]}³" if len(set(shape)) == 1 else "×".join(map(str, shape)),
+                     "bytes_per_device": stats["peak"]})
+    return rows

@@ -23,7 +23,6 @@ Nothing here imports JAX or napari at module level: the panel imports them when 
 
 from __future__ import annotations
 
-import concurrent.futures
 import html
 from typing import Any
 
@@ -31,29 +30,21 @@ import ipywidgets as W
 import numpy as np
 
 from workbench.analysis.figures import _pyplot, plot_curves, plot_memory, plot_seam_profile, plot_slices
-from workbench.app.planning import MemoryEstimator, PlanKey, fits_line, format_bytes
+from workbench.app.planning import MemoryEstimator, PlanKey, format_bytes
 from workbench.errors import USER_ERRORS, UserError, one_line
 from workbench.mesh import MeshSpec, auto_mesh
-from workbench.options import PLAN_BACKENDS, PRESETS
+from workbench.options import PRESETS
 from workbench.ui.choices import (
-    data_choices,
     halo_options,
     mesh_choices,
     mesh_svg,
     padding_note,
-    shape_text,
     valid_resolutions,
 )
+from workbench.ui.controls import Controls
+from workbench.ui.estimate import EstimateView, red
 
 __all__ = ["WorkbenchPanel"]
-
-
-def _red(text: str) -> str:
-    return f'<span style="color:#b00020">{html.escape(text)}</span>'
-
-
-def _green(text: str) -> str:
-    return f'<span style="color:#1b7a1b">{html.escape(text)}</span>'
 
 
 class WorkbenchPanel:
@@ -89,71 +80,34 @@ class WorkbenchPanel:
         from workbench.app.session import Session
         from workbench.model.unet import PRESETS as PRESET_CONFIGS
 
-        if estimate not in ("background", "sync", "off"):
-            raise UserError(f"estimate={estimate!r}; use 'background', 'sync' or 'off'")
         devices = jax.devices()
         self.n_devices = len(devices) if n_devices is None else int(n_devices)
         self.platform = devices[0].platform
         self.session = Session(volume, seed=seed)
-        self.estimate_mode = estimate
-        self.estimator = estimator or MemoryEstimator()
-        self._estimate_key: PlanKey | None = None
+        self.memory = EstimateView(estimator, mode=estimate, budget_gib=budget_gib, style={"description_width": "110px"})
+        self.estimator, self.plan_for, self.budget, self.estimate = (
+            self.memory.estimator, self.memory.plan_for, self.memory.budget, self.memory.label)
         self._refreshing = False
-        self._choice_error: str | None = None
         self.inference = self.history = None
         self.summary = ""
         self.viewer = None
         self.error: str | None = None
-        self.fits: bool | None = None
-        self.last_estimate: dict | None = None
         self.figures: dict[str, Any] = {}
 
         spec = self._initial_mesh(mesh)
-        style = {"description_width": "110px"}
-        layout = W.Layout(width="300px")
-        self.data = W.Dropdown(options=data_choices(self.n_devices), value=spec.data,
-                               description="data-parallel", style=style, layout=layout)
-        self.mesh = W.Dropdown(options=mesh_choices(self.n_devices, data=spec.data), value=spec,
-                               description="mesh z×y×x", style=style, layout=layout)
-        self.mesh_picture = W.HTML()
-        self.resolution = W.Combobox(value=str(resolution or self.session.default_size), ensure_option=False,
-                                     description="resolution", style=style, layout=layout,
-                                     placeholder="a side N (N³) or native")
-        self.padding = W.HTML()
         model = model if model in PRESETS else "small"
-        self.model = W.Dropdown(options=sorted(PRESETS), value=model, description="model", style=style,
-                                layout=layout)
-        self.dtype = W.Dropdown(options=["float32", "bfloat16"], value=PRESET_CONFIGS[model]["dtype"],
-                                description="dtype", style=style, layout=layout)
-        self.remat = W.Checkbox(value=False, description="rematerialise (less memory, more compute)", indent=False)
-        self.halo = W.Dropdown(options=halo_options(self.config), value=halo, description="halo", style=style,
-                               layout=layout)
-        self.backend = W.Dropdown(options=PLAN_BACKENDS, value=backend, description="backend", style=style,
-                                  layout=layout)
-        self.plan_for = W.ToggleButtons(options=["inference", "training"], value="inference",
-                                        description="plan for", style={"button_width": "92px"})
-        self.budget = W.BoundedFloatText(value=budget_gib, min=1e-6, max=1e6, step=1.0, description="budget GiB/dev",
-                                         style=style, layout=W.Layout(width="200px"))
-        self.estimate = W.HTML()
-        auto = W.Layout(width="auto")
-        self.steps = W.BoundedIntText(value=steps, min=1, max=100_000, description="steps",
-                                      layout=W.Layout(width="140px"))
-        self.run_button = W.Button(description="Run inference", button_style="primary", icon="play", layout=auto)
-        self.compare_button = W.Button(description="Compare with reference", icon="balance-scale", layout=auto)
-        self.train_button = W.Button(description="Train N steps", icon="line-chart", layout=auto)
-        self.napari_button = W.Button(description="Open in napari", icon="cube", layout=auto)
-        self.memory_button = W.Button(description="Memory vs devices", icon="bar-chart", layout=auto)
-        self.status = W.HTML()
-        self.output = W.Output(layout=W.Layout(border="1px solid #ddd", min_height="40px"))
-
-        for button, action in ((self.run_button, self.run_inference), (self.compare_button, self.compare),
-                               (self.train_button, self.train), (self.napari_button, self.open_napari),
-                               (self.memory_button, self.memory_vs_devices)):
-            button.on_click(self._click(button, action))
-        for control in (self.data, self.mesh, self.resolution, self.model, self.dtype, self.remat,
-                        self.halo, self.backend, self.plan_for):
+        self.controls = Controls(
+            self.n_devices, spec, resolution=str(resolution or self.session.default_size), model=model,
+            dtype=PRESET_CONFIGS[model]["dtype"], halo_choices=halo_options(self.config_for(model)), halo=halo,
+            backend=backend, steps=steps)
+        for name, widget in vars(self.controls).items():  # panel.mesh, panel.run_button, ...
+            setattr(self, name, widget)
+        for name, action in (("run_button", self.run_inference), ("compare_button", self.compare),
+                             ("train_button", self.train), ("napari_button", self.open_napari),
+                             ("memory_button", self.memory_vs_devices)):
+            getattr(self, name).on_click(self._click(getattr(self, name), action))
+        for control in (*self.controls.choices, self.plan_for):
             control.observe(self._on_change, names="value")
-        self.budget.observe(self._on_budget, names="value")
         self._refresh()
 
     def _initial_mesh(self, mesh) -> MeshSpec:
@@ -173,11 +127,13 @@ class WorkbenchPanel:
 
     @property
     def config(self):
+        """The U-Net configuration the controls select."""
+        return self.config_for(self.model.value, self.dtype.value, bool(self.remat.value))
+
+    @staticmethod
+    def config_for(preset: str, dtype: str | None = None, remat: bool = False):
         from workbench.model.unet import UNetConfig
 
-        preset = self.model.value if hasattr(self, "model") else "small"
-        dtype = self.dtype.value if hasattr(self, "dtype") else None
-        remat = bool(self.remat.value) if hasattr(self, "remat") else False
         return UNetConfig.preset(preset, **({"dtype": dtype} if dtype else {}), remat=remat)
 
     @property
@@ -194,8 +150,9 @@ class WorkbenchPanel:
     def plan_key(self) -> PlanKey:
         """What the memory estimate is computed for (one volume per data-parallel group)."""
         spec = self.spec
-        return PlanKey(self.config, self.volume_shape, spec, self.backend.value, self.halo.value,
-                       self.plan_for.value == "training", batch=spec.data)
+        train = self.memory.train  # a training step always exchanges exact halos
+        return PlanKey(self.config, self.volume_shape, spec, self.backend.value,
+                       "exact" if train else self.halo.value, train, batch=spec.data)
 
     # -- results (the last Inference of the session) ---------------------------------------------
     @property
@@ -228,7 +185,6 @@ class WorkbenchPanel:
 
     def _refresh(self) -> None:
         self._refreshing = True
-        self._choice_error = None
         try:
             self.clear_error()
             data = self.data.value
@@ -248,9 +204,8 @@ class WorkbenchPanel:
             try:
                 self.padding.value = html.escape(padding_note(self.volume_shape, self.spec, multiple))
             except USER_ERRORS as err:
-                self.padding.value = _red(one_line(err))
-                self.estimate.value = ""
-                self._estimate_key, self._choice_error = None, one_line(err)
+                self.padding.value = red(one_line(err))
+                self.memory.block(one_line(err))
                 return
         finally:
             self._refreshing = False
@@ -258,54 +213,33 @@ class WorkbenchPanel:
 
     def refresh_estimate(self) -> None:
         """(Re)start the planner for the current choices; the label updates when it is done."""
-        key = self._estimate_key = self.plan_key()
-        self.fits = self.last_estimate = None
-        if self.estimate_mode == "off":
-            self.estimate.value = "memory estimate off"
-            return
-        future = self.estimator.submit(key)
-        if not future.done():
-            self.estimate.value = "estimating per-device memory (compiling ahead of time, nothing is allocated)…"
-            future.add_done_callback(lambda f, k=key: self._show_estimate(k, f))
-        if self.estimate_mode == "sync":
-            concurrent.futures.wait([future])
-        if future.done():
-            self._show_estimate(key, future)
+        self.memory.refresh(self.plan_key())
 
     def wait_estimate(self, timeout: float | None = None) -> dict:
         """Wait for the current estimate; returns the planner's bytes (raises its error)."""
-        if self._estimate_key is None:
-            raise UserError(self._choice_error or "no valid configuration to estimate; fix the choices first")
-        key = self._estimate_key
-        future = self.estimator.submit(key)
-        concurrent.futures.wait([future], timeout)
-        self._show_estimate(key, future)
-        return future.result(0)
+        return self.memory.wait(timeout)
 
-    def _show_estimate(self, key: PlanKey, future: concurrent.futures.Future) -> None:
-        if key != self._estimate_key or not future.done():
-            return  # a newer choice replaced this one
-        err = future.exception()
-        if err is not None:
-            self.fits = None
-            prefix = "" if isinstance(err, USER_ERRORS) else f"planner failed ({type(err).__name__}): "
-            self.estimate.value = _red(prefix + one_line(err))
-            return
-        stats = future.result()
-        self.last_estimate = stats
-        self.fits, text = fits_line(stats, self.budget.value)
-        mode = "training step" if key.train else "inference"
-        self.estimate.value = (_green if self.fits else _red)(f"{mode}: {text}")
+    @property
+    def fits(self) -> bool | None:
+        return self.memory.fits
 
-    def _on_budget(self, change=None) -> None:
-        if self._estimate_key is not None:
-            self._show_estimate(self._estimate_key, self.estimator.submit(self._estimate_key))
+    @property
+    def last_estimate(self) -> dict | None:
+        return self.memory.last
+
+    @property
+    def estimate_mode(self) -> str:
+        return self.memory.mode
+
+    @estimate_mode.setter
+    def estimate_mode(self, mode: str) -> None:
+        self.memory.mode = mode
 
     # -- status and output ------------------------------------------------------------------------
     def show_error(self, err: BaseException | str) -> None:
         """Show one red line in the panel (``panel.error`` holds the text)."""
         self.error = err if isinstance(err, str) else one_line(err)
-        self.status.value = _red(self.error)
+        self.status.value = red(self.error)
 
     def clear_error(self) -> None:
         self.error = None
@@ -390,16 +324,11 @@ class WorkbenchPanel:
     def layers(self) -> list:
         """napari layer data of the last run with these settings (run first if needed): image,
         ground truth, prediction, error maps (after :meth:`compare`), halo band, shard boundaries."""
-        from workbench.analysis.receptive import halo_width
-        from workbench.ui.napari.layers import build_layers
+        from workbench.ui.napari.layers import inference_layers
 
         if self.inference is None or self.session.last_settings != self.settings():
             self.run_inference()
-        run, loaded = self.inference, self.inference.loaded
-        return build_layers(
-            run.layout, spacing=loaded.spacing, image=loaded.image, prediction=run.labels,
-            ground_truth=loaded.labels, signed=self.signed_error, halo=run.result.halo,
-            halo_band_width=halo_width(run.result.halo, model=self.config.as_dict()), class_names=loaded.class_names)
+        return inference_layers(self.inference)
 
     def open_napari(self):
         """Open a napari viewer with :meth:`layers` (needs a display); returns the viewer."""
@@ -437,17 +366,10 @@ class WorkbenchPanel:
 
     def memory_vs_devices(self, counts=None) -> list[dict]:
         """Planner peak per device for the current choices on 1, 2, 4 … devices (cube-like meshes)."""
-        from tqdm.auto import tqdm
+        from workbench.app.planning import memory_vs_devices
 
         counts = counts or [n for n in (1, 2, 4, 8, 16, 32, 64, 128) if n <= self.n_devices]
-        key = self.plan_key()
-        rows = []
-        for n in tqdm(counts, desc="planning", leave=False):
-            spec = auto_mesh(n * key.mesh.data, data=key.mesh.data)
-            stats = self.estimator.estimate(PlanKey(key.config, key.shape, spec, key.backend, key.halo,
-                                                    key.train, key.batch))
-            rows.append({"devices": spec.n_devices, "mesh": str(spec), "resolution": shape_text(key.shape),
-                         "bytes_per_device": stats["peak"]})
+        rows = memory_vs_devices(self.estimator, self.plan_key(), counts)
         self._show_figure("memory", plot_memory(rows, budgets_gib=(self.budget.value,)))
         return rows
 
@@ -456,16 +378,8 @@ class WorkbenchPanel:
     def widget(self) -> W.VBox:
         """The whole panel as one ipywidgets box."""
         if not hasattr(self, "_box"):
-            title = W.HTML(f"<b>Partitioned U-Net workbench</b> · {self.n_devices} {self.platform} devices")
-            mesh_col = W.VBox([W.HTML("<b>Mesh</b>"), self.data, self.mesh, self.mesh_picture])
-            res_col = W.VBox([W.HTML("<b>Resolution</b>"), self.resolution, self.padding],
-                             layout=W.Layout(width="340px"))
-            model_col = W.VBox([W.HTML("<b>Model</b>"), self.model, self.dtype, self.remat, self.halo, self.backend])
-            memory = W.VBox([W.HTML("<b>Per-device memory</b>"), W.HBox([self.plan_for, self.budget]), self.estimate])
-            actions = W.HBox([self.run_button, self.compare_button, self.steps, self.train_button,
-                              self.napari_button, self.memory_button])
-            self._box = W.VBox([title, W.HBox([mesh_col, res_col, model_col]), memory, actions, self.status,
-                                self.output])
+            title = f"<b>Partitioned U-Net workbench</b> · {self.n_devices} {self.platform} devices"
+            self._box = self.controls.box(title, self.memory)
         return self._box
 
     def _ipython_display_(self):

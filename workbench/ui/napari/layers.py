@@ -47,6 +47,7 @@ __all__ = [
     "halo_band_layer",
     "error_layers",
     "build_layers",
+    "inference_layers",
     "result_layers",
 ]
 
@@ -470,6 +471,18 @@ def build_layers(layout: ShardLayout, *, spacing=(1.0, 1.0, 1.0), image=None, pr
     layers.append(contour_layer(layout, spacing=spacing))
     layers.append(boundary_layer(layout, spacing=spacing, stats=stats))
     return layers
+
+
+def inference_layers(inference) -> list[LayerData]:
+    """The layers of a :class:`workbench.app.inference.Inference` (see :func:`build_layers`):
+    its image, ground truth, prediction, error maps (with a reference) and halo band."""
+    from workbench.analysis.receptive import halo_width
+
+    loaded, halo = inference.loaded, inference.result.halo
+    return build_layers(inference.layout, spacing=loaded.spacing, image=loaded.image, prediction=inference.labels,
+                        ground_truth=loaded.labels, signed=inference.signed_error(), halo=halo,
+                        halo_band_width=halo_width(halo, model=inference.report["model"]),
+                        class_names=loaded.class_names)
 
 
 def result_layers(result) -> list[LayerData]:
