@@ -90,7 +90,7 @@ def main(argv=None) -> int:
 
     from workbench.training.losses import dice_per_class
     from workbench.mesh import parse_mesh
-    from workbench.training.loop import TrainConfig, train_and_evaluate
+    from workbench.training import TrainConfig, train_and_evaluate
 
     runs = {int(k): Path(v) for k, v in (item.split("=", 1) for item in args.run)}
     workdir = Path(args.workdir)
