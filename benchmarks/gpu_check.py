@@ -81,7 +81,7 @@ def run_phase(phase: str, size: int, allow_cpu: bool, dump: str | None) -> dict:
         if dump:
             np.save(dump, np.asarray(compiled(v, xd), np.float32)[..., :size, :size, :size, :])
     else:
-        from workbench.training.loop import TrainConfig, build_train_step, create_train_state
+        from workbench.training import TrainConfig, build_train_step, create_train_state
 
         tc = TrainConfig(mesh="1x1x1", backend=backend)
         ts = build_train_step(cfg, tc, layout)

@@ -5,7 +5,8 @@ our explicit ``shard_map`` + halo exchange, (c) with GSPMD, all in this process 
 simulated CPU devices. Time is the median of ``--repeats`` runs after a warm-up
 (inputs already on the devices); memory is XLA's per-device accounting from
 ``compiled.memory_analysis()`` (arguments + outputs + temporaries − aliases) for
-inference and for a training step (loss + gradients). Efficiency = ideal ÷ measured,
+inference and for the training step that training runs (loss, gradients, clipping,
+Adam update). Efficiency = ideal ÷ measured,
 ideal = reference bytes ÷ devices. Nothing here passes or fails on time.
 
     python benchmarks/partition_overhead.py [--sizes 64 128] [--mesh 2x2x2] [--json out.json]

@@ -13,7 +13,7 @@ import pytest
 
 from workbench.training.checkpoint import CheckpointMismatchError, Checkpoints, load_weights, pretrained, save_weights
 from workbench.training.data import make_source
-from workbench.training.loop import NonFiniteLossError, TrainConfig, abstract_train_state, model_config, train_and_evaluate
+from workbench.training import NonFiniteLossError, TrainConfig, abstract_train_state, model_config, train_and_evaluate
 from workbench.model.unet import Model
 
 TINY = {"depth": 2, "base_filters": 4, "norm": "batch"}  # batch statistics are saved too

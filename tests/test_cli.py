@@ -125,3 +125,68 @@ def test_demo_small(tmp_path, capsys):
     assert report["max_abs_diff"] <= 1e-5 and report["gspmd"]["max_abs_diff"] <= 1e-5
     assert (out / "view.png").stat().st_size > 10_000
     assert np.load(out / "prediction.npy").shape == (32, 32, 32)
+
+
+# -- `workbench train`'s flags are TrainConfig's fields -------------------------------------------
+def _train_parser():
+    import argparse
+
+    from workbench.cli import train
+
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    return parser
+
+
+def test_train_flags_are_derived_from_train_config():
+    import dataclasses
+
+    from workbench.training.config import FLAGLESS_FIELDS, TrainConfig
+
+    actions = {a.dest: a for a in _train_parser()._actions if a.dest != "help"}
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    assert set(FLAGLESS_FIELDS) == {"model_overrides"}
+    for name, f in fields.items():
+        if name in FLAGLESS_FIELDS:
+            assert name not in actions
+            continue
+        assert actions[name].default == f.default, name
+        assert actions[name].help, name
+    # everything else is the model overrides (into model_overrides) or this command's own
+    assert set(actions) - set(fields) == {"norm", "dtype", "remat", "checkpoint_dir", "resume", "no_progress",
+                                          "cpu_devices"}
+    flags = {a.option_strings[0]: a.dest for a in actions.values()}
+    assert {flags[f] for f in ("--lr", "--clip", "--no-augment", "--class-weights", "--checkpoint-every", "--keep",
+                               "--eval-every", "--eval-cases", "--seed", "--data-parallel", "--steps", "--batch",
+                               "--optimizer", "--schedule", "--dice-weight", "--backend", "--model", "--mesh",
+                               "--resolution", "--data")} == set(fields) - {"model_overrides", "warmup_steps"}
+    assert "adam | adafactor | sgd (default adam)" == actions["optimizer"].help
+    assert "explicit | gspmd | reference (default explicit)" == actions["backend"].help
+    assert "model preset: small | paper (default small)" == actions["model"].help
+
+
+def test_train_flags_round_trip_to_train_config():
+    from workbench.training.config import TrainConfig, train_config_from_flags
+
+    parse = lambda *argv: train_config_from_flags(_train_parser().parse_args([*argv, "--checkpoint-dir", "x"]))  # noqa: E731
+    assert parse() == TrainConfig()
+    config = parse("--data", "a.nii", "b.nii", "--lr", "0.01", "--clip", "0", "--no-augment", "--class-weights",
+                   "1,8,16", "--norm", "batch", "--remat", "--steps", "7", "--batch", "2", "--data-parallel", "2",
+                   "--schedule", "warmup_cosine", "--warmup-steps", "3")
+    assert config == TrainConfig(data=("a.nii", "b.nii"), learning_rate=0.01, clip_norm=0.0, augment=False,
+                                 class_weights=(1.0, 8.0, 16.0), model_overrides={"norm": "batch", "remat": True},
+                                 steps=7, batch=2, data_parallel=2, schedule="warmup_cosine", warmup_steps=3)
+    assert parse("--data", "mni:32", "--dtype", "bfloat16").model_overrides == {"dtype": "bfloat16"}
+    assert parse("--data", "mni:32").data == "mni:32"
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--optimizer", "lion"], "optimizer='lion'; use one of ('adam', 'adafactor', 'sgd')"),
+    (["--model", "huge"], "model='huge' is not a preset; use one of small, paper"),
+    (["--backend", "tpu"], "backend='tpu'; use explicit, gspmd or reference"),
+])
+def test_train_bad_choices_exit_2_one_line(tmp_path, capsys, argv, fragment):
+    assert main(["train", *argv, "--checkpoint-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()

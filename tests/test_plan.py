@@ -11,9 +11,10 @@ import pytest
 
 from workbench import cli
 from workbench.mesh import ShardLayout
-from workbench.analysis.plan import GIB, compile_train_step, parse_resolution, plan, plan_layout, recommend
+from workbench.analysis.plan import GIB, parse_resolution, plan, plan_layout, recommend
 from workbench.execute.run import memory_stats
 from workbench.model.unet import Model, UNetConfig
+from workbench.training.step import compile_train_step
 
 SMALL = UNetConfig.preset("small")
 DESIGN_KEYS = {"resolution", "mesh", "devices", "bytes_per_device", "bytes_single_device", "efficiency", "fits"}
@@ -46,7 +47,7 @@ def test_training_plan_holds_adam_state_and_donates_it():
     m = memory_stats(compile_train_step(config, layout))
     import jax
 
-    from workbench.training.loop import _frozen_labels
+    from workbench.training.state import _frozen_labels
 
     params = Model.init(config).variables["params"]
     param_bytes = 4 * sum(leaf.size for leaf in jax.tree.leaves(params))
@@ -172,3 +173,52 @@ def test_gpu_compiler_errors(capsys):
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1 and proc.stdout == ""
     assert "has no CUDA plugin for JAX" in err[0] and "WORKBENCH_GPU_PLAN_PYTHON" in err[0]
+
+
+# -- one answer: the panel's estimate, `plan --train` and training compile the same step ----------
+TINY_TRAIN = SMALL.replace(depth=2, base_filters=6)  # not a preset; compiles in seconds
+
+
+def test_training_estimate_is_the_train_step_that_plan_and_training_compile(capsys):
+    from workbench.analysis.plan import plan_memory
+    from workbench.training.config import TrainConfig
+
+    layout = ShardLayout((16, 16, 16), "2x2x2", multiple=TINY_TRAIN.multiple)
+    estimate = plan_memory(TINY_TRAIN, layout, train=True)
+    assert estimate == memory_stats(compile_train_step(TINY_TRAIN, layout))
+    assert estimate == plan_memory(TINY_TRAIN, layout, train=True, train_config=TrainConfig())
+    assert cli.main(["plan", "--resolution", "16", "--mesh", "2x2x2", "--train", "--json", "--no-reference",
+                     "--model-config", json.dumps(TINY_TRAIN.as_dict())]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["model"] == TINY_TRAIN.as_dict() and planned["train"] is True
+    assert planned["memory"] == estimate and planned["bytes_per_device"] == estimate["peak"]
+    # the optimiser is part of the answer: SGD-momentum keeps one moment, Adam two
+    sgd = plan_memory(TINY_TRAIN, layout, train=True, train_config=TrainConfig(optimizer="sgd"))
+    assert sgd["argument"] < estimate["argument"]
+    with pytest.raises(ValueError, match="training plans use exact halos"):
+        plan_memory(TINY_TRAIN, layout, train=True, halo="zero")
+
+
+def test_non_preset_config_plans_the_same_in_a_subprocess():
+    from workbench.analysis.plan import plan_argv, plan_subprocess
+
+    here = plan(TINY_TRAIN, 16, "2x2x2", reference=False)
+    argv = plan_argv(TINY_TRAIN, 16, "2x2x2", train=False, backend="explicit", halo="exact", allow_padding=False)
+    there = plan_subprocess(argv, devices=8)
+    assert there["model"] == TINY_TRAIN.as_dict()
+    assert there["bytes_per_device"] == here["bytes_per_device"] and there["memory"] == here["memory"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model-config", "{depth: 2}"], "--model-config is not valid JSON (Expecting property name"),
+    (["--model-config", '{"depth": 2, "filters": 6}'], "unknown UNetConfig field 'filters'; use only depth, "),
+    (["--model-config", "[2, 6]"], "a model config is a JSON object of UNetConfig fields, not list"),
+    (["--model-config", '{"depth": 9}'], "--model-config: depth=9 must be an integer in 1..7"),
+    (["--model-config", '{"depth": 2}', "--model", "paper", "--remat"],
+     "--model-config is the whole model, so --model/--remat cannot be added to it"),
+])
+def test_model_config_errors(capsys, argv, message):
+    assert cli.main(["plan", "--resolution", "16", "--mesh", "2x2x2", *argv]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and captured.out == ""

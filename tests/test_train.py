@@ -7,7 +7,7 @@ import pytest
 from data_tools import Volume
 from workbench.training.data import augment, make_source, place
 from workbench.mesh import ShardLayout, parse_mesh
-from workbench.training.loop import TrainConfig, build_train_step, create_train_state, model_config, put_batch
+from workbench.training import TrainConfig, build_train_step, create_train_state, model_config, put_batch
 
 # float32: the CT window clips air to one exact value, so max-pool meets exact and near
 # ties whose winner can flip with summation order (explicit and gspmd agree with each

@@ -13,7 +13,7 @@ runs once per step). Bytes are result sizes per device.
 
 Example
 -------
->>> compiled = compile_step(config, layout, train=True)     # workbench.analysis.plan
+>>> compiled = compile_train_step(config, layout)           # workbench.training.step
 >>> report = audit(compiled)
 >>> report["collectives"]["collective-permute"]["count"], report["halo_ratio"]
 """

@@ -5,9 +5,10 @@ gives XLA's own per-device accounting through ``compiled.memory_analysis()``
 (arguments, outputs, temporaries, aliasing), and the compiled HLO gives the
 communication audit (:mod:`workbench.analysis.audit`).
 
-* :func:`compile_step` / :func:`plan_memory`: inference, or loss-and-gradients.
-* :func:`compile_train_step`: the whole training step of :mod:`workbench.training.loop`
-  (loss, gradients, clipping, Adam update; parameters and optimiser state donated).
+* :func:`compile_step`: inference. A training step is compiled by
+  :func:`workbench.training.step.compile_train_step`: the very step training runs (loss,
+  gradients, clipping, Adam update; parameters and optimiser state donated).
+* :func:`plan_memory`: per-device bytes of either, for a layout.
 * :func:`plan`: one resolution on one mesh: per-device bytes, the single-device
   bytes, efficiency, fit against a budget, communication audit.
 * :func:`recommend`: the smallest mesh (power-of-two device count, most cube-like
@@ -34,14 +35,16 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from workbench.mesh import ShardLayout
 from workbench.execute.run import make_forward, memory_stats
+from workbench.mesh import ShardLayout
 from workbench.model.unet import Model, UNetConfig
+from workbench.options import PLAN_BACKENDS
+from workbench.training.config import TrainConfig
+from workbench.training.step import compile_train_step
 
 __all__ = [
     "compile_step",
     "plan_memory",
-    "compile_train_step",
     "parse_resolution",
     "plan_layout",
     "plan",
@@ -56,73 +59,40 @@ __all__ = [
 GIB = 2**30
 
 
-def _loss_fn(fn, config: UNetConfig, volume_shape):
-    z, y, x = volume_shape
-
-    def loss(params, other, images, labels, rng):
-        logits, updates = fn({**other, "params": params}, images, rng)
-        logits = logits[:, :z, :y, :x, :]  # padding is not part of the loss
-        onehot = jax.nn.one_hot(labels[:, :z, :y, :x], config.num_classes, dtype=logits.dtype)
-        ce = -jnp.sum(onehot * jax.nn.log_softmax(logits), axis=-1)
-        return jnp.mean(ce), updates
-
-    return loss
-
-
 def compile_step(config: UNetConfig, layout: ShardLayout, *, backend: str = "explicit",
-                 halo="exact", train: bool = False, batch: int = 1):
-    """Compile inference (``train=False``) or a loss-and-gradients step for abstract inputs."""
+                 halo="exact", batch: int = 1):
+    """Compile inference (the forward pass) of ``config`` on ``layout`` for abstract inputs.
+    A training step is :func:`workbench.training.step.compile_train_step`."""
     if batch % layout.mesh.data:
         raise ValueError(
             f"batch of {batch} does not split over data={layout.mesh.data}; use a multiple of it"
         )
-    fn, _, in_sharding, var_sharding = make_forward(config, layout, backend=backend, halo=halo, train=train)
+    fn, _, in_sharding, var_sharding = make_forward(config, layout, backend=backend, halo=halo)
     target = layout.reference_shape if backend == "reference" else layout.padded_shape
     variables = jax.eval_shape(lambda: Model.init(config).variables)
-    abstract = lambda tree: jax.tree.map(  # noqa: E731
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=var_sharding), tree
-    )
+    variables = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=var_sharding), variables)
     images = jax.ShapeDtypeStruct((batch, *target, config.in_channels), jnp.float32, sharding=in_sharding)
-    if not train:
-        return jax.jit(fn).lower(abstract(variables), images).compile()
-    label_sharding = in_sharding
-    if backend != "reference":
-        label_sharding = jax.sharding.NamedSharding(
-            in_sharding.mesh, jax.sharding.PartitionSpec(*in_sharding.spec[:4])
-        )
-    labels = jax.ShapeDtypeStruct((batch, *target), jnp.int32, sharding=label_sharding)
-    rng = jax.eval_shape(lambda: jax.random.key(0))
-    rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=var_sharding)
-    loss = _loss_fn(fn, config, layout.volume_shape)
-    params = abstract(variables["params"])
-    other = abstract({k: v for k, v in variables.items() if k != "params"})
-    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
-    return step.lower(params, other, images, labels, rng).compile()
+    return jax.jit(fn).lower(variables, images).compile()
 
 
-def plan_memory(config: UNetConfig, layout: ShardLayout, *, backend: str = "explicit",
-                halo="exact", train: bool = False, batch: int = 1) -> dict[str, int]:
-    """Per-device bytes (argument, output, temp, alias, peak) of the compiled program."""
-    return memory_stats(compile_step(config, layout, backend=backend, halo=halo, train=train, batch=batch))
+def _compile(config, layout, *, backend, halo, train, batch, train_config=None):
+    """Inference, or the real train step (the one training runs: loss, gradients,
+    clipping, optimiser update with its state donated)."""
+    if train:
+        if halo != "exact":
+            raise ValueError(f"training plans use exact halos; halo {halo!r} is for inference only")
+        return compile_train_step(config, layout, train_config, backend=backend, batch=batch)
+    return compile_step(config, layout, backend=backend, halo=halo, batch=batch)
 
 
-# -- whole training step (optimiser included) -------------------------------------------------
-def compile_train_step(config: UNetConfig, layout: ShardLayout, *, backend: str = "explicit",
-                       batch: int = 1, optimizer: str = "adam"):
-    """Compile :func:`workbench.training.loop.build_train_step` (loss, gradients, optimiser update)
-    for abstract inputs: parameters, batch statistics and ``optimizer`` state are
-    arguments (donated, so the update is in place)."""
-    from workbench.training.loop import TrainConfig, abstract_train_state, build_train_step
-
-    spec = layout.mesh
-    tc = TrainConfig(mesh=f"{spec.z}x{spec.y}x{spec.x}", data_parallel=spec.data, batch=batch,
-                     backend=backend, optimizer=optimizer)
-    ts = build_train_step(config, tc, layout, backend=backend)
-    state = abstract_train_state(config, tc, ts.state_sharding)
-    target = ts.target_shape
-    images = jax.ShapeDtypeStruct((batch, *target, config.in_channels), jnp.float32, sharding=ts.image_sharding)
-    labels = jax.ShapeDtypeStruct((batch, *target), jnp.int32, sharding=ts.label_sharding)
-    return ts.fn.lower(state, images, labels).compile()
+def plan_memory(config: UNetConfig, layout: ShardLayout, *, backend: str = "explicit", halo="exact",
+                train: bool = False, batch: int = 1, train_config: TrainConfig | None = None) -> dict[str, int]:
+    """Per-device bytes (argument, output, temp, alias, peak) of the compiled program:
+    inference, or with ``train`` the whole train step of ``train_config`` (default
+    ``TrainConfig()``: Adam), the same program ``workbench plan --train`` and
+    :func:`workbench.training.loop.train_and_evaluate` compile."""
+    return memory_stats(_compile(config, layout, backend=backend, halo=halo, train=train, batch=batch,
+                                 train_config=train_config))
 
 
 # -- one plan ------------------------------------------------------------------------------------
@@ -168,14 +138,6 @@ def _budget_bytes(budget_gib) -> int:
     return int(budget_gib * GIB)
 
 
-def _compile(config, layout, *, backend, halo, train, batch):
-    if train:
-        if halo != "exact":
-            raise ValueError(f"training plans use exact halos; halo {halo!r} is for inference only")
-        return compile_train_step(config, layout, backend=backend, batch=batch)
-    return compile_step(config, layout, backend=backend, halo=halo, batch=batch)
-
-
 @functools.lru_cache(maxsize=64)
 def _measure(config, volume_shape, spec, backend, halo, train, batch):
     """(memory, audit, compile seconds) of one step; cached, so a notebook or a budget
@@ -205,10 +167,9 @@ def plan(config: UNetConfig, resolution, mesh, *, train: bool = False, backend: 
     ``warnings`` and compile times. The mesh needs that many JAX devices in this process.
     """
     from workbench.mesh import MeshSpec
-    from workbench.execute.run import BACKENDS
 
-    if backend not in ("explicit", "gspmd"):
-        raise ValueError(f"backend {backend!r} cannot be planned; use explicit or gspmd (of {BACKENDS})")
+    if backend not in PLAN_BACKENDS:
+        raise ValueError(f"backend {backend!r} cannot be planned; use {' or '.join(PLAN_BACKENDS)}")
     budget = _budget_bytes(budget_gib)
     layout = plan_layout(resolution, mesh, config, allow_padding=allow_padding)
     spec = layout.mesh
@@ -312,19 +273,14 @@ def plan_subprocess(argv: list[str], *, devices: int, timeout: float = 600.0, co
 
 def plan_argv(config: UNetConfig, resolution, mesh, *, train, backend, halo, allow_padding,
               reference: bool = False) -> list[str]:
-    """``workbench plan`` arguments for ``config`` (a preset with any dtype and remat)."""
-    from workbench.model.unet import PRESETS
+    """``workbench plan`` arguments for ``config`` (any config: it travels as ``--model-config`` JSON)."""
+    import json
 
-    model = next((name for name in PRESETS if UNetConfig.preset(name).replace(
-        dtype=config.dtype, remat=config.remat) == config), None)
-    if model is None:
-        raise ValueError("only preset models (small, paper; any dtype, remat) can be planned in a "
-                         "subprocess; plan custom configs in a process with enough devices")
     argv = ["--resolution", "x".join(map(str, parse_resolution(resolution))), "--mesh", str(mesh),
-            "--model", model, "--dtype", config.dtype, "--backend", backend, "--halo", str(halo)]
+            "--model-config", json.dumps(config.as_dict(), separators=(",", ":")),
+            "--backend", backend, "--halo", str(halo)]
     argv += [] if reference else ["--no-reference"]
     argv += ["--train"] if train else []
-    argv += ["--remat"] if config.remat else []
     argv += ["--allow-padding"] if allow_padding else []
     return argv
 

@@ -7,6 +7,7 @@ import json
 import re
 
 from workbench.cli.args import positive_int
+from workbench.options import DTYPES, PLAN_BACKENDS, PRESETS
 
 HELP = "per-device memory and communication of a step at any resolution and mesh (nothing allocated)"
 
@@ -15,11 +16,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", required=True, help="volume side N, or ZxYxX (e.g. 512 or 256x512x512)")
     p.add_argument("--mesh", required=True, help="ZxYxX or data=D,z=Z,y=Y,x=X")
     p.add_argument("--data", type=positive_int, default=None, help="data-parallel size (overrides the mesh's)")
-    p.add_argument("--model", default="small", help="model preset: small | paper (default small)")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: the preset's)")
+    p.add_argument("--model", default=None, help=f"model preset: {' | '.join(PRESETS)} (default small)")
+    p.add_argument("--dtype", default=None, help=f"{' | '.join(DTYPES[:2])} (default: the preset's)")
+    p.add_argument("--model-config", default=None, metavar="JSON",
+                   help="the whole model as a JSON object of UNetConfig fields (e.g. config.as_dict()); "
+                        "instead of --model/--dtype/--remat")
     p.add_argument("--train", action="store_true", help="plan a training step (Adam state included)")
     p.add_argument("--remat", action="store_true", help="rematerialise each conv block in the backward pass")
-    p.add_argument("--backend", default="explicit", help="explicit | gspmd (default explicit)")
+    p.add_argument("--backend", default="explicit", help=f"{' | '.join(PLAN_BACKENDS)} (default explicit)")
     p.add_argument("--halo", default="exact", help="halo mode for inference plans (default exact)")
     p.add_argument("--batch", type=positive_int, default=None, help="global batch (default: the data size)")
     p.add_argument("--budget-gib", type=float, default=None,
@@ -50,17 +54,13 @@ def run(args) -> int:
     from workbench.model.halo import validate_halo
     from workbench.mesh import MeshSpec, parse_mesh
     from workbench.analysis.plan import _budget_bytes, format_plan, parse_resolution, plan, plan_layout, recommend
-    from workbench.model.unet import UNetConfig
 
     spec = parse_mesh(args.mesh)
     if args.data is not None:
         spec = MeshSpec(spec.z, spec.y, spec.x, data=args.data)
-    overrides = {"remat": args.remat}
-    if args.dtype is not None:
-        overrides["dtype"] = args.dtype
-    config = UNetConfig.preset(args.model, **overrides)
-    if args.backend not in ("explicit", "gspmd"):
-        raise ValueError(f"--backend {args.backend!r} is unknown; use explicit or gspmd")
+    config = model_config_from_args(args)
+    if args.backend not in PLAN_BACKENDS:
+        raise ValueError(f"--backend {args.backend!r} is unknown; use {' or '.join(PLAN_BACKENDS)}")
     halo = validate_halo(args.halo)
     budget = 16.0 if args.budget_gib is None else args.budget_gib
     _budget_bytes(budget)  # --budget-gib <= 0 fails before any compile
@@ -91,6 +91,31 @@ def run(args) -> int:
     return 0
 
 
+def model_config_from_args(args):
+    """The ``UNetConfig`` of ``--model-config JSON``, or of ``--model`` with ``--dtype``/``--remat``."""
+    from workbench.model.unet import UNetConfig
+
+    if args.model_config is None:
+        overrides = {"remat": args.remat}
+        if args.dtype is not None:
+            overrides["dtype"] = args.dtype
+        return UNetConfig.preset(args.model or "small", **overrides)
+    given = [flag for flag, value in (("--model", args.model), ("--dtype", args.dtype), ("--remat", args.remat))
+             if value]
+    if given:
+        raise ValueError(f"--model-config is the whole model, so {'/'.join(given)} cannot be added to it; "
+                         "put those fields in the JSON instead")
+    try:
+        fields = json.loads(args.model_config)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--model-config is not valid JSON ({err}); pass an object of UNetConfig fields, "
+                         """e.g. '{"depth": 2, "base_filters": 6}'""") from None
+    try:
+        return UNetConfig.from_dict(fields)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"--model-config: {err}") from None
+
+
 # The CUDA plugin's notices when it loads on a machine without a GPU driver.
 _NOTICE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog|[IW]\d{4} .*cudart_stub)")
 
@@ -102,10 +127,10 @@ def _delegate(args, n_devices: int) -> int:
 
     from workbench.analysis.plan import plan_command
 
-    argv = ["--resolution", str(args.resolution), "--mesh", str(args.mesh), "--model", args.model,
+    argv = ["--resolution", str(args.resolution), "--mesh", str(args.mesh),
             "--backend", args.backend, "--halo", str(args.halo), "--max-devices", str(args.max_devices)]
-    for flag, value in (("--data", args.data), ("--dtype", args.dtype), ("--batch", args.batch),
-                        ("--budget-gib", args.budget_gib)):
+    for flag, value in (("--model", args.model), ("--model-config", args.model_config), ("--data", args.data),
+                        ("--dtype", args.dtype), ("--batch", args.batch), ("--budget-gib", args.budget_gib)):
         if value is not None:
             argv += [flag, str(value)]
     for flag, on in (("--train", args.train), ("--remat", args.remat), ("--allow-padding", args.allow_padding),

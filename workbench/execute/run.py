@@ -28,6 +28,7 @@ from workbench.model.halo import halo_pad, validate_halo
 from workbench.model.layers import Partition
 from workbench.mesh import ACTIVATION_SPEC, MeshSpec, ShardLayout, build_mesh, parse_mesh
 from workbench.model.unet import Model, UNet3D, UNetConfig, receptive_radius
+from workbench.options import BACKENDS
 
 __all__ = [
     "BACKENDS",
@@ -42,9 +43,6 @@ __all__ = [
     "overlap_width",
     "check_options",
 ]
-
-BACKENDS = ("explicit", "gspmd", "reference")
-
 
 def as_batch(volume, in_channels: int = 1) -> np.ndarray:
     """(Z,Y,X) or (N,Z,Y,X,C) → float32 (N,Z,Y,X,C), validated."""

@@ -34,10 +34,12 @@ from jax import lax
 
 from workbench.errors import UserError
 from workbench.mesh import SPATIAL_AXES
+from workbench.options import HALO_MODES as _NAMED_HALO_MODES
 
 __all__ = ["HALO_MODES", "halo_pad", "validate_halo", "global_index"]
 
-HALO_MODES = ("exact", "zero", "reflect", "replicate")
+# What each layer pads with: the named modes but "overlap" (one input halo, workbench.execute.run).
+HALO_MODES = tuple(m for m in _NAMED_HALO_MODES if m != "overlap")
 _SPATIAL_DIMS = (1, 2, 3)
 
 

@@ -29,10 +29,10 @@ from jax import lax
 from workbench.errors import UserError
 from workbench.model.halo import global_index, halo_pad
 from workbench.mesh import ACTIVATION_SPEC, DATA_AXIS, SPATIAL_AXES
+from workbench.options import NORMS
 
 __all__ = ["Partition", "Conv3", "Norm", "hash_dropout", "NORMS", "he_normal"]
 
-NORMS = ("none", "batch", "group", "instance")
 
 
 @dataclass(frozen=True)

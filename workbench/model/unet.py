@@ -26,26 +26,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from workbench.errors import UserError
-from workbench.model.layers import NORMS, Conv3, Norm, Partition, UpConv2, hash_dropout, he_normal, max_pool2
+from workbench.model.layers import Conv3, Norm, Partition, UpConv2, hash_dropout, he_normal, max_pool2
+from workbench.options import DTYPES, NORMS, PRESETS as PRESET_NAMES
 
 __all__ = ["UNetConfig", "UNet3D", "Model", "PRESETS", "receptive_radius"]
 
 ACTIVATIONS = ("relu", "leaky_relu")
-DTYPES = ("float32", "bfloat16", "float64")  # float64: verification only, needs jax_enable_x64
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # The Mesh-TensorFlow paper's configuration (Hou et al. 2019).
-    "paper": dict(
-        depth=4, base_filters=32, convs_per_block=2, norm="batch",
-        activation="leaky_relu", dtype="bfloat16", num_classes=3,
-    ),
+_PRESET_FIELDS: dict[str, dict[str, Any]] = {
     # Small enough to train on a laptop CPU. Instance norm (as nnU-Net): with one volume
     # per step, batch norm's running averages lag the weights and hurt held-out inference.
     "small": dict(
         depth=3, base_filters=8, convs_per_block=2, norm="instance",
         activation="relu", dtype="float32", num_classes=3,
     ),
+    # The Mesh-TensorFlow paper's configuration (Hou et al. 2019).
+    "paper": dict(
+        depth=4, base_filters=32, convs_per_block=2, norm="batch",
+        activation="leaky_relu", dtype="bfloat16", num_classes=3,
+    ),
 }
+# Keyed by the names of workbench.options.PRESETS (a KeyError here means the two disagree).
+PRESETS: dict[str, dict[str, Any]] = {name: _PRESET_FIELDS[name] for name in PRESET_NAMES}
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,19 @@ class UNetConfig:
     def output_dtype(self):
         """Logits are float32 (float64 for the float64 verification dtype)."""
         return jnp.float64 if self.dtype == "float64" else jnp.float32
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> "UNetConfig":
+        """The config with these fields (the rest default), e.g. from :meth:`as_dict` or JSON;
+        an unknown field is a ``ValueError`` naming it and the known ones."""
+        if not isinstance(fields, dict):
+            raise ValueError(f"a model config is a JSON object of UNetConfig fields, not {type(fields).__name__}; "
+                             'e.g. {"depth": 2, "base_filters": 6}')
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in fields if k not in known]
+        if unknown:
+            raise ValueError(f"unknown UNetConfig field {unknown[0]!r}; use only {', '.join(known)}")
+        return cls(**fields)
 
     def replace(self, **changes) -> "UNetConfig":
         return dataclasses.replace(self, **changes)

@@ -1,4 +1,4 @@
-"""Checkpoints (orbax) and shipped weights (flax msgpack).
+"""Checkpoints (orbax), restoring a model from them, and shipped weights (flax msgpack).
 
 Training checkpoints live in ``WORKDIR/checkpoints/<step>/`` and are written by an
 orbax ``CheckpointManager``: each save goes to a temporary folder renamed when complete
@@ -7,9 +7,10 @@ orbax ``CheckpointManager``: each save goes to a temporary folder renamed when c
 item (model config, train config, class names). :meth:`Checkpoints.restore` takes the
 newest readable step: a corrupt one is skipped, with a message saying so, and the
 previous one used. Arrays are restored onto whatever shardings the caller asks for, so
-a checkpoint written on one mesh loads on another.
+a checkpoint written on one mesh loads on another; :func:`restore_model` gives the
+model of the newest one, :func:`load_model` that of a folder or a weights file.
 
-Shipped weights (``workbench/weights/*.msgpack``) hold just the variables and the
+Shipped weights (``workbench/model/weights/*.msgpack``) hold just the variables and the
 model's config in one flax-serialised file; :func:`pretrained` loads them.
 
 Example
@@ -28,9 +29,14 @@ from typing import Any
 
 import numpy as np
 
+from workbench.training.config import TrainConfig
+from workbench.training.files import write_bytes_atomic
+from workbench.training.state import abstract_train_state, variables_of
+
 __all__ = [
     "Checkpoints",
     "CheckpointMismatchError",
+    "restore_model",
     "save_weights",
     "load_weights",
     "load_model",
@@ -143,6 +149,35 @@ def check_model_config(saved: dict, expected: dict, *, where: str) -> None:
         )
 
 
+def restore_model(ckpt_dir, *, log=print):
+    """(Model, meta) from the newest readable orbax checkpoint in ``ckpt_dir``."""
+    import jax
+
+    from workbench.model.unet import Model, UNetConfig
+
+    ckpts = Checkpoints(ckpt_dir)
+    steps = ckpts.steps()
+    if not steps:
+        raise FileNotFoundError(f"{ckpt_dir} holds no checkpoint; pass a folder written by workbench train")
+    meta = None
+    for step in reversed(steps):
+        try:
+            meta = ckpts.read_meta(step)
+            break
+        except Exception:  # noqa: BLE001 - restore() below reports the skipped steps
+            continue
+    if meta is None:
+        ckpts.restore(None, log=log)  # raises the "no readable checkpoint" error
+    config = UNetConfig(**meta["model"])
+    tc = TrainConfig.from_dict(meta["train"])
+    device = jax.devices()[0]
+    abstract = abstract_train_state(config, tc, jax.sharding.SingleDeviceSharding(device))
+    state, meta, step = ckpts.restore(abstract, expect_model=config.as_dict(), log=log)
+    ckpts.close()
+    meta = {**meta, "step": step}
+    return Model(config, variables_of(state)), meta
+
+
 # -- shipped weights --------------------------------------------------------------------
 def save_weights(path: str | os.PathLike, model, meta: dict | None = None) -> Path:
     """Write a model's variables and config (plus ``meta``) as one flax msgpack file, atomically."""
@@ -154,11 +189,7 @@ def save_weights(path: str | os.PathLike, model, meta: dict | None = None) -> Pa
         "config": json.dumps(model.config.as_dict()),
         "meta": json.dumps(meta or {}),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(serialization.msgpack_serialize(payload))
-    os.replace(tmp, path)
-    return path
+    return write_bytes_atomic(path, serialization.msgpack_serialize(payload))
 
 
 def _to_numpy(tree):
@@ -213,8 +244,6 @@ def load_model(path: str | os.PathLike, *, log=print):
             "workbench train) or a .msgpack weights file"
         )
     ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    from workbench.training.loop import restore_model
-
     return restore_model(ckpt_dir, log=log)
 
 

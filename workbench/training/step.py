@@ -1,0 +1,142 @@
+"""The partitioned train step: build it, compile it ahead of time, feed it a batch.
+
+The step runs the partitioned forward of :func:`workbench.execute.run.make_forward` (``explicit``
+shard_map + halos, ``gspmd``, or the single-device ``reference``) under one ``jax.jit``:
+the loss (:mod:`workbench.training.losses`) is reduced over the whole padded global array with
+the padding masked, the gradients of the replicated parameters are summed over shards
+and the ``data`` axis by the partitioner, batch-norm statistics come back replicated,
+and the optax update runs on replicated parameters and optimiser state. So every
+backend and mesh follows the same trajectory as the single-device reference.
+
+:func:`compile_train_step` compiles this same step for abstract inputs: the memory
+planner (:mod:`workbench.analysis.plan`) measures it, so a plan and a run agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from workbench.training.config import TrainConfig
+from workbench.training.state import abstract_train_state, make_optimizer, variables_of
+
+__all__ = ["TrainStep", "build_train_step", "compile_train_step", "put_batch"]
+
+
+@dataclass
+class TrainStep:
+    """A jitted ``fn(state, images, labels) -> (state, metrics)`` and its shardings."""
+
+    fn: Any
+    layout: Any
+    backend: str
+    mesh: Any
+    state_sharding: Any
+    image_sharding: Any
+    label_sharding: Any
+
+    @property
+    def target_shape(self):
+        return self.layout.reference_shape if self.backend == "reference" else self.layout.padded_shape
+
+
+_STEP_CACHE: dict = {}
+
+
+def build_train_step(config, tc: TrainConfig, layout, *, backend: str | None = None, class_weights=None,
+                     devices=None) -> TrainStep:
+    """The partitioned train step for ``layout`` (volume shape + mesh) on ``backend``.
+
+    Cached on everything the compiled step depends on, so a resumed or repeated run in
+    the same process (tests, notebooks) reuses the compilation.
+    """
+    backend = backend or tc.backend
+    key = (config, backend, layout.volume_shape, layout.mesh, tc.optimizer, tc.learning_rate, tc.schedule,
+           tc.warmup_steps, tc.steps if tc.schedule != "constant" else None, tc.clip_norm, tc.dice_weight,
+           None if class_weights is None else tuple(float(w) for w in class_weights),
+           None if devices is None else tuple(devices))
+    if key not in _STEP_CACHE:
+        if len(_STEP_CACHE) > 16:
+            _STEP_CACHE.clear()
+        _STEP_CACHE[key] = _build_train_step(config, tc, layout, backend, class_weights, devices)
+    return _STEP_CACHE[key]
+
+
+def _build_train_step(config, tc, layout, backend, class_weights, devices) -> TrainStep:
+    import jax
+    import optax
+
+    from workbench.execute.run import make_forward
+    from workbench.training.losses import confusion_counts, segmentation_loss
+
+    fn, mesh, image_sharding, state_sharding = make_forward(config, layout, backend=backend, train=True,
+                                                            devices=devices)
+    label_sharding = image_sharding
+    if backend != "reference":
+        label_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*image_sharding.spec[:4]))
+    tx = make_optimizer(tc, config)
+    volume_shape = layout.volume_shape
+    weights = tuple(float(w) for w in (class_weights or (1.0,) * config.num_classes))
+    if len(weights) != config.num_classes:
+        raise ValueError(f"class_weights {weights} must have one weight per class ({config.num_classes})")
+
+    def step(state, images, labels):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+
+        def loss_fn(params):
+            variables = {**variables_of(state), "params": params}
+            logits, updates = fn(variables, images, rng)
+            loss, parts = segmentation_loss(logits, labels, volume_shape, class_weights=weights,
+                                            dice_weight=tc.dice_weight)
+            return loss, (updates, parts, confusion_counts(logits, labels, volume_shape))
+
+        (loss, (updates, parts, counts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        deltas, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new = {**state, "params": optax.apply_updates(state["params"], deltas), "opt_state": opt_state,
+               "step": state["step"] + 1}
+        if "batch_stats" in state:
+            new["batch_stats"] = updates["batch_stats"]
+        metrics = {"loss": loss, **parts, "grad_norm": optax.global_norm(grads),
+                   "inter": counts[0], "pred": counts[1], "true": counts[2]}
+        return new, metrics
+
+    jitted = jax.jit(step, in_shardings=(state_sharding, image_sharding, label_sharding),
+                     out_shardings=(state_sharding, state_sharding), donate_argnums=0)
+    return TrainStep(jitted, layout, backend, mesh, state_sharding, image_sharding, label_sharding)
+
+
+def compile_train_step(config, layout, train_config: TrainConfig | None = None, *, backend: str | None = None,
+                       batch: int | None = None):
+    """Compile :func:`build_train_step` (loss, gradients, clipping, optimiser update) for
+    abstract inputs on ``layout``'s mesh, allocating nothing: parameters, batch
+    statistics and optimiser state are arguments, donated, so the update is in place.
+
+    ``train_config`` (default ``TrainConfig()``) chooses the optimizer, schedule, clip and
+    loss weights; ``backend`` and ``batch`` default to its own. Returns the compiled
+    program (``memory_analysis()``, ``as_text()``).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    tc = train_config or TrainConfig()
+    spec = layout.mesh
+    backend = backend or tc.backend
+    tc = tc.replace(mesh=f"{spec.z}x{spec.y}x{spec.x}", data_parallel=spec.data, backend=backend,
+                    batch=tc.batch if batch is None else batch)
+    ts = build_train_step(config, tc, layout, backend=backend)
+    state = abstract_train_state(config, tc, ts.state_sharding)
+    target = ts.target_shape
+    images = jax.ShapeDtypeStruct((tc.batch, *target, config.in_channels), jnp.float32,
+                                  sharding=ts.image_sharding)
+    labels = jax.ShapeDtypeStruct((tc.batch, *target), jnp.int32, sharding=ts.label_sharding)
+    return ts.fn.lower(state, images, labels).compile()
+
+
+def put_batch(ts: TrainStep, images: np.ndarray, labels: np.ndarray):
+    """Pad a host batch to the step's shape and place each shard on its device."""
+    from workbench.training.data import pad_to, place
+
+    return place(pad_to(images, ts.target_shape), ts.image_sharding), \
+        place(pad_to(labels, ts.target_shape), ts.label_sharding)
