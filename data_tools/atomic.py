@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["TEMP_PREFIX", "atomic_output", "temp_sibling", "write_text_atomic"]
+__all__ = ["TEMP_PREFIX", "atomic_output", "temp_sibling", "write_text_atomic", "write_bytes_atomic"]
 
 TEMP_PREFIX = ".tmp-"
 
@@ -88,4 +88,11 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, encoding: str = "ut
     """
     with atomic_output(path) as tmp:
         tmp.write_text(text, encoding=encoding)
+    return Path(path)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_output`); returns the path."""
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
     return Path(path)

@@ -11,7 +11,8 @@ import pytest
 
 from workbench import cli
 from workbench.mesh import ShardLayout
-from workbench.analysis.plan import GIB, parse_resolution, plan, plan_layout, recommend
+from workbench.analysis.plan import GIB, plan, plan_layout, recommend
+from workbench.mesh import parse_resolution
 from workbench.execute.run import memory_stats
 from workbench.model.unet import Model, UNetConfig
 from workbench.training.step import compile_train_step
@@ -83,7 +84,7 @@ def test_recommend_finds_the_smallest_mesh():
     (lambda: plan_layout(500, "4x4x4", UNetConfig.preset("paper")),
      r"resolution 500x500x500 does not split evenly over mesh 4x4x4 .* multiple of mesh size x 8: 32x32x32\)"
      r"; a run would pad it to 512x512x512 \(\+7% voxels\); plan that resolution or pass --allow-padding"),
-    (lambda: parse_resolution("12x12"), r"resolution '12x12' is not N or ZxYxX"),
+    (lambda: parse_resolution("12x12"), r"resolution '12x12' is not a size"),
     (lambda: plan(SMALL, 32, "2x2x2", train=True, halo="zero"), r"training plans use exact halos"),
 ])
 def test_bad_input(call, message):

@@ -35,8 +35,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from workbench.errors import UserError
 from workbench.execute.run import make_forward, memory_stats
-from workbench.mesh import ShardLayout
+from workbench.mesh import ShardLayout, parse_resolution
 from workbench.model.unet import Model, UNetConfig
 from workbench.options import PLAN_BACKENDS
 from workbench.training.config import TrainConfig
@@ -45,7 +46,6 @@ from workbench.training.step import compile_train_step
 __all__ = [
     "compile_step",
     "plan_memory",
-    "parse_resolution",
     "plan_layout",
     "plan",
     "recommend",
@@ -64,7 +64,7 @@ def compile_step(config: UNetConfig, layout: ShardLayout, *, backend: str = "exp
     """Compile inference (the forward pass) of ``config`` on ``layout`` for abstract inputs.
     A training step is :func:`workbench.training.step.compile_train_step`."""
     if batch % layout.mesh.data:
-        raise ValueError(
+        raise UserError(
             f"batch of {batch} does not split over data={layout.mesh.data}; use a multiple of it"
         )
     fn, _, in_sharding, var_sharding = make_forward(config, layout, backend=backend, halo=halo)
@@ -80,7 +80,7 @@ def _compile(config, layout, *, backend, halo, train, batch, train_config=None):
     clipping, optimiser update with its state donated)."""
     if train:
         if halo != "exact":
-            raise ValueError(f"training plans use exact halos; halo {halo!r} is for inference only")
+            raise UserError(f"training plans use exact halos; halo {halo!r} is for inference only")
         return compile_train_step(config, layout, train_config, backend=backend, batch=batch)
     return compile_step(config, layout, backend=backend, halo=halo, batch=batch)
 
@@ -96,22 +96,6 @@ def plan_memory(config: UNetConfig, layout: ShardLayout, *, backend: str = "expl
 
 
 # -- one plan ------------------------------------------------------------------------------------
-def parse_resolution(value) -> tuple[int, int, int]:
-    """``512``, ``"512"``, ``"256x512x512"`` or a 3-sequence → (Z, Y, X)."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        parts = text.split("x") if "x" in text else [text]
-        if not all(p.strip().isdigit() for p in parts) or len(parts) not in (1, 3):
-            raise ValueError(f"resolution {value!r} is not N or ZxYxX (e.g. 512 or 256x512x512)")
-        value = [int(p) for p in parts]
-    sizes = [value] * 3 if isinstance(value, (int,)) else list(value)
-    if len(sizes) == 1:
-        sizes = sizes * 3
-    if len(sizes) != 3 or any(isinstance(s, bool) or int(s) != s or s < 1 for s in sizes):
-        raise ValueError(f"resolution {value!r} must be N or ZxYxX with positive sizes")
-    return tuple(int(s) for s in sizes)
-
-
 def plan_layout(resolution, mesh, config: UNetConfig, *, allow_padding: bool = False) -> ShardLayout:
     """The shard layout of ``resolution`` on ``mesh``; refuses uneven splits unless
     ``allow_padding``, naming the padding a run would add."""
@@ -122,7 +106,7 @@ def plan_layout(resolution, mesh, config: UNetConfig, *, allow_padding: bool = F
     layout = ShardLayout(shape, spec, multiple=config.multiple)
     if layout.padded_shape != shape and not allow_padding:
         need = [m * config.multiple for m in spec.spatial]
-        raise ValueError(
+        raise UserError(
             f"resolution {'x'.join(map(str, shape))} does not split evenly over mesh {spec} with a "
             f"depth-{config.depth} U-Net (each axis must be a multiple of mesh size x {config.multiple}: "
             f"{'x'.join(map(str, need))}); a run would pad it to {'x'.join(map(str, layout.padded_shape))} "
@@ -134,7 +118,7 @@ def plan_layout(resolution, mesh, config: UNetConfig, *, allow_padding: bool = F
 
 def _budget_bytes(budget_gib) -> int:
     if isinstance(budget_gib, bool) or not isinstance(budget_gib, (int, float)) or not budget_gib > 0:
-        raise ValueError(f"budget {budget_gib!r} GiB must be a positive number (e.g. 16 for a TPU v3 core)")
+        raise UserError(f"budget {budget_gib!r} GiB must be a positive number (e.g. 16 for a TPU v3 core)")
     return int(budget_gib * GIB)
 
 
@@ -169,14 +153,14 @@ def plan(config: UNetConfig, resolution, mesh, *, train: bool = False, backend: 
     from workbench.mesh import MeshSpec
 
     if backend not in PLAN_BACKENDS:
-        raise ValueError(f"backend {backend!r} cannot be planned; use {' or '.join(PLAN_BACKENDS)}")
+        raise UserError(f"backend {backend!r} cannot be planned; use {' or '.join(PLAN_BACKENDS)}")
     budget = _budget_bytes(budget_gib)
     layout = plan_layout(resolution, mesh, config, allow_padding=allow_padding)
     spec = layout.mesh
     batch = spec.data if batch is None else batch
     have = len(jax.devices())
     if spec.n_devices > have:
-        raise ValueError(
+        raise UserError(
             f"mesh {spec} needs {spec.n_devices} devices but this process has {have}; "
             f"pass --cpu-devices {spec.n_devices} (simulated CPU devices) or plan a smaller mesh"
         )
@@ -315,7 +299,7 @@ def recommend(config: UNetConfig, resolution, *, budget_gib: float = 16.0, train
                              allow_padding=allow_padding)
             peak = plan_subprocess(argv, devices=n, compiler=gpu_target() or "cpu")["bytes_per_device"]
         else:
-            raise ValueError(f"mesh {spec} needs {n} devices but only {have} {jax.devices()[0].platform} "
+            raise UserError(f"mesh {spec} needs {n} devices but only {have} {jax.devices()[0].platform} "
                              "devices are here; plan on CPU (JAX_PLATFORMS=cpu) to simulate them")
         tried[n] = {"mesh": str(spec), "devices": n, "bytes_per_device": peak, "fits": peak <= budget}
         if log is not None:

@@ -25,7 +25,7 @@ _EXPORTS = {
     "LoadedVolume": "volumes", "load_volume": "volumes",
     "Inference": "inference", "infer": "inference", "check_run_options": "inference",
     "build_report": "results", "summary_line": "results", "staged_output": "results", "check_output_folder": "results", "write_result": "results",
-    "write_result_files": "results", "write_report": "results", "write_text": "results",
+    "write_result_files": "results", "write_report": "results",
     "ResultFolder": "results", "load_result": "results", "REPORT_KEYS": "results",
     "PlanKey": "planning", "plan_bytes": "planning", "MemoryEstimator": "planning", "memory_table": "planning",
     "table_text": "planning", "format_bytes": "planning", "fits_line": "planning",

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.atomic import atomic_output, temp_sibling
+from data_tools.atomic import atomic_output, temp_sibling, write_text_atomic
 from data_tools.errors import DataError, MissingDataError
 
 from workbench.analysis.compare import shard_stats
@@ -52,7 +52,6 @@ __all__ = [
     "summary_line",
     "check_output_folder",
     "staged_output",
-    "write_text",
     "write_report",
     "write_result",
     "write_result_files",
@@ -163,16 +162,9 @@ def staged_output(out: str | os.PathLike, *, overwrite: bool = False):
     tmp.rmdir()
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (a temporary sibling, then one rename)."""
-    with atomic_output(path) as tmp:
-        tmp.write_text(text)
-    return Path(path)
-
-
 def write_report(folder: str | os.PathLike, report: dict) -> Path:
     """``folder/report.json``, atomically."""
-    return write_text(Path(folder) / "report.json", json.dumps(report, indent=2, default=_json_default) + "\n")
+    return write_text_atomic(Path(folder) / "report.json", json.dumps(report, indent=2, default=_json_default) + "\n")
 
 
 def _json_default(value):

@@ -8,7 +8,7 @@ from which the CLI flags and the panel's training choices are derived.
 from __future__ import annotations
 
 from workbench.training import loop
-from workbench.training.loop import TrainConfig
+from workbench.training.config import TrainConfig
 
 __all__ = ["TrainConfig", "train"]
 

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 
 from workbench.options import PRESETS
+from workbench.training.config import positive_int
 
 __all__ = ["positive_int", "add_common", "model_choice", "write_figure"]
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
 
 
 def add_common(p) -> None:

@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from workbench.errors import InputNotFoundError, UserError
+
 HELP = "run the benchmark suite (tables of ratios and memory; never fails on time)"
 
 # name -> (full arguments, --quick arguments)
@@ -31,7 +33,7 @@ def benchmarks_dir() -> Path:
     """The checkout's ``benchmarks/`` folder (the suite is not part of an installed wheel)."""
     folder = Path(__file__).resolve().parents[2] / "benchmarks"
     if not folder.is_dir():
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"no benchmarks folder at {folder}; run `workbench bench` from a source checkout "
             "(pip install -e .)"
         )
@@ -50,12 +52,12 @@ def run(args) -> int:
     names = list(BENCHMARKS) if args.only is None else args.only
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
-        raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+        raise UserError(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     out = Path(args.json) if args.json else None
     if out is not None and out.is_dir():
-        raise ValueError(f"--json {out} is a folder; give a file path such as bench.json")
+        raise UserError(f"--json {out} is a folder; give a file path such as bench.json")
     if out is not None and not out.parent.is_dir():
-        raise FileNotFoundError(f"--json {out}: folder {out.parent} does not exist; create it first")
+        raise InputNotFoundError(f"--json {out}: folder {out.parent} does not exist; create it first")
     folder = benchmarks_dir()
     results, failed = {}, []
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,9 +84,9 @@ def run(args) -> int:
         from workbench.execute.devices import device_summary
 
         payload = {"quick": args.quick, "machine": device_summary(), "results": results}
-        tmp_out = out.with_name(f".{out.name}.tmp")
-        tmp_out.write_text(json.dumps(payload, indent=2, default=float) + "\n")
-        tmp_out.replace(out)
+        from data_tools.atomic import write_text_atomic
+
+        write_text_atomic(out, json.dumps(payload, indent=2, default=float) + "\n")
         print(f"wrote {out}")
     if failed:
         print(f"workbench: error: benchmark(s) failed: {', '.join(failed)}", file=sys.stderr)

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 
+from workbench.errors import UserError
 from workbench.cli.args import positive_int
 
 HELP = "run a command as several cooperating processes (jax.distributed, local CPU devices)"
@@ -53,13 +54,13 @@ def _command(argv: list[str]) -> list[str]:
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:
-        raise ValueError("no command given; e.g. workbench launch --processes 2 -- infer phantom:64 "
+        raise UserError("no command given; e.g. workbench launch --processes 2 -- infer phantom:64 "
                          "--mesh 2x2x2 --out runs/mp")
     if argv[0] not in MULTIPROCESS_COMMANDS:
-        raise ValueError(f"{argv[0]!r} cannot run as several processes; use one of: "
+        raise UserError(f"{argv[0]!r} cannot run as several processes; use one of: "
                          f"{', '.join(MULTIPROCESS_COMMANDS)}")
     if any(a == "--cpu-devices" or a.startswith("--cpu-devices=") for a in argv):
-        raise ValueError("--cpu-devices does not apply under launch; use --devices-per-process")
+        raise UserError("--cpu-devices does not apply under launch; use --devices-per-process")
     return argv
 
 
@@ -82,7 +83,7 @@ def launch(argv: list[str], *, processes: int = 2, devices_per_process: int = 4,
     out = out or sys.stdout
     argv = _command(argv)
     if not 0 <= port <= 65535:
-        raise ValueError(f"--port {port} is not a TCP port; use 1..65535 or 0 for a free one")
+        raise UserError(f"--port {port} is not a TCP port; use 1..65535 or 0 for a free one")
     port = port or _free_port()
     base = {k: v for k, v in os.environ.items() if not k.startswith("WORKBENCH_")}
     procs, pumps = [], []

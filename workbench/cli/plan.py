@@ -6,6 +6,7 @@ import argparse
 import json
 import re
 
+from workbench.errors import UserError
 from workbench.cli.args import positive_int
 from workbench.options import DTYPES, PLAN_BACKENDS, PRESETS
 
@@ -53,14 +54,15 @@ def run(args) -> int:
     from workbench.execute.devices import configure_cpu_devices, has_cuda_plugin, use_gpu_target, validate_compiler
     from workbench.model.halo import validate_halo
     from workbench.mesh import MeshSpec, parse_mesh
-    from workbench.analysis.plan import _budget_bytes, format_plan, parse_resolution, plan, plan_layout, recommend
+    from workbench.analysis.plan import _budget_bytes, format_plan, plan, plan_layout, recommend
+    from workbench.mesh import parse_resolution
 
     spec = parse_mesh(args.mesh)
     if args.data is not None:
         spec = MeshSpec(spec.z, spec.y, spec.x, data=args.data)
     config = model_config_from_args(args)
     if args.backend not in PLAN_BACKENDS:
-        raise ValueError(f"--backend {args.backend!r} is unknown; use {' or '.join(PLAN_BACKENDS)}")
+        raise UserError(f"--backend {args.backend!r} is unknown; use {' or '.join(PLAN_BACKENDS)}")
     halo = validate_halo(args.halo)
     budget = 16.0 if args.budget_gib is None else args.budget_gib
     _budget_bytes(budget)  # --budget-gib <= 0 fails before any compile
@@ -70,7 +72,7 @@ def run(args) -> int:
     if validate_compiler(args.compiler) != "cpu":
         if not has_cuda_plugin():  # plan in an interpreter that has the plugin
             if os.environ.get("WORKBENCH_GPU_PLAN_CHILD"):
-                raise ValueError(f"{sys.executable} has no CUDA plugin for JAX, so it cannot plan for "
+                raise UserError(f"{sys.executable} has no CUDA plugin for JAX, so it cannot plan for "
                                  f"{args.compiler}; point WORKBENCH_GPU_PLAN_PYTHON at a Python with "
                                  "jax-cuda12-plugin (`make install` creates .venv-gpu-plan)")
             return _delegate(args, n_devices)
@@ -103,17 +105,17 @@ def model_config_from_args(args):
     given = [flag for flag, value in (("--model", args.model), ("--dtype", args.dtype), ("--remat", args.remat))
              if value]
     if given:
-        raise ValueError(f"--model-config is the whole model, so {'/'.join(given)} cannot be added to it; "
+        raise UserError(f"--model-config is the whole model, so {'/'.join(given)} cannot be added to it; "
                          "put those fields in the JSON instead")
     try:
         fields = json.loads(args.model_config)
     except json.JSONDecodeError as err:
-        raise ValueError(f"--model-config is not valid JSON ({err}); pass an object of UNetConfig fields, "
+        raise UserError(f"--model-config is not valid JSON ({err}); pass an object of UNetConfig fields, "
                          """e.g. '{"depth": 2, "base_filters": 6}'""") from None
     try:
         return UNetConfig.from_dict(fields)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"--model-config: {err}") from None
+        raise UserError(f"--model-config: {err}") from None
 
 
 # The CUDA plugin's notices when it loads on a machine without a GPU driver.
@@ -141,8 +143,8 @@ def _delegate(args, n_devices: int) -> int:
     sys.stdout.write(proc.stdout)
     if proc.returncode == 2:  # its one-line error
         lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("workbench: error:")]
-        raise ValueError(lines[-1].removeprefix("workbench: error: ") if lines else proc.stderr.strip())
+        raise UserError(lines[-1].removeprefix("workbench: error: ") if lines else proc.stderr.strip())
     sys.stderr.writelines(ln for ln in proc.stderr.splitlines(keepends=True) if not _NOTICE.match(ln))
     if proc.returncode != 0:
-        raise ValueError(f"planning with {cmd[0]} failed (exit {proc.returncode}); its messages are above")
+        raise UserError(f"planning with {cmd[0]} failed (exit {proc.returncode}); its messages are above")
     return 0

@@ -105,12 +105,12 @@ class UNetConfig:
         """The config with these fields (the rest default), e.g. from :meth:`as_dict` or JSON;
         an unknown field is a ``ValueError`` naming it and the known ones."""
         if not isinstance(fields, dict):
-            raise ValueError(f"a model config is a JSON object of UNetConfig fields, not {type(fields).__name__}; "
+            raise UserError(f"a model config is a JSON object of UNetConfig fields, not {type(fields).__name__}; "
                              'e.g. {"depth": 2, "base_filters": 6}')
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = [k for k in fields if k not in known]
         if unknown:
-            raise ValueError(f"unknown UNetConfig field {unknown[0]!r}; use only {', '.join(known)}")
+            raise UserError(f"unknown UNetConfig field {unknown[0]!r}; use only {', '.join(known)}")
         return cls(**fields)
 
     def replace(self, **changes) -> "UNetConfig":

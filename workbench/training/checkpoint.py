@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from workbench.errors import InputNotFoundError, UserError
 from workbench.training.config import TrainConfig
-from workbench.training.files import write_bytes_atomic
+from data_tools.atomic import write_bytes_atomic
 from workbench.training.state import abstract_train_state, variables_of
 
 __all__ = [
@@ -50,7 +51,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "model" / "weights"
 PRETRAINED = {"phantom": "phantom_small.msgpack", "mni": "mni_small.msgpack"}
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     """A checkpoint was written for another model configuration."""
 
 
@@ -64,7 +65,7 @@ class Checkpoints:
         import orbax.checkpoint as ocp
 
         if not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"keep={keep!r} must be an integer >= 1 (checkpoints to keep)")
+            raise UserError(f"keep={keep!r} must be an integer >= 1 (checkpoints to keep)")
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=False, cleanup_tmp_directories=writer, create=writer,
@@ -122,7 +123,7 @@ class Checkpoints:
             return restored["state"], meta, step
         if failures:
             steps = ", ".join(str(s) for s, _ in failures)
-            raise ValueError(
+            raise UserError(
                 f"no readable checkpoint in {self.directory} (steps {steps} are corrupt: "
                 f"{_short(failures[-1][1])}); delete the folder to start again"
             )
@@ -158,7 +159,7 @@ def restore_model(ckpt_dir, *, log=print):
     ckpts = Checkpoints(ckpt_dir)
     steps = ckpts.steps()
     if not steps:
-        raise FileNotFoundError(f"{ckpt_dir} holds no checkpoint; pass a folder written by workbench train")
+        raise InputNotFoundError(f"{ckpt_dir} holds no checkpoint; pass a folder written by workbench train")
     meta = None
     for step in reversed(steps):
         try:
@@ -204,20 +205,20 @@ def load_weights(path: str | os.PathLike):
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist; pass a .msgpack file or a training folder")
+        raise InputNotFoundError(f"weights file {path} does not exist; pass a .msgpack file or a training folder")
     try:
         payload = serialization.msgpack_restore(path.read_bytes())
         config = UNetConfig(**json.loads(payload["config"]))
         meta = json.loads(payload["meta"])
         variables = payload["variables"]
     except Exception as err:  # noqa: BLE001 - anything unreadable is the same problem for the user
-        raise ValueError(f"weights file {path} is not readable ({_short(err)}); re-download or re-train it") from None
+        raise UserError(f"weights file {path} is not readable ({_short(err)}); re-download or re-train it") from None
     import jax
     import jax.numpy as jnp
 
     expected = _shapes(jax.eval_shape(lambda: Model.init(config).variables))
     if _shapes(variables) != expected:
-        raise ValueError(f"weights file {path} does not match its own config {config}; the file is damaged")
+        raise UserError(f"weights file {path} does not match its own config {config}; the file is damaged")
     return Model(config, _tree_map(jnp.asarray, variables)), meta
 
 
@@ -239,7 +240,7 @@ def load_model(path: str | os.PathLike, *, log=print):
     if path.is_file():
         return load_weights(path)
     if not path.is_dir():
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"checkpoint {path} does not exist; pass a training folder (--checkpoint-dir of "
             "workbench train) or a .msgpack weights file"
         )
@@ -250,10 +251,10 @@ def load_model(path: str | os.PathLike, *, log=print):
 def pretrained(task: str = "phantom"):
     """The shipped ``small`` model for ``task`` (``phantom`` or ``mni``)."""
     if task not in PRETRAINED:
-        raise ValueError(f"no shipped weights for {task!r}; choose one of {sorted(PRETRAINED)}")
+        raise UserError(f"no shipped weights for {task!r}; choose one of {sorted(PRETRAINED)}")
     path = WEIGHTS_DIR / PRETRAINED[task]
     if not path.is_file():
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"shipped weights {path} are missing from the installation; reinstall the package "
             f"or train them (see {WEIGHTS_DIR / 'README.md'})"
         )

@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from workbench.errors import UserError
 from workbench.options import BACKENDS, DTYPES, NORMS, OPTIMIZERS, PRESETS, SCHEDULES
 
 __all__ = [
@@ -37,7 +38,7 @@ __all__ = [
 PAPER_CLASS_WEIGHTS = (1.0, 8.0, 16.0)  # background, organ, lesion (Hou et al.)
 
 
-class NonFiniteLossError(ValueError):
+class NonFiniteLossError(UserError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
 
 
@@ -124,7 +125,7 @@ class TrainConfig:
     def __post_init__(self):
         def check(ok, msg):
             if not ok:
-                raise ValueError(msg)
+                raise UserError(msg)
 
         check(isinstance(self.steps, int) and self.steps >= 1, f"steps={self.steps!r} must be an integer >= 1")
         check(isinstance(self.batch, int) and 1 <= self.batch <= 64, f"batch={self.batch!r} must be in 1..64")
@@ -171,7 +172,7 @@ class TrainConfig:
         spec = parse_mesh(self.mesh)
         if self.data_parallel > 1:
             if spec.data not in (1, self.data_parallel):
-                raise ValueError(f"mesh {self.mesh} has data={spec.data} but data_parallel={self.data_parallel}")
+                raise UserError(f"mesh {self.mesh} has data={spec.data} but data_parallel={self.data_parallel}")
             spec = MeshSpec(spec.z, spec.y, spec.x, data=self.data_parallel)
         return spec
 

@@ -32,6 +32,8 @@ from typing import Sequence
 
 import numpy as np
 
+from workbench.errors import UserError
+
 __all__ = ["Case", "Source", "make_source", "augment", "place", "BatchStream", "TRAIN_SEED_BASE",
            "model_input", "ct_input", "is_ct"]
 
@@ -92,7 +94,7 @@ def _case_from_volume(volume, resolution: int | None, name: str, num_classes: in
     from workbench.training.losses import check_labels
 
     if volume.labels is None:
-        raise ValueError(
+        raise UserError(
             f"{name} has no labels; training needs (image, labels) pairs: pass a volume with a "
             "label map (e.g. an .npz holding 'image' and 'labels')"
         )
@@ -176,19 +178,19 @@ def make_source(data: str | Sequence, resolution: int | None = None) -> Source:
     from data_tools.io import load_input
 
     if resolution is not None and (not isinstance(resolution, int) or resolution < 8):
-        raise ValueError(f"resolution={resolution!r} must be an integer >= 8 (voxels per side)")
+        raise UserError(f"resolution={resolution!r} must be an integer >= 8 (voxels per side)")
     items = [data] if isinstance(data, str) else list(data)
     if not items:
-        raise ValueError("no training data given; pass phantom, phantom:N, mni or labelled volume paths")
+        raise UserError("no training data given; pass phantom, phantom:N, mni or labelled volume paths")
     if len(items) == 1 and isinstance(items[0], str):
         spec = items[0].strip().lower()
         if spec == "phantom" or spec.startswith("phantom:"):
             parts = spec.split(":")
             if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
-                raise ValueError(f"--data {items[0]!r}: write phantom or phantom:N (render side N, e.g. phantom:128)")
+                raise UserError(f"--data {items[0]!r}: write phantom or phantom:N (render side N, e.g. phantom:128)")
             render = int(parts[1]) if len(parts) == 2 else (resolution or 64)
             if render < 8:
-                raise ValueError(f"--data {items[0]!r}: the phantom side must be >= 8")
+                raise UserError(f"--data {items[0]!r}: the phantom side must be >= 8")
             return PhantomSource(render, resolution)
         if spec == "mni" or spec.startswith("mni:"):
             if resolution is None and spec == "mni":
@@ -205,7 +207,7 @@ def make_source(data: str | Sequence, resolution: int | None = None) -> Source:
         class_names = ("background",) + tuple(f"class{k}" for k in range(1, num_classes))
     shapes = {c.image.shape for c in cases}
     if len(shapes) > 1:
-        raise ValueError(
+        raise UserError(
             f"training volumes have different shapes {sorted(shapes)}; pass --resolution N to "
             "resample them all to N³"
         )

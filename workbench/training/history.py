@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from workbench.training.evaluation import finite_or_none
-from workbench.training.files import write_text_atomic
+from data_tools.atomic import write_text_atomic
 
 __all__ = ["train_row", "eval_row", "write_history", "plot_history"]
 

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from workbench.errors import NotAFolderError, OutputExistsError, UserError
 from workbench.training.checkpoint import Checkpoints, save_weights
 from workbench.training.config import PAPER_CLASS_WEIGHTS, NonFiniteLossError, TrainConfig, model_config
 from workbench.training.evaluation import evaluate
-from workbench.training.files import write_text_atomic
+from data_tools.atomic import write_text_atomic
 from workbench.training.history import eval_row, plot_history, train_row, write_history
 from workbench.training.state import abstract_train_state, create_train_state, learning_rate_schedule, variables_of
 from workbench.training.step import build_train_step, put_batch
@@ -75,7 +76,7 @@ def train_and_evaluate(config: TrainConfig, workdir, *, resume: bool = False, pr
     tc = config
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
-        raise NotADirectoryError(f"--checkpoint-dir {workdir} is a file; choose a folder path")
+        raise NotAFolderError(f"--checkpoint-dir {workdir} is a file; choose a folder path")
     # -- data and model ---------------------------------------------------------------------
     spec = tc.mesh_spec if tc.backend != "reference" else parse_mesh("1x1x1")
     if tc.backend != "reference":
@@ -83,7 +84,7 @@ def train_and_evaluate(config: TrainConfig, workdir, *, resume: bool = False, pr
         if spec.n_devices > len(jax.devices()):
             parse_mesh(spec, n_devices=len(jax.devices()))  # the helpful error
     if tc.batch % spec.data:
-        raise ValueError(f"batch {tc.batch} does not split over data={spec.data}; use a multiple of {spec.data}")
+        raise UserError(f"batch {tc.batch} does not split over data={spec.data}; use a multiple of {spec.data}")
     source = source or make_source(tc.data, tc.resolution)
     cfg = model_config(tc, source.num_classes)
     weights = tc.class_weights
@@ -91,7 +92,7 @@ def train_and_evaluate(config: TrainConfig, workdir, *, resume: bool = False, pr
         weights = PAPER_CLASS_WEIGHTS if source.num_classes == 3 and "phantom" in source.description \
             else (1.0,) * source.num_classes
     if len(weights) != source.num_classes:
-        raise ValueError(f"class_weights {tuple(weights)} must have {source.num_classes} entries "
+        raise UserError(f"class_weights {tuple(weights)} must have {source.num_classes} entries "
                          f"({', '.join(source.class_names)})")
     layout = ShardLayout(source.shape, spec, multiple=cfg.multiple)
     meta = {"model": cfg.as_dict(), "train": tc.as_dict(), "class_names": list(source.class_names),
@@ -104,7 +105,7 @@ def train_and_evaluate(config: TrainConfig, workdir, *, resume: bool = False, pr
         existing = probe.steps()
         probe.close()
     if existing and not resume:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{workdir} already holds a training run (checkpoints at steps {existing}); pass --resume "
             "to continue it or choose a new --checkpoint-dir"
         )

@@ -29,6 +29,8 @@ from typing import Sequence
 
 import numpy as np
 
+from workbench.errors import UserError
+
 __all__ = [
     "valid_mask",
     "weighted_cross_entropy",
@@ -140,13 +142,13 @@ def check_labels(labels: np.ndarray, num_classes: int, *, name: str = "labels") 
     """Integer labels in ``0..num_classes-1`` or a ValueError naming the bad values."""
     labels = np.asarray(labels)
     if labels.size == 0:
-        raise ValueError(f"{name} are empty (shape {labels.shape}); pass a non-empty label map")
+        raise UserError(f"{name} are empty (shape {labels.shape}); pass a non-empty label map")
     if not np.issubdtype(labels.dtype, np.integer) and labels.dtype != bool:
-        raise ValueError(f"{name} have dtype {labels.dtype}; pass integer class labels (e.g. uint8)")
+        raise UserError(f"{name} have dtype {labels.dtype}; pass integer class labels (e.g. uint8)")
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= num_classes:
         bad = np.unique(labels[(labels < 0) | (labels >= num_classes)])[:8].tolist()
-        raise ValueError(
+        raise UserError(
             f"{name} hold values {bad} outside the class range 0..{num_classes - 1}; remap them "
             f"or train a model with num_classes > {hi}"
         )
@@ -156,7 +158,7 @@ def check_labels(labels: np.ndarray, num_classes: int, *, name: str = "labels") 
 def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
     """(K,) hard Dice of one case; NaN for a class absent from both."""
     if pred.shape != truth.shape:
-        raise ValueError(f"prediction shape {pred.shape} differs from the truth shape {truth.shape}")
+        raise UserError(f"prediction shape {pred.shape} differs from the truth shape {truth.shape}")
     out = np.full(num_classes, np.nan)
     for k in range(num_classes):
         p, t = pred == k, truth == k

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from workbench.errors import UserError
 from workbench.training.config import TrainConfig
 from workbench.training.state import abstract_train_state, make_optimizer, variables_of
 
@@ -80,7 +81,7 @@ def _build_train_step(config, tc, layout, backend, class_weights, devices) -> Tr
     volume_shape = layout.volume_shape
     weights = tuple(float(w) for w in (class_weights or (1.0,) * config.num_classes))
     if len(weights) != config.num_classes:
-        raise ValueError(f"class_weights {weights} must have one weight per class ({config.num_classes})")
+        raise UserError(f"class_weights {weights} must have one weight per class ({config.num_classes})")
 
     def step(state, images, labels):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
