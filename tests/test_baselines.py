@@ -12,7 +12,6 @@ from workbench.analysis.baselines import (
     window_starts,
 )
 from workbench.execute.run import apply
-from workbench.model.unet import Model
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from workbench.analysis.figures import plot_seam_profile
 from workbench.analysis.receptive import predicted_artifact_depth, receptive_field
 from workbench.mesh import ShardLayout
 from workbench.execute.run import apply, overlap_width
-from workbench.model.unet import Model, UNetConfig, receptive_radius
+from workbench.model.unet import UNetConfig, receptive_radius
 
 TOL = 1e-4  # partitioned vs reference agree to ~1e-6 where no halo is wrong
 

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from workbench.app import load_result
 from workbench.ui.napari import layers as V
 from workbench.ui.napari import view as napari_view
 from workbench.cli import main
