@@ -210,7 +210,7 @@ def test_view_screenshot_and_demo_view(result_dir, tmp_path):
     # The demo's view step, also in a fresh process (as `workbench demo` runs it).
     script = (
         "import json, sys, numpy as np\n"
-        "from workbench import viewer as V\n"
+        "from workbench.app import load_result\n"
         "from workbench.cli.demo import save_view\n"
         "r = load_result(sys.argv[1])\n"
         "view = save_view(__import__('pathlib').Path(sys.argv[2]), np.asarray(r.image), np.asarray(r.prediction),\n"
