@@ -50,7 +50,7 @@ def test_straight_run_writes_history_plot_and_weights(straight):
     assert len(csv_lines) == 7 and csv_lines[0].startswith("step,loss")
 
 
-def test_resume_is_exact_and_loads_on_another_mesh(straight, tmp_path):
+def test_resume_is_exact(straight, tmp_path):
     work = tmp_path / "run"
     first = train_and_evaluate(CONFIG.replace(steps=3), work, progress=False)
     assert first["step"] == 3
@@ -59,14 +59,27 @@ def test_resume_is_exact_and_loads_on_another_mesh(straight, tmp_path):
     assert any("resumed" in m and "step 3" in m for m in logs)
     for a, b in zip(_leaves(resumed["model"].variables), _leaves(straight["model"].variables)):
         np.testing.assert_array_equal(a, b)  # bit for bit
-    # the step-3 checkpoint continued on another mesh and backend
-    other = tmp_path / "other"
+
+
+def test_checkpoint_continues_on_another_mesh_and_backend(tmp_path):
+    """The step-3 checkpoint of explicit 2x2x2, continued on gspmd 1x2x4, follows the trajectory
+    of continuing it where it was written. Pinned in float64 (as tests/test_train.py pins the
+    partitioned trajectory): in float32 another mesh sums in another order, and Adam turns the
+    rounding of gradient entries near zero into full-size steps, by amounts that depend on the CPU."""
     import shutil
 
-    shutil.copytree(work / "checkpoints" / "3", other / "checkpoints" / "3")
-    moved = train_and_evaluate(CONFIG.replace(mesh="1x2x4", backend="gspmd"), other, resume=True, progress=False)
-    for a, b in zip(_leaves(moved["model"].variables), _leaves(straight["model"].variables)):
-        assert np.abs(a - b).max() <= 1e-4 * max(np.abs(b).max(), 1e-30) or np.abs(b).max() == 0
+    config = CONFIG.replace(model_overrides={**TINY, "dtype": "float64"})
+    work, other = tmp_path / "run", tmp_path / "other"
+    with jax.enable_x64(True):
+        train_and_evaluate(config.replace(steps=3), work, progress=False)
+        shutil.copytree(work / "checkpoints" / "3", other / "checkpoints" / "3")
+        same = train_and_evaluate(config, work, resume=True, progress=False, log=lambda m: None)
+        moved = train_and_evaluate(config.replace(mesh="1x2x4", backend="gspmd"), other, resume=True,
+                                   progress=False, log=lambda m: None)
+    assert moved["step"] == same["step"] == 6
+    assert any(a.dtype == np.float64 for a in _leaves(same["model"].variables))
+    for a, b in zip(_leaves(moved["model"].variables), _leaves(same["model"].variables)):
+        assert np.abs(a - b).max() <= 1e-6 * np.abs(b).max() or np.abs(b).max() == 0  # as test_train
 
 
 def test_corrupt_and_partial_checkpoints_fall_back(straight, tmp_path):

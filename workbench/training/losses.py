@@ -64,10 +64,13 @@ def _prepare(logits, labels, volume_shape):
     import jax
     import jax.numpy as jnp
 
-    logits = logits.astype(jnp.float32)
+    # float32 at least (bfloat16 logits are promoted); a float64 model (verification) keeps
+    # float64, so its loss does not round the trajectory the float64 tests pin.
+    dtype = jnp.promote_types(logits.dtype, jnp.float32)
+    logits = logits.astype(dtype)
     num_classes = logits.shape[-1]
-    mask = valid_mask(logits.shape[1:4], volume_shape)
-    onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    mask = valid_mask(logits.shape[1:4], volume_shape).astype(dtype)
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=dtype)
     return logits, mask, onehot
 
 
@@ -81,7 +84,7 @@ def weighted_cross_entropy(logits, labels, volume_shape, class_weights):
     import jax.numpy as jnp
 
     logits, mask, onehot = _prepare(logits, labels, volume_shape)
-    weights = jnp.asarray(class_weights, jnp.float32)
+    weights = jnp.asarray(class_weights, logits.dtype)
     w = jnp.sum(onehot * weights, axis=-1) * mask
     ce = -jnp.sum(onehot * jax.nn.log_softmax(logits, axis=-1), axis=-1)
     return jnp.sum(w * ce) / jnp.sum(w)
