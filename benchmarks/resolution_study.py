@@ -6,7 +6,8 @@ down-sampled copies), then evaluates every model on held-out phantoms at the ful
 ``--render``³ (low-resolution predictions are made on the down-sampled image and their
 logits up-sampled linearly). Prints organ and lesion Dice per setting and the per-lesion
 detection rate by lesion size (a lesion counts as found when at least one predicted
-lesion voxel overlaps it).
+lesion voxel overlaps it). The study itself is :func:`workbench.analysis.resolution.resolution_study`
+(notebook 03 runs it at laptop size); this script is its command line, table and JSON.
 
 The issue's setting is ``--render 128 --resolutions 64 128``; on a 2-core CPU the
 scaled-down ``--render 64 --resolutions 32 64`` makes the same comparison 8× cheaper.
@@ -22,10 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
-
-import numpy as np
 
 
 def parse_args(argv=None):
@@ -49,87 +47,27 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def predict_full(model, image_full: np.ndarray, resolution: int, mesh) -> np.ndarray:
-    """Labels at full resolution from a model run at ``resolution``³ (logits up-sampled)."""
-    from data_tools.preprocess import resample_array
-
-    from workbench.training.data import ct_input
-    from workbench.execute.run import apply
-
-    image = image_full
-    if image.shape[0] != resolution:
-        image = resample_array(image_full, (resolution,) * 3, order=1)
-    logits = apply(model, ct_input(image), mesh)  # phantoms are CT: as workbench.training.data.model_input
-    if logits.shape[0] != image_full.shape[0]:
-        logits = np.stack([resample_array(logits[..., k], image_full.shape, order=1)
-                           for k in range(logits.shape[-1])], axis=-1)
-    return logits.argmax(-1).astype(np.uint8)
-
-
-def lesion_hits(pred: np.ndarray, truth: np.ndarray, lesions: list[dict]) -> list[tuple[float, bool]]:
-    """(diameter in voxels, found) per lesion: the lesion's voxels are the true lesion
-    voxels within its radius + 1 of its centre."""
-    zz, yy, xx = np.indices(truth.shape, sparse=True)
-    out = []
-    for les in lesions:
-        c, r = les["centre_voxel"], max(les["radius_voxels"]) + 1.0
-        ball = ((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) <= r * r
-        region = ball & (truth == 2)
-        if not region.any():  # too small to be rasterised at this resolution
-            continue
-        out.append((float(les["diameter_voxels"]), bool((pred[region] == 2).any())))
-    return out
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from workbench.execute.devices import configure_cpu_devices
 
     configure_cpu_devices(args.cpu_devices)
-    from data_tools.synthetic import make_phantom
+    from workbench.analysis.resolution import lesion_sizes, resolution_study
 
-    from workbench.training.losses import dice_per_class
-    from workbench.mesh import parse_mesh
-    from workbench.training.loop import TrainConfig, train_and_evaluate
-
-    runs = {int(k): Path(v) for k, v in (item.split("=", 1) for item in args.run)}
-    workdir = Path(args.workdir)
-    models, train_seconds = {}, {}
-    for res in args.resolutions:
-        tc = TrainConfig(data=f"phantom:{args.render}", resolution=res, mesh=args.mesh, steps=args.steps,
-                         learning_rate=args.lr, schedule="cosine", checkpoint_every=10, backend=args.backend,
-                         augment=args.augment,
-                         class_weights=tuple(float(w) for w in args.class_weights.split(",")),
-                         eval_every=50 if res == args.render else 0, eval_cases=4)
-        folder = runs.get(res, workdir / f"train{res}")
-        t0 = time.perf_counter()
-        result = train_and_evaluate(tc, folder, resume=True, progress=True)
-        if result["interrupted"]:
-            return 130
-        models[res] = result["model"]
-        rows = result["history"]["train"]
-        train_seconds[res] = sum(r["seconds"] for r in rows)
-        print(f"{res}³: {len(rows)} steps, {train_seconds[res]:.0f} s of steps in total "
-              f"(this call {time.perf_counter() - t0:.0f} s)")
+    rows = resolution_study(args.resolutions, render=args.render, steps=args.steps, workdir=args.workdir,
+                            mesh=args.mesh, learning_rate=args.lr, augment=args.augment, backend=args.backend,
+                            class_weights=tuple(float(w) for w in args.class_weights.split(",")),
+                            eval_cases=args.eval_cases, runs=dict(item.split("=", 1) for item in args.run),
+                            evaluate=not args.train_only)
+    if any(row["interrupted"] for row in rows):
+        return 130
     if args.train_only:
         return 0
 
-    spec = parse_mesh(args.mesh)
-    sizes = sorted({round(les["diameter_voxels"], 2) for les in make_phantom(args.render, seed=0).metadata["lesions"]})
-    table = {}
-    for res, model in models.items():
-        organ, lesion, hits = [], [], {}
-        for seed in range(args.eval_cases):
-            vol = make_phantom(args.render, seed=seed, vessels=False)
-            pred = predict_full(model, np.asarray(vol.array, np.float32), res, spec)
-            d = dice_per_class(pred, vol.labels, 3)
-            organ.append(d[1])
-            lesion.append(d[2])
-            for size, found in lesion_hits(pred, vol.labels, vol.metadata["lesions"]):
-                hits.setdefault(round(size, 2), []).append(found)
-        table[res] = {"organ_dice": float(np.nanmean(organ)), "lesion_dice": float(np.nanmean(lesion)),
-                      "detection": {s: float(np.mean(v)) for s, v in hits.items()},
-                      "train_seconds": train_seconds[res]}
+    workdir = Path(args.workdir)
+    sizes = lesion_sizes(args.render)
+    table = {row["resolution"]: {k: row[k] for k in ("organ_dice", "lesion_dice", "detection", "train_seconds")}
+             for row in rows}
     mm = 400.0 / args.render
     print(f"\nHeld-out phantoms at {args.render}³ (seeds 0..{args.eval_cases - 1}), {args.steps} training steps each")
     header = f"{'trained at':<11}{'organ Dice':>11}{'lesion Dice':>12}  " + "".join(

@@ -1,10 +1,12 @@
-"""MeshSpec parsing and ShardLayout geometry (pure Python)."""
+"""MeshSpec parsing and ShardLayout geometry (pure Python; JAX only to check which blocks
+its devices really hold)."""
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from workbench.mesh import MeshSpec, ShardLayout, auto_mesh, parse_mesh, valid_meshes
+from workbench.mesh import (ACTIVATION_SPEC, MeshSpec, ShardLayout, auto_mesh, build_mesh, parse_mesh,
+                            process_blocks, valid_meshes)
 
 
 @pytest.mark.parametrize(
@@ -113,3 +115,67 @@ def test_layout_boxes_tile_the_padded_volume(shape, mesh, multiple):
     np.testing.assert_array_equal(layout.crop(padded), volume)
     ids = layout.shard_ids()
     assert ids.shape == shape and ids.max() < MeshSpec(*mesh).n_spatial
+
+
+def test_process_blocks_by_hand():
+    # 64 devices, 8 per host, 4x4x4 over 1024³: host h holds z slab h // 2, y half h % 2
+    layout = ShardLayout((1024,) * 3, "4x4x4", multiple=8)
+    blocks = process_blocks(layout, 8, 8)
+    assert [b.process for b in blocks] == list(range(8))
+    assert blocks[0].devices == blocks[0].shards == tuple(range(8))
+    assert blocks[0].boxes[5] == ((0, 256), (256, 512), (256, 512))
+    assert [b.box for b in blocks[:3]] == [((0, 256), (0, 512), (0, 1024)),
+                                           ((0, 256), (512, 1024), (0, 1024)),
+                                           ((256, 512), (0, 512), (0, 1024))]
+    assert blocks[7].box == blocks[7].valid_box == ((768, 1024), (512, 1024), (0, 1024))
+    # uneven volume on 1x2x4, 2 devices per process: padded boxes vs the part on disk
+    layout = ShardLayout((37, 53, 45), "1x2x4", multiple=4)
+    assert layout.padded_shape == (40, 56, 48) and layout.block_shape == (40, 28, 12)
+    blocks = process_blocks(layout, 4, 2)
+    assert [b.shards for b in blocks] == [(0, 1), (2, 3), (4, 5), (6, 7)]
+    assert [b.box for b in blocks] == [((0, 40), (0, 28), (0, 24)), ((0, 40), (0, 28), (24, 48)),
+                                       ((0, 40), (28, 56), (0, 24)), ((0, 40), (28, 56), (24, 48))]
+    assert [b.valid_box for b in blocks] == [((0, 37), (0, 28), (0, 24)), ((0, 37), (0, 28), (24, 45)),
+                                             ((0, 37), (28, 53), (0, 24)), ((0, 37), (28, 53), (24, 45))]
+    # a data axis: each process holds a whole replica
+    layout = ShardLayout((32, 32, 32), "data=2,z=2,y=2,x=1")
+    blocks = process_blocks(layout, 2, 4)
+    assert blocks[1].devices == (4, 5, 6, 7) and blocks[1].shards == (0, 1, 2, 3)
+    assert blocks[0].box == blocks[1].box == ((0, 32), (0, 32), (0, 32))
+    # one process holds everything
+    (only,) = process_blocks(ShardLayout((8, 8, 8), "2x2x2"), 1, 8)
+    assert only.box == ((0, 8), (0, 8), (0, 8)) and only.shards == tuple(range(8))
+
+
+def test_process_blocks_rejects_a_device_count_the_mesh_does_not_use():
+    layout = ShardLayout((32, 32, 32), "2x2x2")
+    with pytest.raises(ValueError, match=r"2 processes × 2 devices = 4 devices, but mesh 2x2x2 uses 8"):
+        process_blocks(layout, 2, 2)
+    with pytest.raises(ValueError, match="processes=0 must be a positive integer"):
+        process_blocks(layout, 0, 8)
+
+
+@pytest.mark.parametrize("mesh, shape", [("2x2x2", (32, 32, 32)), ("1x2x4", (37, 53, 45)),
+                                         ("4x2x1", (16, 24, 8)), ("data=2,z=2,y=2,x=1", (20, 12, 8))])
+def test_process_blocks_match_what_jax_assigns(mesh, shape):
+    """Devices grouped 4 per "process" in jax.devices() order hold the boxes process_blocks names."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    layout = ShardLayout(shape, mesh, multiple=2)
+    spec = layout.mesh
+    sharding = NamedSharding(build_mesh(spec), P(*ACTIVATION_SPEC))
+    indices = sharding.devices_indices_map((spec.data, *layout.padded_shape, 3))
+    devices = jax.devices()[: spec.n_devices]
+
+    def box(device):  # the (z, y, x) box of a device's block
+        return tuple((s.start or 0, s.stop if s.stop is not None else n)
+                     for s, n in zip(indices[device][1:4], layout.padded_shape))
+
+    blocks = process_blocks(layout, spec.n_devices // 4, 4)
+    for block in blocks:
+        mine = devices[block.process * 4:(block.process + 1) * 4]
+        assert block.boxes == tuple(box(d) for d in mine)
+        assert block.box == tuple((min(box(d)[i][0] for d in mine), max(box(d)[i][1] for d in mine))
+                                  for i in range(3))

@@ -16,7 +16,14 @@ import pytest
 matplotlib.use("Agg")
 
 from workbench.mesh import MeshSpec, ShardLayout  # noqa: E402
-from workbench.app.planning import MemoryEstimator, PlanKey, fits_line, memory_table, table_text  # noqa: E402
+from workbench.app.planning import (  # noqa: E402
+    MemoryEstimator,
+    PlanKey,
+    fits_line,
+    memory_table,
+    smallest_fitting,
+    table_text,
+)
 from workbench.mesh import parse_resolution  # noqa: E402
 from workbench.ui.choices import mesh_choices, mesh_svg, padding_note, valid_resolutions  # noqa: E402
 from workbench.ui.panel import WorkbenchPanel  # noqa: E402
@@ -134,6 +141,16 @@ def test_memory_table_rows_and_efficiency():
 # ---------------------------------------------------------------- the panel, fake planner
 
 
+def test_smallest_fitting_mesh_per_budget():
+    gib = 2**30
+    rows = [{"resolution": 512, "mesh": "1x1x1", "devices": 1, "bytes_per_device": 40 * gib},
+            {"resolution": 512, "mesh": "2x2x2", "devices": 8, "bytes_per_device": 6 * gib},
+            {"resolution": 512, "mesh": "1x2x2", "devices": 4, "bytes_per_device": 12 * gib},
+            {"resolution": 1024, "mesh": "2x2x2", "devices": 8, "bytes_per_device": 48 * gib}]
+    best = {(r["budget_gib"], r["resolution"]): r["mesh"] for r in smallest_fitting(rows, (16, 80))}
+    assert best == {(16, 512): "1x2x2", (16, 1024): None, (80, 512): "1x1x1", (80, 1024): "2x2x2"}
+
+
 def test_panel_offers_valid_meshes_and_reacts_to_data_parallel(fake_panel):
     p = fake_panel
     assert p.n_devices == 8 and p.mesh.value == MeshSpec(2, 2, 2)
@@ -204,6 +221,22 @@ def test_planner_errors_show_as_one_line():
     assert p.estimate.value.startswith('<span style="color:#b00020">halo &#x27;zero&#x27; is only available')
     with pytest.raises(ValueError, match="only available with the explicit backend"):
         p.wait_estimate()
+
+
+def test_panel_training_estimate_is_workbench_plan_train():
+    """One answer: the panel's training estimate compiles the same step (loss, gradients,
+    clipping, Adam state) as `workbench plan --train`, on a data-parallel mesh too."""
+    from workbench.analysis.plan import plan
+
+    p = WorkbenchPanel("phantom:16", mesh="data=2,z=2,y=2,x=1", estimate="sync")
+    p.plan_for.value = "training"
+    for spec in (MeshSpec(2, 2, 1, data=2), MeshSpec(2, 2, 2)):
+        p.data.value = spec.data
+        p.mesh.value = spec
+        estimate = p.wait_estimate()["peak"]
+        planned = plan(p.config, 16, spec, train=True, reference=False)
+        assert estimate == planned["bytes_per_device"] > 0, spec
+        assert planned["train"] and planned["batch"] == spec.data
 
 
 def test_data_parallel_inference_is_refused_in_the_panel(fake_panel):

@@ -10,7 +10,7 @@ Example
 >>> spec = parse_mesh("2x2x2")
 >>> layout = ShardLayout((37, 53, 45), spec, multiple=4)
 >>> layout.padded_shape, layout.block_shape
-((64, 64, 64), (32, 32, 32))
+((40, 56, 48), (20, 28, 24))
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ __all__ = [
     "MeshSpec",
     "Shard",
     "ShardLayout",
+    "ProcessBlock",
+    "process_blocks",
     "parse_mesh",
     "valid_meshes",
     "auto_mesh",
@@ -303,6 +305,65 @@ class ShardLayout:
         return (
             ids[0][:, None, None] * (my * mx) + ids[1][None, :, None] * mx + ids[2][None, None, :]
         ).astype(np.int32)
+
+
+@dataclass(frozen=True)
+class ProcessBlock:
+    """What one process (host) of a multi-process run holds of a :class:`ShardLayout`.
+
+    ``devices``: its global device numbers; ``shards`` and ``boxes``: the shard index and
+    the padded box of each of those devices, in the same order (a shard repeats when the
+    mesh has a ``data`` axis); ``box``: their bounding box (padded coordinates);
+    ``valid_box``: that bounding box clipped to the volume, the part to read from disk
+    (empty ranges when the process holds only padding).
+    """
+
+    process: int
+    devices: tuple[int, ...]
+    shards: tuple[int, ...]
+    boxes: tuple[tuple[tuple[int, int], ...], ...]
+    box: tuple[tuple[int, int], ...]
+    valid_box: tuple[tuple[int, int], ...]
+
+
+def process_blocks(layout: ShardLayout, processes: int, devices_per_process: int) -> list[ProcessBlock]:
+    """Per process, the shards its devices hold and their bounding box.
+
+    Devices are numbered process by process (process *p* owns devices
+    ``p·devices_per_process … (p+1)·devices_per_process − 1``, as ``jax.devices()``
+    orders them) and :func:`build_mesh` lays them out over (data, z, y, x) in that
+    order, so device *d* holds shard ``d mod (z·y·x)`` of data replica ``d // (z·y·x)``.
+
+    >>> layout = ShardLayout((64, 64, 64), parse_mesh("2x2x2"))
+    >>> [b.box for b in process_blocks(layout, 2, 4)]
+    [((0, 32), (0, 64), (0, 64)), ((32, 64), (0, 64), (0, 64))]
+    """
+    for name, value in (("processes", processes), ("devices_per_process", devices_per_process)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise UserError(f"{name}={value!r} must be a positive integer")
+    spec = layout.mesh
+    if processes * devices_per_process != spec.n_devices:
+        raise UserError(
+            f"{processes} processes × {devices_per_process} devices = {processes * devices_per_process} "
+            f"devices, but mesh {spec} uses {spec.n_devices}; choose processes × devices per process "
+            f"= {spec.n_devices}"
+        )
+    shards = layout.shards()
+    out = []
+    for process in range(processes):
+        devices = tuple(range(process * devices_per_process, (process + 1) * devices_per_process))
+        mine = [shards[d % spec.n_spatial] for d in devices]
+        box = _bounding_box([s.box for s in mine])
+        valid = tuple(
+            (min(lo, s), max(min(lo, s), min(hi, s))) for (lo, hi), s in zip(box, layout.volume_shape)
+        )
+        out.append(ProcessBlock(process, devices, tuple(s.index for s in mine),
+                                tuple(s.box for s in mine), box, valid))
+    return out
+
+
+def _bounding_box(boxes) -> tuple[tuple[int, int], ...]:
+    return tuple((min(b[i][0] for b in boxes), max(b[i][1] for b in boxes)) for i in range(3))
 
 
 def _spatial_start(ndim: int) -> int:

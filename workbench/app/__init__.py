@@ -27,7 +27,7 @@ _EXPORTS = {
     "build_report": "results", "summary_line": "results", "staged_output": "results", "check_output_folder": "results", "write_result": "results",
     "write_result_files": "results", "write_report": "results",
     "ResultFolder": "results", "load_result": "results", "REPORT_KEYS": "results",
-    "PlanKey": "planning", "plan_bytes": "planning", "MemoryEstimator": "planning", "memory_table": "planning",
+    "PlanKey": "planning", "plan_bytes": "planning", "MemoryEstimator": "planning", "memory_table": "planning", "memory_vs_devices": "planning", "smallest_fitting": "planning",
     "table_text": "planning", "format_bytes": "planning", "fits_line": "planning",
     "train": "training", "TrainConfig": "training",
 }

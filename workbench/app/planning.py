@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from workbench.mesh import MeshSpec, ShardLayout
 
-__all__ = ["PlanKey", "plan_bytes", "MemoryEstimator", "memory_table", "memory_vs_devices", "table_text", "format_bytes", "fits_line"]
+__all__ = ["PlanKey", "plan_bytes", "MemoryEstimator", "memory_table", "memory_vs_devices", "smallest_fitting", "table_text", "format_bytes", "fits_line"]
 
 
 def format_bytes(n: float) -> str:
@@ -158,3 +158,16 @@ def memory_vs_devices(estimator: MemoryEstimator, key: PlanKey, counts) -> list[
                      "resolution": f"{shape[0]}³" if len(set(shape)) == 1 else "×".join(map(str, shape)),
                      "bytes_per_device": stats["peak"]})
     return rows
+
+
+def smallest_fitting(rows: list[dict], budgets_gib=(16, 80)) -> list[dict]:
+    """Per (budget, resolution) of :func:`memory_table` rows: the mesh with the fewest
+    devices that fits (``mesh`` None when no mesh tried fits)."""
+    out = []
+    for budget in budgets_gib:
+        for n in dict.fromkeys(r["resolution"] for r in rows):
+            fitting = [r for r in rows if r["resolution"] == n and r["bytes_per_device"] <= budget * 2**30]
+            best = min(fitting, key=lambda r: r["devices"], default=None)
+            out.append({"budget_gib": budget, "resolution": n, "mesh": best and best["mesh"],
+                        "devices": best and best["devices"], "bytes_per_device": best and best["bytes_per_device"]})
+    return out
