@@ -58,8 +58,8 @@ def run_phase(phase: str, size: int, allow_cpu: bool, dump: str | None) -> dict:
     import jax
     import numpy as np
 
-    from workbench.mesh import ShardLayout
     from workbench.execute.run import make_forward, memory_stats
+    from workbench.mesh import ShardLayout
     from workbench.model.unet import Model, UNetConfig
 
     dev = jax.devices()[0]
@@ -123,22 +123,43 @@ def run_plan(name: str, mock: int, allow_cpu: bool, scale: int) -> dict:
     if allow_cpu and scale > 1:
         res //= scale
     result = plan(cfg, res, mesh, train=train, reference=reference, budget_gib=BUDGET_GIB)
-    return {"plan": name, "devices_seen": len(jax.devices()), "platform": jax.devices()[0].platform,
-            "device": jax.devices()[0].device_kind, **{k: result[k] for k in (
-                "resolution", "mesh_text", "bytes_per_device", "memory", "bytes_single_device", "efficiency",
-                "fits", "compile_seconds", "warnings")},
-            "convolution_dtypes": result["communication"].get("convolution_dtypes")}
+    return {
+        "plan": name,
+        "devices_seen": len(jax.devices()),
+        "platform": jax.devices()[0].platform,
+        "device": jax.devices()[0].device_kind,
+        **{
+            k: result[k]
+            for k in (
+                "resolution",
+                "mesh_text",
+                "bytes_per_device",
+                "memory",
+                "bytes_single_device",
+                "efficiency",
+                "fits",
+                "compile_seconds",
+                "warnings",
+            )
+        },
+        "convolution_dtypes": result["communication"].get("convolution_dtypes"),
+    }
 
 
 # -- driver -----------------------------------------------------------------------------------
 def _child(args: list[str], timeout: float, xla_flags: str = "") -> tuple[dict | None, str]:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+        "PYTHONUNBUFFERED": "1",
+    }
     if xla_flags:
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
     try:
-        proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
-                              timeout=timeout, env=env, cwd=ROOT)
+        proc = subprocess.run(
+            [sys.executable, __file__, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+        )
     except subprocess.TimeoutExpired:
         return None, f"timed out after {timeout:.0f} s"
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -181,12 +202,22 @@ def main(argv=None) -> int:
     try:
         info["nvidia_smi"] = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=30).stdout.strip()
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         info["nvidia_smi"] = None
-    vers = subprocess.run([sys.executable, "-c", "import jax, jaxlib, flax, optax; print(jax.__version__, "
-                           "jaxlib.__version__, flax.__version__, optax.__version__)"],
-                          capture_output=True, text=True).stdout.split()
+    vers = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import jax, jaxlib, flax, optax; print(jax.__version__, "
+            "jaxlib.__version__, flax.__version__, optax.__version__)",
+        ],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     info["versions"] = dict(zip(("jax", "jaxlib", "flax", "optax"), vers))
     print(f"GPU: {info['nvidia_smi']}; versions {info['versions']}", flush=True)
 
@@ -220,7 +251,7 @@ def main(argv=None) -> int:
         info["logits_compare_error"] = str(err)
 
     if not args.skip_plans:
-        for name, res, mesh, *_ in PLANS:
+        for name, _res, mesh, *_ in PLANS:
             n = math.prod(int(m) for m in mesh.split("x"))
             if remaining() < 30:
                 plans[name] = {"error": "skipped: out of time"}
@@ -228,38 +259,66 @@ def main(argv=None) -> int:
             extra = ["--allow-cpu", "--plan-scale", str(args.plan_scale)] if args.allow_cpu else []
             # Plans are about memory, not speed: without autotuning a mocked 16-device training
             # step compiles in ~10 s on an H100 instead of over 150 s.
-            got, err = _child(["--plan", name, "--mock", str(n), *extra], timeout=min(90, remaining()),
-                              xla_flags="" if args.allow_cpu else "--xla_gpu_autotune_level=0")
+            got, err = _child(
+                ["--plan", name, "--mock", str(n), *extra],
+                timeout=min(90, remaining()),
+                xla_flags="" if args.allow_cpu else "--xla_gpu_autotune_level=0",
+            )
             plans[name] = got or {"error": err}
             print(f"{name}: {(got or {}).get('bytes_per_device', err)}", flush=True)
             save()
     save()
 
     # -- tables -------------------------------------------------------------------------------
-    print(f"\nGPU check: {info['nvidia_smi'] or 'no GPU'}; jax {info['versions'].get('jax')}; "
-          f"paper model, bfloat16, {args.size}³, one device")
+    print(
+        f"\nGPU check: {info['nvidia_smi'] or 'no GPU'}; jax {info['versions'].get('jax')}; "
+        f"paper model, bfloat16, {args.size}³, one device"
+    )
     ok = {k: r for k, r in phases.items() if "error" not in r}
-    print(_common.table(["phase", "step s", "compile s", "XLA GiB", "alloc peak GiB"],
-                        [[k, r["seconds"], r["compile_s"], _gib(r["xla_bytes"]), _gib(r["allocator_peak"])]
-                         for k, r in ok.items()], ["", ".3f", ".1f", "", ""]))
+    print(
+        _common.table(
+            ["phase", "step s", "compile s", "XLA GiB", "alloc peak GiB"],
+            [[k, r["seconds"], r["compile_s"], _gib(r["xla_bytes"]), _gib(r["allocator_peak"])] for k, r in ok.items()],
+            ["", ".3f", ".1f", "", ""],
+        )
+    )
     for k, r in phases.items():
         if k not in ok:
             print(f"{k}: {r['error'][:110]}")
     for kind in ("infer", "train"):
         e, r = phases.get(f"{kind}:explicit", {}), phases.get(f"{kind}:reference", {})
         if "seconds" in e and "seconds" in r:
-            print(f"explicit 1x1x1 ÷ reference, {kind}: time {e['seconds'] / r['seconds']:.3f}, "
-                  f"XLA bytes {e['xla_bytes'] / r['xla_bytes']:.3f}")
+            print(
+                f"explicit 1x1x1 ÷ reference, {kind}: time {e['seconds'] / r['seconds']:.3f}, "
+                f"XLA bytes {e['xla_bytes'] / r['xla_bytes']:.3f}"
+            )
     if "logits_rel_error" in info:
-        print(f"explicit vs reference logits: relative error {info['logits_rel_error']:.2e}, "
-              f"max abs {info['logits_max_abs_error']:.3g}, argmax disagreement {info['argmax_disagreement']:.2%}")
+        print(
+            f"explicit vs reference logits: relative error {info['logits_rel_error']:.2e}, "
+            f"max abs {info['logits_max_abs_error']:.3g}, argmax disagreement {info['argmax_disagreement']:.2%}"
+        )
     if plans:
-        print(f"\nPlans (XLA:{'CPU dry run' if args.allow_cpu else 'GPU, mocked devices'}; "
-              f"budget {BUDGET_GIB:g} GiB per device)")
+        print(
+            f"\nPlans (XLA:{'CPU dry run' if args.allow_cpu else 'GPU, mocked devices'}; "
+            f"budget {BUDGET_GIB:g} GiB per device)"
+        )
         ok = {k: r for k, r in plans.items() if "error" not in r}
-        print(_common.table(["plan", "GiB/device", "fits", "efficiency", "compile s"],
-                            [[k, _gib(r["bytes_per_device"]), "yes" if r["fits"] else "no", r["efficiency"],
-                              r["compile_seconds"]] for k, r in ok.items()], ["", "", "", ".3f", ".1f"]))
+        print(
+            _common.table(
+                ["plan", "GiB/device", "fits", "efficiency", "compile s"],
+                [
+                    [
+                        k,
+                        _gib(r["bytes_per_device"]),
+                        "yes" if r["fits"] else "no",
+                        r["efficiency"],
+                        r["compile_seconds"],
+                    ]
+                    for k, r in ok.items()
+                ],
+                ["", "", "", ".3f", ".1f"],
+            )
+        )
         for k, r in plans.items():
             if k not in ok:
                 print(f"{k}: {r['error'][:110]}")

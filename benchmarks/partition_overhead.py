@@ -56,17 +56,19 @@ def main() -> int:
     configure_cpu_devices(args.cpu_devices)
     import numpy as np
 
-    from workbench.mesh import ShardLayout, parse_mesh
     from workbench.analysis.plan import plan_memory
+    from workbench.mesh import ShardLayout, parse_mesh
     from workbench.model.unet import Model, UNetConfig
 
     config = UNetConfig.preset(args.model)
     model = Model.init(config, seed=0)
     spec = parse_mesh(args.mesh)
     machine = device_summary()
-    print(f"# partition overhead: model={args.model} mesh={spec} devices={spec.n_devices} "
-          f"platform={machine['platform']} ({machine['device_kind']}), jax {machine['jax']}, "
-          f"{platform.processor() or platform.machine()}, python {sys.version.split()[0]}")
+    print(
+        f"# partition overhead: model={args.model} mesh={spec} devices={spec.n_devices} "
+        f"platform={machine['platform']} ({machine['device_kind']}), jax {machine['jax']}, "
+        f"{platform.processor() or platform.machine()}, python {sys.version.split()[0]}"
+    )
     rows = []
     for n in args.sizes:
         image = np.random.default_rng(0).standard_normal((1, n, n, n, 1)).astype(np.float32)
@@ -79,8 +81,12 @@ def main() -> int:
         for backend in ("explicit", "gspmd"):
             t, _, logits = _time_forward(config, layout, backend, model.variables, image, args.repeats)
             row = {
-                "resolution": n, "backend": backend, "seconds": t, "reference_seconds": ref_t,
-                "time_ratio": t / ref_t, "max_abs_diff": float(np.abs(logits - ref_logits).max()),
+                "resolution": n,
+                "backend": backend,
+                "seconds": t,
+                "reference_seconds": ref_t,
+                "time_ratio": t / ref_t,
+                "max_abs_diff": float(np.abs(logits - ref_logits).max()),
             }
             for mode in ref_mem:
                 peak = plan_memory(config, layout, backend=backend, train=mode == "train")["peak"]
@@ -89,18 +95,31 @@ def main() -> int:
                 row[f"{mode}_ideal_bytes"] = ideal
                 row[f"{mode}_efficiency"] = ideal / peak
             rows.append(row)
-    header = ("| size | backend  | time ÷ ref | max abs Δ | fwd MiB/dev (ideal) | fwd eff "
-              "| train MiB/dev (ideal) | train eff |")
+    header = (
+        "| size | backend  | time ÷ ref | max abs Δ | fwd MiB/dev (ideal) | fwd eff "
+        "| train MiB/dev (ideal) | train eff |"
+    )
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for r in rows:
-        train = (f"{r['train_bytes_per_device'] / 2**20:8.1f} ({r['train_ideal_bytes'] / 2**20:6.1f}) "
-                 f"| {r['train_efficiency']:9.2f}") if "train_efficiency" in r else "n/a | n/a"
-        print(f"| {r['resolution']:>3}³ | {r['backend']:<8} | {r['time_ratio']:10.2f} | {r['max_abs_diff']:9.1e} "
-              f"| {r['forward_bytes_per_device'] / 2**20:8.1f} ({r['forward_ideal_bytes'] / 2**20:6.1f})  "
-              f"| {r['forward_efficiency']:7.2f} | {train} |")
-    print("(reference seconds: " + ", ".join(
-        f"{r['resolution']}³ {r['reference_seconds']:.3f}" for r in rows if r["backend"] == "explicit") + ")")
+        train = (
+            (
+                f"{r['train_bytes_per_device'] / 2**20:8.1f} ({r['train_ideal_bytes'] / 2**20:6.1f}) "
+                f"| {r['train_efficiency']:9.2f}"
+            )
+            if "train_efficiency" in r
+            else "n/a | n/a"
+        )
+        print(
+            f"| {r['resolution']:>3}³ | {r['backend']:<8} | {r['time_ratio']:10.2f} | {r['max_abs_diff']:9.1e} "
+            f"| {r['forward_bytes_per_device'] / 2**20:8.1f} ({r['forward_ideal_bytes'] / 2**20:6.1f})  "
+            f"| {r['forward_efficiency']:7.2f} | {train} |"
+        )
+    print(
+        "(reference seconds: "
+        + ", ".join(f"{r['resolution']}³ {r['reference_seconds']:.3f}" for r in rows if r["backend"] == "explicit")
+        + ")"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "mesh": str(spec), "model": args.model, "rows": rows}, f, indent=2)

@@ -32,16 +32,27 @@ def parse_args(argv=None):
     p.add_argument("--resolutions", type=int, nargs="+", default=[64, 128], help="training resolutions")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--class-weights", default="1,1,1", help="cross-entropy weights (default 1,1,1, as the "
-                   "shipped phantom model; the paper used 1,8,16)")
-    p.add_argument("--augment", action="store_true", help="flips/rotations/intensity/noise (default off, as "
-                   "the shipped phantom model: every step is a new phantom)")
+    p.add_argument(
+        "--class-weights",
+        default="1,1,1",
+        help="cross-entropy weights (default 1,1,1, as the shipped phantom model; the paper used 1,8,16)",
+    )
+    p.add_argument(
+        "--augment",
+        action="store_true",
+        help="flips/rotations/intensity/noise (default off, as the shipped phantom model: every step is a new phantom)",
+    )
     p.add_argument("--backend", default="explicit", help="explicit | gspmd | reference (same trajectory)")
     p.add_argument("--mesh", default="2x2x2")
     p.add_argument("--eval-cases", type=int, default=4, help="held-out phantoms (seeds 0..N-1)")
     p.add_argument("--workdir", default="resolution_study")
-    p.add_argument("--run", action="append", default=[], metavar="RES=DIR",
-                   help="use this training folder for resolution RES (e.g. the shipped model's run)")
+    p.add_argument(
+        "--run",
+        action="append",
+        default=[],
+        metavar="RES=DIR",
+        help="use this training folder for resolution RES (e.g. the shipped model's run)",
+    )
     p.add_argument("--train-only", action="store_true", help="train the arms, skip the table")
     p.add_argument("--cpu-devices", type=int, default=8)
     return p.parse_args(argv)
@@ -54,11 +65,20 @@ def main(argv=None) -> int:
     configure_cpu_devices(args.cpu_devices)
     from workbench.analysis.resolution import lesion_sizes, resolution_study
 
-    rows = resolution_study(args.resolutions, render=args.render, steps=args.steps, workdir=args.workdir,
-                            mesh=args.mesh, learning_rate=args.lr, augment=args.augment, backend=args.backend,
-                            class_weights=tuple(float(w) for w in args.class_weights.split(",")),
-                            eval_cases=args.eval_cases, runs=dict(item.split("=", 1) for item in args.run),
-                            evaluate=not args.train_only)
+    rows = resolution_study(
+        args.resolutions,
+        render=args.render,
+        steps=args.steps,
+        workdir=args.workdir,
+        mesh=args.mesh,
+        learning_rate=args.lr,
+        augment=args.augment,
+        backend=args.backend,
+        class_weights=tuple(float(w) for w in args.class_weights.split(",")),
+        eval_cases=args.eval_cases,
+        runs=dict(item.split("=", 1) for item in args.run),
+        evaluate=not args.train_only,
+    )
     if any(row["interrupted"] for row in rows):
         return 130
     if args.train_only:
@@ -66,12 +86,13 @@ def main(argv=None) -> int:
 
     workdir = Path(args.workdir)
     sizes = lesion_sizes(args.render)
-    table = {row["resolution"]: {k: row[k] for k in ("organ_dice", "lesion_dice", "detection", "train_seconds")}
-             for row in rows}
+    table = {
+        row["resolution"]: {k: row[k] for k in ("organ_dice", "lesion_dice", "detection", "train_seconds")}
+        for row in rows
+    }
     mm = 400.0 / args.render
     print(f"\nHeld-out phantoms at {args.render}³ (seeds 0..{args.eval_cases - 1}), {args.steps} training steps each")
-    header = f"{'trained at':<11}{'organ Dice':>11}{'lesion Dice':>12}  " + "".join(
-        f"{f'{s:g}vx':>7}" for s in sizes)
+    header = f"{'trained at':<11}{'organ Dice':>11}{'lesion Dice':>12}  " + "".join(f"{f'{s:g}vx':>7}" for s in sizes)
     print(f"{'':<34}lesion detection rate by diameter at {args.render}³ ({mm:g} mm voxels)")
     print(header)
     for res, row in table.items():
@@ -79,8 +100,12 @@ def main(argv=None) -> int:
         print(f"{f'{res}³':<11}{row['organ_dice']:>11.3f}{row['lesion_dice']:>12.3f}  {cells}")
     out = workdir / "resolution_study.json"
     workdir.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"render": args.render, "steps": args.steps, "table": {str(k): v for k, v in table.items()}},
-                              indent=1) + "\n")
+    out.write_text(
+        json.dumps(
+            {"render": args.render, "steps": args.steps, "table": {str(k): v for k, v in table.items()}}, indent=1
+        )
+        + "\n"
+    )
     print(f"\nwrote {out}")
     return 0
 

@@ -21,11 +21,11 @@ import _common
 
 # (resolution, mesh, train, remat)
 ROWS = [
-    (512, "1x4x4", True, False),   # the paper's 4x4 layout, 16 devices
-    (512, "2x2x2", True, True),    # 8 devices, rematerialised
+    (512, "1x4x4", True, False),  # the paper's 4x4 layout, 16 devices
+    (512, "2x2x2", True, True),  # 8 devices, rematerialised
     (512, "2x2x2", True, False),
-    (512, "4x4x4", True, False),   # 64 devices
-    (1024, "4x4x4", True, True),   # 64 devices
+    (512, "4x4x4", True, False),  # 64 devices
+    (1024, "4x4x4", True, True),  # 64 devices
     (1024, "4x4x4", True, False),
     (1024, "8x8x8", True, False),  # 512 devices
 ]
@@ -37,17 +37,18 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="paper")
     p.add_argument("--budget-gib", type=float, default=16.0)
     p.add_argument("--quick", action="store_true", help="small model, 128³ on 2x2x2 only")
-    p.add_argument("--compiler", default="cpu",
-                   help="cpu (XLA:CPU, simulated devices) or h100 (XLA:GPU for H100s, no GPU needed)")
+    p.add_argument(
+        "--compiler", default="cpu", help="cpu (XLA:CPU, simulated devices) or h100 (XLA:GPU for H100s, no GPU needed)"
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.quick:
         args.model = "small"
-    from workbench.mesh import parse_mesh
     from workbench.analysis.plan import GIB, plan_subprocess
+    from workbench.mesh import parse_mesh
 
     rows = []
-    for res, mesh, train, remat in (QUICK_ROWS if args.quick else ROWS):
+    for res, mesh, train, remat in QUICK_ROWS if args.quick else ROWS:
         devices = parse_mesh(mesh).n_devices
         argv_ = ["--resolution", str(res), "--mesh", mesh, "--model", args.model, "--no-reference"]
         argv_ += ["--train"] if train else []
@@ -56,29 +57,86 @@ def main(argv=None) -> int:
         try:
             r = plan_subprocess(argv_, devices=devices, timeout=900, compiler=args.compiler)
         except Exception as err:  # record and go on: a benchmark never fails as a whole
-            rows.append({"resolution": res, "mesh": mesh, "devices": devices, "train": train, "remat": remat,
-                         "error": str(err), "wall_seconds": time.perf_counter() - t0})
+            rows.append(
+                {
+                    "resolution": res,
+                    "mesh": mesh,
+                    "devices": devices,
+                    "train": train,
+                    "remat": remat,
+                    "error": str(err),
+                    "wall_seconds": time.perf_counter() - t0,
+                }
+            )
             print(f"{res}³ {mesh}: failed: {err}", flush=True)
             continue
         wall = time.perf_counter() - t0
-        rows.append({"resolution": res, "mesh": mesh, "devices": devices, "train": train, "remat": remat,
-                     "gib_per_device": r["bytes_per_device"] / GIB, "memory": r["memory"],
-                     "fits": r["bytes_per_device"] <= args.budget_gib * GIB, "halo_ratio": r["communication"]["halo_ratio"],
-                     "collectives": r["communication"]["collectives"], "warnings": r["warnings"],
-                     "compile_seconds": r["compile_seconds"], "wall_seconds": wall})
-        print(f"{res}³ on {mesh}{' remat' if remat else ''}: {rows[-1]['gib_per_device']:.2f} GiB/device "
-              f"({wall:.0f} s)", flush=True)
+        rows.append(
+            {
+                "resolution": res,
+                "mesh": mesh,
+                "devices": devices,
+                "train": train,
+                "remat": remat,
+                "gib_per_device": r["bytes_per_device"] / GIB,
+                "memory": r["memory"],
+                "fits": r["bytes_per_device"] <= args.budget_gib * GIB,
+                "halo_ratio": r["communication"]["halo_ratio"],
+                "collectives": r["communication"]["collectives"],
+                "warnings": r["warnings"],
+                "compile_seconds": r["compile_seconds"],
+                "wall_seconds": wall,
+            }
+        )
+        print(
+            f"{res}³ on {mesh}{' remat' if remat else ''}: {rows[-1]['gib_per_device']:.2f} GiB/device ({wall:.0f} s)",
+            flush=True,
+        )
     ok = [r for r in rows if "error" not in r]
-    print(f"\n{args.model} model, {'training step + Adam' if ok and ok[0]['train'] else 'inference'}, "
-          f"budget {args.budget_gib:g} GiB/device, {args.compiler} compiler")
-    print(_common.table(
-        ["resolution", "mesh", "devices", "remat", "GiB/device", f"fits {args.budget_gib:g}", "halo/act",
-         "compile s", "wall s"],
-        [[f"{r['resolution']}³", r["mesh"], r["devices"], "yes" if r["remat"] else "no", r["gib_per_device"],
-          "yes" if r["fits"] else "NO", r["halo_ratio"], r["compile_seconds"], r["wall_seconds"]] for r in ok],
-        ["", "", "d", "", ".2f", "", ".3f", ".0f", ".0f"]))
-    _common.write_json(args.json, {"benchmark": "scale", "machine": _common.machine(), "model": args.model,
-                                   "compiler": args.compiler, "rows": rows})
+    print(
+        f"\n{args.model} model, {'training step + Adam' if ok and ok[0]['train'] else 'inference'}, "
+        f"budget {args.budget_gib:g} GiB/device, {args.compiler} compiler"
+    )
+    print(
+        _common.table(
+            [
+                "resolution",
+                "mesh",
+                "devices",
+                "remat",
+                "GiB/device",
+                f"fits {args.budget_gib:g}",
+                "halo/act",
+                "compile s",
+                "wall s",
+            ],
+            [
+                [
+                    f"{r['resolution']}³",
+                    r["mesh"],
+                    r["devices"],
+                    "yes" if r["remat"] else "no",
+                    r["gib_per_device"],
+                    "yes" if r["fits"] else "NO",
+                    r["halo_ratio"],
+                    r["compile_seconds"],
+                    r["wall_seconds"],
+                ]
+                for r in ok
+            ],
+            ["", "", "d", "", ".2f", "", ".3f", ".0f", ".0f"],
+        )
+    )
+    _common.write_json(
+        args.json,
+        {
+            "benchmark": "scale",
+            "machine": _common.machine(),
+            "model": args.model,
+            "compiler": args.compiler,
+            "rows": rows,
+        },
+    )
     return 0
 
 

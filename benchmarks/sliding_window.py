@@ -44,8 +44,8 @@ def main(argv=None) -> int:
     from data_tools.preprocess import zscore
     from workbench.analysis.baselines import _window_predictor, monai_sliding_window, sliding_window
     from workbench.analysis.compare import compare
-    from workbench.mesh import ShardLayout
     from workbench.execute.run import run
+    from workbench.mesh import ShardLayout
     from workbench.model.unet import Model
 
     n = args.resolution
@@ -55,7 +55,9 @@ def main(argv=None) -> int:
     ref_t, _, ref = _common.median_seconds(lambda: run(model, image, backend="reference").output, args.repeats)
     rows = {"reference (1 device)": (ref_t, ref, n**3)}
     for backend in ("explicit", "gspmd"):
-        t, _, out = _common.median_seconds(lambda: run(model, image, args.mesh, backend=backend).output, args.repeats)
+        t, _, out = _common.median_seconds(
+            lambda b=backend: run(model, image, args.mesh, backend=b).output, args.repeats
+        )
         rows[f"exact {backend} {args.mesh}"] = (t, out, int(np.prod(layout.padded_shape)))
     roi = (args.roi,) * 3
     predict = _window_predictor(model, roi, args.batch_windows)
@@ -74,26 +76,58 @@ def main(argv=None) -> int:
     out_rows = []
     for name, (t, out, voxels) in rows.items():
         c = compare(out, ref, layout, keep_error=False)
-        out_rows.append({"method": name, "seconds": t, "ratio": t / base_t, "voxels_computed": voxels,
-                         "max_abs_diff": c.max_abs_diff, "mean_abs_diff": c.mean_abs_diff,
-                         "argmax_disagreement": c.argmax_disagreement,
-                         "dice_vs_reference": float(np.mean(list(c.dice.values())))})
-    print(f"\n{n}³ phantom, small U-Net (random weights), ROI {args.roi}³, overlap {args.overlap}, "
-          f"{sw.windows} windows of batch {args.batch_windows}; median of {args.repeats} after a warm-up; "
-          f"ratio = seconds ÷ {base_name}")
-    print(_common.table(
-        ["method", "seconds", "ratio", "voxels run", "max |Δ|", "mean |Δ|", "argmax ≠", "Dice vs ref"],
-        [[r["method"], r["seconds"], r["ratio"], r["voxels_computed"], r["max_abs_diff"], r["mean_abs_diff"],
-          100 * r["argmax_disagreement"], r["dice_vs_reference"]] for r in out_rows],
-        ["", ".2f", ".2f", ",d", ".3g", ".3g", ".2f", ".4f"]))
+        out_rows.append(
+            {
+                "method": name,
+                "seconds": t,
+                "ratio": t / base_t,
+                "voxels_computed": voxels,
+                "max_abs_diff": c.max_abs_diff,
+                "mean_abs_diff": c.mean_abs_diff,
+                "argmax_disagreement": c.argmax_disagreement,
+                "dice_vs_reference": float(np.mean(list(c.dice.values()))),
+            }
+        )
+    print(
+        f"\n{n}³ phantom, small U-Net (random weights), ROI {args.roi}³, overlap {args.overlap}, "
+        f"{sw.windows} windows of batch {args.batch_windows}; median of {args.repeats} after a warm-up; "
+        f"ratio = seconds ÷ {base_name}"
+    )
+    print(
+        _common.table(
+            ["method", "seconds", "ratio", "voxels run", "max |Δ|", "mean |Δ|", "argmax ≠", "Dice vs ref"],
+            [
+                [
+                    r["method"],
+                    r["seconds"],
+                    r["ratio"],
+                    r["voxels_computed"],
+                    r["max_abs_diff"],
+                    r["mean_abs_diff"],
+                    100 * r["argmax_disagreement"],
+                    r["dice_vs_reference"],
+                ]
+                for r in out_rows
+            ],
+            ["", ".2f", ".2f", ",d", ".3g", ".3g", ".2f", ".4f"],
+        )
+    )
     print("argmax ≠ in % of voxels")
     if monai_vs_ours is not None:
         print(f"ours vs MONAI's sliding window: max |Δ| = {monai_vs_ours:.2e}")
     if monai_note:
         print(f"MONAI not run: {monai_note}")
-    _common.write_json(args.json, {"benchmark": "sliding_window", "machine": _common.machine(),
-                                   "settings": {k: v for k, v in vars(args).items() if k != "json"},
-                                   "windows": sw.windows, "rows": out_rows, "monai_vs_ours_max_abs_diff": monai_vs_ours})
+    _common.write_json(
+        args.json,
+        {
+            "benchmark": "sliding_window",
+            "machine": _common.machine(),
+            "settings": {k: v for k, v in vars(args).items() if k != "json"},
+            "windows": sw.windows,
+            "rows": out_rows,
+            "monai_vs_ours_max_abs_diff": monai_vs_ours,
+        },
+    )
     return 0
 
 

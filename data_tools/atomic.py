@@ -13,8 +13,8 @@ import contextlib
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 __all__ = ["TEMP_PREFIX", "atomic_output", "temp_sibling", "write_text_atomic", "write_bytes_atomic"]
 

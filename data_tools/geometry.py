@@ -5,7 +5,7 @@ A box is ``((z0, z1), (y0, y1), (x0, x1))``, half-open voxel ranges per axis.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

@@ -10,7 +10,7 @@ Round trips that are exact, and tested as such:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -33,9 +33,7 @@ from .errors import DataError
 __all__ = ["Volume", "default_affine", "zyx_affine_from_ijk", "ijk_affine_from_zyx"]
 
 # Reverses the order of the first three homogeneous coordinates: (z,y,x,1) <-> (x,y,z,1).
-_REVERSE_XYZ = np.array(
-    [[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64
-)
+_REVERSE_XYZ = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
 _CHECK_SLAB_ELEMENTS = 1 << 22  # finite check in slabs of ~4M voxels: bounded temporaries
 
 
@@ -84,9 +82,7 @@ def _first_bad_index(array: np.ndarray) -> tuple[int, tuple[int, ...]]:
 
 def _all_finite(array: np.ndarray) -> bool:
     step = max(1, _CHECK_SLAB_ELEMENTS // max(1, array[0].size))
-    return all(
-        bool(np.isfinite(array[z0 : z0 + step]).all()) for z0 in range(0, array.shape[0], step)
-    )
+    return all(bool(np.isfinite(array[z0 : z0 + step]).all()) for z0 in range(0, array.shape[0], step))
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -141,9 +137,7 @@ class Volume:
                 f"the image has {array.ndim} dimensions {tuple(array.shape)}, expected 3 (Z, Y, X)",
                 "pass a single 3-D volume (select one channel or time point first)",
             )
-        if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool) or np.iscomplexobj(
-            array
-        ):
+        if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool) or np.iscomplexobj(array):
             raise DataError(
                 where,
                 f"the image has dtype {array.dtype}, expected real numbers",
@@ -248,7 +242,7 @@ class Volume:
     def dtype(self) -> np.dtype:
         return self.array.dtype
 
-    def replace(self, **changes: Any) -> "Volume":
+    def replace(self, **changes: Any) -> Volume:
         """A copy with some fields changed (validated again).
 
         Examples

@@ -38,7 +38,8 @@ def _type_checking(node) -> bool:
     test = getattr(node, "test", None)
     return isinstance(node, ast.If) and (
         (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
-        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    )
 
 
 def _imports(name: str, path: Path, known: set[str]) -> set[str]:
@@ -138,8 +139,13 @@ def test_imports_flow_one_way(graph):
 
 
 def test_ui_never_imports_the_cli(graph):
-    assert [f"{m} -> {t}" for m, ts in graph.items() if m.startswith("workbench.ui")
-            for t in ts if t.startswith("workbench.cli")] == []
+    assert [
+        f"{m} -> {t}"
+        for m, ts in graph.items()
+        if m.startswith("workbench.ui")
+        for t in ts
+        if t.startswith("workbench.cli")
+    ] == []
 
 
 def test_the_cycle_check_sees_function_level_imports(tmp_path):
@@ -149,17 +155,26 @@ def test_the_cycle_check_sees_function_level_imports(tmp_path):
     assert _imports("workbench.model.m", fake, {"workbench.cli", "workbench.model.m"}) == {"workbench.cli"}
 
 
-@pytest.mark.parametrize("module", ["data_tools", "data_tools.io", "workbench", "workbench.mesh", "workbench.options",
-                                    "workbench.errors", "workbench.app", "workbench.ui.panel"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "data_tools",
+        "data_tools.io",
+        "workbench",
+        "workbench.mesh",
+        "workbench.options",
+        "workbench.errors",
+        "workbench.app",
+        "workbench.ui.panel",
+    ],
+)
 def test_light_modules_do_not_start_jax(module):
-    code = (f"import sys, {module}; "
-            "print(sorted(m for m in ('jax', 'napari', 'PyQt6', 'flax') if m in sys.modules))")
+    code = f"import sys, {module}; print(sorted(m for m in ('jax', 'napari', 'PyQt6', 'flax') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stderr
 
 
 def test_modules_stay_readable():
     """No module over ~500 lines (the notes name any exception)."""
-    long = {str(p.relative_to(ROOT)): n for p in _modules().values()
-            if (n := len(p.read_text().splitlines())) > 520}
+    long = {str(p.relative_to(ROOT)): n for p in _modules().values() if (n := len(p.read_text().splitlines())) > 520}
     assert long == {}

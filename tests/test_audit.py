@@ -4,8 +4,8 @@ import jax
 import pytest
 
 from workbench.analysis.audit import audit, audit_text, format_audit
-from workbench.mesh import ShardLayout
 from workbench.analysis.plan import compile_step
+from workbench.mesh import ShardLayout
 from workbench.model.unet import UNetConfig
 
 HLO = """

@@ -50,7 +50,7 @@ def test_importance_map_values():
     assert w.shape == (8, 6, 4) and w.dtype == np.float32
     np.testing.assert_allclose(w, w[::-1, ::-1, ::-1], rtol=1e-6)  # symmetric
     x = 0.5  # the centre of an even window sits half a voxel from the peak
-    expect = np.exp(-x**2 / (2 * (8 * 0.125) ** 2)) * np.exp(-x**2 / (2 * 0.75**2)) * np.exp(-x**2 / (2 * 0.5**2))
+    expect = np.exp(-(x**2) / (2 * (8 * 0.125) ** 2)) * np.exp(-(x**2) / (2 * 0.75**2)) * np.exp(-(x**2) / (2 * 0.5**2))
     assert w[4, 3, 2] == pytest.approx(expect, rel=1e-6)
     assert w.min() == pytest.approx(1e-3)  # corners clamped like MONAI
     np.testing.assert_array_equal(importance_map(5, "constant"), np.ones((5, 5, 5), np.float32))
@@ -76,24 +76,29 @@ def test_windows_differ_from_the_reference_near_window_faces(model, volume, pred
 def test_matches_monai_sliding_window_inference(model, volume, predict, mode, batch_windows):
     pytest.importorskip("monai", reason="install the bench extra: pip install -e '.[bench]'")
     roi = ROI
-    ours = sliding_window(model, volume, roi=roi, overlap=0.4, mode=mode, batch_windows=batch_windows,
-                          predictor=predict)
-    theirs = monai_sliding_window(model, volume, roi=roi, overlap=0.4, mode=mode, batch_windows=batch_windows,
-                                  predictor=predict)
+    ours = sliding_window(
+        model, volume, roi=roi, overlap=0.4, mode=mode, batch_windows=batch_windows, predictor=predict
+    )
+    theirs = monai_sliding_window(
+        model, volume, roi=roi, overlap=0.4, mode=mode, batch_windows=batch_windows, predictor=predict
+    )
     assert ours.windows == theirs.windows == 18
     assert np.abs(ours.output).max() > 1.0
     np.testing.assert_allclose(ours.output, theirs.output, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(roi=48), r"roi \(48, 48, 48\) is larger than the volume \(40, 36, 44\) along Z"),
-    (dict(overlap=1.0), r"overlap=1.0 must be >= 0 and < 1"),
-    (dict(overlap=-0.1), r"overlap=-0.1 must be >= 0 and < 1"),
-    (dict(mode="median"), r"blending mode 'median' is unknown; use one of \('constant', 'gaussian'\)"),
-    (dict(batch_windows=0), r"batch_windows=0 must be an integer >= 1"),
-    (dict(roi=(8, 8)), r"roi=\(8, 8\) must be a positive integer or three of them"),
-    (dict(sigma_scale=0), r"sigma_scale=0 must be > 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(roi=48), r"roi \(48, 48, 48\) is larger than the volume \(40, 36, 44\) along Z"),
+        (dict(overlap=1.0), r"overlap=1.0 must be >= 0 and < 1"),
+        (dict(overlap=-0.1), r"overlap=-0.1 must be >= 0 and < 1"),
+        (dict(mode="median"), r"blending mode 'median' is unknown; use one of \('constant', 'gaussian'\)"),
+        (dict(batch_windows=0), r"batch_windows=0 must be an integer >= 1"),
+        (dict(roi=(8, 8)), r"roi=\(8, 8\) must be a positive integer or three of them"),
+        (dict(sigma_scale=0), r"sigma_scale=0 must be > 0"),
+    ],
+)
 def test_bad_input(model, volume, kwargs, message):
     with pytest.raises(ValueError, match=message):
         sliding_window(model, volume, **{"roi": 16, **kwargs})

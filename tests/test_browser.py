@@ -51,9 +51,11 @@ def _wait_for_server(url: str, proc: subprocess.Popen, log: Path, timeout: float
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """A JupyterLab server on a free port, isolated config, serving a copy of the quickstart."""
-    for path, fix in ((CHROMIUM, "make install (Debian package chromium)"),
-                      (CHROMEDRIVER, "make install (Debian package chromium-driver)"),
-                      (KERNEL, "make install (registers the 'workbench' Jupyter kernel)")):
+    for path, fix in (
+        (CHROMIUM, "make install (Debian package chromium)"),
+        (CHROMEDRIVER, "make install (Debian package chromium-driver)"),
+        (KERNEL, "make install (registers the 'workbench' Jupyter kernel)"),
+    ):
         if not Path(path).exists():
             pytest.fail(f"{path} is missing; run {fix}")
     tmp = tmp_path_factory.mktemp("lab")
@@ -68,20 +70,40 @@ def lab(tmp_path_factory):
     # render every cell (no virtual scrolling), so every output is in the page; start the
     # notebook's kernel ('workbench') without asking
     (settings / "tracker.jupyterlab-settings").write_text(
-        json.dumps({"windowingMode": "none", "autoStartDefaultKernel": True}))
-    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(tmp / "config"), JUPYTER_RUNTIME_DIR=str(tmp / "runtime"),
-               JUPYTER_DATA_DIR=str(tmp / "data"), JUPYTERLAB_SETTINGS_DIR=str(tmp / "settings"),
-               JUPYTERLAB_WORKSPACES_DIR=str(tmp / "workspaces"))
+        json.dumps({"windowingMode": "none", "autoStartDefaultKernel": True})
+    )
+    env = dict(
+        os.environ,
+        JUPYTER_CONFIG_DIR=str(tmp / "config"),
+        JUPYTER_RUNTIME_DIR=str(tmp / "runtime"),
+        JUPYTER_DATA_DIR=str(tmp / "data"),
+        JUPYTERLAB_SETTINGS_DIR=str(tmp / "settings"),
+        JUPYTERLAB_WORKSPACES_DIR=str(tmp / "workspaces"),
+    )
     port, token = _free_port(), "workbench-browser-test"
     log = tmp / "lab.log"
     with open(log, "w") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
-             f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={work}",
-             "--LabApp.news_url=None", "--LabApp.extension_manager=readonly",
-             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", "--ServerApp.port_retries=0"]
+            [
+                sys.executable,
+                "-m",
+                "jupyter",
+                "lab",
+                "--no-browser",
+                f"--port={port}",
+                "--ip=127.0.0.1",
+                f"--IdentityProvider.token={token}",
+                f"--ServerApp.root_dir={work}",
+                "--LabApp.news_url=None",
+                "--LabApp.extension_manager=readonly",
+                "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+                "--ServerApp.port_retries=0",
+            ]
             + (["--allow-root"] if os.geteuid() == 0 else []),
-            stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=work,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=work,
         )
     try:
         _wait_for_server(f"http://127.0.0.1:{port}/api/status?token={token}", proc, log)
@@ -102,10 +124,19 @@ def browser(lab):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1400,1600",
-                 f"--user-data-dir={lab['tmp'] / 'chromium-profile'}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1600",
+        f"--user-data-dir={lab['tmp'] / 'chromium-profile'}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
@@ -123,7 +154,9 @@ def _settled_session(lab, timeout: float = 120, stable: float = 5) -> dict:
     while time.monotonic() < deadline:
         with urllib.request.urlopen(url, timeout=5) as response:
             sessions = json.load(response)
-        key = (len(sessions), sessions[0]["kernel"]["id"], sessions[0]["kernel"]["execution_state"]) if sessions else None
+        key = (
+            (len(sessions), sessions[0]["kernel"]["id"], sessions[0]["kernel"]["execution_state"]) if sessions else None
+        )
         if key != seen:
             seen, since = key, time.monotonic()
         elif key and key[0] == 1 and key[2] == "idle" and time.monotonic() - since >= stable:
@@ -136,10 +169,12 @@ def _click_menu(driver, wait, menu: str, item: str) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
 
-    wait.until(EC.element_to_be_clickable(
-        (By.XPATH, f"//li[contains(@class, 'lm-MenuBar-item')][.//div[text()='{menu}']]"))).click()
-    wait.until(EC.element_to_be_clickable(
-        (By.XPATH, f"//li[contains(@class, 'lm-Menu-item')][.//div[text()='{item}']]"))).click()
+    wait.until(
+        EC.element_to_be_clickable((By.XPATH, f"//li[contains(@class, 'lm-MenuBar-item')][.//div[text()='{menu}']]"))
+    ).click()
+    wait.until(
+        EC.element_to_be_clickable((By.XPATH, f"//li[contains(@class, 'lm-Menu-item')][.//div[text()='{item}']]"))
+    ).click()
 
 
 def test_quickstart_runs_in_jupyterlab_and_shows_the_panel(lab, browser, tmp_path):
@@ -168,30 +203,49 @@ def test_quickstart_runs_in_jupyterlab_and_shows_the_panel(lab, browser, tmp_pat
         assert dialogs == [], f"JupyterLab asks: {dialogs[0].text!r}"
         # Run → Run All Cells; a click made while the kernel connection is still settling is
         # dropped by JupyterLab, so click again until the first cell has started (3 tries)
-        for attempt in range(3):
+        for _attempt in range(3):
             _click_menu(driver, WebDriverWait(driver, 30), "Run", "Run All Cells")
             try:
-                WebDriverWait(driver, 30).until(EC.presence_of_element_located(
-                    (By.XPATH, "//*[contains(@class, 'jp-InputPrompt')][contains(., '[*]') or contains(., '[1]')]")))
+                WebDriverWait(driver, 30).until(
+                    EC.presence_of_element_located(
+                        (By.XPATH, "//*[contains(@class, 'jp-InputPrompt')][contains(., '[*]') or contains(., '[1]')]")
+                    )
+                )
                 break
             except TimeoutException:
                 continue
         else:
             raise AssertionError(f"Run All Cells started no cell in 3 tries; see {shot}")
         # the widget panel rendered: its button and its memory estimate
-        wait_for("//button[contains(@class, 'jupyter-button')][contains(., 'Run inference')]",
-                          "the widget panel", RUN_TIMEOUT)
-        wait_for("//*[contains(@class, 'widget-html')][contains(., 'per device: fits')]",
-                 "the panel's memory estimate", RUN_TIMEOUT)
+        wait_for(
+            "//button[contains(@class, 'jupyter-button')][contains(., 'Run inference')]",
+            "the widget panel",
+            RUN_TIMEOUT,
+        )
+        wait_for(
+            "//*[contains(@class, 'widget-html')][contains(., 'per device: fits')]",
+            "the panel's memory estimate",
+            RUN_TIMEOUT,
+        )
         # every cell ran: the comparison and the last cell's picture
-        wait_for("//*[contains(@class, 'jp-OutputArea-output')]"
-                 "[contains(., 'partitioned equals the reference (max |Δ| < 1e-4): True')]",
-                 "the comparison with the reference", RUN_TIMEOUT)
-        wait_for("//*[contains(@class, 'jp-OutputArea-output')][contains(., 'shards.png (')]",
-                 "the shards picture (last cell)", RUN_TIMEOUT)
-        errors = driver.find_elements(By.XPATH, "//*[contains(@class, 'jp-OutputArea-output')][contains(., 'Traceback')]")
+        wait_for(
+            "//*[contains(@class, 'jp-OutputArea-output')]"
+            "[contains(., 'partitioned equals the reference (max |Δ| < 1e-4): True')]",
+            "the comparison with the reference",
+            RUN_TIMEOUT,
+        )
+        wait_for(
+            "//*[contains(@class, 'jp-OutputArea-output')][contains(., 'shards.png (')]",
+            "the shards picture (last cell)",
+            RUN_TIMEOUT,
+        )
+        errors = driver.find_elements(
+            By.XPATH, "//*[contains(@class, 'jp-OutputArea-output')][contains(., 'Traceback')]"
+        )
         assert errors == [], errors[0].text[:2000]
-        title = driver.find_element(By.XPATH, "//*[contains(@class, 'widget-html')][contains(., 'Partitioned U-Net workbench')]")
+        title = driver.find_element(
+            By.XPATH, "//*[contains(@class, 'widget-html')][contains(., 'Partitioned U-Net workbench')]"
+        )
         driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", title)
         time.sleep(0.5)
     finally:

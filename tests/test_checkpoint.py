@@ -11,14 +11,23 @@ import jax
 import numpy as np
 import pytest
 
+from workbench.model.unet import Model
+from workbench.training import NonFiniteLossError, TrainConfig, abstract_train_state, model_config, train_and_evaluate
 from workbench.training.checkpoint import CheckpointMismatchError, Checkpoints, load_weights, pretrained, save_weights
 from workbench.training.data import make_source
-from workbench.training import NonFiniteLossError, TrainConfig, abstract_train_state, model_config, train_and_evaluate
-from workbench.model.unet import Model
 
 TINY = {"depth": 2, "base_filters": 4, "norm": "batch"}  # batch statistics are saved too
-CONFIG = TrainConfig(data="phantom", resolution=32, mesh="2x2x2", steps=6, checkpoint_every=3, keep=3,
-                     eval_cases=0, model_overrides=TINY, learning_rate=1e-2)
+CONFIG = TrainConfig(
+    data="phantom",
+    resolution=32,
+    mesh="2x2x2",
+    steps=6,
+    checkpoint_every=3,
+    keep=3,
+    eval_cases=0,
+    model_overrides=TINY,
+    learning_rate=1e-2,
+)
 
 
 def _params(result):
@@ -74,8 +83,9 @@ def test_checkpoint_continues_on_another_mesh_and_backend(tmp_path):
         train_and_evaluate(config.replace(steps=3), work, progress=False)
         shutil.copytree(work / "checkpoints" / "3", other / "checkpoints" / "3")
         same = train_and_evaluate(config, work, resume=True, progress=False, log=lambda m: None)
-        moved = train_and_evaluate(config.replace(mesh="1x2x4", backend="gspmd"), other, resume=True,
-                                   progress=False, log=lambda m: None)
+        moved = train_and_evaluate(
+            config.replace(mesh="1x2x4", backend="gspmd"), other, resume=True, progress=False, log=lambda m: None
+        )
     assert moved["step"] == same["step"] == 6
     assert any(a.dtype == np.float64 for a in _leaves(same["model"].variables))
     for a, b in zip(_leaves(moved["model"].variables), _leaves(same["model"].variables)):
@@ -108,8 +118,9 @@ def test_other_model_config_is_refused(straight, tmp_path):
     work = tmp_path / "run"
     shutil.copytree(Path(straight["workdir"]) / "checkpoints", work / "checkpoints")
     with pytest.raises(CheckpointMismatchError, match=r"base_filters: checkpoint 4 vs requested 8"):
-        train_and_evaluate(CONFIG.replace(model_overrides={"depth": 2, "base_filters": 8}), work, resume=True,
-                           progress=False)
+        train_and_evaluate(
+            CONFIG.replace(model_overrides={"depth": 2, "base_filters": 8}), work, resume=True, progress=False
+        )
     with pytest.raises(FileExistsError, match="pass --resume"):
         train_and_evaluate(CONFIG, work, progress=False)
 
@@ -138,14 +149,14 @@ class _Faulty:
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 3;.* last good checkpoint \(step 2\)"):
-        train_and_evaluate(CONFIG.replace(checkpoint_every=1), tmp_path, progress=False,
-                           source=_Faulty(nan_at=2))
+        train_and_evaluate(CONFIG.replace(checkpoint_every=1), tmp_path, progress=False, source=_Faulty(nan_at=2))
     assert Checkpoints(tmp_path / "checkpoints").steps() == [1, 2]
 
 
 def test_sigterm_writes_checkpoint_and_returns(tmp_path):
-    result = train_and_evaluate(CONFIG.replace(checkpoint_every=100), tmp_path, progress=False,
-                                source=_Faulty(signal_at=2), log=lambda m: None)
+    result = train_and_evaluate(
+        CONFIG.replace(checkpoint_every=100), tmp_path, progress=False, source=_Faulty(signal_at=2), log=lambda m: None
+    )
     assert result["interrupted"] == "SIGTERM"
     assert 1 <= result["step"] < CONFIG.steps
     assert Checkpoints(tmp_path / "checkpoints").steps() == [result["step"]]
@@ -158,15 +169,36 @@ def _step_dirs(folder):
 
 def _cli(args, **kw):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen([sys.executable, "-m", "workbench", "train", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "workbench", "train", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def test_cli_sigint_then_sigkill_then_resume(tmp_path):
     """SIGINT checkpoints and exits 130; after SIGKILL, --resume loses only the steps since the last checkpoint."""
     work = tmp_path / "run"
-    common = ["--data", "phantom", "--resolution", "16", "--backend", "reference", "--steps", "40",
-              "--checkpoint-dir", str(work), "--eval-cases", "0", "--no-progress", "--cpu-devices", "8"]
+    common = [
+        "--data",
+        "phantom",
+        "--resolution",
+        "16",
+        "--backend",
+        "reference",
+        "--steps",
+        "40",
+        "--checkpoint-dir",
+        str(work),
+        "--eval-cases",
+        "0",
+        "--no-progress",
+        "--cpu-devices",
+        "8",
+    ]
     proc = _cli(common + ["--checkpoint-every", "100"])
     deadline = time.time() + 240
     while not (work / "config.json").exists() and time.time() < deadline:
@@ -225,9 +257,9 @@ def test_shipped_phantom_weights_segment_a_held_out_phantom():
     """The shipped model on held-out phantom seed 0 at 64³, normalised as `workbench infer` does,
     partitioned on 2x2x2: organ Dice 0.907 when the weights were trained (2 points slack)."""
     from data_tools.synthetic import make_phantom
+    from workbench.execute.run import apply
     from workbench.training.data import model_input
     from workbench.training.losses import dice_per_class
-    from workbench.execute.run import apply
 
     volume = make_phantom(64, seed=0, vessels=False)
     logits = apply(pretrained("phantom"), model_input(volume), "2x2x2")
@@ -259,8 +291,9 @@ def test_model_from_args_picks_checkpoint_shipped_or_random(straight):
 
     from workbench.cli.args import model_from_args
 
-    args = argparse.Namespace(model="small", seed=0, checkpoint=straight["workdir"], random_weights=False,
-                              input="phantom:32")
+    args = argparse.Namespace(
+        model="small", seed=0, checkpoint=straight["workdir"], random_weights=False, input="phantom:32"
+    )
     model = model_from_args(args)
     assert "checkpoint" in args.weights_description and "(step 6)" in args.weights_description
     for a, b in zip(_leaves(model.variables), _leaves(straight["model"].variables)):

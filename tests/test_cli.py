@@ -10,8 +10,15 @@ import pytest
 from workbench.cli import main
 
 REPORT_KEYS = {
-    "input_shape", "output_shape", "mesh", "backend", "halo", "seconds", "max_abs_diff",
-    "per_shard", "peak_bytes_per_device",
+    "input_shape",
+    "output_shape",
+    "mesh",
+    "backend",
+    "halo",
+    "seconds",
+    "max_abs_diff",
+    "per_shard",
+    "peak_bytes_per_device",
 }
 
 
@@ -45,8 +52,9 @@ def test_infer_nifti_keeps_affine(tmp_path):
     data = np.random.default_rng(1).random((24, 20, 12)).astype(np.float32)  # (X, Y, Z) on disk
     nib.save(nib.Nifti1Image(data, affine), tmp_path / "scan.nii.gz")
     out = tmp_path / "run"
-    assert main(["infer", str(tmp_path / "scan.nii.gz"), "--mesh", "1x2x2", "--backend", "gspmd",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["infer", str(tmp_path / "scan.nii.gz"), "--mesh", "1x2x2", "--backend", "gspmd", "--out", str(out)]) == 0
+    )
     written = nib.load(out / "prediction.nii.gz")
     np.testing.assert_allclose(written.affine, affine)
     assert written.shape == data.shape
@@ -105,9 +113,20 @@ def test_existing_output_is_kept(npy_input, tmp_path, capsys):
 def test_missing_input_subprocess_exit_2(tmp_path):
     """The installed entry point: exit 2, one line, no traceback, nothing written."""
     proc = subprocess.run(
-        [sys.executable, "-m", "workbench", "infer", str(tmp_path / "nope.nii.gz"), "--mesh", "2x2x2",
-         "--out", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "workbench",
+            "infer",
+            str(tmp_path / "nope.nii.gz"),
+            "--mesh",
+            "2x2x2",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("workbench: error: ") and proc.stderr.count("\n") == 1
@@ -153,13 +172,41 @@ def test_train_flags_are_derived_from_train_config():
         assert actions[name].default == f.default, name
         assert actions[name].help, name
     # everything else is the model overrides (into model_overrides) or this command's own
-    assert set(actions) - set(fields) == {"norm", "dtype", "remat", "checkpoint_dir", "resume", "no_progress",
-                                          "cpu_devices"}
+    assert set(actions) - set(fields) == {
+        "norm",
+        "dtype",
+        "remat",
+        "checkpoint_dir",
+        "resume",
+        "no_progress",
+        "cpu_devices",
+    }
     flags = {a.option_strings[0]: a.dest for a in actions.values()}
-    assert {flags[f] for f in ("--lr", "--clip", "--no-augment", "--class-weights", "--checkpoint-every", "--keep",
-                               "--eval-every", "--eval-cases", "--seed", "--data-parallel", "--steps", "--batch",
-                               "--optimizer", "--schedule", "--dice-weight", "--backend", "--model", "--mesh",
-                               "--resolution", "--data")} == set(fields) - {"model_overrides", "warmup_steps"}
+    assert {
+        flags[f]
+        for f in (
+            "--lr",
+            "--clip",
+            "--no-augment",
+            "--class-weights",
+            "--checkpoint-every",
+            "--keep",
+            "--eval-every",
+            "--eval-cases",
+            "--seed",
+            "--data-parallel",
+            "--steps",
+            "--batch",
+            "--optimizer",
+            "--schedule",
+            "--dice-weight",
+            "--backend",
+            "--model",
+            "--mesh",
+            "--resolution",
+            "--data",
+        )
+    } == set(fields) - {"model_overrides", "warmup_steps"}
     assert "adam | adafactor | sgd (default adam)" == actions["optimizer"].help
     assert "explicit | gspmd | reference (default explicit)" == actions["backend"].help
     assert "model preset: small | paper (default small)" == actions["model"].help
@@ -170,21 +217,56 @@ def test_train_flags_round_trip_to_train_config():
 
     parse = lambda *argv: train_config_from_flags(_train_parser().parse_args([*argv, "--checkpoint-dir", "x"]))  # noqa: E731
     assert parse() == TrainConfig()
-    config = parse("--data", "a.nii", "b.nii", "--lr", "0.01", "--clip", "0", "--no-augment", "--class-weights",
-                   "1,8,16", "--norm", "batch", "--remat", "--steps", "7", "--batch", "2", "--data-parallel", "2",
-                   "--schedule", "warmup_cosine", "--warmup-steps", "3")
-    assert config == TrainConfig(data=("a.nii", "b.nii"), learning_rate=0.01, clip_norm=0.0, augment=False,
-                                 class_weights=(1.0, 8.0, 16.0), model_overrides={"norm": "batch", "remat": True},
-                                 steps=7, batch=2, data_parallel=2, schedule="warmup_cosine", warmup_steps=3)
+    config = parse(
+        "--data",
+        "a.nii",
+        "b.nii",
+        "--lr",
+        "0.01",
+        "--clip",
+        "0",
+        "--no-augment",
+        "--class-weights",
+        "1,8,16",
+        "--norm",
+        "batch",
+        "--remat",
+        "--steps",
+        "7",
+        "--batch",
+        "2",
+        "--data-parallel",
+        "2",
+        "--schedule",
+        "warmup_cosine",
+        "--warmup-steps",
+        "3",
+    )
+    assert config == TrainConfig(
+        data=("a.nii", "b.nii"),
+        learning_rate=0.01,
+        clip_norm=0.0,
+        augment=False,
+        class_weights=(1.0, 8.0, 16.0),
+        model_overrides={"norm": "batch", "remat": True},
+        steps=7,
+        batch=2,
+        data_parallel=2,
+        schedule="warmup_cosine",
+        warmup_steps=3,
+    )
     assert parse("--data", "mni:32", "--dtype", "bfloat16").model_overrides == {"dtype": "bfloat16"}
     assert parse("--data", "mni:32").data == "mni:32"
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["--optimizer", "lion"], "optimizer='lion'; use one of ('adam', 'adafactor', 'sgd')"),
-    (["--model", "huge"], "model='huge' is not a preset; use one of small, paper"),
-    (["--backend", "tpu"], "backend='tpu'; use explicit, gspmd or reference"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--optimizer", "lion"], "optimizer='lion'; use one of ('adam', 'adafactor', 'sgd')"),
+        (["--model", "huge"], "model='huge' is not a preset; use one of small, paper"),
+        (["--backend", "tpu"], "backend='tpu'; use explicit, gspmd or reference"),
+    ],
+)
 def test_train_bad_choices_exit_2_one_line(tmp_path, capsys, argv, fragment):
     assert main(["train", *argv, "--checkpoint-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err

@@ -73,7 +73,7 @@ def test_resample_geometry_and_linear_exactness():
     centre = lambda vol: vol.voxel_to_world((np.asarray(vol.shape) - 1) / 2)  # noqa: E731
     np.testing.assert_allclose(centre(r), centre(v), atol=1e-9)
     # linear interpolation reproduces a linear ramp away from the clamped edges
-    coords = (np.argwhere(np.ones(r.shape, bool)) * [0.5, 1.0, 2.0] + [-0.25, 0.0, 0.5])
+    coords = np.argwhere(np.ones(r.shape, bool)) * [0.5, 1.0, 2.0] + [-0.25, 0.0, 0.5]
     expected = (2.0 * coords[:, 0] + 3.0 * coords[:, 1] - coords[:, 2]).reshape(r.shape)
     inner = (slice(1, -1), slice(None), slice(0, -1))
     np.testing.assert_allclose(r.array[inner], expected[inner], atol=1e-4)

@@ -18,8 +18,9 @@ from workbench.execute.run import apply
 
 def _launch(*argv, timeout=300):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WORKBENCH_")}
-    return subprocess.run([sys.executable, "-m", "workbench", "launch", *argv], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "workbench", "launch", *argv], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 @pytest.fixture(scope="module")
@@ -32,21 +33,38 @@ def uneven_input(tmp_path_factory):
 def test_settings_from_env():
     assert settings_from_env({}) is None
     assert settings_from_env({"WORKBENCH_DISTRIBUTED": "auto"}) == {"auto": True}
-    env = {"WORKBENCH_COORDINATOR": "localhost:1234", "WORKBENCH_NUM_PROCESSES": "2",
-           "WORKBENCH_PROCESS_ID": "1", "WORKBENCH_LOCAL_DEVICES": "4"}
-    assert settings_from_env(env) == {"auto": False, "coordinator": "localhost:1234", "num_processes": 2,
-                                      "process_id": 1, "local_devices": 4}
+    env = {
+        "WORKBENCH_COORDINATOR": "localhost:1234",
+        "WORKBENCH_NUM_PROCESSES": "2",
+        "WORKBENCH_PROCESS_ID": "1",
+        "WORKBENCH_LOCAL_DEVICES": "4",
+    }
+    assert settings_from_env(env) == {
+        "auto": False,
+        "coordinator": "localhost:1234",
+        "num_processes": 2,
+        "process_id": 1,
+        "local_devices": 4,
+    }
 
 
-@pytest.mark.parametrize("change, fragment", [
-    ({"WORKBENCH_COORDINATOR": "localhost"}, "must be host:port"),
-    ({"WORKBENCH_NUM_PROCESSES": "two"}, "WORKBENCH_NUM_PROCESSES='two' must be an integer >= 1"),
-    ({"WORKBENCH_PROCESS_ID": "2"}, "WORKBENCH_PROCESS_ID=2 must be below WORKBENCH_NUM_PROCESSES=2"),
-    ({"WORKBENCH_LOCAL_DEVICES": "0"}, "WORKBENCH_LOCAL_DEVICES=0 must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        ({"WORKBENCH_COORDINATOR": "localhost"}, "must be host:port"),
+        ({"WORKBENCH_NUM_PROCESSES": "two"}, "WORKBENCH_NUM_PROCESSES='two' must be an integer >= 1"),
+        ({"WORKBENCH_PROCESS_ID": "2"}, "WORKBENCH_PROCESS_ID=2 must be below WORKBENCH_NUM_PROCESSES=2"),
+        ({"WORKBENCH_LOCAL_DEVICES": "0"}, "WORKBENCH_LOCAL_DEVICES=0 must be an integer >= 1"),
+    ],
+)
 def test_settings_from_env_errors(change, fragment):
-    env = {"WORKBENCH_COORDINATOR": "localhost:1234", "WORKBENCH_NUM_PROCESSES": "2",
-           "WORKBENCH_PROCESS_ID": "0", "WORKBENCH_LOCAL_DEVICES": "4", **change}
+    env = {
+        "WORKBENCH_COORDINATOR": "localhost:1234",
+        "WORKBENCH_NUM_PROCESSES": "2",
+        "WORKBENCH_PROCESS_ID": "0",
+        "WORKBENCH_LOCAL_DEVICES": "4",
+        **change,
+    }
     with pytest.raises(ValueError, match=fragment.replace("(", r"\(")):
         settings_from_env(env)
 
@@ -56,8 +74,21 @@ def test_two_processes_equal_one(uneven_input, tmp_path):
     from workbench.training.checkpoint import pretrained
 
     out = tmp_path / "mp"
-    done = _launch("--processes", "2", "--devices-per-process", "4", "--", "infer", str(uneven_input),
-                   "--mesh", "1x2x4", "--reference", "--save-logits", "--out", str(out))
+    done = _launch(
+        "--processes",
+        "2",
+        "--devices-per-process",
+        "4",
+        "--",
+        "infer",
+        str(uneven_input),
+        "--mesh",
+        "1x2x4",
+        "--reference",
+        "--save-logits",
+        "--out",
+        str(out),
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "[process 0] explicit on z=1,y=2,x=4" in done.stdout
     assert "[Gloo]" not in done.stdout  # connection chatter is filtered
@@ -80,21 +111,37 @@ def test_two_processes_equal_one(uneven_input, tmp_path):
 
 def test_launch_failure_stops_all_and_writes_nothing(tmp_path):
     out = tmp_path / "never"
-    done = _launch("--processes", "2", "--devices-per-process", "2", "--", "infer", "phantom:16",
-                   "--mesh", "2x2x2", "--out", str(out))
+    done = _launch(
+        "--processes",
+        "2",
+        "--devices-per-process",
+        "2",
+        "--",
+        "infer",
+        "phantom:16",
+        "--mesh",
+        "2x2x2",
+        "--out",
+        str(out),
+    )
     assert done.returncode == 2
     assert "needs 8 devices but 4 are available" in done.stdout
     assert "Traceback" not in done.stdout + done.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["--", "demo"], "'demo' cannot run as several processes; use one of: infer"),
-    ([], "no command given"),
-    (["--", "infer", "phantom:16", "--mesh", "2x2x2", "--out", "x", "--cpu-devices", "4"],
-     "--cpu-devices does not apply under launch; use --devices-per-process"),
-    (["--port", "70000", "--", "infer", "phantom:16", "--mesh", "2x2x2", "--out", "x"], "is not a TCP port"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--", "demo"], "'demo' cannot run as several processes; use one of: infer"),
+        ([], "no command given"),
+        (
+            ["--", "infer", "phantom:16", "--mesh", "2x2x2", "--out", "x", "--cpu-devices", "4"],
+            "--cpu-devices does not apply under launch; use --devices-per-process",
+        ),
+        (["--port", "70000", "--", "infer", "phantom:16", "--mesh", "2x2x2", "--out", "x"], "is not a TCP port"),
+    ],
+)
 def test_launch_bad_input(argv, fragment, capsys):
     from workbench.cli import main
 

@@ -15,8 +15,14 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
 
 def _run(*args):
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args, "--allow-cpu"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--allow-cpu"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -4,10 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from workbench.model.halo import HALO_MODES, halo_pad, validate_halo
 from workbench.mesh import ACTIVATION_SPEC, ShardLayout, build_mesh, parse_mesh
+from workbench.model.halo import HALO_MODES, halo_pad, validate_halo
 
 
 def _padded_blocks(global_x, mesh_text, width, mode):
@@ -17,7 +18,9 @@ def _padded_blocks(global_x, mesh_text, width, mode):
     fn = jax.jit(
         jax.shard_map(
             lambda x: halo_pad(x, width=width, mesh_shape=spec.spatial, mode=mode),
-            mesh=mesh, in_specs=act, out_specs=act,
+            mesh=mesh,
+            in_specs=act,
+            out_specs=act,
         )
     )
     out = np.asarray(fn(jax.device_put(global_x, NamedSharding(mesh, act))))
@@ -30,8 +33,9 @@ def _padded_blocks(global_x, mesh_text, width, mode):
     return blocks
 
 
-@pytest.mark.parametrize("mesh_text, width", [("2x2x2", 1), ("1x2x4", 1), ("4x2x1", 2), ("2x2x2", 5),
-                                             ("2x1x4", 1), ("1x1x8", 3)])
+@pytest.mark.parametrize(
+    "mesh_text, width", [("2x2x2", 1), ("1x2x4", 1), ("4x2x1", 2), ("2x2x2", 5), ("2x1x4", 1), ("1x1x8", 3)]
+)
 def test_exact_halo_equals_global_neighbourhood(mesh_text, width):
     """Edges, corners and multi-hop widths come from the right neighbours; outer faces are zero."""
     shape = (1, 8, 8, 8, 2)
@@ -39,7 +43,7 @@ def test_exact_halo_equals_global_neighbourhood(mesh_text, width):
     padded = np.pad(global_x, [(0, 0)] + [(width, width)] * 3 + [(0, 0)])
     for coords, (shard, block) in _padded_blocks(global_x, mesh_text, width, "exact").items():
         (z0, z1), (y0, y1), (x0, x1) = shard.box
-        expected = padded[:, z0:z1 + 2 * width, y0:y1 + 2 * width, x0:x1 + 2 * width]
+        expected = padded[:, z0 : z1 + 2 * width, y0 : y1 + 2 * width, x0 : x1 + 2 * width]
         np.testing.assert_array_equal(block, expected, err_msg=f"shard {coords}")
 
 
@@ -90,8 +94,9 @@ def test_exact_halo_writes_the_padded_block_in_place():
 
     def block(x):
         xp = halo_pad(x, width=1, mesh_shape=spec.spatial, mode="exact")
-        return jax.lax.conv_general_dilated(xp, kernel, (1, 1, 1), "VALID",
-                                            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+        return jax.lax.conv_general_dilated(
+            xp, kernel, (1, 1, 1), "VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
+        )
 
     fn = jax.jit(jax.shard_map(block, mesh=mesh, in_specs=act, out_specs=act))
     text = fn.lower(jax.ShapeDtypeStruct((1, 32, 32, 32, 4), jnp.float32)).compile().as_text()
@@ -117,8 +122,12 @@ def test_exact_halo_gradient_is_the_adjoint_exchange(mesh_text, width):
         grown = tuple(b + 2 * width for b in layout.block_shape)
         cot = rng.standard_normal((1, *(g * m for g, m in zip(grown, spec.spatial)), 2))
 
-        fn = jax.shard_map(lambda v: halo_pad(v, width=width, mesh_shape=spec.spatial, mode="exact"),
-                           mesh=mesh, in_specs=act, out_specs=act)
+        fn = jax.shard_map(
+            lambda v: halo_pad(v, width=width, mesh_shape=spec.spatial, mode="exact"),
+            mesh=mesh,
+            in_specs=act,
+            out_specs=act,
+        )
         _, vjp = jax.vjp(fn, jax.device_put(x, NamedSharding(mesh, act)))
         got = np.asarray(vjp(jax.device_put(cot, NamedSharding(mesh, act)))[0])
 
@@ -126,7 +135,7 @@ def test_exact_halo_gradient_is_the_adjoint_exchange(mesh_text, width):
         for shard in layout.shards():
             (z0, z1), (y0, y1), (x0, x1) = shard.box
             src = tuple(slice(c * g, (c + 1) * g) for c, g in zip(shard.coords, grown))
-            expected[:, z0:z1 + 2 * width, y0:y1 + 2 * width, x0:x1 + 2 * width] += cot[(slice(None), *src)]
+            expected[:, z0 : z1 + 2 * width, y0 : y1 + 2 * width, x0 : x1 + 2 * width] += cot[(slice(None), *src)]
         expected = expected[:, width:-width, width:-width, width:-width]
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
     finally:

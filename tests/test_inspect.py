@@ -6,8 +6,8 @@ import pytest
 from workbench.analysis.compare import artifact_depth, compare, seam_distance, seam_profile_table
 from workbench.analysis.figures import plot_seam_profile
 from workbench.analysis.receptive import predicted_artifact_depth, receptive_field
-from workbench.mesh import ShardLayout
 from workbench.execute.run import apply, overlap_width
+from workbench.mesh import ShardLayout
 from workbench.model.unet import UNetConfig, receptive_radius
 
 TOL = 1e-4  # partitioned vs reference agree to ~1e-6 where no halo is wrong
@@ -33,8 +33,14 @@ def test_receptive_field_of_the_presets():
 def test_predicted_depth_per_mode():
     cfg = UNetConfig.preset("small")
     assert overlap_width(cfg) == 24
-    assert [predicted_artifact_depth(cfg, h) for h in ("exact", "overlap", "zero", "reflect", "replicate", 0)] \
-        == [0, 0, 22, 22, 22, 22]
+    assert [predicted_artifact_depth(cfg, h) for h in ("exact", "overlap", "zero", "reflect", "replicate", 0)] == [
+        0,
+        0,
+        22,
+        22,
+        22,
+        22,
+    ]
     assert [predicted_artifact_depth(cfg, w) for w in (4, 8, 16, 24)] == [18, 14, 6, 0]
     with pytest.raises(ValueError, match="unknown halo mode 'mirror'"):
         predicted_artifact_depth(cfg, "mirror")
@@ -104,6 +110,7 @@ def test_compare_rejects_mismatched_inputs():
 
 # -- measured artifact depth == receptive-field prediction -------------------------------
 
+
 @pytest.fixture(scope="module")
 def seam_runs(make_model):
     """Small U-Net without normalisation (so errors stay local) on a 2x1x1 mesh."""
@@ -141,7 +148,10 @@ def test_exact_2x2x2_per_shard_and_plot(seam_runs, tmp_path):
     assert len(exact.per_shard) == 8 and max(r["max_abs_diff"] for r in exact.per_shard) <= 1e-5
     assert exact.argmax_disagreement == 0 and artifact_depth(exact.profile) == 0
     assert min(r["max_abs_diff"] for r in zero.per_shard) > TOL  # every shard touches a seam
-    fig = plot_seam_profile({"zero": zero.profile, "exact": exact.profile}, path=tmp_path / "seam.png",
-                            predicted={"zero": predicted_artifact_depth(model.config, "zero")})
+    fig = plot_seam_profile(
+        {"zero": zero.profile, "exact": exact.profile},
+        path=tmp_path / "seam.png",
+        predicted={"zero": predicted_artifact_depth(model.config, "zero")},
+    )
     assert (tmp_path / "seam.png").stat().st_size > 1000
     assert len(fig.axes[0].get_lines()) == 4  # two profiles, one prediction, the tolerance line

@@ -34,7 +34,7 @@ def test_upconv2_equals_flax_conv_transpose_with_the_same_parameters():
 def test_max_pool2_values_equal_flax_and_the_gradient_shares_ties():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 4, 6, 8, 3)).astype(np.float32)
-    x[0, :2, :2, :2, 0] = 1.5                      # one window of 8 tied maxima
+    x[0, :2, :2, :2, 0] = 1.5  # one window of 8 tied maxima
     x[1, 2:4, :2, :2, 1] = [[[2, 2], [0, 2]], [[0, 0], [0, -1]]]  # 3 tied maxima
     x = jnp.asarray(x)
     np.testing.assert_array_equal(max_pool2(x), nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2)))
@@ -80,7 +80,9 @@ def test_conv3d_joins_input_and_kernel_gradients_in_one_barrier():
 
     loss = lambda f: lambda x, k: (jnp.tanh(f(x, k)) ** 2).sum()  # noqa: E731
     np.testing.assert_array_equal(conv3d(x, k, "SAME"), plain(x, k))
-    for a, b in zip(jax.grad(loss(lambda x, k: conv3d(x, k, "SAME")), (0, 1))(x, k), jax.grad(loss(plain), (0, 1))(x, k)):
+    for a, b in zip(
+        jax.grad(loss(lambda x, k: conv3d(x, k, "SAME")), (0, 1))(x, k), jax.grad(loss(plain), (0, 1))(x, k)
+    ):
         np.testing.assert_array_equal(a, b)
     # the backward pass computes the kernel gradient together with the input gradient
     jaxpr = jax.make_jaxpr(jax.grad(loss(lambda x, k: conv3d(x, k, "SAME")), (0, 1)))(x, k).jaxpr

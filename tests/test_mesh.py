@@ -3,10 +3,19 @@ its devices really hold)."""
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from workbench.mesh import (ACTIVATION_SPEC, MeshSpec, ShardLayout, auto_mesh, build_mesh, parse_mesh,
-                            process_blocks, valid_meshes)
+from workbench.mesh import (
+    ACTIVATION_SPEC,
+    MeshSpec,
+    ShardLayout,
+    auto_mesh,
+    build_mesh,
+    parse_mesh,
+    process_blocks,
+    valid_meshes,
+)
 
 
 @pytest.mark.parametrize(
@@ -124,19 +133,29 @@ def test_process_blocks_by_hand():
     assert [b.process for b in blocks] == list(range(8))
     assert blocks[0].devices == blocks[0].shards == tuple(range(8))
     assert blocks[0].boxes[5] == ((0, 256), (256, 512), (256, 512))
-    assert [b.box for b in blocks[:3]] == [((0, 256), (0, 512), (0, 1024)),
-                                           ((0, 256), (512, 1024), (0, 1024)),
-                                           ((256, 512), (0, 512), (0, 1024))]
+    assert [b.box for b in blocks[:3]] == [
+        ((0, 256), (0, 512), (0, 1024)),
+        ((0, 256), (512, 1024), (0, 1024)),
+        ((256, 512), (0, 512), (0, 1024)),
+    ]
     assert blocks[7].box == blocks[7].valid_box == ((768, 1024), (512, 1024), (0, 1024))
     # uneven volume on 1x2x4, 2 devices per process: padded boxes vs the part on disk
     layout = ShardLayout((37, 53, 45), "1x2x4", multiple=4)
     assert layout.padded_shape == (40, 56, 48) and layout.block_shape == (40, 28, 12)
     blocks = process_blocks(layout, 4, 2)
     assert [b.shards for b in blocks] == [(0, 1), (2, 3), (4, 5), (6, 7)]
-    assert [b.box for b in blocks] == [((0, 40), (0, 28), (0, 24)), ((0, 40), (0, 28), (24, 48)),
-                                       ((0, 40), (28, 56), (0, 24)), ((0, 40), (28, 56), (24, 48))]
-    assert [b.valid_box for b in blocks] == [((0, 37), (0, 28), (0, 24)), ((0, 37), (0, 28), (24, 45)),
-                                             ((0, 37), (28, 53), (0, 24)), ((0, 37), (28, 53), (24, 45))]
+    assert [b.box for b in blocks] == [
+        ((0, 40), (0, 28), (0, 24)),
+        ((0, 40), (0, 28), (24, 48)),
+        ((0, 40), (28, 56), (0, 24)),
+        ((0, 40), (28, 56), (24, 48)),
+    ]
+    assert [b.valid_box for b in blocks] == [
+        ((0, 37), (0, 28), (0, 24)),
+        ((0, 37), (0, 28), (24, 45)),
+        ((0, 37), (28, 53), (0, 24)),
+        ((0, 37), (28, 53), (24, 45)),
+    ]
     # a data axis: each process holds a whole replica
     layout = ShardLayout((32, 32, 32), "data=2,z=2,y=2,x=1")
     blocks = process_blocks(layout, 2, 4)
@@ -155,8 +174,10 @@ def test_process_blocks_rejects_a_device_count_the_mesh_does_not_use():
         process_blocks(layout, 0, 8)
 
 
-@pytest.mark.parametrize("mesh, shape", [("2x2x2", (32, 32, 32)), ("1x2x4", (37, 53, 45)),
-                                         ("4x2x1", (16, 24, 8)), ("data=2,z=2,y=2,x=1", (20, 12, 8))])
+@pytest.mark.parametrize(
+    "mesh, shape",
+    [("2x2x2", (32, 32, 32)), ("1x2x4", (37, 53, 45)), ("4x2x1", (16, 24, 8)), ("data=2,z=2,y=2,x=1", (20, 12, 8))],
+)
 def test_process_blocks_match_what_jax_assigns(mesh, shape):
     """Devices grouped 4 per "process" in jax.devices() order hold the boxes process_blocks names."""
     import jax
@@ -170,12 +191,13 @@ def test_process_blocks_match_what_jax_assigns(mesh, shape):
     devices = jax.devices()[: spec.n_devices]
 
     def box(device):  # the (z, y, x) box of a device's block
-        return tuple((s.start or 0, s.stop if s.stop is not None else n)
-                     for s, n in zip(indices[device][1:4], layout.padded_shape))
+        return tuple(
+            (s.start or 0, s.stop if s.stop is not None else n)
+            for s, n in zip(indices[device][1:4], layout.padded_shape)
+        )
 
     blocks = process_blocks(layout, spec.n_devices // 4, 4)
     for block in blocks:
-        mine = devices[block.process * 4:(block.process + 1) * 4]
+        mine = devices[block.process * 4 : (block.process + 1) * 4]
         assert block.boxes == tuple(box(d) for d in mine)
-        assert block.box == tuple((min(box(d)[i][0] for d in mine), max(box(d)[i][1] for d in mine))
-                                  for i in range(3))
+        assert block.box == tuple((min(box(d)[i][0] for d in mine), max(box(d)[i][1] for d in mine)) for i in range(3))

@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from workbench.ui.napari import layers as V
-from workbench.ui.napari import view as napari_view
 from workbench.cli import main
 from workbench.mesh import ShardLayout
+from workbench.ui.napari import layers as V
+from workbench.ui.napari import view as napari_view
 
 pytestmark = pytest.mark.skipif(
-    not napari_view.display_available()[0], reason=f"needs a display: {napari_view.display_available()[1]} (make test runs xvfb-run)"
+    not napari_view.display_available()[0],
+    reason=f"needs a display: {napari_view.display_available()[1]} (make test runs xvfb-run)",
 )
 PLUGIN = "partitioned-unet-workbench"
 
@@ -66,7 +67,9 @@ def test_screenshot_shows_boundaries_where_they_project(make_napari_viewer):
     shape, spacing = (32, 40, 48), (2.0, 1.0, 1.0)
     layout = ShardLayout(shape, "2x2x2")
     image = np.random.default_rng(0).uniform(0.2, 0.6, shape).astype(np.float32)
-    img, shapes = napari_view.add_layers(viewer, [V.image_layer(image, spacing=spacing), V.boundary_layer(layout, spacing=spacing)])
+    img, shapes = napari_view.add_layers(
+        viewer, [V.image_layer(image, spacing=spacing), V.boundary_layer(layout, spacing=spacing)]
+    )
     napari_view.show_view(viewer, ndisplay=3)
     shot = viewer.screenshot(canvas_only=True, flash=False)
     h, w = shot.shape[:2]
@@ -94,9 +97,9 @@ def test_screenshot_shows_boundaries_where_they_project(make_napari_viewer):
         want = colorsys.rgb_to_hsv(*colors[shard.index][:3])[0]
         votes = []
         for a, b in V.boundary_segments(layout)[shard.index]:
-            on_hull = sum(
-                a[i] == b[i] and a[i] in (-0.5, shape[i] - 0.5) for i in range(3)
-            ) == 2  # both fixed coordinates on the volume's faces
+            on_hull = (
+                sum(a[i] == b[i] and a[i] in (-0.5, shape[i] - 0.5) for i in range(3)) == 2
+            )  # both fixed coordinates on the volume's faces
             if not on_hull:
                 continue
             for f in (0.3, 0.4, 0.5, 0.6, 0.7):
@@ -121,7 +124,12 @@ def test_dock_widget_runs_inference_and_adds_layers(make_napari_viewer, phantom3
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Partitioned inference")
     assert widget.image.value is viewer.layers["phantom"]
     assert "2x2x2" in widget.mesh.choices and "1x2x4" in widget.mesh.choices
-    widget.mesh.value, widget.backend.value, widget.halo.value, widget.reference.value = "2x2x2", "explicit", "exact", True
+    widget.mesh.value, widget.backend.value, widget.halo.value, widget.reference.value = (
+        "2x2x2",
+        "explicit",
+        "exact",
+        True,
+    )
     added = widget.run()
     names = [layer.name for layer in added]
     probabilities = [f"p(class {k})" for k in range(1, widget.model().config.num_classes)]
@@ -133,7 +141,8 @@ def test_dock_widget_runs_inference_and_adds_layers(make_napari_viewer, phantom3
     assert err.metadata["max_abs_diff"] == pytest.approx(report["max_abs_diff"], rel=1e-6)
     assert report["max_abs_diff"] < 1e-4  # exact halos: partitioned == reference
     assert [r["max_abs_diff"] for r in err.metadata["per_shard"]] == pytest.approx(
-        [r["max_abs_diff"] for r in report["per_shard"]], rel=1e-6)
+        [r["max_abs_diff"] for r in report["per_shard"]], rel=1e-6
+    )
     pred = viewer.layers["prediction"]
     assert pred.data.shape == (32, 32, 32) and tuple(pred.scale) == phantom32.spacing
     assert np.mean(pred.data != viewer.layers["reference prediction"].data) == report["argmax_disagreement"]
@@ -143,7 +152,8 @@ def test_dock_widget_runs_inference_and_adds_layers(make_napari_viewer, phantom3
     widget.reference.value = False
     again = widget.run()
     assert [layer.name for layer in viewer.layers] == ["phantom"] + [
-        n for n in names if "reference" not in n and "error" not in n]
+        n for n in names if "reference" not in n and "error" not in n
+    ]
     assert all(layer in viewer.layers for layer in again)
 
 
@@ -191,7 +201,10 @@ def test_reader_opens_result_folder(make_napari_viewer, result_dir, tmp_path):
     assert viewer.open(str(bad), plugin=PLUGIN) == []
     assert len(viewer.layers) == n
     (message,) = _errors(before)
-    assert message.startswith("cannot open result folder: ") and "reference_prediction.npy: has shape (32, 32, 31)" in message
+    assert (
+        message.startswith("cannot open result folder: ")
+        and "reference_prediction.npy: has shape (32, 32, 31)" in message
+    )
 
 
 def test_view_screenshot_and_demo_view(result_dir, tmp_path):
@@ -201,8 +214,12 @@ def test_view_screenshot_and_demo_view(result_dir, tmp_path):
     png = tmp_path / "view.png"
     # A fresh process, as a user runs it: in this process earlier tests' viewers have
     # already registered the plugin's commands with npe2's global registry.
-    proc = subprocess.run([sys.executable, "-m", "workbench", "view", str(result_dir), "--screenshot", str(png)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "workbench", "view", str(result_dir), "--screenshot", str(png)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     shot = np.asarray(Image.open(png))
     assert shot.shape[:2] == (720, 720) and _colored(shot).sum() > 1000
@@ -218,8 +235,9 @@ def test_view_screenshot_and_demo_view(result_dir, tmp_path):
         "print(json.dumps(view))\n"
     )
     demo_png = tmp_path / "demo.png"
-    proc = subprocess.run([sys.executable, "-c", script, str(result_dir), str(demo_png)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(result_dir), str(demo_png)], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr
     view = json.loads(proc.stdout.strip().splitlines()[-1])
     assert view == {"file": "demo.png", "kind": "napari", "ndisplay": 3}

@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import perturbed
-from workbench.mesh import ShardLayout, parse_mesh
+
 from workbench.execute.run import apply, make_forward
+from workbench.mesh import ShardLayout, parse_mesh
 from workbench.model.unet import Model, UNetConfig, receptive_radius
 
 MESHES = ["1x1x1", "2x1x1", "1x2x1", "1x1x2", "2x2x2", "1x2x4", "4x2x1", "8x1x1", "data=2,z=2,y=2,x=1"]
@@ -57,16 +57,16 @@ def test_three_d_input_returns_three_d_logits(model):
 def _train_step_outputs(model, x, mesh, backend, rng):
     """Loss, gradients and updated batch statistics of one training-mode forward."""
     config = model.config
-    layout = ShardLayout(x.shape[1:4], parse_mesh(mesh) if backend != "reference" else "1x1x1",
-                         multiple=config.multiple)
+    layout = ShardLayout(
+        x.shape[1:4], parse_mesh(mesh) if backend != "reference" else "1x1x1", multiple=config.multiple
+    )
     fn, _, in_sharding, var_sharding = make_forward(config, layout, backend=backend, train=True)
     target = layout.reference_shape if backend == "reference" else layout.padded_shape
     xp = np.pad(x, [(0, 0)] + [(0, t - s) for t, s in zip(target, x.shape[1:4])] + [(0, 0)])
     x_dev = jax.device_put(xp, in_sharding)
     variables = jax.device_put(model.variables, var_sharding)
     z, y, w = x.shape[1:4]
-    weights = jnp.asarray(np.random.default_rng(7).standard_normal((*x.shape[:4], config.num_classes)),
-                          jnp.float32)
+    weights = jnp.asarray(np.random.default_rng(7).standard_normal((*x.shape[:4], config.num_classes)), jnp.float32)
 
     def loss(params, x_dev, weights):
         logits, updates = fn({**variables, "params": params}, x_dev, rng)
@@ -85,8 +85,10 @@ def _assert_gradients_match(grads, ref_grads, *, rtol):
     gradient (the norm removes any shift); both runs then hold rounding noise, so
     such leaves must instead be ~0 relative to the largest gradient of the model.
     """
-    pairs = [(jax.tree_util.keystr(p), np.asarray(g), np.asarray(r)) for (p, g), r in
-             zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads))]
+    pairs = [
+        (jax.tree_util.keystr(p), np.asarray(g), np.asarray(r))
+        for (p, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads))
+    ]
     overall = max(float(np.abs(r).max()) for _, _, r in pairs)
     assert overall > 0
     checked = 0
@@ -103,8 +105,12 @@ def _assert_gradients_match(grads, ref_grads, *, rtol):
 
 
 TRAIN_CASES = [
-    ("explicit", "2x2x2"), ("explicit", "1x2x4"), ("explicit", "8x1x1"),
-    ("explicit", "data=2,z=2,y=2,x=1"), ("gspmd", "2x2x2"), ("gspmd", "data=2,z=2,y=2,x=1"),
+    ("explicit", "2x2x2"),
+    ("explicit", "1x2x4"),
+    ("explicit", "8x1x1"),
+    ("explicit", "data=2,z=2,y=2,x=1"),
+    ("gspmd", "2x2x2"),
+    ("gspmd", "data=2,z=2,y=2,x=1"),
 ]
 
 
@@ -150,9 +156,15 @@ def test_training_forward_gradients_and_statistics(train_setup, backend, mesh):
     _assert_gradients_match(out[2], ref[2], rtol=GRAD_RTOL_F32)
 
 
-@pytest.mark.parametrize("backend, mesh", [
-    ("explicit", "2x2x2"), ("explicit", "8x1x1"), ("explicit", "data=2,z=2,y=2,x=1"), ("gspmd", "1x2x4"),
-])
+@pytest.mark.parametrize(
+    "backend, mesh",
+    [
+        ("explicit", "2x2x2"),
+        ("explicit", "8x1x1"),
+        ("explicit", "data=2,z=2,y=2,x=1"),
+        ("gspmd", "1x2x4"),
+    ],
+)
 def test_gradients_float64(backend, mesh):
     """With float64 compute, rounding no longer flips max-pool winners: 1e-4 holds."""
     with jax.enable_x64(True):
@@ -206,6 +218,7 @@ def test_bfloat16_compute_stays_close(model):
 
 # -- halo modes: artifacts exactly where the receptive field says -----------------
 
+
 @pytest.fixture(scope="module")
 def plain_model(make_model):
     return make_model(UNetConfig.preset("small", norm="none"), 2, perturbed_model=True)
@@ -225,7 +238,7 @@ def test_per_layer_halo_artifacts_stay_in_receptive_band(plain_model, halo):
     assert radius == 23
     err, seam = _seam_error(plain_model, halo)
     inside = np.zeros(err.shape, bool)
-    inside[seam - radius:seam + radius] = True
+    inside[seam - radius : seam + radius] = True
     assert err[~inside].max() <= FORWARD_TOL, "artifact outside the receptive band"
     assert err[seam - 1] > 1e-3 and err[seam] > 1e-3, "no artifact at the seam"
 
@@ -236,7 +249,7 @@ def test_narrow_overlap_halo_band(plain_model, width):
     band = radius - width
     err, seam = _seam_error(plain_model, width)
     inside = np.zeros(err.shape, bool)
-    inside[seam - band:seam + band] = True
+    inside[seam - band : seam + band] = True
     assert err[~inside].max() <= FORWARD_TOL
     assert err[seam - 1] > 1e-4 and err[seam] > 1e-4
 

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 
 from workbench import cli
-from workbench.mesh import ShardLayout
 from workbench.analysis.plan import GIB, plan, plan_layout, recommend
-from workbench.mesh import parse_resolution
 from workbench.execute.run import memory_stats
+from workbench.mesh import ShardLayout, parse_resolution
 from workbench.model.unet import Model, UNetConfig
 from workbench.training.step import compile_train_step
 
@@ -52,8 +51,9 @@ def test_training_plan_holds_adam_state_and_donates_it():
 
     params = Model.init(config).variables["params"]
     param_bytes = 4 * sum(leaf.size for leaf in jax.tree.leaves(params))
-    trained = jax.tree.leaves(jax.tree.map(lambda p, label: p.size if label == "train" else 0,
-                                           params, _frozen_labels(params)))
+    trained = jax.tree.leaves(
+        jax.tree.map(lambda p, label: p.size if label == "train" else 0, params, _frozen_labels(params))
+    )
     # params + Adam's two moments of the trained ones (conv biases before a norm are
     # frozen and carry none), replicated float32 arguments, donated in place
     expected = param_bytes + 2 * 4 * sum(trained)
@@ -77,16 +77,24 @@ def test_recommend_finds_the_smallest_mesh():
     assert recommend(SMALL, 64, budget_gib=1e-6, known=known, max_devices=8)["mesh"] is None
 
 
-@pytest.mark.parametrize("call,message", [
-    (lambda: plan(SMALL, 32, "2x2x2", budget_gib=0), r"budget 0 GiB must be a positive number"),
-    (lambda: plan(SMALL, 32, "2x2x2", budget_gib=-1.5), r"budget -1.5 GiB must be a positive number"),
-    (lambda: plan(SMALL, 64, "4x4x4"), r"mesh 4x4x4 needs 64 devices but this process has 8; pass --cpu-devices 64"),
-    (lambda: plan_layout(500, "4x4x4", UNetConfig.preset("paper")),
-     r"resolution 500x500x500 does not split evenly over mesh 4x4x4 .* multiple of mesh size x 8: 32x32x32\)"
-     r"; a run would pad it to 512x512x512 \(\+7% voxels\); plan that resolution or pass --allow-padding"),
-    (lambda: parse_resolution("12x12"), r"resolution '12x12' is not a size"),
-    (lambda: plan(SMALL, 32, "2x2x2", train=True, halo="zero"), r"training plans use exact halos"),
-])
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda: plan(SMALL, 32, "2x2x2", budget_gib=0), r"budget 0 GiB must be a positive number"),
+        (lambda: plan(SMALL, 32, "2x2x2", budget_gib=-1.5), r"budget -1.5 GiB must be a positive number"),
+        (
+            lambda: plan(SMALL, 64, "4x4x4"),
+            r"mesh 4x4x4 needs 64 devices but this process has 8; pass --cpu-devices 64",
+        ),
+        (
+            lambda: plan_layout(500, "4x4x4", UNetConfig.preset("paper")),
+            r"resolution 500x500x500 does not split evenly over mesh 4x4x4 .* multiple of mesh size x 8: 32x32x32\)"
+            r"; a run would pad it to 512x512x512 \(\+7% voxels\); plan that resolution or pass --allow-padding",
+        ),
+        (lambda: parse_resolution("12x12"), r"resolution '12x12' is not a size"),
+        (lambda: plan(SMALL, 32, "2x2x2", train=True, halo="zero"), r"training plans use exact halos"),
+    ],
+)
 def test_bad_input(call, message):
     with pytest.raises(ValueError, match=message):
         call()
@@ -106,12 +114,15 @@ def test_cli_json(capsys):
     assert out["fits"] is True and out["devices"] == 8
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--budget-gib", "0"], "budget 0.0 GiB must be a positive number"),
-    (["--resolution", "36"], "resolution 36x36x36 does not split evenly over mesh 2x2x2"),
-    (["--mesh", "2x2"], "invalid mesh '2x2'"),
-    (["--backend", "reference"], "--backend 'reference' is unknown; use explicit or gspmd"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--budget-gib", "0"], "budget 0.0 GiB must be a positive number"),
+        (["--resolution", "36"], "resolution 36x36x36 does not split evenly over mesh 2x2x2"),
+        (["--mesh", "2x2"], "invalid mesh '2x2'"),
+        (["--backend", "reference"], "--backend 'reference' is unknown; use explicit or gspmd"),
+    ],
+)
 def test_cli_errors(capsys, argv, message):
     base = {"--resolution": "32", "--mesh": "2x2x2"}
     for flag, value in zip(argv[::2], argv[1::2]):
@@ -126,8 +137,22 @@ def test_cli_errors(capsys, argv, message):
 @pytest.mark.slow
 def test_paper_model_512_on_8_devices_in_a_subprocess():
     """The planner's headline case, in its own process with 8 simulated devices."""
-    cmd = [sys.executable, "-m", "workbench", "plan", "--resolution", "512", "--mesh", "2x2x2",
-           "--model", "paper", "--json", "--no-reference", "--cpu-devices", "8"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "workbench",
+        "plan",
+        "--resolution",
+        "512",
+        "--mesh",
+        "2x2x2",
+        "--model",
+        "paper",
+        "--json",
+        "--no-reference",
+        "--cpu-devices",
+        "8",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(proc.stdout)
@@ -144,19 +169,34 @@ def _plan_cli(args, env=None, timeout=600):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("resolution, mesh, remat", [(512, "1x4x4", False), (512, "2x2x2", True),
-                                                     (1024, "4x4x4", False)])
+@pytest.mark.parametrize(
+    "resolution, mesh, remat", [(512, "1x4x4", False), (512, "2x2x2", True), (1024, "4x4x4", False)]
+)
 def test_h100_plans_fit_the_paper_budget(resolution, mesh, remat):
     """Issue 5's scale targets, planned by XLA:GPU for H100s with no GPU here: the paper
     model's full training step (bfloat16, Adam state) fits 16 GiB per device at 512³ on
     the paper's 16 devices, on 8 with remat, and at 1024³ on 64."""
-    args = ["--resolution", str(resolution), "--mesh", mesh, "--model", "paper", "--train", "--json",
-            "--no-reference", "--compiler", "h100"] + (["--remat"] if remat else [])
+    args = [
+        "--resolution",
+        str(resolution),
+        "--mesh",
+        mesh,
+        "--model",
+        "paper",
+        "--train",
+        "--json",
+        "--no-reference",
+        "--compiler",
+        "h100",
+    ] + (["--remat"] if remat else [])
     proc = _plan_cli(args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(proc.stdout)
-    assert r["platform"] == "gpu" and r["compiler"] == "h100" and r["devices"] == np.prod(
-        [int(m) for m in mesh.split("x")])
+    assert (
+        r["platform"] == "gpu"
+        and r["compiler"] == "h100"
+        and r["devices"] == np.prod([int(m) for m in mesh.split("x")])
+    )
     assert r["communication"]["convolution_dtypes"] == ["bf16"]  # XLA:CPU would say f32
     # more than one bfloat16 level-0 activation (32 channels) per device, less than the budget
     block = np.prod(r["block_shape"])
@@ -188,8 +228,23 @@ def test_training_estimate_is_the_train_step_that_plan_and_training_compile(caps
     estimate = plan_memory(TINY_TRAIN, layout, train=True)
     assert estimate == memory_stats(compile_train_step(TINY_TRAIN, layout))
     assert estimate == plan_memory(TINY_TRAIN, layout, train=True, train_config=TrainConfig())
-    assert cli.main(["plan", "--resolution", "16", "--mesh", "2x2x2", "--train", "--json", "--no-reference",
-                     "--model-config", json.dumps(TINY_TRAIN.as_dict())]) == 0
+    assert (
+        cli.main(
+            [
+                "plan",
+                "--resolution",
+                "16",
+                "--mesh",
+                "2x2x2",
+                "--train",
+                "--json",
+                "--no-reference",
+                "--model-config",
+                json.dumps(TINY_TRAIN.as_dict()),
+            ]
+        )
+        == 0
+    )
     planned = json.loads(capsys.readouterr().out)
     assert planned["model"] == TINY_TRAIN.as_dict() and planned["train"] is True
     assert planned["memory"] == estimate and planned["bytes_per_device"] == estimate["peak"]
@@ -210,14 +265,19 @@ def test_non_preset_config_plans_the_same_in_a_subprocess():
     assert there["bytes_per_device"] == here["bytes_per_device"] and there["memory"] == here["memory"]
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--model-config", "{depth: 2}"], "--model-config is not valid JSON (Expecting property name"),
-    (["--model-config", '{"depth": 2, "filters": 6}'], "unknown UNetConfig field 'filters'; use only depth, "),
-    (["--model-config", "[2, 6]"], "a model config is a JSON object of UNetConfig fields, not list"),
-    (["--model-config", '{"depth": 9}'], "--model-config: depth=9 must be an integer in 1..7"),
-    (["--model-config", '{"depth": 2}', "--model", "paper", "--remat"],
-     "--model-config is the whole model, so --model/--remat cannot be added to it"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--model-config", "{depth: 2}"], "--model-config is not valid JSON (Expecting property name"),
+        (["--model-config", '{"depth": 2, "filters": 6}'], "unknown UNetConfig field 'filters'; use only depth, "),
+        (["--model-config", "[2, 6]"], "a model config is a JSON object of UNetConfig fields, not list"),
+        (["--model-config", '{"depth": 9}'], "--model-config: depth=9 must be an integer in 1..7"),
+        (
+            ["--model-config", '{"depth": 2}', "--model", "paper", "--remat"],
+            "--model-config is the whole model, so --model/--remat cannot be added to it",
+        ),
+    ],
+)
 def test_model_config_errors(capsys, argv, message):
     assert cli.main(["plan", "--resolution", "16", "--mesh", "2x2x2", *argv]) == 2
     captured = capsys.readouterr()

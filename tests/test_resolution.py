@@ -11,9 +11,19 @@ TINY = {"depth": 2, "base_filters": 4}
 
 def test_study_config_is_the_benchmarks_recipe():
     assert resolution.study_config(64, render=128, steps=100) == TrainConfig(
-        data="phantom:128", resolution=64, mesh="2x2x2", steps=100, learning_rate=1e-2, schedule="cosine",
-        checkpoint_every=10, backend="explicit", augment=False, class_weights=(1.0, 1.0, 1.0), eval_every=0,
-        eval_cases=4)
+        data="phantom:128",
+        resolution=64,
+        mesh="2x2x2",
+        steps=100,
+        learning_rate=1e-2,
+        schedule="cosine",
+        checkpoint_every=10,
+        backend="explicit",
+        augment=False,
+        class_weights=(1.0, 1.0, 1.0),
+        eval_every=0,
+        eval_cases=4,
+    )
     full = resolution.study_config(128, render=128, steps=100, class_weights=(1, 8, 16), augment=True)
     assert full.eval_every == 50 and full.class_weights == (1.0, 8.0, 16.0) and full.augment
 
@@ -28,12 +38,31 @@ def test_two_resolution_study(tmp_path, monkeypatch):
         return labels
 
     monkeypatch.setattr(resolution, "predict_full", spy)
-    rows = resolution.resolution_study([16, 32], render=32, steps=2, workdir=tmp_path, model_overrides=TINY,
-                                       eval_cases=1, train_eval_cases=0, progress=False, log=lambda *a: None)
+    rows = resolution.resolution_study(
+        [16, 32],
+        render=32,
+        steps=2,
+        workdir=tmp_path,
+        model_overrides=TINY,
+        eval_cases=1,
+        train_eval_cases=0,
+        progress=False,
+        log=lambda *a: None,
+    )
     assert [r["resolution"] for r in rows] == [16, 32]
     for row in rows:
-        assert set(row) == {"resolution", "steps", "final_loss", "seconds_per_step", "train_seconds",
-                            "interrupted", "evaluated_at", "organ_dice", "lesion_dice", "detection"}
+        assert set(row) == {
+            "resolution",
+            "steps",
+            "final_loss",
+            "seconds_per_step",
+            "train_seconds",
+            "interrupted",
+            "evaluated_at",
+            "organ_dice",
+            "lesion_dice",
+            "detection",
+        }
         assert row["steps"] == 2 and row["evaluated_at"] == 32 and not row["interrupted"]
         assert np.isfinite(row["final_loss"]) and row["train_seconds"] >= row["seconds_per_step"] > 0
         assert 0 <= row["organ_dice"] <= 1
@@ -44,8 +73,17 @@ def test_two_resolution_study(tmp_path, monkeypatch):
     assert (tmp_path / "train16" / "history.json").is_file() and (tmp_path / "train32").is_dir()
 
     # finished arms are reused: training only, nothing new
-    again = resolution.resolution_study([16], render=32, steps=2, workdir=tmp_path, model_overrides=TINY,
-                                        train_eval_cases=0, evaluate=False, progress=False, log=lambda *a: None)
+    again = resolution.resolution_study(
+        [16],
+        render=32,
+        steps=2,
+        workdir=tmp_path,
+        model_overrides=TINY,
+        train_eval_cases=0,
+        evaluate=False,
+        progress=False,
+        log=lambda *a: None,
+    )
     assert again == [{k: rows[0][k] for k in again[0]}]
 
 

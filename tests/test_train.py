@@ -46,8 +46,9 @@ GRAD_ROUNDING_F32 = 3e-5
 # gradients by 1e-2 or more; the float64 test pins them to 1e-6 through the trajectory.
 GRAD_RTOL_F32 = 1e-3
 TINY = {"depth": 2, "base_filters": 4, "norm": "batch"}  # batch statistics must match too
-CONFIG = TrainConfig(data="phantom", resolution=32, batch=2, steps=3, learning_rate=1e-2,
-                     model_overrides=TINY, schedule="constant")
+CONFIG = TrainConfig(
+    data="phantom", resolution=32, batch=2, steps=3, learning_rate=1e-2, model_overrides=TINY, schedule="constant"
+)
 CONFIG_F64 = CONFIG.replace(model_overrides={**TINY, "dtype": "float64"})
 WEIGHTS = (1.0, 8.0, 16.0)
 CASES = [("explicit", "2x2x2"), ("gspmd", "2x2x2"), ("explicit", "data=2,z=2,y=2,x=1")]
@@ -103,8 +104,9 @@ def _first_step(source, backend, mesh, config=CONFIG):
 
     def loss_fn(params):
         logits, _ = forward({"params": params, "batch_stats": state["batch_stats"]}, images, rng)
-        return segmentation_loss(logits, labels, ts.layout.volume_shape, class_weights=WEIGHTS,
-                                 dice_weight=config.dice_weight)[0]
+        return segmentation_loss(
+            logits, labels, ts.layout.volume_shape, class_weights=WEIGHTS, dice_weight=config.dice_weight
+        )[0]
 
     loss, grads = jax.jit(jax.value_and_grad(loss_fn))(state["params"])
     loss, grads = float(loss), jax.device_get(grads)
@@ -144,8 +146,10 @@ def _frozen(path) -> bool:
 def _gradient_errors(grads, ref_grads):
     """{leaf: max |g - g_ref| / max |g_ref|}; the frozen conv biases (zero in exact arithmetic,
     rounding noise in float32) are checked against the largest gradient of the model."""
-    pairs = [(path, np.asarray(g), np.asarray(r)) for (path, g), r in
-             zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads))]
+    pairs = [
+        (path, np.asarray(g), np.asarray(r))
+        for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads))
+    ]
     overall = max(float(np.abs(r).max()) for _, _, r in pairs)
     errors = {}
     for path, g, r in pairs:
@@ -166,8 +170,9 @@ def test_first_step_matches_single_device_reference(source, reference_first_step
     ref_loss, ref_grads, ref_step_loss, _ = reference_first_step
     # the gradient below is the one the train step takes
     assert loss == pytest.approx(step_loss, rel=LOSS_RTOL_F32)
-    assert float(jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))) == \
-        pytest.approx(step_grad_norm, rel=LOSS_RTOL_F32)
+    assert float(jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))) == pytest.approx(
+        step_grad_norm, rel=LOSS_RTOL_F32
+    )
     assert step_loss == pytest.approx(ref_step_loss, rel=LOSS_RTOL_F32)
     errors = _gradient_errors(grads, ref_grads)
     worst = max(errors, key=errors.get)
@@ -221,7 +226,8 @@ def test_augment_keeps_image_and_labels_aligned():
 
 
 def test_place_puts_each_block_on_its_device():
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from workbench.mesh import build_mesh
 

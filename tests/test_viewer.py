@@ -6,15 +6,16 @@ import sys
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from workbench.analysis.compare import shard_stats, signed_error
 from workbench.analysis.receptive import halo_width
 from workbench.app import load_result
-from workbench.ui.napari import layers as viewer
 from workbench.cli import main
-from workbench.model.halo import halo_pad
 from workbench.mesh import ACTIVATION_SPEC, ShardLayout, build_mesh, parse_mesh
+from workbench.model.halo import halo_pad
+from workbench.ui.napari import layers as viewer
 
 
 def _edges(path):
@@ -40,8 +41,13 @@ def test_boundary_paths_match_layout(shape, mesh, multiple):
     assert kwargs["scale"] == (2.0, 1.0, 0.5)
     feats = kwargs["features"]
     assert feats["index"] == [s.index for s in shards]
-    assert [(z, y, x) for z, y, x in zip(feats["coord_z"], feats["coord_y"], feats["coord_x"])] == [s.coords for s in shards]
-    assert feats["label"][-1] == f"{shards[-1].index} (z{shards[-1].coords[0]} y{shards[-1].coords[1]} x{shards[-1].coords[2]})"
+    assert [(z, y, x) for z, y, x in zip(feats["coord_z"], feats["coord_y"], feats["coord_x"])] == [
+        s.coords for s in shards
+    ]
+    assert (
+        feats["label"][-1]
+        == f"{shards[-1].index} (z{shards[-1].coords[0]} y{shards[-1].coords[1]} x{shards[-1].coords[2]})"
+    )
     segments = viewer.boundary_segments(layout)
     for shard, path in zip(shards, paths):
         assert path.shape == (16, 3)
@@ -154,8 +160,14 @@ def test_halo_shell_is_what_exact_exchange_delivers(width):
     ids = (np.arange(np.prod(shape), dtype=np.float32) + 1).reshape(1, *shape, 1)
     mesh = build_mesh(spec)
     act = P(*ACTIVATION_SPEC)
-    fn = jax.jit(jax.shard_map(lambda x: halo_pad(x, width=width, mesh_shape=spec.spatial, mode="exact"),
-                               mesh=mesh, in_specs=act, out_specs=act))
+    fn = jax.jit(
+        jax.shard_map(
+            lambda x: halo_pad(x, width=width, mesh_shape=spec.spatial, mode="exact"),
+            mesh=mesh,
+            in_specs=act,
+            out_specs=act,
+        )
+    )
     out = np.asarray(fn(jax.device_put(ids, NamedSharding(mesh, act))))
     grown = [b + 2 * width for b in layout.block_shape]
     for shard in layout.shards():
@@ -171,8 +183,9 @@ def test_halo_shell_is_what_exact_exchange_delivers(width):
 def seam_run(small_model):
     """32³ phantom, halo 'zero' (seam artifacts) vs the reference, small model."""
     from data_tools.io import load_input
-    from workbench.training.data import model_input as image_for_model
     from workbench.execute.run import run
+    from workbench.training.data import model_input as image_for_model
+
     model = small_model
     image = image_for_model(load_input("phantom:32"))
     out = run(model, image, "2x2x2", halo="zero").output
@@ -244,8 +257,15 @@ def test_infer_reference_writes_what_the_reader_needs(result_dir):
     assert float(np.abs(result.signed).max()) == report["max_abs_diff"]
     layers = viewer.result_layers(result)
     names = [k["name"] for _, k, _ in layers]
-    assert names == ["image", "reference prediction", "prediction", "error (partitioned − reference)",
-                     "|error|", "shard contours", "shard boundaries"]  # halo zero: no band
+    assert names == [
+        "image",
+        "reference prediction",
+        "prediction",
+        "error (partitioned − reference)",
+        "|error|",
+        "shard contours",
+        "shard boundaries",
+    ]  # halo zero: no band
     assert all(k["scale"] == result.spacing for _, k, _ in layers)
     assert isinstance(result.prediction, np.memmap)  # not loaded into memory
 
@@ -266,7 +286,9 @@ def test_bad_result_folders(result_dir, tmp_path):
         load_result(bad)
     bad = _copy(result_dir, tmp_path / "b")
     np.save(bad / "prediction.npy", np.zeros((32, 32, 30), np.uint8))
-    with pytest.raises(ValueError, match=r"prediction.npy: has shape \(32, 32, 30\) but report.json says the volume is \(32, 32, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"prediction.npy: has shape \(32, 32, 30\) but report.json says the volume is \(32, 32, 32\)"
+    ):
         load_result(bad)
     bad = _copy(result_dir, tmp_path / "c")
     np.save(bad / "image.npy", np.zeros((16, 32, 32), np.float32))
@@ -300,7 +322,9 @@ def test_view_cli_errors(result_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "platform", "linux")
     assert main(["view", str(result_dir), "--screenshot", str(tmp_path / "v.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["workbench: error: cannot open napari: no display (DISPLAY is unset); run under xvfb-run or on a desktop"]
+    assert err == [
+        "workbench: error: cannot open napari: no display (DISPLAY is unset); run under xvfb-run or on a desktop"
+    ]
     assert not (tmp_path / "v.png").exists()
 
 
@@ -314,6 +338,9 @@ def test_demo_view_falls_back_to_matplotlib_without_display(tmp_path, monkeypatc
     image = np.random.default_rng(0).random((16, 16, 16)).astype(np.float32)
     view = save_view(tmp_path / "view.png", image, np.zeros((16, 16, 16), np.uint8), np.abs(image),
                      image, layout, (1.0, 1.0, 1.0))  # fmt: skip
-    assert view == {"file": "view.png", "kind": "matplotlib",
-                    "reason": "no display (DISPLAY is unset); run under xvfb-run or on a desktop"}
+    assert view == {
+        "file": "view.png",
+        "kind": "matplotlib",
+        "reason": "no display (DISPLAY is unset); run under xvfb-run or on a desktop",
+    }
     assert (tmp_path / "view.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

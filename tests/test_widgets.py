@@ -15,7 +15,6 @@ import pytest
 
 matplotlib.use("Agg")
 
-from workbench.mesh import MeshSpec, ShardLayout  # noqa: E402
 from workbench.app.planning import (  # noqa: E402
     MemoryEstimator,
     PlanKey,
@@ -24,7 +23,11 @@ from workbench.app.planning import (  # noqa: E402
     smallest_fitting,
     table_text,
 )
-from workbench.mesh import parse_resolution  # noqa: E402
+from workbench.mesh import (  # noqa: E402
+    MeshSpec,
+    ShardLayout,
+    parse_resolution,  # noqa: E402
+)
 from workbench.ui.choices import mesh_choices, mesh_svg, padding_note, valid_resolutions  # noqa: E402
 from workbench.ui.panel import WorkbenchPanel  # noqa: E402
 
@@ -59,7 +62,9 @@ def test_mesh_choices_are_exactly_the_meshes_of_the_devices():
     data2 = mesh_choices(8, data=2)
     assert [label for label, _ in data2][:2] == ["1×1×4 (data 2)", "1×2×2 (data 2)"]
     assert all(spec.n_devices == 8 and spec.data == 2 for _, spec in data2)
-    with pytest.raises(ValueError, match=r"data-parallel size 3 does not divide the 8 devices; choose one of \[1, 2, 4, 8\]"):
+    with pytest.raises(
+        ValueError, match=r"data-parallel size 3 does not divide the 8 devices; choose one of \[1, 2, 4, 8\]"
+    ):
         mesh_choices(8, data=3)
 
 
@@ -78,7 +83,8 @@ def test_resolutions_offered_split_evenly_and_others_show_padding():
     assert padding_note((32, 32, 32), MeshSpec(2, 2, 2), 4) == "32³ splits evenly: 8 blocks of 16³"
     # 36 → 40 per axis: 40³/36³ − 1 = 37.2 %
     assert padding_note((36, 36, 36), MeshSpec(2, 2, 2), 4) == (
-        "36³ is padded to 40³ on this mesh (+37% voxels, masked out): 8 blocks of 20³")
+        "36³ is padded to 40³ on this mesh (+37% voxels, masked out): 8 blocks of 20³"
+    )
     assert padding_note((47, 58, 49), MeshSpec(2, 2, 2), 4).startswith("47×58×49 is padded to 48×64×56")
 
 
@@ -126,9 +132,19 @@ def widgets_config():
 
 def test_memory_table_rows_and_efficiency():
     estimator = MemoryEstimator(fake_planner)
-    rows = memory_table(widgets_config(), [32, 64], ["1x1x1", "2x2x2", "data=2,z=2,y=2,x=1"],
-                        estimator=estimator, budgets_gib=(0.002,), progress=False)
-    assert [(r["resolution"], r["mesh"]) for r in rows][:3] == [(32, "1x1x1"), (32, "2x2x2"), (32, "data=2,z=2,y=2,x=1")]
+    rows = memory_table(
+        widgets_config(),
+        [32, 64],
+        ["1x1x1", "2x2x2", "data=2,z=2,y=2,x=1"],
+        estimator=estimator,
+        budgets_gib=(0.002,),
+        progress=False,
+    )
+    assert [(r["resolution"], r["mesh"]) for r in rows][:3] == [
+        (32, "1x1x1"),
+        (32, "2x2x2"),
+        (32, "data=2,z=2,y=2,x=1"),
+    ]
     one, eight, dp = rows[3:]
     assert one["bytes_per_device"] == 64**3 * 40 and eight["bytes_per_device"] == 32**3 * 40
     assert eight["efficiency"] == pytest.approx(1.0) and dp["efficiency"] == pytest.approx(1.0)
@@ -143,10 +159,12 @@ def test_memory_table_rows_and_efficiency():
 
 def test_smallest_fitting_mesh_per_budget():
     gib = 2**30
-    rows = [{"resolution": 512, "mesh": "1x1x1", "devices": 1, "bytes_per_device": 40 * gib},
-            {"resolution": 512, "mesh": "2x2x2", "devices": 8, "bytes_per_device": 6 * gib},
-            {"resolution": 512, "mesh": "1x2x2", "devices": 4, "bytes_per_device": 12 * gib},
-            {"resolution": 1024, "mesh": "2x2x2", "devices": 8, "bytes_per_device": 48 * gib}]
+    rows = [
+        {"resolution": 512, "mesh": "1x1x1", "devices": 1, "bytes_per_device": 40 * gib},
+        {"resolution": 512, "mesh": "2x2x2", "devices": 8, "bytes_per_device": 6 * gib},
+        {"resolution": 512, "mesh": "1x2x2", "devices": 4, "bytes_per_device": 12 * gib},
+        {"resolution": 1024, "mesh": "2x2x2", "devices": 8, "bytes_per_device": 48 * gib},
+    ]
     best = {(r["budget_gib"], r["resolution"]): r["mesh"] for r in smallest_fitting(rows, (16, 80))}
     assert best == {(16, 512): "1x2x2", (16, 1024): None, (80, 512): "1x1x1", (80, 1024): "2x2x2"}
 
@@ -243,8 +261,10 @@ def test_data_parallel_inference_is_refused_in_the_panel(fake_panel):
     p = fake_panel
     p.data.value = 2
     p.run_button.click()
-    assert p.error == ("mesh data=2,z=2,y=2,x=1 has a data-parallel axis of 2 but inference runs one "
-                       "volume; set data-parallel to 1 (it is for training and memory plans)")
+    assert p.error == (
+        "mesh data=2,z=2,y=2,x=1 has a data-parallel axis of 2 but inference runs one "
+        "volume; set data-parallel to 1 (it is for training and memory plans)"
+    )
     p.compare_button.click()
     assert p.error.startswith("mesh data=2") and p.result is None
 
@@ -266,8 +286,14 @@ def test_train_button_calls_train_and_evaluate(fake_panel, monkeypatch, tmp_path
     p.remat.value = True
     p.train_button.click()
     assert p.error is None
-    (config, workdir, kwargs), = calls
-    assert (config.data, config.resolution, config.mesh, config.data_parallel, config.batch) == ("phantom", 32, "2x2x1", 2, 2)
+    ((config, workdir, kwargs),) = calls
+    assert (config.data, config.resolution, config.mesh, config.data_parallel, config.batch) == (
+        "phantom",
+        32,
+        "2x2x1",
+        2,
+        2,
+    )
     assert config.steps == 3 and config.model == "small"
     assert config.model_overrides == {"dtype": "float32", "remat": True}
     assert kwargs["progress"] is True

@@ -19,13 +19,22 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "MeshSpec": "workbench.mesh", "ShardLayout": "workbench.mesh", "parse_mesh": "workbench.mesh",
+    "MeshSpec": "workbench.mesh",
+    "ShardLayout": "workbench.mesh",
+    "parse_mesh": "workbench.mesh",
     "UserError": "workbench.errors",
-    "Model": "workbench.model.unet", "UNetConfig": "workbench.model.unet",
-    "apply": "workbench.execute.run", "run": "workbench.execute.run",
-    "plan": "workbench.analysis.plan", "compare": "workbench.analysis.compare",
-    "resolve_model": "workbench.app", "load_volume": "workbench.app", "infer": "workbench.app",
-    "load_result": "workbench.app", "write_result": "workbench.app", "train": "workbench.app",
+    "Model": "workbench.model.unet",
+    "UNetConfig": "workbench.model.unet",
+    "apply": "workbench.execute.run",
+    "run": "workbench.execute.run",
+    "plan": "workbench.analysis.plan",
+    "compare": "workbench.analysis.compare",
+    "resolve_model": "workbench.app",
+    "load_volume": "workbench.app",
+    "infer": "workbench.app",
+    "load_result": "workbench.app",
+    "write_result": "workbench.app",
+    "train": "workbench.app",
     "TrainConfig": "workbench.app",
 }
 __all__ = sorted(_EXPORTS)

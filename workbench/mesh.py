@@ -18,8 +18,8 @@ from __future__ import annotations
 import itertools
 import math
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -48,10 +48,7 @@ MESH_AXES = (DATA_AXIS, *SPATIAL_AXES)
 # PartitionSpec entries of a (N, Z, Y, X, C) activation: batch over data, volume over z/y/x.
 ACTIVATION_SPEC = (DATA_AXIS, *SPATIAL_AXES, None)
 
-_MESH_HELP = (
-    "write the mesh as ZxYxX (e.g. 2x2x2 or 1x2x4), as axis=size pairs "
-    "(e.g. data=2,z=2,y=2,x=1), or 'auto'"
-)
+_MESH_HELP = "write the mesh as ZxYxX (e.g. 2x2x2 or 1x2x4), as axis=size pairs (e.g. data=2,z=2,y=2,x=1), or 'auto'"
 
 
 @dataclass(frozen=True)
@@ -67,9 +64,7 @@ class MeshSpec:
         for name in MESH_AXES:
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise UserError(
-                    f"mesh axis {name}={value!r} must be a positive integer; {_MESH_HELP}"
-                )
+                raise UserError(f"mesh axis {name}={value!r} must be a positive integer; {_MESH_HELP}")
 
     @property
     def spatial(self) -> tuple[int, int, int]:
@@ -96,8 +91,7 @@ def auto_mesh(n_devices: int, *, data: int = 1) -> MeshSpec:
     """The most cube-like z×y×x split of ``n_devices // data`` devices (ties: more on z)."""
     if n_devices < 1 or n_devices % data:
         raise UserError(
-            f"cannot split {n_devices} devices into data={data} groups; "
-            f"choose a data size that divides {n_devices}"
+            f"cannot split {n_devices} devices into data={data} groups; choose a data size that divides {n_devices}"
         )
     n = n_devices // data
     best = min(
@@ -195,9 +189,7 @@ def build_mesh(spec, devices: Sequence | None = None):
     spec = parse_mesh(spec)
     if spec.n_devices > len(all_devices):
         parse_mesh(spec, n_devices=len(all_devices))  # raises the helpful error
-    grid = np.array(all_devices[: spec.n_devices], dtype=object).reshape(
-        spec.data, spec.z, spec.y, spec.x
-    )
+    grid = np.array(all_devices[: spec.n_devices], dtype=object).reshape(spec.data, spec.z, spec.y, spec.x)
     return jax.sharding.Mesh(grid, MESH_AXES)
 
 
@@ -230,18 +222,14 @@ class ShardLayout:
     def __init__(self, volume_shape: Sequence[int], mesh, *, multiple: int = 1):
         shape = tuple(int(s) for s in volume_shape)
         if len(shape) != 3 or min(shape) < 1:
-            raise UserError(
-                f"volume shape {tuple(volume_shape)} must be 3 positive sizes (Z, Y, X)"
-            )
+            raise UserError(f"volume shape {tuple(volume_shape)} must be 3 positive sizes (Z, Y, X)")
         if multiple < 1 or multiple & (multiple - 1):
             raise UserError(f"multiple={multiple} must be a power of two (2^(depth-1))")
         self.mesh = parse_mesh(mesh)
         self.volume_shape = shape
         self.multiple = multiple
         self.reference_shape = tuple(_round_up(s, multiple) for s in shape)
-        self.padded_shape = tuple(
-            _round_up(r, m * multiple) for r, m in zip(self.reference_shape, self.mesh.spatial)
-        )
+        self.padded_shape = tuple(_round_up(r, m * multiple) for r, m in zip(self.reference_shape, self.mesh.spatial))
         self.block_shape = tuple(p // m for p, m in zip(self.padded_shape, self.mesh.spatial))
 
     def __repr__(self) -> str:
@@ -268,9 +256,7 @@ class ShardLayout:
         out = []
         for index, coords in enumerate(itertools.product(*(range(m) for m in self.mesh.spatial))):
             box = tuple((c * b, (c + 1) * b) for c, b in zip(coords, self.block_shape))
-            valid = tuple(
-                (min(lo, s), max(min(lo, s), min(hi, s))) for (lo, hi), s in zip(box, self.volume_shape)
-            )
+            valid = tuple((min(lo, s), max(min(lo, s), min(hi, s))) for (lo, hi), s in zip(box, self.volume_shape))
             out.append(Shard(index, coords, box, valid))
         return out
 
@@ -283,7 +269,7 @@ class ShardLayout:
             have = array.shape[first + i]
             if have != self.volume_shape[i]:
                 raise UserError(
-                    f"array spatial shape {array.shape[first:first + 3]} does not match "
+                    f"array spatial shape {array.shape[first : first + 3]} does not match "
                     f"the layout's volume shape {self.volume_shape}"
                 )
             widths[first + i] = (0, shape[i] - have)
@@ -302,9 +288,7 @@ class ShardLayout:
         shape = self.padded_shape if padded else self.volume_shape
         ids = [np.arange(s) // b for s, b in zip(shape, self.block_shape)]
         mz, my, mx = self.mesh.spatial
-        return (
-            ids[0][:, None, None] * (my * mx) + ids[1][None, :, None] * mx + ids[2][None, None, :]
-        ).astype(np.int32)
+        return (ids[0][:, None, None] * (my * mx) + ids[1][None, :, None] * mx + ids[2][None, None, :]).astype(np.int32)
 
 
 @dataclass(frozen=True)
@@ -354,11 +338,8 @@ def process_blocks(layout: ShardLayout, processes: int, devices_per_process: int
         devices = tuple(range(process * devices_per_process, (process + 1) * devices_per_process))
         mine = [shards[d % spec.n_spatial] for d in devices]
         box = _bounding_box([s.box for s in mine])
-        valid = tuple(
-            (min(lo, s), max(min(lo, s), min(hi, s))) for (lo, hi), s in zip(box, layout.volume_shape)
-        )
-        out.append(ProcessBlock(process, devices, tuple(s.index for s in mine),
-                                tuple(s.box for s in mine), box, valid))
+        valid = tuple((min(lo, s), max(min(lo, s), min(hi, s))) for (lo, hi), s in zip(box, layout.volume_shape))
+        out.append(ProcessBlock(process, devices, tuple(s.index for s in mine), tuple(s.box for s in mine), box, valid))
     return out
 
 
@@ -371,9 +352,7 @@ def _spatial_start(ndim: int) -> int:
         return 0
     if ndim == 5:
         return 1
-    raise UserError(
-        f"expected a (Z, Y, X), (Z, Y, X, C) or (N, Z, Y, X, C) array, got {ndim} dimensions"
-    )
+    raise UserError(f"expected a (Z, Y, X), (Z, Y, X, C) or (N, Z, Y, X, C) array, got {ndim} dimensions")
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -388,8 +367,7 @@ def parse_resolution(value, *, allow_native: bool = False) -> tuple[int, int, in
     >>> parse_resolution("64"), parse_resolution("32x64x64")
     ((64, 64, 64), (32, 64, 64))
     """
-    fix = "type a positive integer such as 64, or ZxYxX such as 256x512x512" + (
-        ", or native" if allow_native else "")
+    fix = "type a positive integer such as 64, or ZxYxX such as 256x512x512" + (", or native" if allow_native else "")
     if isinstance(value, str):
         text = value.strip().lower()
         if allow_native and text == "native":

@@ -130,7 +130,7 @@ class OmeZarrWriter:
             s = tuple(math.ceil(n / 2) for n in s)
         return s
 
-    def __enter__(self) -> "OmeZarrWriter":
+    def __enter__(self) -> OmeZarrWriter:
         import zarr
 
         self._ctx = atomic_output(self.path)
@@ -295,7 +295,8 @@ class _Source:
         if len(keep) != 3 or not drop_ok:
             raise DataError(
                 self.path,
-                f"zarr array has shape {shape}" + (f" with axes {list(names)}" if names else "")
+                f"zarr array has shape {shape}"
+                + (f" with axes {list(names)}" if names else "")
                 + ", expected 3 spatial dimensions (Z, Y, X)",
                 "store one 3-D volume per array (select a channel/time point), or point to that array",
             )

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -47,9 +47,7 @@ class _Blob:
 
     def distance(self, z, y, x):
         dz, dy, dx = z - self.centre[0], y - self.centre[1], x - self.centre[2]
-        q = [
-            (r[0] * dz + r[1] * dy + r[2] * dx) / rad for r, rad in zip(self.rotation, self.radii)
-        ]
+        q = [(r[0] * dz + r[1] * dy + r[2] * dx) / rad for r, rad in zip(self.rotation, self.radii)]
         rho = np.sqrt(q[0] * q[0] + q[1] * q[1] + q[2] * q[2])
         inv = 1.0 / np.maximum(rho, 1e-6)
         u = [qi * inv for qi in q]  # unit direction in the normalised frame
@@ -234,9 +232,7 @@ def build_anatomy(seed: int) -> Anatomy:
     body_axes = (float(rng.uniform(115, 130)), float(rng.uniform(160, 175)))
     body_wave = (float(rng.uniform(0.02, 0.05)), float(2 * math.pi / rng.uniform(300, 500)),
                  float(rng.uniform(0, 2 * math.pi)))  # fmt: skip
-    body_bumps = tuple(
-        (k, float(rng.uniform(0.01, 0.04)), float(rng.uniform(0, 2 * math.pi))) for k in (2, 3, 4, 5)
-    )
+    body_bumps = tuple((k, float(rng.uniform(0.01, 0.04)), float(rng.uniform(0, 2 * math.pi))) for k in (2, 3, 4, 5))
     fat = (float(rng.uniform(10, 16)), float(rng.uniform(2, 5)), float(rng.uniform(0, 2 * math.pi)))
 
     cy, cx = body_centre

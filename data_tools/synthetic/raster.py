@@ -62,9 +62,7 @@ def phantom_geometry(shape) -> tuple[tuple[float, float, float], np.ndarray]:
     spacing = tuple(FIELD_OF_VIEW_MM / n for n in shape)
     dz, dy, dx = spacing
     half = FIELD_OF_VIEW_MM / 2.0
-    ijk = np.array(
-        [[dx, 0, 0, dx / 2 - half], [0, dy, 0, dy / 2 - half], [0, 0, dz, dz / 2 - half], [0, 0, 0, 1]]
-    )
+    ijk = np.array([[dx, 0, 0, dx / 2 - half], [0, dy, 0, dy / 2 - half], [0, 0, dz, dz / 2 - half], [0, 0, 0, 1]])
     return spacing, zyx_affine_from_ijk(ijk)  # type: ignore[return-value]
 
 

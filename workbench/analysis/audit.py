@@ -29,9 +29,25 @@ __all__ = ["COLLECTIVES", "audit", "audit_text", "format_audit"]
 COLLECTIVES = ("collective-permute", "all-gather", "all-reduce", "all-to-all", "reduce-scatter")
 
 _DTYPE_BYTES = {
-    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
-    "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
-    "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1,
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+    "s4": 1,
+    "u4": 1,
 }
 # "%name = <shape> <op>(" where <shape> is one array shape or a tuple of them.
 _INSTR = re.compile(
@@ -89,8 +105,9 @@ def audit_text(hlo: str, *, activation_rank: int = 4) -> dict[str, Any]:
             if name == "all-gather":
                 for dtype, dims in arrays:
                     if len(dims) >= activation_rank:
-                        gathered.append({"shape": f"{dtype}[{','.join(map(str, dims))}]",
-                                         "bytes": _nbytes(dtype, dims)})
+                        gathered.append(
+                            {"shape": f"{dtype}[{','.join(map(str, dims))}]", "bytes": _nbytes(dtype, dims)}
+                        )
             continue
         is_conv = op == "convolution" or (op == "custom-call" and _CONV_CALL.search(line))
         if is_conv and arrays:
@@ -148,8 +165,9 @@ def format_audit(report: dict[str, Any]) -> str:
     lines = [f"{'collective':<20}{'count':>7}{'MiB/device':>12}{'largest MiB':>13}"]
     for name, entry in report["collectives"].items():
         if entry["count"]:
-            lines.append(f"{name:<20}{entry['count']:>7}{entry['bytes'] / 2**20:>12.2f}"
-                         f"{entry['largest_bytes'] / 2**20:>13.2f}")
+            lines.append(
+                f"{name:<20}{entry['count']:>7}{entry['bytes'] / 2**20:>12.2f}{entry['largest_bytes'] / 2**20:>13.2f}"
+            )
     if len(lines) == 1:
         lines.append("(no collectives: one device, or nothing to exchange)")
     ratio = report["halo_ratio"]

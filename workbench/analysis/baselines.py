@@ -26,8 +26,8 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -69,12 +69,16 @@ def _triple(value, name: str) -> tuple[int, int, int]:
 def _check(volume_shape, roi, overlap, mode, sigma_scale, batch_windows):
     roi = _triple(roi, "roi")
     if not isinstance(overlap, (int, float)) or isinstance(overlap, bool) or not 0 <= overlap < 1:
-        raise UserError(f"overlap={overlap!r} must be >= 0 and < 1 (the fraction of a window shared "
-                         "with its neighbour, e.g. 0.25 or 0.5)")
+        raise UserError(
+            f"overlap={overlap!r} must be >= 0 and < 1 (the fraction of a window shared "
+            "with its neighbour, e.g. 0.25 or 0.5)"
+        )
     for r, s, axis in zip(roi, volume_shape, "ZYX"):
         if r > s:
-            raise UserError(f"roi {roi} is larger than the volume {tuple(volume_shape)} along {axis}; "
-                             f"use a roi of at most {tuple(volume_shape)} (or pad the volume)")
+            raise UserError(
+                f"roi {roi} is larger than the volume {tuple(volume_shape)} along {axis}; "
+                f"use a roi of at most {tuple(volume_shape)} (or pad the volume)"
+            )
     if mode not in BLEND_MODES:
         raise UserError(f"blending mode {mode!r} is unknown; use one of {BLEND_MODES}")
     if not sigma_scale > 0:
@@ -125,8 +129,8 @@ def _window_predictor(model, roi, batch_windows: int):
     compiled once for ``batch_windows`` (a short last batch is zero-filled)."""
     import jax
 
-    from workbench.mesh import MeshSpec, ShardLayout
     from workbench.execute.run import compile_forward
+    from workbench.mesh import MeshSpec, ShardLayout
 
     config = model.config
     layout = ShardLayout(roi, MeshSpec(), multiple=config.multiple)
@@ -145,8 +149,17 @@ def _window_predictor(model, roi, batch_windows: int):
     return predict
 
 
-def sliding_window(model, volume, *, roi=64, overlap: float = 0.25, mode: str = "gaussian",
-                   sigma_scale: float = 0.125, batch_windows: int = 1, predictor=None) -> SlidingWindowResult:
+def sliding_window(
+    model,
+    volume,
+    *,
+    roi=64,
+    overlap: float = 0.25,
+    mode: str = "gaussian",
+    sigma_scale: float = 0.125,
+    batch_windows: int = 1,
+    predictor=None,
+) -> SlidingWindowResult:
     """Blend ROI-window predictions of ``model`` over ``volume``, as MONAI does.
 
     Parameters
@@ -180,7 +193,7 @@ def sliding_window(model, volume, *, roi=64, overlap: float = 0.25, mode: str = 
     count = np.zeros((*shape, 1), np.float32)
     t0 = time.perf_counter()
     for first in range(0, len(jobs), batch_windows):
-        chunk = jobs[first:first + batch_windows]
+        chunk = jobs[first : first + batch_windows]
         boxes = [(n, tuple(slice(a, a + r) for a, r in zip(s, roi))) for n, s in chunk]
         windows = np.stack([x[(n, *box)] for n, box in boxes])
         logits = np.asarray(predict(windows), np.float32)
@@ -193,8 +206,12 @@ def sliding_window(model, volume, *, roi=64, overlap: float = 0.25, mode: str = 
     out /= count
     seconds = time.perf_counter() - t0
     return SlidingWindowResult(
-        output=out[0] if squeeze else out, seconds=seconds, windows=len(starts), roi=roi,
-        interval=scan_interval(shape, roi, overlap), voxels_computed=len(jobs) * math.prod(roi),
+        output=out[0] if squeeze else out,
+        seconds=seconds,
+        windows=len(starts),
+        roi=roi,
+        interval=scan_interval(shape, roi, overlap),
+        voxels_computed=len(jobs) * math.prod(roi),
     )
 
 
@@ -212,8 +229,17 @@ def monai_predictor(model, roi, batch_windows: int = 1, predictor=None):
     return torch_predict
 
 
-def monai_sliding_window(model, volume, *, roi=64, overlap: float = 0.25, mode: str = "gaussian",
-                         sigma_scale: float = 0.125, batch_windows: int = 1, predictor=None) -> SlidingWindowResult:
+def monai_sliding_window(
+    model,
+    volume,
+    *,
+    roi=64,
+    overlap: float = 0.25,
+    mode: str = "gaussian",
+    sigma_scale: float = 0.125,
+    batch_windows: int = 1,
+    predictor=None,
+) -> SlidingWindowResult:
     """MONAI's own ``sliding_window_inference`` with our model as the predictor.
 
     Raises ``ModuleNotFoundError`` naming the ``bench`` extra when torch/monai are missing.
@@ -234,12 +260,17 @@ def monai_sliding_window(model, volume, *, roi=64, overlap: float = 0.25, mode: 
     inputs = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 4, 1, 2, 3)))
     t0 = time.perf_counter()
     with torch.no_grad():
-        y = sliding_window_inference(inputs, roi, batch_windows, torch_predict, overlap=overlap, mode=mode,
-                                     sigma_scale=sigma_scale)
+        y = sliding_window_inference(
+            inputs, roi, batch_windows, torch_predict, overlap=overlap, mode=mode, sigma_scale=sigma_scale
+        )
     seconds = time.perf_counter() - t0
     out = np.asarray(y).transpose(0, 2, 3, 4, 1)
     starts = window_starts(x.shape[1:4], roi, overlap)
     return SlidingWindowResult(
-        output=out[0] if squeeze else out, seconds=seconds, windows=len(starts), roi=roi,
-        interval=scan_interval(x.shape[1:4], roi, overlap), voxels_computed=len(starts) * x.shape[0] * math.prod(roi),
+        output=out[0] if squeeze else out,
+        seconds=seconds,
+        windows=len(starts),
+        roi=roi,
+        interval=scan_interval(x.shape[1:4], roi, overlap),
+        voxels_computed=len(starts) * x.shape[0] * math.prod(roi),
     )

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -110,8 +111,10 @@ def seam_distance(layout: ShardLayout, box=None) -> np.ndarray:
 
 def _default_limit(layout: ShardLayout) -> int:
     split = [m > 1 for m in layout.mesh.spatial]
-    return max([max(layout.block_shape[i], layout.volume_shape[i] - layout.block_shape[i])
-                for i in range(3) if split[i]] or [0])
+    return max(
+        [max(layout.block_shape[i], layout.volume_shape[i] - layout.block_shape[i]) for i in range(3) if split[i]]
+        or [0]
+    )
 
 
 def _slabs_of(box, row_voxels: int) -> Iterator[tuple]:
@@ -138,8 +141,15 @@ class _Statistics:
 
     def shard(self, shard, blocks: Iterator[tuple[tuple, np.ndarray]]) -> None:
         """Add one shard, given as (sub-box, ``|Δ|`` block) pairs covering its valid box."""
-        row = {"index": shard.index, "coords": list(shard.coords), "box": [list(b) for b in shard.valid_box],
-               "max_abs_diff": None, "mean_abs_diff": None, "rms_diff": None, "voxels_over_tolerance": None}
+        row = {
+            "index": shard.index,
+            "coords": list(shard.coords),
+            "box": [list(b) for b in shard.valid_box],
+            "max_abs_diff": None,
+            "mean_abs_diff": None,
+            "rms_diff": None,
+            "voxels_over_tolerance": None,
+        }
         total = sq = worst = 0.0
         count = over = 0
         for box, err in blocks:
@@ -154,8 +164,12 @@ class _Statistics:
             count += flat.size
             over += int((flat > self.tolerance).sum())
         if count:
-            row.update(max_abs_diff=worst, mean_abs_diff=total / count, rms_diff=math.sqrt(sq / count),
-                       voxels_over_tolerance=over)
+            row.update(
+                max_abs_diff=worst,
+                mean_abs_diff=total / count,
+                rms_diff=math.sqrt(sq / count),
+                voxels_over_tolerance=over,
+            )
         self.rows.append(row)
 
     def profile(self) -> dict[str, np.ndarray]:
@@ -170,8 +184,10 @@ class _Statistics:
 
 def _check_map(error, layout: ShardLayout, name: str = "error map") -> None:
     if np.ndim(error) != 3 or tuple(np.shape(error)) != tuple(layout.volume_shape):
-        raise UserError(f"{name} has shape {tuple(np.shape(error))} but the volume is {tuple(layout.volume_shape)}; "
-                        "pass arrays of the same run (crop padding first)")
+        raise UserError(
+            f"{name} has shape {tuple(np.shape(error))} but the volume is {tuple(layout.volume_shape)}; "
+            "pass arrays of the same run (crop padding first)"
+        )
 
 
 def _map_blocks(error, layout: ShardLayout, shard):
@@ -215,8 +231,10 @@ def signed_error(output, reference) -> np.ndarray:
     Computed slab by slab: temporaries stay small for 512³ volumes.
     """
     if np.shape(output) != np.shape(reference):
-        raise UserError(f"output shape {np.shape(output)} does not match reference shape "
-                        f"{np.shape(reference)}; compare arrays of the same volume")
+        raise UserError(
+            f"output shape {np.shape(output)} does not match reference shape "
+            f"{np.shape(reference)}; compare arrays of the same volume"
+        )
     if np.ndim(output) not in (3, 4):
         raise UserError(f"expected (Z, Y, X) or (Z, Y, X, K) arrays, got shape {np.shape(output)}")
     out = np.empty(output.shape[:3], np.float32)
@@ -236,17 +254,28 @@ def _check_pair(output, reference, layout: ShardLayout):
         if a.ndim not in (3, 4, 5):
             raise UserError(f"{name} has shape {a.shape}: expected (Z, Y, X[, K]) or (N, Z, Y, X, K)")
     if output.shape != reference.shape:
-        raise UserError(f"output shape {output.shape} differs from reference shape {reference.shape}; "
-                        "compare runs of the same volume")
+        raise UserError(
+            f"output shape {output.shape} differs from reference shape {reference.shape}; "
+            "compare runs of the same volume"
+        )
     first = 1 if output.ndim == 5 else 0
-    if tuple(output.shape[first:first + 3]) != layout.volume_shape:
-        raise UserError(f"arrays have spatial shape {output.shape[first:first + 3]} but the layout is for "
-                        f"{layout.volume_shape}; build the ShardLayout from the volume's shape")
+    if tuple(output.shape[first : first + 3]) != layout.volume_shape:
+        raise UserError(
+            f"arrays have spatial shape {output.shape[first : first + 3]} but the layout is for "
+            f"{layout.volume_shape}; build the ShardLayout from the volume's shape"
+        )
     return first
 
 
-def compare(output, reference, layout: ShardLayout, *, keep_error: bool = True, max_distance: int | None = None,
-            tol: float = DEFAULT_TOL) -> Comparison:
+def compare(
+    output,
+    reference,
+    layout: ShardLayout,
+    *,
+    keep_error: bool = True,
+    max_distance: int | None = None,
+    tol: float = DEFAULT_TOL,
+) -> Comparison:
     """Compare a partitioned run's logits with the reference's, shard by shard.
 
     Parameters
@@ -272,7 +301,7 @@ def compare(output, reference, layout: ShardLayout, *, keep_error: bool = True, 
     inter = np.zeros(n_classes, np.int64)
     sizes = np.zeros(n_classes, np.int64)
     counts = {"disagree": 0}
-    row_voxels = int(np.prod(output.shape[first + 1:])) * (output.shape[0] if first else 1)
+    row_voxels = int(np.prod(output.shape[first + 1 :])) * (output.shape[0] if first else 1)
 
     def blocks(shard):
         for box in _slabs_of(shard.valid_box, row_voxels):

@@ -21,8 +21,15 @@ def _pyplot():
     return plt
 
 
-def plot_slices(image: np.ndarray, labels: np.ndarray, layout: ShardLayout, *,
-                error: np.ndarray | None = None, z: int | None = None, title: str = ""):
+def plot_slices(
+    image: np.ndarray,
+    labels: np.ndarray,
+    layout: ShardLayout,
+    *,
+    error: np.ndarray | None = None,
+    z: int | None = None,
+    title: str = "",
+):
     """Mid z-slice of image, predicted labels and (optionally) |error|, shard boundaries in red."""
     plt = _pyplot()
     z = image.shape[0] // 2 if z is None else z
@@ -44,8 +51,14 @@ def plot_slices(image: np.ndarray, labels: np.ndarray, layout: ShardLayout, *,
     return fig
 
 
-def plot_seam_profile(profiles: dict[str, dict[str, np.ndarray]], *, path=None, predicted: dict | None = None,
-                      title: str = "", tol: float = 1e-4):
+def plot_seam_profile(
+    profiles: dict[str, dict[str, np.ndarray]],
+    *,
+    path=None,
+    predicted: dict | None = None,
+    title: str = "",
+    tol: float = 1e-4,
+):
     """Max |Δ| against seam distance, one line per run (``{label: profile}``), log scale.
 
     ``predicted`` ({label: depth}) draws each run's predicted band edge as a dashed
@@ -59,7 +72,7 @@ def plot_seam_profile(profiles: dict[str, dict[str, np.ndarray]], *, path=None, 
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, prof in profiles.items():
-        line, = ax.semilogy(prof["distance"], np.maximum(prof["max"], 1e-9), marker=".", label=label)
+        (line,) = ax.semilogy(prof["distance"], np.maximum(prof["max"], 1e-9), marker=".", label=label)
         if predicted and label in predicted and predicted[label] > 0:
             ax.axvline(predicted[label] - 0.5, color=line.get_color(), linestyle="--", linewidth=0.8)
     ax.axhline(tol, color="gray", linewidth=0.6)
@@ -83,8 +96,7 @@ def plot_memory(rows: list[dict], *, x: str = "devices", budgets_gib=(16, 80), t
         by_res.setdefault(row["resolution"], []).append(row)
     for res, group in by_res.items():
         group = sorted(group, key=lambda r: r[x])
-        ax.plot([r[x] for r in group], [r["bytes_per_device"] / 2**30 for r in group], marker="o",
-                label=f"{res}³")
+        ax.plot([r[x] for r in group], [r["bytes_per_device"] / 2**30 for r in group], marker="o", label=f"{res}³")
     for budget in budgets_gib:
         ax.axhline(budget, color="grey", ls="--", lw=0.8)
         ax.text(ax.get_xlim()[0], budget, f" {budget} GiB", va="bottom", fontsize=8, color="grey")

@@ -59,14 +59,11 @@ __all__ = [
 GIB = 2**30
 
 
-def compile_step(config: UNetConfig, layout: ShardLayout, *, backend: str = "explicit",
-                 halo="exact", batch: int = 1):
+def compile_step(config: UNetConfig, layout: ShardLayout, *, backend: str = "explicit", halo="exact", batch: int = 1):
     """Compile inference (the forward pass) of ``config`` on ``layout`` for abstract inputs.
     A training step is :func:`workbench.training.step.compile_train_step`."""
     if batch % layout.mesh.data:
-        raise UserError(
-            f"batch of {batch} does not split over data={layout.mesh.data}; use a multiple of it"
-        )
+        raise UserError(f"batch of {batch} does not split over data={layout.mesh.data}; use a multiple of it")
     fn, _, in_sharding, var_sharding = make_forward(config, layout, backend=backend, halo=halo)
     target = layout.reference_shape if backend == "reference" else layout.padded_shape
     variables = jax.eval_shape(lambda: Model.init(config).variables)
@@ -85,14 +82,23 @@ def _compile(config, layout, *, backend, halo, train, batch, train_config=None):
     return compile_step(config, layout, backend=backend, halo=halo, batch=batch)
 
 
-def plan_memory(config: UNetConfig, layout: ShardLayout, *, backend: str = "explicit", halo="exact",
-                train: bool = False, batch: int = 1, train_config: TrainConfig | None = None) -> dict[str, int]:
+def plan_memory(
+    config: UNetConfig,
+    layout: ShardLayout,
+    *,
+    backend: str = "explicit",
+    halo="exact",
+    train: bool = False,
+    batch: int = 1,
+    train_config: TrainConfig | None = None,
+) -> dict[str, int]:
     """Per-device bytes (argument, output, temp, alias, peak) of the compiled program:
     inference, or with ``train`` the whole train step of ``train_config`` (default
     ``TrainConfig()``: Adam), the same program ``workbench plan --train`` and
     :func:`workbench.training.loop.train_and_evaluate` compile."""
-    return memory_stats(_compile(config, layout, backend=backend, halo=halo, train=train, batch=batch,
-                                 train_config=train_config))
+    return memory_stats(
+        _compile(config, layout, backend=backend, halo=halo, train=train, batch=batch, train_config=train_config)
+    )
 
 
 # -- one plan ------------------------------------------------------------------------------------
@@ -137,9 +143,19 @@ def _measure(config, volume_shape, spec, backend, halo, train, batch):
     return memory_stats(compiled), audit(compiled), seconds
 
 
-def plan(config: UNetConfig, resolution, mesh, *, train: bool = False, backend: str = "explicit",
-         halo="exact", batch: int | None = None, budget_gib: float = 16.0, reference: bool = True,
-         allow_padding: bool = False) -> dict:
+def plan(
+    config: UNetConfig,
+    resolution,
+    mesh,
+    *,
+    train: bool = False,
+    backend: str = "explicit",
+    halo="exact",
+    batch: int | None = None,
+    budget_gib: float = 16.0,
+    reference: bool = True,
+    allow_padding: bool = False,
+) -> dict:
     """Per-device memory of one step of ``config`` at ``resolution`` on ``mesh``.
 
     Returns the ``plan --json`` object: ``resolution``, ``mesh``, ``devices``,
@@ -168,8 +184,9 @@ def plan(config: UNetConfig, resolution, mesh, *, train: bool = False, backend: 
     single = None
     ref_seconds = None
     if reference:
-        single_memory, _, ref_seconds = _measure(config, layout.volume_shape, MeshSpec(), "reference", "exact",
-                                                 train, batch)
+        single_memory, _, ref_seconds = _measure(
+            config, layout.volume_shape, MeshSpec(), "reference", "exact", train, batch
+        )
         single = single_memory["peak"]
     per_device = memory["peak"]
     warnings = list(comm["warnings"])
@@ -179,8 +196,10 @@ def plan(config: UNetConfig, resolution, mesh, *, train: bool = False, backend: 
             "this plan counts float32 activations around them; TPU/GPU compilers keep bfloat16 and need less"
         )
     if layout.padding_fraction > 0:
-        warnings.append(f"the volume is padded to {'x'.join(map(str, layout.padded_shape))}: "
-                        f"{layout.padding_fraction:.1%} of the compute is padding")
+        warnings.append(
+            f"the volume is padded to {'x'.join(map(str, layout.padded_shape))}: "
+            f"{layout.padding_fraction:.1%} of the compute is padding"
+        )
     return {
         "resolution": list(layout.volume_shape),
         "mesh": spec.as_dict(),
@@ -255,23 +274,43 @@ def plan_subprocess(argv: list[str], *, devices: int, timeout: float = 600.0, co
     return json.loads(proc.stdout)
 
 
-def plan_argv(config: UNetConfig, resolution, mesh, *, train, backend, halo, allow_padding,
-              reference: bool = False) -> list[str]:
+def plan_argv(
+    config: UNetConfig, resolution, mesh, *, train, backend, halo, allow_padding, reference: bool = False
+) -> list[str]:
     """``workbench plan`` arguments for ``config`` (any config: it travels as ``--model-config`` JSON)."""
     import json
 
-    argv = ["--resolution", "x".join(map(str, parse_resolution(resolution))), "--mesh", str(mesh),
-            "--model-config", json.dumps(config.as_dict(), separators=(",", ":")),
-            "--backend", backend, "--halo", str(halo)]
+    argv = [
+        "--resolution",
+        "x".join(map(str, parse_resolution(resolution))),
+        "--mesh",
+        str(mesh),
+        "--model-config",
+        json.dumps(config.as_dict(), separators=(",", ":")),
+        "--backend",
+        backend,
+        "--halo",
+        str(halo),
+    ]
     argv += [] if reference else ["--no-reference"]
     argv += ["--train"] if train else []
     argv += ["--allow-padding"] if allow_padding else []
     return argv
 
 
-def recommend(config: UNetConfig, resolution, *, budget_gib: float = 16.0, train: bool = False,
-              backend: str = "explicit", halo="exact", known: dict | None = None,
-              max_devices: int = 4096, allow_padding: bool = True, log=None) -> dict:
+def recommend(
+    config: UNetConfig,
+    resolution,
+    *,
+    budget_gib: float = 16.0,
+    train: bool = False,
+    backend: str = "explicit",
+    halo="exact",
+    known: dict | None = None,
+    max_devices: int = 4096,
+    allow_padding: bool = True,
+    log=None,
+) -> dict:
     """The smallest power-of-two device count whose most cube-like mesh fits ``budget_gib``.
 
     ``known`` is a :func:`plan` result to start from (its per-device bytes give the
@@ -292,19 +331,30 @@ def recommend(config: UNetConfig, resolution, *, budget_gib: float = 16.0, train
         if known is not None and known["devices"] == n and known["mesh"] == spec.as_dict():
             peak = known["bytes_per_device"]
         elif n <= have:
-            peak = plan(config, resolution, spec, train=train, backend=backend, halo=halo, budget_gib=budget_gib,
-                        reference=False, allow_padding=allow_padding)["bytes_per_device"]
+            peak = plan(
+                config,
+                resolution,
+                spec,
+                train=train,
+                backend=backend,
+                halo=halo,
+                budget_gib=budget_gib,
+                reference=False,
+                allow_padding=allow_padding,
+            )["bytes_per_device"]
         elif jax.devices()[0].platform == "cpu" or gpu_target() is not None:
-            argv = plan_argv(config, resolution, spec, train=train, backend=backend, halo=halo,
-                             allow_padding=allow_padding)
+            argv = plan_argv(
+                config, resolution, spec, train=train, backend=backend, halo=halo, allow_padding=allow_padding
+            )
             peak = plan_subprocess(argv, devices=n, compiler=gpu_target() or "cpu")["bytes_per_device"]
         else:
-            raise UserError(f"mesh {spec} needs {n} devices but only {have} {jax.devices()[0].platform} "
-                             "devices are here; plan on CPU (JAX_PLATFORMS=cpu) to simulate them")
+            raise UserError(
+                f"mesh {spec} needs {n} devices but only {have} {jax.devices()[0].platform} "
+                "devices are here; plan on CPU (JAX_PLATFORMS=cpu) to simulate them"
+            )
         tried[n] = {"mesh": str(spec), "devices": n, "bytes_per_device": peak, "fits": peak <= budget}
         if log is not None:
-            log(f"  {str(spec):>8} ({n} devices): {_size(peak)}/device "
-                f"{'fits' if peak <= budget else 'does not fit'}")
+            log(f"  {str(spec):>8} ({n} devices): {_size(peak)}/device {'fits' if peak <= budget else 'does not fit'}")
         return peak
 
     counts = [2**k for k in range(max_devices.bit_length()) if 2**k <= max_devices]
@@ -358,17 +408,22 @@ def format_plan(result: dict) -> str:
         f"{_size(m['output'])} + temporaries {_size(m['temp'])} - aliased {_size(m['alias'])}",
     ]
     if result["bytes_single_device"] is not None:
-        lines.append(f"  single device: {_size(result['bytes_single_device'])}; efficiency "
-                     f"(single / devices / per device) {result['efficiency']:.3f}")
-    lines.append(f"  budget {result['budget_bytes'] / GIB:g} GiB/device: "
-                 f"{'fits' if result['fits'] else 'does NOT fit'}")
+        lines.append(
+            f"  single device: {_size(result['bytes_single_device'])}; efficiency "
+            f"(single / devices / per device) {result['efficiency']:.3f}"
+        )
+    lines.append(
+        f"  budget {result['budget_bytes'] / GIB:g} GiB/device: {'fits' if result['fits'] else 'does NOT fit'}"
+    )
     rec = result.get("recommended")
     if rec is not None:
         if rec["mesh"] is None:
             lines.append(f"  no mesh up to {rec['tried'][-1]['devices']} devices fits the budget")
         else:
-            lines.append(f"  smallest mesh that fits: {rec['mesh']} ({rec['devices']} devices, "
-                         f"{_size(rec['bytes_per_device'])}/device)")
+            lines.append(
+                f"  smallest mesh that fits: {rec['mesh']} ({rec['devices']} devices, "
+                f"{_size(rec['bytes_per_device'])}/device)"
+            )
     lines.append("communication per step and device:")
     lines.extend("  " + line for line in format_audit(result["communication"]).splitlines())
     lines.extend(f"warning: {w}" for w in result["warnings"] if w not in result["communication"]["warnings"])

@@ -17,12 +17,16 @@ from workbench.model.unet import UNetConfig, receptive_radius
 __all__ = ["receptive_field", "predicted_artifact_depth", "halo_width"]
 
 
-
 def _layer_names(config) -> list[tuple[str, int, str, int]]:
     """(name, level, part, conv index) of every 3x3x3 conv in execution order."""
-    names = [(f"down{lvl}/conv{i}", lvl, "down", i) for lvl in range(config.depth) for i in range(config.convs_per_block)]
-    names += [(f"dec{lvl}/conv{i}", lvl, "dec", i) for lvl in reversed(range(config.depth - 1))
-              for i in range(config.convs_per_block)]
+    names = [
+        (f"down{lvl}/conv{i}", lvl, "down", i) for lvl in range(config.depth) for i in range(config.convs_per_block)
+    ]
+    names += [
+        (f"dec{lvl}/conv{i}", lvl, "dec", i)
+        for lvl in reversed(range(config.depth - 1))
+        for i in range(config.convs_per_block)
+    ]
     return names
 
 
@@ -71,8 +75,12 @@ def receptive_field(config) -> dict:
             # level-`level` voxel q covers level-0 voxels [q*step, (q+1)*step - 1]
             radius = max(radius, q * step - lo, hi - ((q + 1) * step - 1))
         layers.append({"name": name, "level": level, "halo": 1, "halo_level0": step, "radius": int(radius)})
-    return {"radius": receptive_radius(config), "overlap_width": overlap_width(config),
-            "seam_depth": _seam_depth(config), "layers": layers}
+    return {
+        "radius": receptive_radius(config),
+        "overlap_width": overlap_width(config),
+        "seam_depth": _seam_depth(config),
+        "layers": layers,
+    }
 
 
 def _seam_depth(config) -> int:
@@ -107,8 +115,6 @@ def predicted_artifact_depth(config, halo) -> int:
     if isinstance(halo, int):
         return s if halo == 0 else max(s - halo, 0)
     return s
-
-
 
 
 def halo_width(halo, *, model: dict | None = None) -> int:

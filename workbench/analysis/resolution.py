@@ -25,17 +25,35 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["study_config", "predict_full", "lesion_hits", "lesion_sizes", "evaluate_at_render", "study_row",
-           "resolution_study"]
+__all__ = [
+    "study_config",
+    "predict_full",
+    "lesion_hits",
+    "lesion_sizes",
+    "evaluate_at_render",
+    "study_row",
+    "resolution_study",
+]
 
 NUM_CLASSES = 3  # phantom labels: background, organ, lesion
 LESION = 2
 
 
-def study_config(resolution: int, *, render: int, steps: int, mesh: str = "2x2x2", model: str = "small",
-                 model_overrides: dict | None = None, learning_rate: float = 1e-2, class_weights=(1.0, 1.0, 1.0),
-                 augment: bool = False, backend: str = "explicit", train_eval_cases: int = 4,
-                 checkpoint_every: int = 10):
+def study_config(
+    resolution: int,
+    *,
+    render: int,
+    steps: int,
+    mesh: str = "2x2x2",
+    model: str = "small",
+    model_overrides: dict | None = None,
+    learning_rate: float = 1e-2,
+    class_weights=(1.0, 1.0, 1.0),
+    augment: bool = False,
+    backend: str = "explicit",
+    train_eval_cases: int = 4,
+    checkpoint_every: int = 10,
+):
     """The training run of one arm: phantoms rendered at ``render``³, trained at ``resolution``³.
 
     The study's recipe: cosine schedule, class weights 1,1,1 and no augmentation by default
@@ -44,11 +62,22 @@ def study_config(resolution: int, *, render: int, steps: int, mesh: str = "2x2x2
     """
     from workbench.training import TrainConfig
 
-    return TrainConfig(data=f"phantom:{render}", resolution=resolution, mesh=mesh, model=model,
-                       model_overrides=dict(model_overrides or {}), steps=steps, learning_rate=learning_rate,
-                       schedule="cosine", checkpoint_every=checkpoint_every, backend=backend, augment=augment,
-                       class_weights=tuple(float(w) for w in class_weights),
-                       eval_every=50 if resolution == render else 0, eval_cases=train_eval_cases)
+    return TrainConfig(
+        data=f"phantom:{render}",
+        resolution=resolution,
+        mesh=mesh,
+        model=model,
+        model_overrides=dict(model_overrides or {}),
+        steps=steps,
+        learning_rate=learning_rate,
+        schedule="cosine",
+        checkpoint_every=checkpoint_every,
+        backend=backend,
+        augment=augment,
+        class_weights=tuple(float(w) for w in class_weights),
+        eval_every=50 if resolution == render else 0,
+        eval_cases=train_eval_cases,
+    )
 
 
 def predict_full(model, image_full: np.ndarray, resolution: int, mesh) -> np.ndarray:
@@ -62,8 +91,9 @@ def predict_full(model, image_full: np.ndarray, resolution: int, mesh) -> np.nda
         image = resample_array(image_full, (resolution,) * 3, order=1)
     logits = apply(model, ct_input(image), mesh)  # phantoms are CT: as workbench.training.data.model_input
     if logits.shape[0] != image_full.shape[0]:
-        logits = np.stack([resample_array(logits[..., k], image_full.shape, order=1)
-                           for k in range(logits.shape[-1])], axis=-1)
+        logits = np.stack(
+            [resample_array(logits[..., k], image_full.shape, order=1) for k in range(logits.shape[-1])], axis=-1
+        )
     return logits.argmax(-1).astype(np.uint8)
 
 
@@ -108,8 +138,11 @@ def evaluate_at_render(model, resolution: int, *, render: int, eval_cases: int, 
         lesion.append(d[LESION])
         for size, found in lesion_hits(pred, vol.labels, vol.metadata["lesions"]):
             hits.setdefault(round(size, 2), []).append(found)
-    return {"organ_dice": float(np.nanmean(organ)), "lesion_dice": float(np.nanmean(lesion)),
-            "detection": {s: float(np.mean(v)) for s, v in hits.items()}}
+    return {
+        "organ_dice": float(np.nanmean(organ)),
+        "lesion_dice": float(np.nanmean(lesion)),
+        "detection": {s: float(np.mean(v)) for s, v in hits.items()},
+    }
 
 
 def study_row(resolution: int, run: dict, evaluation: dict | None = None, *, render: int | None = None) -> dict:
@@ -117,20 +150,41 @@ def study_row(resolution: int, run: dict, evaluation: dict | None = None, *, ren
     full-resolution scores of :func:`evaluate_at_render` (at ``render``³)."""
     rows = run["history"]["train"]
     last = rows[-1] if rows else {}
-    row = {"resolution": resolution, "steps": run["step"], "final_loss": last.get("loss"),
-           "seconds_per_step": last.get("seconds"), "train_seconds": sum(r["seconds"] for r in rows),
-           "interrupted": run.get("interrupted")}
+    row = {
+        "resolution": resolution,
+        "steps": run["step"],
+        "final_loss": last.get("loss"),
+        "seconds_per_step": last.get("seconds"),
+        "train_seconds": sum(r["seconds"] for r in rows),
+        "interrupted": run.get("interrupted"),
+    }
     if evaluation is not None:
         row = {**row, "evaluated_at": render, **evaluation}
     return row
 
 
-def resolution_study(resolutions, *, render: int | None = None, steps: int, workdir, mesh: str = "2x2x2",
-                     model: str = "small", model_overrides: dict | None = None, learning_rate: float = 1e-2,
-                     class_weights=(1.0, 1.0, 1.0), augment: bool = False, backend: str = "explicit",
-                     eval_cases: int = 4, train_eval_cases: int = 4, checkpoint_every: int = 10,
-                     runs: dict | None = None, evaluate: bool = True, resume: bool = True, progress: bool = True,
-                     log=print) -> list[dict]:
+def resolution_study(
+    resolutions,
+    *,
+    render: int | None = None,
+    steps: int,
+    workdir,
+    mesh: str = "2x2x2",
+    model: str = "small",
+    model_overrides: dict | None = None,
+    learning_rate: float = 1e-2,
+    class_weights=(1.0, 1.0, 1.0),
+    augment: bool = False,
+    backend: str = "explicit",
+    eval_cases: int = 4,
+    train_eval_cases: int = 4,
+    checkpoint_every: int = 10,
+    runs: dict | None = None,
+    evaluate: bool = True,
+    resume: bool = True,
+    progress: bool = True,
+    log=print,
+) -> list[dict]:
     """Train one arm per entry of ``resolutions`` (same steps, same recipe: :func:`study_config`)
     and evaluate each at the full ``render``³ (default: the largest resolution).
 
@@ -147,20 +201,38 @@ def resolution_study(resolutions, *, render: int | None = None, steps: int, work
     workdir = Path(workdir)
     trained = {}
     for res in resolutions:
-        tc = study_config(res, render=render, steps=steps, mesh=mesh, model=model, model_overrides=model_overrides,
-                          learning_rate=learning_rate, class_weights=class_weights, augment=augment,
-                          backend=backend, train_eval_cases=train_eval_cases, checkpoint_every=checkpoint_every)
+        tc = study_config(
+            res,
+            render=render,
+            steps=steps,
+            mesh=mesh,
+            model=model,
+            model_overrides=model_overrides,
+            learning_rate=learning_rate,
+            class_weights=class_weights,
+            augment=augment,
+            backend=backend,
+            train_eval_cases=train_eval_cases,
+            checkpoint_every=checkpoint_every,
+        )
         t0 = time.perf_counter()
-        run = train_and_evaluate(tc, runs.get(res, workdir / f"train{res}"), resume=resume, progress=progress,
-                                 log=log)
+        run = train_and_evaluate(tc, runs.get(res, workdir / f"train{res}"), resume=resume, progress=progress, log=log)
         trained[res] = run
         if run["interrupted"]:
             return [study_row(r, trained[r]) for r in trained]
         rows = run["history"]["train"]
-        log(f"{res}³: {len(rows)} steps, {sum(r['seconds'] for r in rows):.0f} s of steps in total "
-            f"(this call {time.perf_counter() - t0:.0f} s)")
+        log(
+            f"{res}³: {len(rows)} steps, {sum(r['seconds'] for r in rows):.0f} s of steps in total "
+            f"(this call {time.perf_counter() - t0:.0f} s)"
+        )
     if not evaluate:
         return [study_row(res, run) for res, run in trained.items()]
-    return [study_row(res, run, evaluate_at_render(run["model"], res, render=render, eval_cases=eval_cases,
-                                                   mesh=mesh), render=render)
-            for res, run in trained.items()]
+    return [
+        study_row(
+            res,
+            run,
+            evaluate_at_render(run["model"], res, render=render, eval_cases=eval_cases, mesh=mesh),
+            render=render,
+        )
+        for res, run in trained.items()
+    ]

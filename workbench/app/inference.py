@@ -86,12 +86,22 @@ def check_run_options(config, backend: str, halo, mesh=None, *, inference: bool 
         if inference and spec.data > 1:
             raise UserError(
                 f"mesh {spec} has a data-parallel axis of {spec.data} but inference runs one volume; "
-                "set data-parallel to 1 (it is for training and memory plans)")
+                "set data-parallel to 1 (it is for training and memory plans)"
+            )
     return halo, spec
 
 
-def infer(model, loaded, mesh, *, backend: str = "explicit", halo="exact", reference: bool = False,
-          tolerance: float = 1e-5, on_stage=None) -> Inference:
+def infer(
+    model,
+    loaded,
+    mesh,
+    *,
+    backend: str = "explicit",
+    halo="exact",
+    reference: bool = False,
+    tolerance: float = 1e-5,
+    on_stage=None,
+) -> Inference:
     """Run ``model`` (a :class:`~workbench.app.models.ModelChoice` or a ``Model``) on
     ``loaded`` (a :class:`~workbench.app.volumes.LoadedVolume` or a (Z, Y, X) image).
 
@@ -115,7 +125,12 @@ def infer(model, loaded, mesh, *, backend: str = "explicit", halo="exact", refer
         ref = run(model, image, backend="reference")
         stage("compare")
         comparison = compare(result.output, ref.output, result.layout, keep_error=False, tol=tolerance)
-    report = build_report(result, model=model, reference=ref, comparison=comparison,
-                          weights=getattr(choice, "description", None),
-                          volume=getattr(loaded, "volume", None))
+    report = build_report(
+        result,
+        model=model,
+        reference=ref,
+        comparison=comparison,
+        weights=getattr(choice, "description", None),
+        volume=getattr(loaded, "volume", None),
+    )
     return Inference(result, ref, comparison, report, loaded=loaded if hasattr(loaded, "image") else None)

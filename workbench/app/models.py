@@ -45,9 +45,17 @@ def task_for_input(source) -> str:
     return "mni" if str(source).strip().lower().startswith("mni") else "phantom"
 
 
-def resolve_model(preset: str = "small", *, checkpoint: str | os.PathLike | None = None, task: str = "phantom",
-                  random_weights: bool = False, seed: int = 0, dtype: str | None = None,
-                  remat: bool | None = None, log=print) -> ModelChoice:
+def resolve_model(
+    preset: str = "small",
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    task: str = "phantom",
+    random_weights: bool = False,
+    seed: int = 0,
+    dtype: str | None = None,
+    remat: bool | None = None,
+    log=print,
+) -> ModelChoice:
     """The model a run uses: ``checkpoint`` if given, else the shipped weights of the
     ``small`` preset for ``task``, else random weights of ``preset`` from ``seed``.
 
@@ -66,8 +74,9 @@ def resolve_model(preset: str = "small", *, checkpoint: str | os.PathLike | None
         description = f"checkpoint {checkpoint}" + (f" (step {step})" if step is not None else "")
         return ModelChoice(_with(model, overrides), "checkpoint", description)
     if preset == "small" and not random_weights and (WEIGHTS_DIR / PRETRAINED[task]).is_file():
-        return ModelChoice(_with(pretrained(task), overrides), "shipped",
-                           f"shipped {task} weights ({PRETRAINED[task]})")
+        return ModelChoice(
+            _with(pretrained(task), overrides), "shipped", f"shipped {task} weights ({PRETRAINED[task]})"
+        )
     config = UNetConfig.preset(preset, **overrides)
     return ModelChoice(Model.init(config, seed=seed), "random", f"random (seed {seed})")
 

@@ -13,12 +13,23 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from workbench.mesh import MeshSpec, ShardLayout
 
-__all__ = ["PlanKey", "plan_bytes", "MemoryEstimator", "memory_table", "memory_vs_devices", "smallest_fitting", "table_text", "format_bytes", "fits_line"]
+__all__ = [
+    "PlanKey",
+    "plan_bytes",
+    "MemoryEstimator",
+    "memory_table",
+    "memory_vs_devices",
+    "smallest_fitting",
+    "table_text",
+    "format_bytes",
+    "fits_line",
+]
 
 
 def format_bytes(n: float) -> str:
@@ -32,8 +43,9 @@ def fits_line(stats: dict, budget_gib: float) -> tuple[bool, str]:
     budget = budget_gib * 2**30
     if peak <= budget:
         return True, f"{format_bytes(peak)} per device: fits {budget_gib:g} GiB ({100 * peak / budget:.0f}%)"
-    return False, (f"{format_bytes(peak)} per device: does not fit {budget_gib:g} GiB "
-                   f"({peak / budget:.1f}× the budget)")
+    return False, (
+        f"{format_bytes(peak)} per device: does not fit {budget_gib:g} GiB ({peak / budget:.1f}× the budget)"
+    )
 
 
 @dataclass(frozen=True)
@@ -54,8 +66,7 @@ def plan_bytes(key: PlanKey) -> dict[str, int]:
     from workbench.analysis.plan import plan_memory
 
     layout = ShardLayout(key.shape, key.mesh, multiple=key.config.multiple)
-    return plan_memory(key.config, layout, backend=key.backend, halo=key.halo, train=key.train,
-                       batch=key.batch)
+    return plan_memory(key.config, layout, backend=key.backend, halo=key.halo, train=key.train, batch=key.batch)
 
 
 class MemoryEstimator:
@@ -89,8 +100,17 @@ class MemoryEstimator:
         return self.submit(key).result(timeout)
 
 
-def memory_table(config, resolutions, meshes, *, train: bool = False, backend: str = "explicit",
-                 budgets_gib=(16, 80), estimator: MemoryEstimator | None = None, progress: bool = True) -> list[dict]:
+def memory_table(
+    config,
+    resolutions,
+    meshes,
+    *,
+    train: bool = False,
+    backend: str = "explicit",
+    budgets_gib=(16, 80),
+    estimator: MemoryEstimator | None = None,
+    progress: bool = True,
+) -> list[dict]:
     """Planner bytes per device for every (resolution, mesh), with the single-device bytes.
 
     Each row: ``resolution``, ``mesh``, ``devices``, ``bytes_per_device``,
@@ -110,8 +130,14 @@ def memory_table(config, resolutions, meshes, *, train: bool = False, backend: s
         shape = (int(n),) * 3
         single = estimator.estimate(PlanKey(config, shape, MeshSpec(), backend, "exact", train, 1))["peak"]
         peak = estimator.estimate(PlanKey(config, shape, spec, backend, "exact", train, spec.data))["peak"]
-        row = {"resolution": int(n), "mesh": str(spec), "devices": spec.n_devices, "bytes_per_device": peak,
-               "bytes_single_device": single, "efficiency": single * spec.data / spec.n_devices / peak}
+        row = {
+            "resolution": int(n),
+            "mesh": str(spec),
+            "devices": spec.n_devices,
+            "bytes_per_device": peak,
+            "bytes_single_device": single,
+            "efficiency": single * spec.data / spec.n_devices / peak,
+        }
         for budget in budgets_gib:
             row[f"fits_{budget:g}GiB"] = peak <= budget * 2**30
         rows.append(row)
@@ -154,9 +180,14 @@ def memory_vs_devices(estimator: MemoryEstimator, key: PlanKey, counts) -> list[
         spec = auto_mesh(n * key.mesh.data, data=key.mesh.data)
         stats = estimator.estimate(PlanKey(key.config, key.shape, spec, key.backend, key.halo, key.train, key.batch))
         shape = tuple(key.shape)
-        rows.append({"devices": spec.n_devices, "mesh": str(spec),
-                     "resolution": f"{shape[0]}³" if len(set(shape)) == 1 else "×".join(map(str, shape)),
-                     "bytes_per_device": stats["peak"]})
+        rows.append(
+            {
+                "devices": spec.n_devices,
+                "mesh": str(spec),
+                "resolution": f"{shape[0]}³" if len(set(shape)) == 1 else "×".join(map(str, shape)),
+                "bytes_per_device": stats["peak"],
+            }
+        )
     return rows
 
 
@@ -168,6 +199,13 @@ def smallest_fitting(rows: list[dict], budgets_gib=(16, 80)) -> list[dict]:
         for n in dict.fromkeys(r["resolution"] for r in rows):
             fitting = [r for r in rows if r["resolution"] == n and r["bytes_per_device"] <= budget * 2**30]
             best = min(fitting, key=lambda r: r["devices"], default=None)
-            out.append({"budget_gib": budget, "resolution": n, "mesh": best and best["mesh"],
-                        "devices": best and best["devices"], "bytes_per_device": best and best["bytes_per_device"]})
+            out.append(
+                {
+                    "budget_gib": budget,
+                    "resolution": n,
+                    "mesh": best and best["mesh"],
+                    "devices": best and best["devices"],
+                    "bytes_per_device": best and best["bytes_per_device"],
+                }
+            )
     return out

@@ -40,7 +40,6 @@ import numpy as np
 
 from data_tools.atomic import atomic_output, temp_sibling, write_text_atomic
 from data_tools.errors import DataError, MissingDataError
-
 from workbench.analysis.compare import shard_stats
 from workbench.analysis.receptive import halo_width
 from workbench.errors import NotAFolderError, OutputExistsError
@@ -59,16 +58,34 @@ __all__ = [
     "load_result",
 ]
 
-REPORT_KEYS = ("input_shape", "output_shape", "num_classes", "mesh", "padded_shape", "backend", "halo", "seconds",
-               "compile_seconds", "peak_bytes_per_device", "memory", "model", "weights", "max_abs_diff",
-               "mean_abs_diff", "argmax_disagreement", "dice", "reference_seconds", "reference_peak_bytes",
-               "per_shard", "profile")
+REPORT_KEYS = (
+    "input_shape",
+    "output_shape",
+    "num_classes",
+    "mesh",
+    "padded_shape",
+    "backend",
+    "halo",
+    "seconds",
+    "compile_seconds",
+    "peak_bytes_per_device",
+    "memory",
+    "model",
+    "weights",
+    "max_abs_diff",
+    "mean_abs_diff",
+    "argmax_disagreement",
+    "dice",
+    "reference_seconds",
+    "reference_peak_bytes",
+    "per_shard",
+    "profile",
+)
 _STAT_KEYS = ("max_abs_diff", "mean_abs_diff", "rms_diff", "voxels_over_tolerance")
 
 
 # -- the report ----------------------------------------------------------------------------
-def build_report(result, *, model, reference=None, comparison=None, weights: str | None = None,
-                 volume=None) -> dict:
+def build_report(result, *, model, reference=None, comparison=None, weights: str | None = None, volume=None) -> dict:
     """The ``report.json`` object of a run (a :class:`~workbench.execute.run.RunResult`),
     with the reference's figures and the comparison when given."""
     layout = result.layout
@@ -92,8 +109,15 @@ def build_report(result, *, model, reference=None, comparison=None, weights: str
         "dice": None,
         "reference_seconds": None,
         "reference_peak_bytes": None,
-        "per_shard": [{"index": s.index, "coords": list(s.coords), "box": [list(b) for b in s.valid_box],
-                       **dict.fromkeys(_STAT_KEYS)} for s in layout.shards()],
+        "per_shard": [
+            {
+                "index": s.index,
+                "coords": list(s.coords),
+                "box": [list(b) for b in s.valid_box],
+                **dict.fromkeys(_STAT_KEYS),
+            }
+            for s in layout.shards()
+        ],
         "profile": None,
     }
     if reference is not None:
@@ -173,9 +197,16 @@ def _json_default(value):
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def write_result_files(folder: str | os.PathLike, inference, *, input_name: str | None = None,
-                       save_logits: bool = False, images: bool | None = None, ground_truth: bool = False,
-                       native_format: bool = True) -> dict:
+def write_result_files(
+    folder: str | os.PathLike,
+    inference,
+    *,
+    input_name: str | None = None,
+    save_logits: bool = False,
+    images: bool | None = None,
+    ground_truth: bool = False,
+    native_format: bool = True,
+) -> dict:
     """Write a run's arrays into ``folder``; return its report with the file names added.
 
     The prediction goes in the input's format family when ``native_format`` (NIfTI in,
@@ -185,7 +216,6 @@ def write_result_files(folder: str | os.PathLike, inference, *, input_name: str 
     and the napari reader show.
     """
     from data_tools.io import write_prediction
-
     from workbench.execute.devices import device_summary
 
     folder = Path(folder)
@@ -212,8 +242,15 @@ def write_result_files(folder: str | os.PathLike, inference, *, input_name: str 
     return report
 
 
-def write_result(out: str | os.PathLike, inference, *, overwrite: bool = False, input_name: str | None = None,
-                 save_logits: bool = False, images: bool | None = None) -> dict:
+def write_result(
+    out: str | os.PathLike,
+    inference,
+    *,
+    overwrite: bool = False,
+    input_name: str | None = None,
+    save_logits: bool = False,
+    images: bool | None = None,
+) -> dict:
     """Write a whole result folder at ``out`` (staged, renamed when complete); return the report."""
     with staged_output(out, overwrite=overwrite) as tmp:
         report = write_result_files(tmp, inference, input_name=input_name, save_logits=save_logits, images=images)
@@ -280,7 +317,9 @@ def load_result(path: str | os.PathLike) -> ResultFolder:
     try:
         layout = ShardLayout(shape, report["mesh"], multiple=2 ** (depth - 1))
     except (TypeError, ValueError) as err:
-        raise DataError(report_path, f"has an unusable mesh/input_shape ({err})", "rerun workbench infer/demo") from None
+        raise DataError(
+            report_path, f"has an unusable mesh/input_shape ({err})", "rerun workbench infer/demo"
+        ) from None
     boxes = [[list(b) for b in s.valid_box] for s in layout.shards()]
     if [row.get("box") for row in report["per_shard"]] != boxes:
         raise DataError(report_path, f"per_shard boxes do not match mesh {layout.mesh} on {shape}",
@@ -293,7 +332,9 @@ def load_result(path: str | os.PathLike) -> ResultFolder:
         pred_name = found[0] if found else "prediction.npy"
     pred_path = folder / pred_name
     if not pred_path.exists():
-        raise MissingDataError(pred_path, "is missing (report.json names it)", "rerun workbench infer/demo into a new folder")
+        raise MissingDataError(
+            pred_path, "is missing (report.json names it)", "rerun workbench infer/demo into a new folder"
+        )
     prediction, file_spacing = _read_array(pred_path)
     files["prediction"] = pred_name
 
@@ -305,7 +346,9 @@ def load_result(path: str | os.PathLike) -> ResultFolder:
 
     check(pred_name, prediction)
     if not np.issubdtype(prediction.dtype, np.integer):
-        raise DataError(pred_path, f"has dtype {prediction.dtype}, expected integer labels", "rerun workbench infer/demo")
+        raise DataError(
+            pred_path, f"has dtype {prediction.dtype}, expected integer labels", "rerun workbench infer/demo"
+        )
     optional = {}
     for key, name in (("image", "image.npy"), ("ground_truth", "ground_truth.npy"),
                       ("reference_prediction", "reference_prediction.npy"), ("signed", "error.npy")):  # fmt: skip
@@ -327,8 +370,11 @@ def load_result(path: str | os.PathLike) -> ResultFolder:
     except (TypeError, ValueError):
         spacing = ()
     if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
-        raise DataError(report_path, f"has spacing {report.get('spacing')!r}, not 3 positive numbers (mm)",
-                        "rerun workbench infer/demo to rewrite it")
+        raise DataError(
+            report_path,
+            f"has spacing {report.get('spacing')!r}, not 3 positive numbers (mm)",
+            "rerun workbench infer/demo to rewrite it",
+        )
     return ResultFolder(folder, report, layout, spacing, prediction,
                         class_names=report.get("class_names"),
                         halo_band_width=halo_width(report["halo"], model=report.get("model")),

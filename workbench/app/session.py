@@ -43,7 +43,7 @@ class Settings:
 
         return UNetConfig.preset(self.preset, dtype=self.dtype, remat=self.remat)
 
-    def replace(self, **changes) -> "Settings":
+    def replace(self, **changes) -> Settings:
         return replace(self, **changes)
 
 
@@ -107,8 +107,9 @@ class Session:
         key = settings.config
         if key not in self._models:
             task = "phantom" if self.volume is None else task_for_input(self.volume)
-            self._models[key] = resolve_model(settings.preset, task=task, seed=self.seed, dtype=settings.dtype,
-                                              remat=settings.remat)
+            self._models[key] = resolve_model(
+                settings.preset, task=task, seed=self.seed, dtype=settings.dtype, remat=settings.remat
+            )
         return self._models[key]
 
     # -- actions ---------------------------------------------------------------------------
@@ -121,8 +122,10 @@ class Session:
         from workbench.app.inference import check_run_options, infer
 
         halo, _ = check_run_options(settings.config, settings.backend, settings.halo, settings.mesh)
-        with tqdm(total=3 + 2 * reference, desc="compare" if reference else "inference", leave=False,
-                  disable=not progress) as bar:
+        with tqdm(
+            total=3 + 2 * reference, desc="compare" if reference else "inference", leave=False, disable=not progress
+        ) as bar:
+
             def stage(text):
                 bar.set_postfix_str(text)
                 bar.update()
@@ -131,8 +134,9 @@ class Session:
             loaded = self.load(settings.shape)
             stage("model")
             choice = self.model(settings)
-            self.last = infer(choice, loaded, settings.mesh, backend=settings.backend, halo=halo,
-                              reference=reference, on_stage=stage)
+            self.last = infer(
+                choice, loaded, settings.mesh, backend=settings.backend, halo=halo, reference=reference, on_stage=stage
+            )
         self.last_settings = settings
         return self.last
 
@@ -147,14 +151,22 @@ class Session:
         spec = settings.mesh
         native = settings.shape == self.native_shape
         if not native and len(set(settings.shape)) != 1:
-            raise UserError(f"training resamples every volume to N³, not {settings.shape}; pick a cube side "
-                            "such as 64 (or native)")
+            raise UserError(
+                f"training resamples every volume to N³, not {settings.shape}; pick a cube side such as 64 (or native)"
+            )
         return TrainConfig(
             data="phantom" if self.volume is None else [self.volume],
             resolution=None if native else settings.shape[0],
-            mesh="x".join(str(s) for s in spec.spatial), data_parallel=spec.data, backend=settings.backend,
-            model=settings.preset, model_overrides={"dtype": settings.dtype, "remat": bool(settings.remat)},
-            steps=int(steps), batch=spec.data, eval_cases=1, checkpoint_every=int(steps), seed=self.seed,
+            mesh="x".join(str(s) for s in spec.spatial),
+            data_parallel=spec.data,
+            backend=settings.backend,
+            model=settings.preset,
+            model_overrides={"dtype": settings.dtype, "remat": bool(settings.remat)},
+            steps=int(steps),
+            batch=spec.data,
+            eval_cases=1,
+            checkpoint_every=int(steps),
+            seed=self.seed,
         )
 
     def train(self, settings: Settings, steps: int, *, workdir=None, log=print) -> dict:
@@ -165,8 +177,9 @@ class Session:
         workdir = workdir or tempfile.mkdtemp(prefix="workbench-train-")
         out = train(self.train_config(settings, steps), workdir, progress=True, log=log)
         if out.get("model") is not None:
-            self._models[settings.config] = ModelChoice(out["model"], "checkpoint",
-                                                        f"trained {out['step']} steps in {workdir}")
+            self._models[settings.config] = ModelChoice(
+                out["model"], "checkpoint", f"trained {out['step']} steps in {workdir}"
+            )
             self.last = None
         out["workdir"] = str(workdir)
         return out

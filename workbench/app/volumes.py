@@ -73,7 +73,6 @@ def load_volume(source, *, shape=None, series: str | None = None, name: str | No
     """
     from data_tools.io import load_input
     from data_tools.volume import Volume
-
     from workbench.training.data import model_input
 
     shape = None if shape is None else tuple(int(s) for s in shape)
@@ -91,8 +90,9 @@ def load_volume(source, *, shape=None, series: str | None = None, name: str | No
             spec = source if phantom is None else f"phantom:{phantom[0] or 32}:{phantom[1]}"
             volume = load_input(spec, series=series)
     else:
-        raise UserError(f"volume must be a spec string, a path, an array or a data_tools.Volume, "
-                        f"got {type(source).__name__}")
+        raise UserError(
+            f"volume must be a spec string, a path, an array or a data_tools.Volume, got {type(source).__name__}"
+        )
     if shape is not None and tuple(volume.shape) != shape:
         from data_tools.preprocess import resample
 

@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="workbench",
         description="Spatially partitioned 3D U-Nets on full-resolution volumes.",
     )
-    parser.add_argument("--debug", action="store_true",
-                        help="print the traceback of an internal error (also: WORKBENCH_DEBUG=1)")
+    parser.add_argument(
+        "--debug", action="store_true", help="print the traceback of an internal error (also: WORKBENCH_DEBUG=1)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         module = _command_module(name)
@@ -53,15 +54,19 @@ def _internal_error(err: BaseException, debug: bool) -> int:
     text = "".join(traceback.format_exception(err))
     if debug:
         sys.stderr.write(text)
-        print(f"workbench: internal error: {type(err).__name__} (a bug, not your input; traceback above)",
-              file=sys.stderr)
+        print(
+            f"workbench: internal error: {type(err).__name__} (a bug, not your input; traceback above)", file=sys.stderr
+        )
         return 1
     fd, path = tempfile.mkstemp(prefix="workbench-internal-error-", suffix=".txt")
     with os.fdopen(fd, "w") as f:
         f.write(f"workbench {' '.join(sys.argv[1:])}\n\n{text}")
     first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    print(f"workbench: internal error: {type(err).__name__}{': ' + first if first else ''} (a bug, not your "
-          f"input); traceback written to {path}; rerun with --debug to print it", file=sys.stderr)
+    print(
+        f"workbench: internal error: {type(err).__name__}{': ' + first if first else ''} (a bug, not your "
+        f"input); traceback written to {path}; rerun with --debug to print it",
+        file=sys.stderr,
+    )
     return 1
 
 
@@ -87,8 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # the system refused a file operation the user asked for (permissions, space)
         if err.filename is None:
             return _internal_error(err, debug)
-        print(f"workbench: error: {err.strerror or type(err).__name__}: {err.filename}; check the path, "
-              "its permissions and the free space", file=sys.stderr)
+        print(
+            f"workbench: error: {err.strerror or type(err).__name__}: {err.filename}; check the path, "
+            "its permissions and the free space",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("workbench: interrupted; no output folder was written", file=sys.stderr)

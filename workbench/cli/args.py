@@ -14,27 +14,37 @@ __all__ = ["positive_int", "add_common", "model_choice", "write_figure"]
 
 def add_common(p) -> None:
     """Options every JAX-running command takes: devices, model preset, weights (checkpoint or seed)."""
-    p.add_argument("--cpu-devices", type=positive_int, default=8,
-                   help="simulated CPU devices when no accelerator is present (default 8)")
+    p.add_argument(
+        "--cpu-devices",
+        type=positive_int,
+        default=8,
+        help="simulated CPU devices when no accelerator is present (default 8)",
+    )
     p.add_argument("--model", default="small", help=f"model preset: {' | '.join(PRESETS)} (default small)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
-    p.add_argument("--checkpoint", default=None,
-                   help="trained weights: a workbench train folder, its checkpoints/ or a .msgpack file "
-                        "(default: the shipped weights of --model small)")
-    p.add_argument("--random-weights", action="store_true",
-                   help="use random weights (--seed) instead of the shipped ones")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="trained weights: a workbench train folder, its checkpoints/ or a .msgpack file "
+        "(default: the shipped weights of --model small)",
+    )
+    p.add_argument(
+        "--random-weights", action="store_true", help="use random weights (--seed) instead of the shipped ones"
+    )
 
 
 def model_choice(args, task: str = "phantom"):
     """The model of ``--model/--checkpoint/--random-weights/--seed`` (see :func:`workbench.app.resolve_model`)."""
     from workbench.app import resolve_model
 
-    return resolve_model(args.model, checkpoint=args.checkpoint, task=task, random_weights=args.random_weights,
-                         seed=args.seed)
+    return resolve_model(
+        args.model, checkpoint=args.checkpoint, task=task, random_weights=args.random_weights, seed=args.seed
+    )
 
 
-def write_figure(path, image: np.ndarray, labels: np.ndarray, error: np.ndarray | None, layout,
-                 title: str = "") -> Path:
+def write_figure(
+    path, image: np.ndarray, labels: np.ndarray, error: np.ndarray | None, layout, title: str = ""
+) -> Path:
     """Mid-slices of image, prediction and |error| with shard boundaries (matplotlib, Agg)."""
     import matplotlib
 

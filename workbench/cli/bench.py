@@ -34,8 +34,7 @@ def benchmarks_dir() -> Path:
     folder = Path(__file__).resolve().parents[2] / "benchmarks"
     if not folder.is_dir():
         raise InputNotFoundError(
-            f"no benchmarks folder at {folder}; run `workbench bench` from a source checkout "
-            "(pip install -e .)"
+            f"no benchmarks folder at {folder}; run `workbench bench` from a source checkout (pip install -e .)"
         )
     return folder
 
@@ -43,8 +42,7 @@ def benchmarks_dir() -> Path:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="laptop-sized runs (a few minutes in all)")
     p.add_argument("--json", default=None, metavar="OUT", help="write every result to this JSON file")
-    p.add_argument("--only", nargs="+", default=None, metavar="NAME",
-                   help=f"run only these ({', '.join(BENCHMARKS)})")
+    p.add_argument("--only", nargs="+", default=None, metavar="NAME", help=f"run only these ({', '.join(BENCHMARKS)})")
 
 
 def run(args) -> int:

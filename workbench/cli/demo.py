@@ -31,8 +31,10 @@ def run(args) -> int:
         t0 = time.perf_counter()
         loaded = load_volume(f"phantom:{n}")
         choice = model_choice(args)
-        print(f"phantom {n}³ in {time.perf_counter() - t0:.1f} s; model '{args.model}' "
-              f"({choice.model.num_params:,} parameters, {choice.description}); mesh {spec}")
+        print(
+            f"phantom {n}³ in {time.perf_counter() - t0:.1f} s; model '{args.model}' "
+            f"({choice.model.num_params:,} parameters, {choice.description}); mesh {spec}"
+        )
         explicit = infer(choice, loaded, spec, backend="explicit", reference=True)
         gspmd = infer(choice, loaded, spec, backend="gspmd")
         gspmd_diff = float(np.abs(gspmd.logits - explicit.reference.output).max())
@@ -46,15 +48,30 @@ def run(args) -> int:
         print(f"\n{'backend':<22}{'seconds':>9}{'÷ ref':>8}{'max |Δ|':>10}{'MiB/device':>12}{'ideal ÷ used':>14}")
         for name, sec, diff, peak in rows:
             ideal = ref_peak / spec.n_devices if "1 device" not in name else ref_peak
-            print(f"{name:<22}{sec:>9.2f}{sec / ref_seconds:>8.2f}{diff:>10.2g}"
-                  f"{peak / 2**20:>12.1f}{ideal / peak:>14.2f}")
-        report = write_result_files(tmp, explicit, input_name=f"phantom:{n}", images=True, ground_truth=True,
-                                    native_format=False)
+            print(
+                f"{name:<22}{sec:>9.2f}{sec / ref_seconds:>8.2f}{diff:>10.2g}{peak / 2**20:>12.1f}{ideal / peak:>14.2f}"
+            )
+        report = write_result_files(
+            tmp, explicit, input_name=f"phantom:{n}", images=True, ground_truth=True, native_format=False
+        )
         signed = np.load(tmp / "error.npy")
-        view = save_view(tmp / "view.png", np.asarray(loaded.volume.array, np.float32), explicit.labels,
-                         np.abs(signed), signed, explicit.layout, loaded.spacing)
-        report.update(view=view, gspmd={"seconds": gspmd.report["seconds"], "max_abs_diff": gspmd_diff,
-                                        "peak_bytes_per_device": gspmd.report["peak_bytes_per_device"]})
+        view = save_view(
+            tmp / "view.png",
+            np.asarray(loaded.volume.array, np.float32),
+            explicit.labels,
+            np.abs(signed),
+            signed,
+            explicit.layout,
+            loaded.spacing,
+        )
+        report.update(
+            view=view,
+            gspmd={
+                "seconds": gspmd.report["seconds"],
+                "max_abs_diff": gspmd_diff,
+                "peak_bytes_per_device": gspmd.report["peak_bytes_per_device"],
+            },
+        )
         write_report(tmp, report)
     print(f"\nwrote {args.out}/report.json, prediction.npy and view.png ({view['kind']})")
     return 0
@@ -68,8 +85,11 @@ def save_view(path, image, labels, error, signed, layout, spacing) -> dict:
 
     ok, why = display_available()
     if ok:
-        layers = [image_layer(image, spacing=spacing), error_layers(signed, layout, spacing=spacing)[1],
-                  boundary_layer(layout, spacing=spacing)]
+        layers = [
+            image_layer(image, spacing=spacing),
+            error_layers(signed, layout, spacing=spacing)[1],
+            boundary_layer(layout, spacing=spacing),
+        ]
         try:
             save_view_png(path, layers, ndisplay=3)
             return {"file": path.name, "kind": "napari", "ndisplay": 3}

@@ -16,8 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", required=True, help="ZxYxX, data=D,z=Z,y=Y,x=X or auto")
     p.add_argument("--backend", default="explicit", help=" | ".join(BACKENDS))
     p.add_argument("--halo", default="exact", help=f"{' | '.join(HALO_MODES)} | WIDTH (default exact)")
-    p.add_argument("--reference", action="store_true",
-                   help="also run the single-device reference and report the difference")
+    p.add_argument(
+        "--reference", action="store_true", help="also run the single-device reference and report the difference"
+    )
     p.add_argument("--series", default=None, help="DICOM SeriesInstanceUID when a folder holds several")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace files in an existing --out")
@@ -27,7 +28,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     """``workbench infer``: check every option, read, run, write prediction + report.json."""
-    from workbench.app import check_output_folder, check_run_options, infer, load_volume, summary_line, task_for_input, write_result
+    from workbench.app import (
+        check_output_folder,
+        check_run_options,
+        infer,
+        load_volume,
+        summary_line,
+        task_for_input,
+        write_result,
+    )
     from workbench.execute.distributed import is_main
     from workbench.model.unet import UNetConfig
 
@@ -41,8 +50,9 @@ def run(args) -> int:
     inference = infer(choice, loaded, args.mesh, backend=args.backend, halo=halo, reference=args.reference)
     if not is_main():  # another process of a multi-process run: it computed its shards; process 0 writes
         return 0
-    report = write_result(args.out, inference, overwrite=args.overwrite, input_name=str(args.input),
-                          save_logits=args.save_logits)
+    report = write_result(
+        args.out, inference, overwrite=args.overwrite, input_name=str(args.input), save_logits=args.save_logits
+    )
     print(summary_line(report))
     print(f"wrote {Path(args.out) / report['prediction']} and {Path(args.out) / 'report.json'}")
     return 0

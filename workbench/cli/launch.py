@@ -22,8 +22,8 @@ import sys
 import threading
 import time
 
-from workbench.errors import UserError
 from workbench.cli.args import positive_int
+from workbench.errors import UserError
 
 HELP = "run a command as several cooperating processes (jax.distributed, local CPU devices)"
 
@@ -33,14 +33,19 @@ MULTIPROCESS_COMMANDS = ("infer",)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--processes", type=positive_int, default=2, help="number of processes (default 2)")
-    p.add_argument("--devices-per-process", type=positive_int, default=4,
-                   help="simulated CPU devices in each process (default 4)")
+    p.add_argument(
+        "--devices-per-process", type=positive_int, default=4, help="simulated CPU devices in each process (default 4)"
+    )
     p.add_argument("--port", type=int, default=0, help="coordinator port on localhost (default: a free one)")
-    p.add_argument("--timeout", type=float, default=1800.0,
-                   help="seconds before the processes are stopped (default 1800)")
+    p.add_argument(
+        "--timeout", type=float, default=1800.0, help="seconds before the processes are stopped (default 1800)"
+    )
     p.add_argument("--verbose", action="store_true", help="keep gloo's connection log lines")
-    p.add_argument("argv", nargs=argparse.REMAINDER,
-                   help=f"-- then the command and its arguments; one of: {', '.join(MULTIPROCESS_COMMANDS)}")
+    p.add_argument(
+        "argv",
+        nargs=argparse.REMAINDER,
+        help=f"-- then the command and its arguments; one of: {', '.join(MULTIPROCESS_COMMANDS)}",
+    )
 
 
 def _free_port() -> int:
@@ -54,11 +59,11 @@ def _command(argv: list[str]) -> list[str]:
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:
-        raise UserError("no command given; e.g. workbench launch --processes 2 -- infer phantom:64 "
-                         "--mesh 2x2x2 --out runs/mp")
+        raise UserError(
+            "no command given; e.g. workbench launch --processes 2 -- infer phantom:64 --mesh 2x2x2 --out runs/mp"
+        )
     if argv[0] not in MULTIPROCESS_COMMANDS:
-        raise UserError(f"{argv[0]!r} cannot run as several processes; use one of: "
-                         f"{', '.join(MULTIPROCESS_COMMANDS)}")
+        raise UserError(f"{argv[0]!r} cannot run as several processes; use one of: {', '.join(MULTIPROCESS_COMMANDS)}")
     if any(a == "--cpu-devices" or a.startswith("--cpu-devices=") for a in argv):
         raise UserError("--cpu-devices does not apply under launch; use --devices-per-process")
     return argv
@@ -77,8 +82,16 @@ def _pump(stream, prefix: str, out, verbose: bool) -> None:
     stream.close()
 
 
-def launch(argv: list[str], *, processes: int = 2, devices_per_process: int = 4, port: int = 0,
-           timeout: float = 1800.0, out=None, verbose: bool = False) -> int:
+def launch(
+    argv: list[str],
+    *,
+    processes: int = 2,
+    devices_per_process: int = 4,
+    port: int = 0,
+    timeout: float = 1800.0,
+    out=None,
+    verbose: bool = False,
+) -> int:
     """Run ``workbench ARGV`` as ``processes`` local processes; return the first failing status."""
     out = out or sys.stdout
     argv = _command(argv)
@@ -88,11 +101,21 @@ def launch(argv: list[str], *, processes: int = 2, devices_per_process: int = 4,
     base = {k: v for k, v in os.environ.items() if not k.startswith("WORKBENCH_")}
     procs, pumps = [], []
     for rank in range(processes):
-        env = {**base, "WORKBENCH_COORDINATOR": f"localhost:{port}", "WORKBENCH_NUM_PROCESSES": str(processes),
-               "WORKBENCH_PROCESS_ID": str(rank), "WORKBENCH_LOCAL_DEVICES": str(devices_per_process),
-               "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen([sys.executable, "-m", "workbench", *argv], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        env = {
+            **base,
+            "WORKBENCH_COORDINATOR": f"localhost:{port}",
+            "WORKBENCH_NUM_PROCESSES": str(processes),
+            "WORKBENCH_PROCESS_ID": str(rank),
+            "WORKBENCH_LOCAL_DEVICES": str(devices_per_process),
+            "PYTHONUNBUFFERED": "1",
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "workbench", *argv],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         procs.append(proc)
         pump = threading.Thread(target=_pump, args=(proc.stdout, f"[process {rank}] ", out, verbose), daemon=True)
         pump.start()
@@ -126,5 +149,11 @@ def launch(argv: list[str], *, processes: int = 2, devices_per_process: int = 4,
 
 
 def run(args) -> int:
-    return launch(args.argv, processes=args.processes, devices_per_process=args.devices_per_process,
-                  port=args.port, timeout=args.timeout, verbose=args.verbose)
+    return launch(
+        args.argv,
+        processes=args.processes,
+        devices_per_process=args.devices_per_process,
+        port=args.port,
+        timeout=args.timeout,
+        verbose=args.verbose,
+    )

@@ -6,8 +6,8 @@ import argparse
 import json
 import re
 
-from workbench.errors import UserError
 from workbench.cli.args import positive_int
+from workbench.errors import UserError
 from workbench.options import DTYPES, PLAN_BACKENDS, PRESETS
 
 HELP = "per-device memory and communication of a step at any resolution and mesh (nothing allocated)"
@@ -19,31 +19,56 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=positive_int, default=None, help="data-parallel size (overrides the mesh's)")
     p.add_argument("--model", default=None, help=f"model preset: {' | '.join(PRESETS)} (default small)")
     p.add_argument("--dtype", default=None, help=f"{' | '.join(DTYPES[:2])} (default: the preset's)")
-    p.add_argument("--model-config", default=None, metavar="JSON",
-                   help="the whole model as a JSON object of UNetConfig fields (e.g. config.as_dict()); "
-                        "instead of --model/--dtype/--remat")
+    p.add_argument(
+        "--model-config",
+        default=None,
+        metavar="JSON",
+        help="the whole model as a JSON object of UNetConfig fields (e.g. config.as_dict()); "
+        "instead of --model/--dtype/--remat",
+    )
     p.add_argument("--train", action="store_true", help="plan a training step (Adam state included)")
     p.add_argument("--remat", action="store_true", help="rematerialise each conv block in the backward pass")
     p.add_argument("--backend", default="explicit", help=f"{' | '.join(PLAN_BACKENDS)} (default explicit)")
     p.add_argument("--halo", default="exact", help="halo mode for inference plans (default exact)")
     p.add_argument("--batch", type=positive_int, default=None, help="global batch (default: the data size)")
-    p.add_argument("--budget-gib", type=float, default=None,
-                   help="memory per device in GiB (default 16 for `fits`); given, also recommends "
-                        "the smallest mesh that fits")
-    p.add_argument("--allow-padding", action="store_true",
-                   help="plan a resolution that the mesh does not split evenly (the run pads it)")
-    p.add_argument("--no-reference", action="store_true",
-                   help="skip the single-device compile (bytes_single_device and efficiency are null)")
-    p.add_argument("--max-devices", type=positive_int, default=4096,
-                   help="largest device count the recommendation considers (default 4096)")
-    p.add_argument("--compiler", default="cpu",
-                   help="whose memory accounting: cpu (XLA:CPU on simulated devices, default) or h100 "
-                        "(XLA:GPU compiling for H100s without a GPU: bfloat16 stays bfloat16; needs "
-                        "JAX's CUDA plugin, which `make install` puts in .venv-gpu-plan)")
+    p.add_argument(
+        "--budget-gib",
+        type=float,
+        default=None,
+        help="memory per device in GiB (default 16 for `fits`); given, also recommends the smallest mesh that fits",
+    )
+    p.add_argument(
+        "--allow-padding",
+        action="store_true",
+        help="plan a resolution that the mesh does not split evenly (the run pads it)",
+    )
+    p.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="skip the single-device compile (bytes_single_device and efficiency are null)",
+    )
+    p.add_argument(
+        "--max-devices",
+        type=positive_int,
+        default=4096,
+        help="largest device count the recommendation considers (default 4096)",
+    )
+    p.add_argument(
+        "--compiler",
+        default="cpu",
+        help="whose memory accounting: cpu (XLA:CPU on simulated devices, default) or h100 "
+        "(XLA:GPU compiling for H100s without a GPU: bfloat16 stays bfloat16; needs "
+        "JAX's CUDA plugin, which `make install` puts in .venv-gpu-plan)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     # Not `cpu_devices`: the CLI would configure it before we know the mesh's size.
-    p.add_argument("--cpu-devices", dest="plan_cpu_devices", type=positive_int, default=None,
-                   help="simulated CPU devices (default: as many as the mesh needs)")
+    p.add_argument(
+        "--cpu-devices",
+        dest="plan_cpu_devices",
+        type=positive_int,
+        default=None,
+        help="simulated CPU devices (default: as many as the mesh needs)",
+    )
 
 
 def run(args) -> int:
@@ -51,11 +76,10 @@ def run(args) -> int:
     import os
     import sys
 
-    from workbench.execute.devices import configure_cpu_devices, has_cuda_plugin, use_gpu_target, validate_compiler
-    from workbench.model.halo import validate_halo
-    from workbench.mesh import MeshSpec, parse_mesh
     from workbench.analysis.plan import _budget_bytes, format_plan, plan, plan_layout, recommend
-    from workbench.mesh import parse_resolution
+    from workbench.execute.devices import configure_cpu_devices, has_cuda_plugin, use_gpu_target, validate_compiler
+    from workbench.mesh import MeshSpec, parse_mesh, parse_resolution
+    from workbench.model.halo import validate_halo
 
     spec = parse_mesh(args.mesh)
     if args.data is not None:
@@ -72,23 +96,42 @@ def run(args) -> int:
     if validate_compiler(args.compiler) != "cpu":
         if not has_cuda_plugin():  # plan in an interpreter that has the plugin
             if os.environ.get("WORKBENCH_GPU_PLAN_CHILD"):
-                raise UserError(f"{sys.executable} has no CUDA plugin for JAX, so it cannot plan for "
-                                 f"{args.compiler}; point WORKBENCH_GPU_PLAN_PYTHON at a Python with "
-                                 "jax-cuda12-plugin (`make install` creates .venv-gpu-plan)")
+                raise UserError(
+                    f"{sys.executable} has no CUDA plugin for JAX, so it cannot plan for "
+                    f"{args.compiler}; point WORKBENCH_GPU_PLAN_PYTHON at a Python with "
+                    "jax-cuda12-plugin (`make install` creates .venv-gpu-plan)"
+                )
             return _delegate(args, n_devices)
         use_gpu_target(n_devices, args.compiler)
     else:
         configure_cpu_devices(n_devices)
     log = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
-    result = plan(config, resolution, spec, train=args.train, backend=args.backend, halo=halo,
-                  batch=args.batch, budget_gib=budget, reference=not args.no_reference,
-                  allow_padding=args.allow_padding)
+    result = plan(
+        config,
+        resolution,
+        spec,
+        train=args.train,
+        backend=args.backend,
+        halo=halo,
+        batch=args.batch,
+        budget_gib=budget,
+        reference=not args.no_reference,
+        allow_padding=args.allow_padding,
+    )
     if args.budget_gib is not None:
         if log:
             log(f"searching the smallest mesh that fits {budget:g} GiB/device:")
         result["recommended"] = recommend(
-            config, resolution, budget_gib=budget, train=args.train, backend=args.backend, halo=halo,
-            known=result, max_devices=args.max_devices, log=log)
+            config,
+            resolution,
+            budget_gib=budget,
+            train=args.train,
+            backend=args.backend,
+            halo=halo,
+            known=result,
+            max_devices=args.max_devices,
+            log=log,
+        )
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
     return 0
 
@@ -102,16 +145,21 @@ def model_config_from_args(args):
         if args.dtype is not None:
             overrides["dtype"] = args.dtype
         return UNetConfig.preset(args.model or "small", **overrides)
-    given = [flag for flag, value in (("--model", args.model), ("--dtype", args.dtype), ("--remat", args.remat))
-             if value]
+    given = [
+        flag for flag, value in (("--model", args.model), ("--dtype", args.dtype), ("--remat", args.remat)) if value
+    ]
     if given:
-        raise UserError(f"--model-config is the whole model, so {'/'.join(given)} cannot be added to it; "
-                         "put those fields in the JSON instead")
+        raise UserError(
+            f"--model-config is the whole model, so {'/'.join(given)} cannot be added to it; "
+            "put those fields in the JSON instead"
+        )
     try:
         fields = json.loads(args.model_config)
     except json.JSONDecodeError as err:
-        raise UserError(f"--model-config is not valid JSON ({err}); pass an object of UNetConfig fields, "
-                         """e.g. '{"depth": 2, "base_filters": 6}'""") from None
+        raise UserError(
+            f"--model-config is not valid JSON ({err}); pass an object of UNetConfig fields, "
+            """e.g. '{"depth": 2, "base_filters": 6}'"""
+        ) from None
     try:
         return UNetConfig.from_dict(fields)
     except (TypeError, ValueError) as err:
@@ -129,17 +177,38 @@ def _delegate(args, n_devices: int) -> int:
 
     from workbench.analysis.plan import plan_command
 
-    argv = ["--resolution", str(args.resolution), "--mesh", str(args.mesh),
-            "--backend", args.backend, "--halo", str(args.halo), "--max-devices", str(args.max_devices)]
-    for flag, value in (("--model", args.model), ("--model-config", args.model_config), ("--data", args.data),
-                        ("--dtype", args.dtype), ("--batch", args.batch), ("--budget-gib", args.budget_gib)):
+    argv = [
+        "--resolution",
+        str(args.resolution),
+        "--mesh",
+        str(args.mesh),
+        "--backend",
+        args.backend,
+        "--halo",
+        str(args.halo),
+        "--max-devices",
+        str(args.max_devices),
+    ]
+    for flag, value in (
+        ("--model", args.model),
+        ("--model-config", args.model_config),
+        ("--data", args.data),
+        ("--dtype", args.dtype),
+        ("--batch", args.batch),
+        ("--budget-gib", args.budget_gib),
+    ):
         if value is not None:
             argv += [flag, str(value)]
-    for flag, on in (("--train", args.train), ("--remat", args.remat), ("--allow-padding", args.allow_padding),
-                     ("--no-reference", args.no_reference), ("--json", args.json)):
+    for flag, on in (
+        ("--train", args.train),
+        ("--remat", args.remat),
+        ("--allow-padding", args.allow_padding),
+        ("--no-reference", args.no_reference),
+        ("--json", args.json),
+    ):
         argv += [flag] if on else []
     cmd, env = plan_command(argv, devices=n_devices, compiler=args.compiler)
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     sys.stdout.write(proc.stdout)
     if proc.returncode == 2:  # its one-line error
         lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("workbench: error:")]

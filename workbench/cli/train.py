@@ -19,8 +19,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-dir", required=True, help="run folder: checkpoints/, history.*, curves.png")
     p.add_argument("--resume", action="store_true", help="continue from the newest readable checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--cpu-devices", type=positive_int, default=8,
-                   help="simulated CPU devices when no accelerator is present (default 8)")
+    p.add_argument(
+        "--cpu-devices",
+        type=positive_int,
+        default=8,
+        help="simulated CPU devices when no accelerator is present (default 8)",
+    )
 
 
 def run(args) -> int:
@@ -36,12 +40,19 @@ def run(args) -> int:
         return 130 if result["interrupted"] == "SIGINT" else 143
     rows = result["history"]["train"]
     timed = [r["seconds"] for r in rows[1:]] or [r["seconds"] for r in rows]
-    print(f"trained {result['step']} steps; median {sorted(timed)[len(timed) // 2]:.2f} s/step "
-          f"(first step with compilation {rows[0]['seconds']:.1f} s)" if rows else "nothing to train")
+    print(
+        f"trained {result['step']} steps; median {sorted(timed)[len(timed) // 2]:.2f} s/step "
+        f"(first step with compilation {rows[0]['seconds']:.1f} s)"
+        if rows
+        else "nothing to train"
+    )
     if result.get("eval"):
         ev = result["eval"]
-        print("held-out Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in ev["dice"].items() if v is not None)
-              + f"; accuracy {ev['accuracy']:.4f}")
+        print(
+            "held-out Dice: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in ev["dice"].items() if v is not None)
+            + f"; accuracy {ev['accuracy']:.4f}"
+        )
         print(json.dumps({"eval_dice": ev["dice"], "hd95_mm": ev.get("hd95_mm")}))
     print(f"wrote {args.checkpoint_dir}/history.json, history.csv, curves.png, model.msgpack and checkpoints/")
     return 0

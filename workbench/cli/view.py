@@ -12,10 +12,19 @@ HELP = "open a result folder (infer --reference / demo) in napari"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="a folder written by `workbench infer ... --out DIR` or `workbench demo`")
-    p.add_argument("--screenshot", metavar="PNG", default=None,
-                   help="save a PNG of the view and exit instead of opening the window")
-    p.add_argument("--ndisplay", type=int, choices=(2, 3), default=None,
-                   help="2 (slices) or 3 (volume); default 2 in the window, 3 for --screenshot")
+    p.add_argument(
+        "--screenshot",
+        metavar="PNG",
+        default=None,
+        help="save a PNG of the view and exit instead of opening the window",
+    )
+    p.add_argument(
+        "--ndisplay",
+        type=int,
+        choices=(2, 3),
+        default=None,
+        help="2 (slices) or 3 (volume); default 2 in the window, 3 for --screenshot",
+    )
 
 
 def run(args) -> int:
@@ -31,8 +40,10 @@ def run(args) -> int:
     if not ok:
         raise UserError(f"cannot open napari: {why}")
     layers = result_layers(result)
-    print(f"{result.path}: {result.layout}, halo {result.report['halo']}, "
-          f"max |Δ| vs reference {result.report.get('max_abs_diff')}")
+    print(
+        f"{result.path}: {result.layout}, halo {result.report['halo']}, "
+        f"max |Δ| vs reference {result.report.get('max_abs_diff')}"
+    )
     if args.screenshot is not None:
         ndisplay = args.ndisplay or 3
         for _, kwargs, kind in layers:  # label volumes would hide the rest; they stay in the list

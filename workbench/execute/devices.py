@@ -148,14 +148,15 @@ def use_gpu_target(n: int, target: str = "h100") -> list:
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise UserError(f"GPU device count {n!r} must be a positive integer, e.g. 8")
     if not has_cuda_plugin():
-        raise UserError(f"this Python has no CUDA plugin for JAX, so it cannot compile for {target}; "
-                         f"plan with `workbench plan --compiler {target}`, which runs {GPU_PLAN_ENV}")
+        raise UserError(
+            f"this Python has no CUDA plugin for JAX, so it cannot compile for {target}; "
+            f"plan with `workbench plan --compiler {target}`, which runs {GPU_PLAN_ENV}"
+        )
     import jax
     from jax.experimental import topologies
 
     jax.config.update("jax_platforms", "cpu")  # the plugin is never started: no GPU is needed
-    topology = topologies.get_topology_desc(platform="cuda", target_config=GPU_TARGETS[target],
-                                            topology=f"1x1x{n}")
+    topology = topologies.get_topology_desc(platform="cuda", target_config=GPU_TARGETS[target], topology=f"1x1x{n}")
     devices = list(topology.devices)
     jax.devices = lambda backend=None: list(devices)
     jax.local_devices = lambda process_index=None, backend=None, host_id=None: list(devices)

@@ -24,8 +24,17 @@ import numpy as np
 
 from workbench.errors import UserError
 
-__all__ = ["ENV", "settings_from_env", "initialize_from_env", "initialize", "is_main", "process_info",
-           "put", "put_tree", "to_host"]
+__all__ = [
+    "ENV",
+    "settings_from_env",
+    "initialize_from_env",
+    "initialize",
+    "is_main",
+    "process_info",
+    "put",
+    "put_tree",
+    "to_host",
+]
 
 ENV = {
     "coordinator": "WORKBENCH_COORDINATOR",
@@ -64,11 +73,18 @@ def settings_from_env(environ=None) -> dict | None:
     host, _, port = coordinator.rpartition(":")
     if not host or not port.isdigit():
         raise UserError(f"{ENV['coordinator']}={coordinator!r} must be host:port, e.g. localhost:12355")
-    settings = {"auto": False, "coordinator": coordinator, "num_processes": integer("num_processes", 1),
-                "process_id": integer("process_id", 0), "local_devices": integer("local_devices", 1)}
+    settings = {
+        "auto": False,
+        "coordinator": coordinator,
+        "num_processes": integer("num_processes", 1),
+        "process_id": integer("process_id", 0),
+        "local_devices": integer("local_devices", 1),
+    }
     if settings["process_id"] >= settings["num_processes"]:
-        raise UserError(f"{ENV['process_id']}={settings['process_id']} must be below "
-                         f"{ENV['num_processes']}={settings['num_processes']}")
+        raise UserError(
+            f"{ENV['process_id']}={settings['process_id']} must be below "
+            f"{ENV['num_processes']}={settings['num_processes']}"
+        )
     return settings
 
 
@@ -87,8 +103,9 @@ def initialize(settings: dict) -> None:
         # accelerator backend (if any) ignores both and uses its own interconnect.
         configure_cpu_devices(settings["local_devices"])
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(settings["coordinator"], settings["num_processes"], settings["process_id"],
-                                   initialization_timeout=120)
+        jax.distributed.initialize(
+            settings["coordinator"], settings["num_processes"], settings["process_id"], initialization_timeout=120
+        )
     _STATE["initialized"] = True
 
 
@@ -104,8 +121,12 @@ def initialize_from_env(environ=None) -> bool:
 def process_info() -> dict:
     import jax
 
-    return {"process": jax.process_index(), "processes": jax.process_count(),
-            "local_devices": jax.local_device_count(), "devices": jax.device_count()}
+    return {
+        "process": jax.process_index(),
+        "processes": jax.process_count(),
+        "local_devices": jax.local_device_count(),
+        "devices": jax.device_count(),
+    }
 
 
 def is_main() -> bool:

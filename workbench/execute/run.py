@@ -20,13 +20,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from workbench.errors import UserError
 from workbench.execute.distributed import put, put_tree, to_host
+from workbench.mesh import ACTIVATION_SPEC, MeshSpec, ShardLayout, build_mesh, parse_mesh
 from workbench.model.halo import halo_pad, validate_halo
 from workbench.model.layers import Partition
-from workbench.mesh import ACTIVATION_SPEC, MeshSpec, ShardLayout, build_mesh, parse_mesh
 from workbench.model.unet import Model, UNet3D, UNetConfig, receptive_radius
 from workbench.options import BACKENDS
 
@@ -43,6 +44,7 @@ __all__ = [
     "overlap_width",
     "check_options",
 ]
+
 
 def as_batch(volume, in_channels: int = 1) -> np.ndarray:
     """(Z,Y,X) or (N,Z,Y,X,C) → float32 (N,Z,Y,X,C), validated."""
@@ -64,9 +66,7 @@ def as_batch(volume, in_channels: int = 1) -> np.ndarray:
     array = array.astype(np.float32, copy=False)
     if not np.isfinite(array).all():
         bad = int(np.size(array) - np.isfinite(array).sum())
-        raise UserError(
-            f"volume holds {bad} NaN/inf voxels; replace them (e.g. np.nan_to_num) before running"
-        )
+        raise UserError(f"volume holds {bad} NaN/inf voxels; replace them (e.g. np.nan_to_num) before running")
     return array
 
 
@@ -170,9 +170,7 @@ def compile_forward(
         )
     if variables_shape is None:
         variables_shape = jax.eval_shape(lambda: Model.init(config).variables)
-    fn, mesh, in_sharding, var_sharding = make_forward(
-        config, layout, backend=backend, halo=halo, devices=devices
-    )
+    fn, mesh, in_sharding, var_sharding = make_forward(config, layout, backend=backend, halo=halo, devices=devices)
     target = layout.reference_shape if backend == "reference" else layout.padded_shape
     shape = (batch, *target, config.in_channels)
     abstract_vars = jax.tree.map(
@@ -183,8 +181,15 @@ def compile_forward(
     return Compiled(compiled, backend, halo, layout, mesh, in_sharding, var_sharding, compiled)
 
 
-def make_forward(config: UNetConfig, layout: ShardLayout, *, backend: str = "explicit",
-                 halo="exact", train: bool = False, devices=None):
+def make_forward(
+    config: UNetConfig,
+    layout: ShardLayout,
+    *,
+    backend: str = "explicit",
+    halo="exact",
+    train: bool = False,
+    devices=None,
+):
     """A jitted forward pass and the shardings of its inputs.
 
     Returns ``(fn, mesh, input_sharding, variables_sharding)``. In inference mode
@@ -211,16 +216,19 @@ def make_forward(config: UNetConfig, layout: ShardLayout, *, backend: str = "exp
                 f"halo {halo!r} is only available with the explicit backend (gspmd lets XLA "
                 "insert exact halos); use backend='explicit' or halo='exact'"
             )
-        part = Partition(
-            "gspmd", spec.spatial, spec.data, layout.reference_shape, layout.padded_shape, mesh=mesh
-        )
+        part = Partition("gspmd", spec.spatial, spec.data, layout.reference_shape, layout.padded_shape, mesh=mesh)
         out = (act_sharding, replicated) if train else act_sharding
         fn = jax.jit(_module_call(UNet3D(config, part), train), out_shardings=out)
         return fn, mesh, act_sharding, replicated
 
     part = Partition(
-        "explicit", spec.spatial, spec.data, layout.reference_shape, layout.padded_shape,
-        halo=mode, overlap=overlap,
+        "explicit",
+        spec.spatial,
+        spec.data,
+        layout.reference_shape,
+        layout.padded_shape,
+        halo=mode,
+        overlap=overlap,
     )
     call = _module_call(UNet3D(config, part), train)
 
@@ -297,8 +305,12 @@ def run(model: Model, volume, mesh=None, *, backend: str = "explicit", halo="exa
 
     padded = np.pad(
         x,
-        [(0, 0)] + [(0, t - s) for t, s in zip(
-            layout.reference_shape if backend == "reference" else layout.padded_shape, spatial)] + [(0, 0)],
+        [(0, 0)]
+        + [
+            (0, t - s)
+            for t, s in zip(layout.reference_shape if backend == "reference" else layout.padded_shape, spatial)
+        ]
+        + [(0, 0)],
     )
     variables = put_tree(model.variables, compiled.variables_sharding)
     t0 = time.perf_counter()

@@ -58,8 +58,7 @@ def validate_halo(halo) -> str | int:
         if text in HALO_MODES or text == "overlap":
             return text
     raise UserError(
-        f"unknown halo mode {halo!r}; use one of {', '.join(HALO_MODES)}, 'overlap', "
-        "or an integer width (e.g. 4)"
+        f"unknown halo mode {halo!r}; use one of {', '.join(HALO_MODES)}, 'overlap', or an integer width (e.g. 4)"
     )
 
 
@@ -98,9 +97,7 @@ def halo_pad(x_block, *, width: int, mesh_shape: tuple[int, int, int], mode: str
         lo = lax.slice_in_dim(x_block, 0, width, axis=dim)
         hi = lax.slice_in_dim(x_block, n - width, n, axis=dim)
         x_block = lax.dynamic_update_slice_in_dim(x_block, jnp.where(index == 0, 0, lo), 0, axis=dim)
-        x_block = lax.dynamic_update_slice_in_dim(
-            x_block, jnp.where(index == size - 1, 0, hi), n - width, axis=dim
-        )
+        x_block = lax.dynamic_update_slice_in_dim(x_block, jnp.where(index == size - 1, 0, hi), n - width, axis=dim)
     return x_block
 
 
@@ -117,7 +114,7 @@ def _exact_pad(x_block, width: int, mesh_shape: tuple[int, int, int]):
     def face(dim, start, stop):
         """Voxels [start, stop) along ``dim`` of the block grown along the earlier axes."""
         part = lax.slice_in_dim(x_block, start, stop, axis=dim)
-        for prev in _SPATIAL_DIMS[:_SPATIAL_DIMS.index(dim)]:
+        for prev in _SPATIAL_DIMS[: _SPATIAL_DIMS.index(dim)]:
             if prev in received:
                 lo, hi = (lax.slice_in_dim(slab, start, stop, axis=dim) for slab in received[prev])
                 part = jnp.concatenate([lo, part, hi], axis=prev)
@@ -183,20 +180,22 @@ def _exact_pad_bwd(width, mesh_shape, _, g):
     def cut(d, lo: bool):
         """Where the forward wrote the slab received along ``d``."""
         start = _slab_start(d, lo, block_shape, w)
-        size = [g.shape[0], *(n[e] + 2 * w if e < d else w if e == d else n[e] for e in _SPATIAL_DIMS),
-                g.shape[4]]
+        size = [g.shape[0], *(n[e] + 2 * w if e < d else w if e == d else n[e] for e in _SPATIAL_DIMS), g.shape[4]]
         return lax.slice(g, start, [a + b for a, b in zip(start, size)])
 
     slabs = {d: [cut(d, True), cut(d, False)] for d in exchanged}
-    grad = g[:, w:w + n[1], w:w + n[2], w:w + n[3], :]
+    grad = g[:, w : w + n[1], w : w + n[2], w : w + n[3], :]
 
     def scatter_face(r, d, start):
         """Add the cotangent of ``face(d, start, start + seg)`` where its voxels came from."""
         nonlocal grad
-        for prev in reversed(_SPATIAL_DIMS[:_SPATIAL_DIMS.index(d)]):
+        for prev in reversed(_SPATIAL_DIMS[: _SPATIAL_DIMS.index(d)]):
             total = r.shape[prev]
             if prev in slabs:
-                lo_part, hi_part = lax.slice_in_dim(r, 0, w, axis=prev), lax.slice_in_dim(r, total - w, total, axis=prev)
+                lo_part, hi_part = (
+                    lax.slice_in_dim(r, 0, w, axis=prev),
+                    lax.slice_in_dim(r, total - w, total, axis=prev),
+                )
                 slabs[prev][0] = _add_in_dim(slabs[prev][0], lo_part, start, d)
                 slabs[prev][1] = _add_in_dim(slabs[prev][1], hi_part, start, d)
             r = lax.slice_in_dim(r, w, total - w, axis=prev)
@@ -209,12 +208,14 @@ def _exact_pad_bwd(width, mesh_shape, _, g):
             # My low halo's segment came from the tail of the device `hop` before,
             # my high halo's from the head of the device `hop` after: send them back.
             lo_end = w - (hop - 1) * n[d]
-            back = lax.ppermute(lax.slice_in_dim(lo, lo_end - seg, lo_end, axis=d), name,
-                                [(i + hop, i) for i in range(size - hop)])
+            back = lax.ppermute(
+                lax.slice_in_dim(lo, lo_end - seg, lo_end, axis=d), name, [(i + hop, i) for i in range(size - hop)]
+            )
             scatter_face(back, d, n[d] - seg)
             hi_start = (hop - 1) * n[d]
-            back = lax.ppermute(lax.slice_in_dim(hi, hi_start, hi_start + seg, axis=d), name,
-                                [(i, i + hop) for i in range(size - hop)])
+            back = lax.ppermute(
+                lax.slice_in_dim(hi, hi_start, hi_start + seg, axis=d), name, [(i, i + hop) for i in range(size - hop)]
+            )
             scatter_face(back, d, 0)
     return (grad,)
 
@@ -252,4 +253,3 @@ def global_index(block_size: int, name: str, size: int, *, offset: int = 0, leng
     """
     start = (lax.axis_index(name) * block_size if size > 1 else 0) + offset
     return start + jnp.arange(block_size if length is None else length, dtype=jnp.int32)
-

@@ -27,12 +27,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from workbench.errors import UserError
-from workbench.model.halo import global_index, halo_pad
 from workbench.mesh import ACTIVATION_SPEC, DATA_AXIS, SPATIAL_AXES
+from workbench.model.halo import global_index, halo_pad
 from workbench.options import NORMS
 
 __all__ = ["Partition", "Conv3", "Norm", "hash_dropout", "NORMS", "he_normal"]
-
 
 
 @dataclass(frozen=True)
@@ -175,8 +174,9 @@ def conv3d(x, kernel, padding):
     instead of the 46 % it saves on XLA:CPU.
     """
     x, kernel = lax.optimization_barrier((x, kernel))
-    return lax.conv_general_dilated(x, kernel, window_strides=(1, 1, 1), padding=padding,
-                                    dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    return lax.conv_general_dilated(
+        x, kernel, window_strides=(1, 1, 1), padding=padding, dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
+    )
 
 
 class Conv3(nn.Module):
@@ -210,7 +210,7 @@ class Conv3(nn.Module):
         y, start = None, 0
         for part, c in zip(parts, channels):
             x_in, padding = self.partition.conv_input(part.astype(self.dtype), self.level)
-            term = conv3d(x_in, kernel[..., start:start + c, :], padding)
+            term = conv3d(x_in, kernel[..., start : start + c, :], padding)
             y = term if y is None else y + term
             start += c
         return y + bias.astype(self.dtype)
@@ -247,8 +247,10 @@ class UpConv2(nn.Module):
 def _pool_blocks(x):
     n, z, y, w, c = x.shape
     if z % 2 or y % 2 or w % 2:
-        raise UserError(f"2x2x2 pooling needs even spatial sizes, got {z}x{y}x{w}; pad the volume to a "
-                         "multiple of 2^(depth-1) per axis (ShardLayout and run.apply do)")
+        raise UserError(
+            f"2x2x2 pooling needs even spatial sizes, got {z}x{y}x{w}; pad the volume to a "
+            "multiple of 2^(depth-1) per axis (ShardLayout and run.apply do)"
+        )
     return x.reshape(n, z // 2, 2, y // 2, 2, w // 2, 2, c)
 
 

@@ -27,7 +27,8 @@ import numpy as np
 
 from workbench.errors import UserError
 from workbench.model.layers import Conv3, Norm, Partition, UpConv2, hash_dropout, he_normal, max_pool2
-from workbench.options import DTYPES, NORMS, PRESETS as PRESET_NAMES
+from workbench.options import DTYPES, NORMS
+from workbench.options import PRESETS as PRESET_NAMES
 
 __all__ = ["UNetConfig", "UNet3D", "Model", "PRESETS", "receptive_radius"]
 
@@ -36,13 +37,23 @@ _PRESET_FIELDS: dict[str, dict[str, Any]] = {
     # Small enough to train on a laptop CPU. Instance norm (as nnU-Net): with one volume
     # per step, batch norm's running averages lag the weights and hurt held-out inference.
     "small": dict(
-        depth=3, base_filters=8, convs_per_block=2, norm="instance",
-        activation="relu", dtype="float32", num_classes=3,
+        depth=3,
+        base_filters=8,
+        convs_per_block=2,
+        norm="instance",
+        activation="relu",
+        dtype="float32",
+        num_classes=3,
     ),
     # The Mesh-TensorFlow paper's configuration (Hou et al. 2019).
     "paper": dict(
-        depth=4, base_filters=32, convs_per_block=2, norm="batch",
-        activation="leaky_relu", dtype="bfloat16", num_classes=3,
+        depth=4,
+        base_filters=32,
+        convs_per_block=2,
+        norm="batch",
+        activation="leaky_relu",
+        dtype="bfloat16",
+        num_classes=3,
     ),
 }
 # Keyed by the names of workbench.options.PRESETS (a KeyError here means the two disagree).
@@ -72,8 +83,14 @@ class UNetConfig:
                 raise UserError(msg)
 
         check(isinstance(self.depth, int) and 1 <= self.depth <= 7, f"depth={self.depth!r} must be an integer in 1..7")
-        check(isinstance(self.base_filters, int) and self.base_filters >= 1, f"base_filters={self.base_filters!r} must be >= 1")
-        check(isinstance(self.convs_per_block, int) and self.convs_per_block >= 1, f"convs_per_block={self.convs_per_block!r} must be >= 1")
+        check(
+            isinstance(self.base_filters, int) and self.base_filters >= 1,
+            f"base_filters={self.base_filters!r} must be >= 1",
+        )
+        check(
+            isinstance(self.convs_per_block, int) and self.convs_per_block >= 1,
+            f"convs_per_block={self.convs_per_block!r} must be >= 1",
+        )
         check(self.in_channels >= 1 and self.num_classes >= 1, "in_channels and num_classes must be >= 1")
         check(self.activation in ACTIVATIONS, f"activation={self.activation!r}; use one of {ACTIVATIONS}")
         check(self.norm in NORMS, f"norm={self.norm!r}; use one of {NORMS}")
@@ -81,7 +98,7 @@ class UNetConfig:
         check(0.0 <= self.dropout < 1.0, f"dropout={self.dropout!r} must be in [0, 1)")
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "UNetConfig":
+    def preset(cls, name: str, **overrides) -> UNetConfig:
         if name not in PRESETS:
             raise UserError(f"unknown model preset {name!r}; use one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
@@ -101,19 +118,21 @@ class UNetConfig:
         return jnp.float64 if self.dtype == "float64" else jnp.float32
 
     @classmethod
-    def from_dict(cls, fields: dict) -> "UNetConfig":
+    def from_dict(cls, fields: dict) -> UNetConfig:
         """The config with these fields (the rest default), e.g. from :meth:`as_dict` or JSON;
         an unknown field is a ``ValueError`` naming it and the known ones."""
         if not isinstance(fields, dict):
-            raise UserError(f"a model config is a JSON object of UNetConfig fields, not {type(fields).__name__}; "
-                             'e.g. {"depth": 2, "base_filters": 6}')
+            raise UserError(
+                f"a model config is a JSON object of UNetConfig fields, not {type(fields).__name__}; "
+                'e.g. {"depth": 2, "base_filters": 6}'
+            )
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = [k for k in fields if k not in known]
         if unknown:
             raise UserError(f"unknown UNetConfig field {unknown[0]!r}; use only {', '.join(known)}")
         return cls(**fields)
 
-    def replace(self, **changes) -> "UNetConfig":
+    def replace(self, **changes) -> UNetConfig:
         return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict:
@@ -133,8 +152,9 @@ class ConvBlock(nn.Module):
     def __call__(self, x):
         cfg, part = self.config, self.partition
         for i in range(cfg.convs_per_block):
-            x = Conv3(self.features, self.level, part, cfg.compute_dtype, split_inputs=not self.train,
-                      name=f"conv{i}")(x)
+            x = Conv3(self.features, self.level, part, cfg.compute_dtype, split_inputs=not self.train, name=f"conv{i}")(
+                x
+            )
             if cfg.norm != "none":
                 x = Norm(cfg.norm, self.level, part, groups=cfg.groups, train=self.train, name=f"norm{i}")(x)
             x = nn.relu(x) if cfg.activation == "relu" else nn.leaky_relu(x, cfg.negative_slope)
@@ -182,7 +202,7 @@ class Model:
     variables: Any
 
     @classmethod
-    def init(cls, config: UNetConfig | str = "small", *, seed: int = 0) -> "Model":
+    def init(cls, config: UNetConfig | str = "small", *, seed: int = 0) -> Model:
         if isinstance(config, str):
             config = UNetConfig.preset(config)
         size = config.multiple
@@ -194,8 +214,8 @@ class Model:
     def num_params(self) -> int:
         return int(sum(np.size(p) for p in jax.tree.leaves(self.variables["params"])))
 
-    def module(self, partition: Partition = Partition()) -> UNet3D:
-        return UNet3D(self.config, partition)
+    def module(self, partition: Partition | None = None) -> UNet3D:
+        return UNet3D(self.config, Partition() if partition is None else partition)
 
 
 def receptive_radius(config: UNetConfig) -> int:

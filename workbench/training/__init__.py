@@ -22,8 +22,14 @@ from __future__ import annotations
 import importlib
 
 _MODULES = {
-    "config": ("TrainConfig", "NonFiniteLossError", "PAPER_CLASS_WEIGHTS", "model_config", "add_train_flags",
-               "train_config_from_flags"),
+    "config": (
+        "TrainConfig",
+        "NonFiniteLossError",
+        "PAPER_CLASS_WEIGHTS",
+        "model_config",
+        "add_train_flags",
+        "train_config_from_flags",
+    ),
     "state": ("make_optimizer", "create_train_state", "abstract_train_state", "variables_of"),
     "step": ("TrainStep", "build_train_step", "compile_train_step", "put_batch"),
     "evaluation": ("evaluate",),

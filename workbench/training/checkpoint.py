@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from data_tools.atomic import write_bytes_atomic
 from workbench.errors import InputNotFoundError, UserError
 from workbench.training.config import TrainConfig
-from data_tools.atomic import write_bytes_atomic
 from workbench.training.state import abstract_train_state, variables_of
 
 __all__ = [
@@ -68,7 +68,10 @@ class Checkpoints:
             raise UserError(f"keep={keep!r} must be an integer >= 1 (checkpoints to keep)")
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=False, cleanup_tmp_directories=writer, create=writer,
+            max_to_keep=keep,
+            enable_async_checkpointing=False,
+            cleanup_tmp_directories=writer,
+            create=writer,
         )
         self._ocp = ocp
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
@@ -106,8 +109,9 @@ class Checkpoints:
                 meta = self.read_meta(step)
             except Exception as err:  # noqa: BLE001 - any unreadable file means a corrupt step
                 failures.append((step, err))
-                log(f"checkpoint step {step} in {self.directory} is unreadable ({_short(err)}); "
-                    "trying the previous one")
+                log(
+                    f"checkpoint step {step} in {self.directory} is unreadable ({_short(err)}); trying the previous one"
+                )
                 continue
             if expect_model is not None:
                 check_model_config(meta.get("model", {}), expect_model, where=f"{self.directory} step {step}")
@@ -117,8 +121,9 @@ class Checkpoints:
                 )
             except Exception as err:  # noqa: BLE001
                 failures.append((step, err))
-                log(f"checkpoint step {step} in {self.directory} is unreadable ({_short(err)}); "
-                    "trying the previous one")
+                log(
+                    f"checkpoint step {step} in {self.directory} is unreadable ({_short(err)}); trying the previous one"
+                )
                 continue
             return restored["state"], meta, step
         if failures:
@@ -140,8 +145,11 @@ def _short(err: Exception) -> str:
 
 def check_model_config(saved: dict, expected: dict, *, where: str) -> None:
     """Raise :class:`CheckpointMismatchError` naming the differing fields."""
-    diff = {k: (saved.get(k), expected.get(k)) for k in sorted(set(saved) | set(expected))
-            if saved.get(k) != expected.get(k)}
+    diff = {
+        k: (saved.get(k), expected.get(k))
+        for k in sorted(set(saved) | set(expected))
+        if saved.get(k) != expected.get(k)
+    }
     if diff:
         text = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
         raise CheckpointMismatchError(

@@ -94,10 +94,14 @@ def _option(default, help: str, *, flag: str | None = None, type=None, choices=N
 class TrainConfig:
     """One training run (JSON-able via :meth:`as_dict`). Derived values are properties."""
 
-    data: Any = _option("phantom", "phantom[:N] (fresh synthetic phantoms rendered at N³), mni[:N], or labelled "
-                        "volume paths (default phantom)", nargs="+")
-    resolution: int | None = _option(None, "resample every volume to N³ (default: the data's own size; phantom: 64)",
-                                     type=positive_int)
+    data: Any = _option(
+        "phantom",
+        "phantom[:N] (fresh synthetic phantoms rendered at N³), mni[:N], or labelled volume paths (default phantom)",
+        nargs="+",
+    )
+    resolution: int | None = _option(
+        None, "resample every volume to N³ (default: the data's own size; phantom: 64)", type=positive_int
+    )
     mesh: str = _option("2x2x2", "ZxYxX or data=D,z=Z,y=Y,x=X (default 2x2x2)")
     data_parallel: int = _option(1, "size of the data axis (default 1)", type=positive_int)
     backend: str = _option("explicit", "{choices} (default explicit)", choices=BACKENDS)
@@ -111,11 +115,13 @@ class TrainConfig:
     schedule: str = _option("constant", "{choices} (default constant)", choices=SCHEDULES)
     warmup_steps: int = _option(0, "warmup steps of warmup_cosine (default 0: steps / 20)", type=int)
     clip_norm: float = _option(1.0, "global-norm gradient clip, 0 = off (default 1)", flag="--clip", type=float)
-    class_weights: tuple | None = _option(None, "cross-entropy weight per class, e.g. 1,8,16 (default: 1,8,16 "
-                                          "for phantoms as the paper, else all 1)", type=parse_class_weights)
+    class_weights: tuple | None = _option(
+        None,
+        "cross-entropy weight per class, e.g. 1,8,16 (default: 1,8,16 for phantoms as the paper, else all 1)",
+        type=parse_class_weights,
+    )
     dice_weight: float = _option(0.2, "loss = CE + w × Dice loss (default 0.2)", type=float)
-    augment: bool = _option(True, "turn flips/rotations/intensity/noise off", flag="--no-augment",
-                            action="store_false")
+    augment: bool = _option(True, "turn flips/rotations/intensity/noise off", flag="--no-augment", action="store_false")
     checkpoint_every: int = _option(50, "steps between checkpoints", type=positive_int)
     keep: int = _option(3, "checkpoints to keep (default 3)", type=positive_int)
     eval_every: int = _option(0, "evaluate on held-out cases every E steps", type=int)
@@ -131,17 +137,25 @@ class TrainConfig:
         check(isinstance(self.batch, int) and 1 <= self.batch <= 64, f"batch={self.batch!r} must be in 1..64")
         check(self.optimizer in OPTIMIZERS, f"optimizer={self.optimizer!r}; use one of {OPTIMIZERS}")
         check(self.schedule in SCHEDULES, f"schedule={self.schedule!r}; use one of {SCHEDULES}")
-        check(self.learning_rate > 0 and math.isfinite(self.learning_rate),
-              f"learning_rate={self.learning_rate!r} must be a positive number")
+        check(
+            self.learning_rate > 0 and math.isfinite(self.learning_rate),
+            f"learning_rate={self.learning_rate!r} must be a positive number",
+        )
         check(self.backend in BACKENDS, f"backend={self.backend!r}; use {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
         check(self.model in PRESETS, f"model={self.model!r} is not a preset; use one of {', '.join(PRESETS)}")
-        check(isinstance(self.data_parallel, int) and self.data_parallel >= 1,
-              f"data_parallel={self.data_parallel!r} must be an integer >= 1")
-        check(self.batch % self.data_parallel == 0,
-              f"batch {self.batch} does not split over data-parallel {self.data_parallel}; "
-              f"use a batch that is a multiple of {self.data_parallel}")
-        check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
-              f"warmup_steps={self.warmup_steps!r} must be an integer >= 0")
+        check(
+            isinstance(self.data_parallel, int) and self.data_parallel >= 1,
+            f"data_parallel={self.data_parallel!r} must be an integer >= 1",
+        )
+        check(
+            self.batch % self.data_parallel == 0,
+            f"batch {self.batch} does not split over data-parallel {self.data_parallel}; "
+            f"use a batch that is a multiple of {self.data_parallel}",
+        )
+        check(
+            isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+            f"warmup_steps={self.warmup_steps!r} must be an integer >= 0",
+        )
         check(self.checkpoint_every >= 1 and self.keep >= 1, "checkpoint_every and keep must be >= 1")
         check(self.eval_every >= 0 and self.eval_cases >= 0, "eval_every and eval_cases must be >= 0")
         check(self.dice_weight >= 0 and self.clip_norm >= 0, "dice_weight and clip_norm must be >= 0")
@@ -153,7 +167,7 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         """The config :meth:`as_dict` wrote (a checkpoint's meta); keys of other versions are ignored."""
         d = dict(d)
         if d.get("class_weights") is not None:
@@ -162,7 +176,7 @@ class TrainConfig:
             d["data"] = tuple(d["data"])
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
-    def replace(self, **changes) -> "TrainConfig":
+    def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
     @property
@@ -237,7 +251,7 @@ def train_config_from_flags(args) -> TrainConfig:
     if isinstance(data, (list, tuple)):
         values["data"] = data[0] if len(data) == 1 else tuple(data)
     overrides = {}
-    for _, name, kwargs in _MODEL_OVERRIDE_FLAGS:
+    for _, name, _kwargs in _MODEL_OVERRIDE_FLAGS:
         value = getattr(args, name)
         if value is not None and value is not False:
             overrides[name] = value

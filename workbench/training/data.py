@@ -27,15 +27,25 @@ units gets the abdomen window, everything else a per-volume z-score.
 from __future__ import annotations
 
 import concurrent.futures
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
 from workbench.errors import UserError
 
-__all__ = ["Case", "Source", "make_source", "augment", "place", "BatchStream", "TRAIN_SEED_BASE",
-           "model_input", "ct_input", "is_ct"]
+__all__ = [
+    "Case",
+    "Source",
+    "make_source",
+    "augment",
+    "place",
+    "BatchStream",
+    "TRAIN_SEED_BASE",
+    "model_input",
+    "ct_input",
+    "is_ct",
+]
 
 TRAIN_SEED_BASE = 1_000_000
 CT_WINDOW = (40.0, 400.0)  # abdomen window (centre, width) in HU
@@ -90,7 +100,6 @@ class Case:
 
 def _case_from_volume(volume, resolution: int | None, name: str, num_classes: int | None = None) -> Case:
     from data_tools.preprocess import resample
-
     from workbench.training.losses import check_labels
 
     if volume.labels is None:
@@ -200,16 +209,16 @@ def make_source(data: str | Sequence, resolution: int | None = None) -> Source:
             return VolumeSource([case], [case], volume.class_names, f"mni at {case.image.shape}")
     volumes = [load_input(v) if not hasattr(v, "array") else v for v in items]
     class_names = next((v.class_names for v in volumes if v.class_names), None)
-    cases = [_case_from_volume(v, resolution, str(getattr(v, "path", None) or f"volume {i}"))
-             for i, v in enumerate(volumes)]
+    cases = [
+        _case_from_volume(v, resolution, str(getattr(v, "path", None) or f"volume {i}")) for i, v in enumerate(volumes)
+    ]
     num_classes = len(class_names) if class_names else int(max(c.labels.max() for c in cases)) + 1
     if class_names is None:
         class_names = ("background",) + tuple(f"class{k}" for k in range(1, num_classes))
     shapes = {c.image.shape for c in cases}
     if len(shapes) > 1:
         raise UserError(
-            f"training volumes have different shapes {sorted(shapes)}; pass --resolution N to "
-            "resample them all to N³"
+            f"training volumes have different shapes {sorted(shapes)}; pass --resolution N to resample them all to N³"
         )
     for c in cases:
         from workbench.training.losses import check_labels
@@ -217,8 +226,9 @@ def make_source(data: str | Sequence, resolution: int | None = None) -> Source:
         check_labels(c.labels, num_classes, name=f"labels of {c.name}")
     held = max(1, len(cases) // 5) if len(cases) >= 2 else 0
     train = cases[: len(cases) - held]
-    return VolumeSource(train, cases[len(cases) - held:] or train, class_names,
-                        f"{len(cases)} volume(s) at {cases[0].image.shape}")
+    return VolumeSource(
+        train, cases[len(cases) - held :] or train, class_names, f"{len(cases)} volume(s) at {cases[0].image.shape}"
+    )
 
 
 def augment(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator):

@@ -7,8 +7,7 @@ import numpy as np
 __all__ = ["evaluate"]
 
 
-def evaluate(model, cases, mesh="1x1x1", *, backend: str = "explicit", class_names=None,
-             hd95: bool = True) -> dict:
+def evaluate(model, cases, mesh="1x1x1", *, backend: str = "explicit", class_names=None, hd95: bool = True) -> dict:
     """Dice per class per case and pooled, accuracy and HD95 (mm) of ``model`` on ``cases``.
 
     Runs the partitioned inference (running batch-norm statistics) at each case's full

@@ -7,8 +7,8 @@ import io
 import json
 from pathlib import Path
 
-from workbench.training.evaluation import finite_or_none
 from data_tools.atomic import write_text_atomic
+from workbench.training.evaluation import finite_or_none
 
 __all__ = ["train_row", "eval_row", "write_history", "plot_history"]
 
@@ -18,9 +18,15 @@ def train_row(step: int, metrics: dict, class_names, seconds: float, lr: float) 
     from workbench.training.losses import dice_from_counts
 
     dice = dice_from_counts(metrics["inter"], metrics["pred"], metrics["true"])["pooled"]
-    row = {"step": step, "loss": float(metrics["loss"]), "ce": float(metrics["ce"]),
-           "dice_loss": float(metrics["dice_loss"]), "grad_norm": float(metrics["grad_norm"]),
-           "lr": lr, "seconds": seconds}
+    row = {
+        "step": step,
+        "loss": float(metrics["loss"]),
+        "ce": float(metrics["ce"]),
+        "dice_loss": float(metrics["dice_loss"]),
+        "grad_norm": float(metrics["grad_norm"]),
+        "lr": lr,
+        "seconds": seconds,
+    }
     for i, n in enumerate(class_names):
         if i:
             row[f"dice_{n}"] = finite_or_none(dice[i])

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools.atomic import write_text_atomic
 from workbench.errors import NotAFolderError, OutputExistsError, UserError
 from workbench.training.checkpoint import Checkpoints, save_weights
 from workbench.training.config import PAPER_CLASS_WEIGHTS, NonFiniteLossError, TrainConfig, model_config
 from workbench.training.evaluation import evaluate
-from data_tools.atomic import write_text_atomic
 from workbench.training.history import eval_row, plot_history, train_row, write_history
 from workbench.training.state import abstract_train_state, create_train_state, learning_rate_schedule, variables_of
 from workbench.training.step import build_train_step, put_batch
@@ -58,8 +58,9 @@ class _StopFlag:
         return False
 
 
-def train_and_evaluate(config: TrainConfig, workdir, *, resume: bool = False, progress: bool = True,
-                       log=print, source=None) -> dict:
+def train_and_evaluate(
+    config: TrainConfig, workdir, *, resume: bool = False, progress: bool = True, log=print, source=None
+) -> dict:
     """Train ``config`` into ``workdir`` (checkpoints, history, plot, final weights) and evaluate.
 
     Returns a dict with ``history``, ``eval`` (final held-out metrics), ``step``,
@@ -89,14 +90,23 @@ def train_and_evaluate(config: TrainConfig, workdir, *, resume: bool = False, pr
     cfg = model_config(tc, source.num_classes)
     weights = tc.class_weights
     if weights is None:
-        weights = PAPER_CLASS_WEIGHTS if source.num_classes == 3 and "phantom" in source.description \
+        weights = (
+            PAPER_CLASS_WEIGHTS
+            if source.num_classes == 3 and "phantom" in source.description
             else (1.0,) * source.num_classes
+        )
     if len(weights) != source.num_classes:
-        raise UserError(f"class_weights {tuple(weights)} must have {source.num_classes} entries "
-                         f"({', '.join(source.class_names)})")
+        raise UserError(
+            f"class_weights {tuple(weights)} must have {source.num_classes} entries ({', '.join(source.class_names)})"
+        )
     layout = ShardLayout(source.shape, spec, multiple=cfg.multiple)
-    meta = {"model": cfg.as_dict(), "train": tc.as_dict(), "class_names": list(source.class_names),
-            "class_weights": list(weights), "data": source.description}
+    meta = {
+        "model": cfg.as_dict(),
+        "train": tc.as_dict(),
+        "class_names": list(source.class_names),
+        "class_weights": list(weights),
+        "data": source.description,
+    }
     # -- checkpoints: fresh or resume ---------------------------------------------------------
     ckpt_dir = workdir / "checkpoints"
     existing = []
@@ -114,8 +124,14 @@ def train_and_evaluate(config: TrainConfig, workdir, *, resume: bool = False, pr
     workdir.mkdir(parents=True, exist_ok=True)
     ckpts = Checkpoints(ckpt_dir, keep=tc.keep, writer=True)
     state, start = None, 0
-    history = {"config": tc.as_dict(), "model": cfg.as_dict(), "class_names": list(source.class_names),
-               "data": source.description, "train": [], "eval": []}
+    history = {
+        "config": tc.as_dict(),
+        "model": cfg.as_dict(),
+        "class_names": list(source.class_names),
+        "data": source.description,
+        "train": [],
+        "eval": [],
+    }
     if resume and existing:
         abstract = abstract_train_state(cfg, tc, ts.state_sharding)
         state, _, start = ckpts.restore(abstract, expect_model=cfg.as_dict(), log=log)
@@ -183,8 +199,13 @@ def train_and_evaluate(config: TrainConfig, workdir, *, resume: bool = False, pr
             if bar is not None:
                 bar.close()
     loop_seconds = time.perf_counter() - t_loop
-    result = {"step": step, "interrupted": interrupted, "workdir": str(workdir), "history": history,
-              "loop_seconds": loop_seconds}
+    result = {
+        "step": step,
+        "interrupted": interrupted,
+        "workdir": str(workdir),
+        "history": history,
+        "loop_seconds": loop_seconds,
+    }
     if interrupted:
         ckpts.close()
         log(f"{interrupted} at step {step}: checkpoint written to {ckpt_dir}; continue with --resume")
@@ -196,8 +217,11 @@ def train_and_evaluate(config: TrainConfig, workdir, *, resume: bool = False, pr
     model = Model(cfg, jax.device_get(variables_of(state)))
     save_weights(workdir / "model.msgpack", model, {**meta, "step": step, "eval": final_eval})
     plot_history(history, workdir / "curves.png")
-    result.update(eval=final_eval, model=model,
-                  files=[str(workdir / n) for n in ("history.json", "history.csv", "curves.png", "model.msgpack")])
+    result.update(
+        eval=final_eval,
+        model=model,
+        files=[str(workdir / n) for n in ("history.json", "history.csv", "curves.png", "model.msgpack")],
+    )
     return result
 
 

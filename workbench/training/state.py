@@ -26,8 +26,11 @@ def learning_rate_schedule(tc: TrainConfig):
     if tc.schedule == "cosine":
         return optax.cosine_decay_schedule(tc.learning_rate, decay_steps=tc.steps, alpha=0.05)
     return optax.warmup_cosine_decay_schedule(
-        0.0, tc.learning_rate, warmup_steps=max(1, tc.warmup_steps or tc.steps // 20),
-        decay_steps=tc.steps, end_value=0.05 * tc.learning_rate,
+        0.0,
+        tc.learning_rate,
+        warmup_steps=max(1, tc.warmup_steps or tc.steps // 20),
+        decay_steps=tc.steps,
+        end_value=0.05 * tc.learning_rate,
     )
 
 
@@ -61,8 +64,12 @@ def _frozen_labels(params):
 
     def label(path, _):
         keys = [getattr(k, "key", str(k)) for k in path]
-        conv_bias = len(keys) >= 3 and keys[-1] == "bias" and keys[-2].startswith("conv") \
+        conv_bias = (
+            len(keys) >= 3
+            and keys[-1] == "bias"
+            and keys[-2].startswith("conv")
             and keys[-3].startswith(("down", "dec"))
+        )
         return "frozen" if conv_bias else "train"
 
     return jax.tree_util.tree_map_with_path(label, params)

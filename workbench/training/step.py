@@ -46,18 +46,30 @@ class TrainStep:
 _STEP_CACHE: dict = {}
 
 
-def build_train_step(config, tc: TrainConfig, layout, *, backend: str | None = None, class_weights=None,
-                     devices=None) -> TrainStep:
+def build_train_step(
+    config, tc: TrainConfig, layout, *, backend: str | None = None, class_weights=None, devices=None
+) -> TrainStep:
     """The partitioned train step for ``layout`` (volume shape + mesh) on ``backend``.
 
     Cached on everything the compiled step depends on, so a resumed or repeated run in
     the same process (tests, notebooks) reuses the compilation.
     """
     backend = backend or tc.backend
-    key = (config, backend, layout.volume_shape, layout.mesh, tc.optimizer, tc.learning_rate, tc.schedule,
-           tc.warmup_steps, tc.steps if tc.schedule != "constant" else None, tc.clip_norm, tc.dice_weight,
-           None if class_weights is None else tuple(float(w) for w in class_weights),
-           None if devices is None else tuple(devices))
+    key = (
+        config,
+        backend,
+        layout.volume_shape,
+        layout.mesh,
+        tc.optimizer,
+        tc.learning_rate,
+        tc.schedule,
+        tc.warmup_steps,
+        tc.steps if tc.schedule != "constant" else None,
+        tc.clip_norm,
+        tc.dice_weight,
+        None if class_weights is None else tuple(float(w) for w in class_weights),
+        None if devices is None else tuple(devices),
+    )
     if key not in _STEP_CACHE:
         if len(_STEP_CACHE) > 16:
             _STEP_CACHE.clear()
@@ -72,8 +84,9 @@ def _build_train_step(config, tc, layout, backend, class_weights, devices) -> Tr
     from workbench.execute.run import make_forward
     from workbench.training.losses import confusion_counts, segmentation_loss
 
-    fn, mesh, image_sharding, state_sharding = make_forward(config, layout, backend=backend, train=True,
-                                                            devices=devices)
+    fn, mesh, image_sharding, state_sharding = make_forward(
+        config, layout, backend=backend, train=True, devices=devices
+    )
     label_sharding = image_sharding
     if backend != "reference":
         label_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*image_sharding.spec[:4]))
@@ -89,27 +102,43 @@ def _build_train_step(config, tc, layout, backend, class_weights, devices) -> Tr
         def loss_fn(params):
             variables = {**variables_of(state), "params": params}
             logits, updates = fn(variables, images, rng)
-            loss, parts = segmentation_loss(logits, labels, volume_shape, class_weights=weights,
-                                            dice_weight=tc.dice_weight)
+            loss, parts = segmentation_loss(
+                logits, labels, volume_shape, class_weights=weights, dice_weight=tc.dice_weight
+            )
             return loss, (updates, parts, confusion_counts(logits, labels, volume_shape))
 
         (loss, (updates, parts, counts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         deltas, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        new = {**state, "params": optax.apply_updates(state["params"], deltas), "opt_state": opt_state,
-               "step": state["step"] + 1}
+        new = {
+            **state,
+            "params": optax.apply_updates(state["params"], deltas),
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+        }
         if "batch_stats" in state:
             new["batch_stats"] = updates["batch_stats"]
-        metrics = {"loss": loss, **parts, "grad_norm": optax.global_norm(grads),
-                   "inter": counts[0], "pred": counts[1], "true": counts[2]}
+        metrics = {
+            "loss": loss,
+            **parts,
+            "grad_norm": optax.global_norm(grads),
+            "inter": counts[0],
+            "pred": counts[1],
+            "true": counts[2],
+        }
         return new, metrics
 
-    jitted = jax.jit(step, in_shardings=(state_sharding, image_sharding, label_sharding),
-                     out_shardings=(state_sharding, state_sharding), donate_argnums=0)
+    jitted = jax.jit(
+        step,
+        in_shardings=(state_sharding, image_sharding, label_sharding),
+        out_shardings=(state_sharding, state_sharding),
+        donate_argnums=0,
+    )
     return TrainStep(jitted, layout, backend, mesh, state_sharding, image_sharding, label_sharding)
 
 
-def compile_train_step(config, layout, train_config: TrainConfig | None = None, *, backend: str | None = None,
-                       batch: int | None = None):
+def compile_train_step(
+    config, layout, train_config: TrainConfig | None = None, *, backend: str | None = None, batch: int | None = None
+):
     """Compile :func:`build_train_step` (loss, gradients, clipping, optimiser update) for
     abstract inputs on ``layout``'s mesh, allocating nothing: parameters, batch
     statistics and optimiser state are arguments, donated, so the update is in place.
@@ -124,13 +153,16 @@ def compile_train_step(config, layout, train_config: TrainConfig | None = None, 
     tc = train_config or TrainConfig()
     spec = layout.mesh
     backend = backend or tc.backend
-    tc = tc.replace(mesh=f"{spec.z}x{spec.y}x{spec.x}", data_parallel=spec.data, backend=backend,
-                    batch=tc.batch if batch is None else batch)
+    tc = tc.replace(
+        mesh=f"{spec.z}x{spec.y}x{spec.x}",
+        data_parallel=spec.data,
+        backend=backend,
+        batch=tc.batch if batch is None else batch,
+    )
     ts = build_train_step(config, tc, layout, backend=backend)
     state = abstract_train_state(config, tc, ts.state_sharding)
     target = ts.target_shape
-    images = jax.ShapeDtypeStruct((tc.batch, *target, config.in_channels), jnp.float32,
-                                  sharding=ts.image_sharding)
+    images = jax.ShapeDtypeStruct((tc.batch, *target, config.in_channels), jnp.float32, sharding=ts.image_sharding)
     labels = jax.ShapeDtypeStruct((tc.batch, *target), jnp.int32, sharding=ts.label_sharding)
     return ts.fn.lower(state, images, labels).compile()
 
@@ -139,5 +171,6 @@ def put_batch(ts: TrainStep, images: np.ndarray, labels: np.ndarray):
     """Pad a host batch to the step's shape and place each shard on its device."""
     from workbench.training.data import pad_to, place
 
-    return place(pad_to(images, ts.target_shape), ts.image_sharding), \
-        place(pad_to(labels, ts.target_shape), ts.label_sharding)
+    return place(pad_to(images, ts.target_shape), ts.image_sharding), place(
+        pad_to(labels, ts.target_shape), ts.label_sharding
+    )

@@ -11,8 +11,17 @@ import math
 from workbench.errors import UserError
 from workbench.mesh import MeshSpec, ShardLayout, valid_meshes
 
-__all__ = ["data_choices", "mesh_choices", "mesh_svg", "resolution_step", "valid_resolutions", "padding_note",
-           "halo_options", "shape_text", "NICE_SIZES"]
+__all__ = [
+    "data_choices",
+    "mesh_choices",
+    "mesh_svg",
+    "resolution_step",
+    "valid_resolutions",
+    "padding_note",
+    "halo_options",
+    "shape_text",
+    "NICE_SIZES",
+]
 
 # Sizes a resolution picker offers (those that split evenly on the chosen mesh).
 NICE_SIZES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
@@ -50,8 +59,10 @@ def mesh_svg(spec: MeshSpec, *, cell: int = 16) -> str:
     gap, top = 10, 14
     width = mz * (mx * cell + gap) + gap
     height = my * cell + top + (18 if spec.data > 1 else 6)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'font-family="sans-serif" font-size="10">']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'font-family="sans-serif" font-size="10">'
+    ]
     for z in range(mz):
         x0 = gap + z * (mx * cell + gap)
         parts.append(f'<text x="{x0}" y="10">z{z}</text>')
@@ -62,7 +73,7 @@ def mesh_svg(spec: MeshSpec, *, cell: int = 16) -> str:
                 parts.append(
                     f'<rect x="{x0 + x * cell}" y="{top + y * cell}" width="{cell - 1}" '
                     f'height="{cell - 1}" fill="{colour}"><title>device {index}: '
-                    f'z{z} y{y} x{x}</title></rect>'
+                    f"z{z} y{y} x{x}</title></rect>"
                 )
     if spec.data > 1:
         parts.append(f'<text x="{gap}" y="{height - 4}">× {spec.data} data-parallel copies</text>')
@@ -111,7 +122,11 @@ def halo_options(config) -> list[tuple[str, object]]:
     from workbench.execute.run import overlap_width
 
     full = overlap_width(config)
-    narrow = [(f"overlap {w} (narrower than the {full} needed)", w)
-              for w in range(config.multiple, full, config.multiple)]
-    return ([("exact", "exact"), (f"overlap (input halo {full}, exact)", "overlap")]
-            + [(m, m) for m in ("zero", "reflect", "replicate")] + narrow)
+    narrow = [
+        (f"overlap {w} (narrower than the {full} needed)", w) for w in range(config.multiple, full, config.multiple)
+    ]
+    return (
+        [("exact", "exact"), (f"overlap (input halo {full}, exact)", "overlap")]
+        + [(m, m) for m in ("zero", "reflect", "replicate")]
+        + narrow
+    )

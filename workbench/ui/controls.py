@@ -15,39 +15,76 @@ from workbench.ui.choices import data_choices, mesh_choices
 __all__ = ["Controls", "BUTTONS"]
 
 # (attribute, label, icon) of the action buttons, in display order after the steps box.
-BUTTONS = (("run_button", "Run inference", "play"), ("compare_button", "Compare with reference", "balance-scale"),
-           ("train_button", "Train N steps", "line-chart"), ("napari_button", "Open in napari", "cube"),
-           ("memory_button", "Memory vs devices", "bar-chart"))
+BUTTONS = (
+    ("run_button", "Run inference", "play"),
+    ("compare_button", "Compare with reference", "balance-scale"),
+    ("train_button", "Train N steps", "line-chart"),
+    ("napari_button", "Open in napari", "cube"),
+    ("memory_button", "Memory vs devices", "bar-chart"),
+)
 
 
 class Controls:
     """Every control of the panel as an attribute (tests set ``.value`` and click)."""
 
-    def __init__(self, n_devices: int, spec: MeshSpec, *, resolution: str, model: str, dtype: str, halo_choices,
-                 halo, backend: str, steps: int):
+    def __init__(
+        self,
+        n_devices: int,
+        spec: MeshSpec,
+        *,
+        resolution: str,
+        model: str,
+        dtype: str,
+        halo_choices,
+        halo,
+        backend: str,
+        steps: int,
+    ):
         style = {"description_width": "110px"}
         layout = W.Layout(width="300px")
-        self.data = W.Dropdown(options=data_choices(n_devices), value=spec.data, description="data-parallel",
-                               style=style, layout=layout)
-        self.mesh = W.Dropdown(options=mesh_choices(n_devices, data=spec.data), value=spec,
-                               description="mesh z×y×x", style=style, layout=layout)
+        self.data = W.Dropdown(
+            options=data_choices(n_devices), value=spec.data, description="data-parallel", style=style, layout=layout
+        )
+        self.mesh = W.Dropdown(
+            options=mesh_choices(n_devices, data=spec.data),
+            value=spec,
+            description="mesh z×y×x",
+            style=style,
+            layout=layout,
+        )
         self.mesh_picture = W.HTML()
-        self.resolution = W.Combobox(value=resolution, ensure_option=False, description="resolution", style=style,
-                                     layout=layout, placeholder="a side N (N³) or native")
+        self.resolution = W.Combobox(
+            value=resolution,
+            ensure_option=False,
+            description="resolution",
+            style=style,
+            layout=layout,
+            placeholder="a side N (N³) or native",
+        )
         self.padding = W.HTML()
-        self.model = W.Dropdown(options=sorted(PRESETS), value=model, description="model", style=style,
-                                layout=layout)
-        self.dtype = W.Dropdown(options=["float32", "bfloat16"], value=dtype, description="dtype", style=style,
-                                layout=layout)
+        self.model = W.Dropdown(options=sorted(PRESETS), value=model, description="model", style=style, layout=layout)
+        self.dtype = W.Dropdown(
+            options=["float32", "bfloat16"], value=dtype, description="dtype", style=style, layout=layout
+        )
         self.remat = W.Checkbox(value=False, description="rematerialise (less memory, more compute)", indent=False)
         self.halo = W.Dropdown(options=halo_choices, value=halo, description="halo", style=style, layout=layout)
-        self.backend = W.Dropdown(options=PLAN_BACKENDS, value=backend, description="backend", style=style,
-                                  layout=layout)
-        self.steps = W.BoundedIntText(value=steps, min=1, max=100_000, description="steps",
-                                      layout=W.Layout(width="140px"))
+        self.backend = W.Dropdown(
+            options=PLAN_BACKENDS, value=backend, description="backend", style=style, layout=layout
+        )
+        self.steps = W.BoundedIntText(
+            value=steps, min=1, max=100_000, description="steps", layout=W.Layout(width="140px")
+        )
         for name, label, icon in BUTTONS:
-            setattr(self, name, W.Button(description=label, icon=icon, layout=W.Layout(width="auto"),
-                                         button_style="primary" if name == "run_button" else ""))
+            setattr(
+                self,
+                name,
+                W.Button(
+                    description=label,
+                    icon=icon,
+                    layout=W.Layout(width="auto"),
+                    button_style="primary" if name == "run_button" else "",
+                ),
+            )
         self.status = W.HTML()
         self.output = W.Output(layout=W.Layout(border="1px solid #ddd", min_height="40px"))
 
@@ -61,9 +98,19 @@ class Controls:
         mesh_col = W.VBox([W.HTML("<b>Mesh</b>"), self.data, self.mesh, self.mesh_picture])
         res_col = W.VBox([W.HTML("<b>Resolution</b>"), self.resolution, self.padding], layout=W.Layout(width="340px"))
         model_col = W.VBox([W.HTML("<b>Model</b>"), self.model, self.dtype, self.remat, self.halo, self.backend])
-        memory_row = W.VBox([W.HTML("<b>Per-device memory</b>"), W.HBox([memory.plan_for, memory.budget]),
-                             memory.label])
-        actions = W.HBox([self.run_button, self.compare_button, self.steps, self.train_button, self.napari_button,
-                          self.memory_button])
-        return W.VBox([W.HTML(title), W.HBox([mesh_col, res_col, model_col]), memory_row, actions, self.status,
-                       self.output])
+        memory_row = W.VBox(
+            [W.HTML("<b>Per-device memory</b>"), W.HBox([memory.plan_for, memory.budget]), memory.label]
+        )
+        actions = W.HBox(
+            [
+                self.run_button,
+                self.compare_button,
+                self.steps,
+                self.train_button,
+                self.napari_button,
+                self.memory_button,
+            ]
+        )
+        return W.VBox(
+            [W.HTML(title), W.HBox([mesh_col, res_col, model_col]), memory_row, actions, self.status, self.output]
+        )

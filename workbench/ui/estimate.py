@@ -30,8 +30,14 @@ def green(text: str) -> str:
 class EstimateView:
     """Controls ``plan_for`` and ``budget``, the ``label``, and the estimate's state."""
 
-    def __init__(self, estimator: MemoryEstimator | None = None, *, mode: str = "background",
-                 budget_gib: float = 16.0, style=None):
+    def __init__(
+        self,
+        estimator: MemoryEstimator | None = None,
+        *,
+        mode: str = "background",
+        budget_gib: float = 16.0,
+        style=None,
+    ):
         if mode not in ("background", "sync", "off"):
             raise UserError(f"estimate={mode!r}; use 'background', 'sync' or 'off'")
         self.estimator = estimator or MemoryEstimator()
@@ -40,10 +46,18 @@ class EstimateView:
         self.blocked: str | None = None  # why no key can be built from the choices
         self.fits: bool | None = None
         self.last: dict | None = None
-        self.plan_for = W.ToggleButtons(options=["inference", "training"], value="inference",
-                                        description="plan for", style={"button_width": "92px"})
-        self.budget = W.BoundedFloatText(value=budget_gib, min=1e-6, max=1e6, step=1.0, description="budget GiB/dev",
-                                         style=style or {}, layout=W.Layout(width="200px"))
+        self.plan_for = W.ToggleButtons(
+            options=["inference", "training"], value="inference", description="plan for", style={"button_width": "92px"}
+        )
+        self.budget = W.BoundedFloatText(
+            value=budget_gib,
+            min=1e-6,
+            max=1e6,
+            step=1.0,
+            description="budget GiB/dev",
+            style=style or {},
+            layout=W.Layout(width="200px"),
+        )
         self.label = W.HTML()
         self.budget.observe(self._on_budget, names="value")
 

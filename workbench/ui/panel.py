@@ -71,10 +71,22 @@ class WorkbenchPanel:
     ``panel.result``, ``panel.report``, ``panel.history`` and figures in ``panel.figures``.
     """
 
-    def __init__(self, volume="phantom:32", *, mesh=None, resolution=None, model: str = "small",
-                 halo="exact", backend: str = "explicit", budget_gib: float = 16.0, steps: int = 5,
-                 seed: int = 0, n_devices: int | None = None, estimate: str = "background",
-                 estimator: MemoryEstimator | None = None):
+    def __init__(
+        self,
+        volume="phantom:32",
+        *,
+        mesh=None,
+        resolution=None,
+        model: str = "small",
+        halo="exact",
+        backend: str = "explicit",
+        budget_gib: float = 16.0,
+        steps: int = 5,
+        seed: int = 0,
+        n_devices: int | None = None,
+        estimate: str = "background",
+        estimator: MemoryEstimator | None = None,
+    ):
         import jax
 
         from workbench.app.session import Session
@@ -84,9 +96,15 @@ class WorkbenchPanel:
         self.n_devices = len(devices) if n_devices is None else int(n_devices)
         self.platform = devices[0].platform
         self.session = Session(volume, seed=seed)
-        self.memory = EstimateView(estimator, mode=estimate, budget_gib=budget_gib, style={"description_width": "110px"})
+        self.memory = EstimateView(
+            estimator, mode=estimate, budget_gib=budget_gib, style={"description_width": "110px"}
+        )
         self.estimator, self.plan_for, self.budget, self.estimate = (
-            self.memory.estimator, self.memory.plan_for, self.memory.budget, self.memory.label)
+            self.memory.estimator,
+            self.memory.plan_for,
+            self.memory.budget,
+            self.memory.label,
+        )
         self._refreshing = False
         self.inference = self.history = None
         self.summary = ""
@@ -97,14 +115,25 @@ class WorkbenchPanel:
         spec = self._initial_mesh(mesh)
         model = model if model in PRESETS else "small"
         self.controls = Controls(
-            self.n_devices, spec, resolution=str(resolution or self.session.default_size), model=model,
-            dtype=PRESET_CONFIGS[model]["dtype"], halo_choices=halo_options(self.config_for(model)), halo=halo,
-            backend=backend, steps=steps)
+            self.n_devices,
+            spec,
+            resolution=str(resolution or self.session.default_size),
+            model=model,
+            dtype=PRESET_CONFIGS[model]["dtype"],
+            halo_choices=halo_options(self.config_for(model)),
+            halo=halo,
+            backend=backend,
+            steps=steps,
+        )
         for name, widget in vars(self.controls).items():  # panel.mesh, panel.run_button, ...
             setattr(self, name, widget)
-        for name, action in (("run_button", self.run_inference), ("compare_button", self.compare),
-                             ("train_button", self.train), ("napari_button", self.open_napari),
-                             ("memory_button", self.memory_vs_devices)):
+        for name, action in (
+            ("run_button", self.run_inference),
+            ("compare_button", self.compare),
+            ("train_button", self.train),
+            ("napari_button", self.open_napari),
+            ("memory_button", self.memory_vs_devices),
+        ):
             getattr(self, name).on_click(self._click(getattr(self, name), action))
         for control in (*self.controls.choices, self.plan_for):
             control.observe(self._on_change, names="value")
@@ -144,15 +173,29 @@ class WorkbenchPanel:
         """The :class:`~workbench.app.session.Settings` the controls select."""
         from workbench.app.session import Settings
 
-        return Settings(self.volume_shape, self.spec, self.model.value, self.dtype.value, bool(self.remat.value),
-                        self.halo.value, self.backend.value)
+        return Settings(
+            self.volume_shape,
+            self.spec,
+            self.model.value,
+            self.dtype.value,
+            bool(self.remat.value),
+            self.halo.value,
+            self.backend.value,
+        )
 
     def plan_key(self) -> PlanKey:
         """What the memory estimate is computed for (one volume per data-parallel group)."""
         spec = self.spec
         train = self.memory.train  # a training step always exchanges exact halos
-        return PlanKey(self.config, self.volume_shape, spec, self.backend.value,
-                       "exact" if train else self.halo.value, train, batch=spec.data)
+        return PlanKey(
+            self.config,
+            self.volume_shape,
+            spec,
+            self.backend.value,
+            "exact" if train else self.halo.value,
+            train,
+            batch=spec.data,
+        )
 
     # -- results (the last Inference of the session) ---------------------------------------------
     @property
@@ -281,7 +324,8 @@ class WorkbenchPanel:
         self.summary = (
             f"{settings.backend} on {settings.mesh}, halo {settings.halo}: {result.seconds:.2f} s "
             f"(+{result.compile_seconds:.1f} s compile)"
-            + ("" if peak is None else f", measured peak {format_bytes(peak)} per device"))
+            + ("" if peak is None else f", measured peak {format_bytes(peak)} per device")
+        )
         self.show_status(self.summary)
         self._show_figure("slices", plot_slices(self.inference.loaded.image, self.inference.labels, result.layout))
         return result
@@ -297,27 +341,38 @@ class WorkbenchPanel:
         self.summary = (
             f"max |Δ| vs reference {r['max_abs_diff']:.2g}; argmax differs on "
             f"{100 * r['argmax_disagreement']:.2f}% of voxels; partitioned {r['seconds']:.2f} s vs "
-            f"reference {r['reference_seconds']:.2f} s ({r['seconds'] / r['reference_seconds']:.2f}×)")
+            f"reference {r['reference_seconds']:.2f} s ({r['seconds'] / r['reference_seconds']:.2f}×)"
+        )
         self.show_status(self.summary)
-        self._show_figure("error", plot_slices(self.inference.loaded.image, self.inference.labels, result.layout,
-                                               error=np.abs(self.signed_error)))
+        self._show_figure(
+            "error",
+            plot_slices(
+                self.inference.loaded.image, self.inference.labels, result.layout, error=np.abs(self.signed_error)
+            ),
+        )
         label = f"{result.backend}, halo {result.halo}"
-        self._show_figure("seam", plot_seam_profile(
-            {label: self.comparison.profile}, predicted={label: predicted_artifact_depth(settings.config, result.halo)}))
+        self._show_figure(
+            "seam",
+            plot_seam_profile(
+                {label: self.comparison.profile},
+                predicted={label: predicted_artifact_depth(settings.config, result.halo)},
+            ),
+        )
         return r
 
     def train(self, steps: int | None = None, *, workdir=None) -> dict:
         """Train ``steps`` (default: the steps box); the trained weights replace the model's
         for later runs. Returns the training result dict."""
-        out = self.session.train(self.settings(), int(steps or self.steps.value), workdir=workdir,
-                                 log=self.show_status)
+        out = self.session.train(self.settings(), int(steps or self.steps.value), workdir=workdir, log=self.show_status)
         self.history, self.inference = out["history"], None
         rows = self.history["train"]
         curves = {"loss": [r["loss"] for r in rows]}
         for name in [k for k in rows[-1] if k.startswith("dice_")]:
             curves[name.replace("_", " ")] = [np.nan if r[name] is None else r[name] for r in rows]
-        self.show_status(f"trained {out['step']} steps in {out['loop_seconds']:.1f} s; "
-                         f"loss {rows[0]['loss']:.3f} → {rows[-1]['loss']:.3f}; weights in {out['workdir']}")
+        self.show_status(
+            f"trained {out['step']} steps in {out['loop_seconds']:.1f} s; "
+            f"loss {rows[0]['loss']:.3f} → {rows[-1]['loss']:.3f}; weights in {out['workdir']}"
+        )
         self._show_figure("curves", plot_curves(curves, title=f"training on {self.spec}"))
         return out
 

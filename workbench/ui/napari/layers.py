@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import colorsys
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from workbench.errors import UserError
 from workbench.analysis.compare import seam_profile, shard_stats
+from workbench.errors import UserError
 from workbench.mesh import ShardLayout
 
 __all__ = [
@@ -159,8 +160,9 @@ def _shard_label(shard) -> str:
 
 
 # -- image and labels -------------------------------------------------------------------
-def image_layer(image, *, spacing=(1.0, 1.0, 1.0), name: str = "image", percentiles=(0.5, 99.5),
-                colormap: str = "gray") -> LayerData:
+def image_layer(
+    image, *, spacing=(1.0, 1.0, 1.0), name: str = "image", percentiles=(0.5, 99.5), colormap: str = "gray"
+) -> LayerData:
     """The intensity volume with voxel ``scale`` and contrast from its percentiles.
 
     Contrast limits come from a strided sample (about 2M voxels), so a 512³ volume is
@@ -168,28 +170,39 @@ def image_layer(image, *, spacing=(1.0, 1.0, 1.0), name: str = "image", percenti
     """
     _check_volume(image, name)
     kwargs = dict(
-        name=name, scale=_spacing(spacing), colormap=colormap, rendering="mip",
+        name=name,
+        scale=_spacing(spacing),
+        colormap=colormap,
+        rendering="mip",
         contrast_limits=_percentile_limits(image, percentiles),
         metadata={"spacing": _spacing(spacing), "contrast_percentiles": list(percentiles)},
     )
     return _maybe_multiscale(image, kwargs), kwargs, "image"
 
 
-def labels_layer(labels, *, spacing=(1.0, 1.0, 1.0), name: str = "prediction",
-                 class_names: Sequence[str] | None = None, opacity: float = 0.5) -> LayerData:
+def labels_layer(
+    labels,
+    *,
+    spacing=(1.0, 1.0, 1.0),
+    name: str = "prediction",
+    class_names: Sequence[str] | None = None,
+    opacity: float = 0.5,
+) -> LayerData:
     """An integer label map as a Labels layer; ``features`` name the classes."""
     _check_volume(labels, name)
     if not np.issubdtype(labels.dtype, np.integer):
         raise UserError(f"{name} has dtype {labels.dtype}, expected integers; use argmax(-1) of the logits")
-    kwargs: dict[str, Any] = dict(name=name, scale=_spacing(spacing), opacity=opacity,
-                                  metadata={"class_names": list(class_names or [])})
+    kwargs: dict[str, Any] = dict(
+        name=name, scale=_spacing(spacing), opacity=opacity, metadata={"class_names": list(class_names or [])}
+    )
     if class_names:
         kwargs["features"] = {"index": list(range(len(class_names))), "class": list(class_names)}
     return _maybe_multiscale(labels, kwargs), kwargs, "labels"
 
 
-def probability_layers(logits, *, spacing=(1.0, 1.0, 1.0), class_names: Sequence[str] | None = None,
-                       skip_background: bool = True) -> list[LayerData]:
+def probability_layers(
+    logits, *, spacing=(1.0, 1.0, 1.0), class_names: Sequence[str] | None = None, skip_background: bool = True
+) -> list[LayerData]:
     """Softmax of ``(Z, Y, X, K)`` logits, one hidden additive Image layer per class."""
     if np.ndim(logits) != 4:
         raise UserError(f"logits have shape {np.shape(logits)}, expected (Z, Y, X, K)")
@@ -204,9 +217,15 @@ def probability_layers(logits, *, spacing=(1.0, 1.0, 1.0), class_names: Sequence
     colormaps = ["magenta", "green", "cyan", "yellow", "red", "blue"]
     layers = []
     for k in range(1 if skip_background else 0, logits.shape[-1]):
-        kwargs = dict(name=f"p({names[k]})", scale=_spacing(spacing), contrast_limits=[0.0, 1.0],
-                      colormap=colormaps[k % len(colormaps)], blending="additive", visible=False,
-                      metadata={"class": names[k], "class_index": k})
+        kwargs = dict(
+            name=f"p({names[k]})",
+            scale=_spacing(spacing),
+            contrast_limits=[0.0, 1.0],
+            colormap=colormaps[k % len(colormaps)],
+            blending="additive",
+            visible=False,
+            metadata={"class": names[k], "class_index": k},
+        )
         layers.append((_maybe_multiscale(probs[..., k], kwargs), kwargs, "image"))
     return layers
 
@@ -236,8 +255,14 @@ def boundary_segments(layout: ShardLayout) -> dict[int, np.ndarray]:
     return out
 
 
-def boundary_layer(layout: ShardLayout, *, spacing=(1.0, 1.0, 1.0), stats: Sequence[dict] | None = None,
-                   name: str = "shard boundaries", edge_width: float | None = None) -> LayerData:
+def boundary_layer(
+    layout: ShardLayout,
+    *,
+    spacing=(1.0, 1.0, 1.0),
+    stats: Sequence[dict] | None = None,
+    name: str = "shard boundaries",
+    edge_width: float | None = None,
+) -> LayerData:
     """3D wireframe of every shard's block: one ``path`` shape and one colour per shard.
 
     ``features`` has one row per drawn shard: ``index``, ``coord_z/y/x``, ``label`` (shown
@@ -262,13 +287,20 @@ def boundary_layer(layout: ShardLayout, *, spacing=(1.0, 1.0, 1.0), stats: Seque
     if edge_width is None:
         edge_width = max(layout.volume_shape) / 160.0
     kwargs = dict(
-        name=name, scale=_spacing(spacing), shape_type="path",
-        edge_color=colors[[s.index for s in shards]], face_color=[0.0, 0.0, 0.0, 0.0],
-        edge_width=float(edge_width), features=features, blending="translucent_no_depth",
+        name=name,
+        scale=_spacing(spacing),
+        shape_type="path",
+        edge_color=colors[[s.index for s in shards]],
+        face_color=[0.0, 0.0, 0.0, 0.0],
+        edge_width=float(edge_width),
+        features=features,
+        blending="translucent_no_depth",
         text={"string": "{label}", "color": "white", "size": 9, "visible": False},
         metadata={
-            "mesh": layout.mesh.as_dict(), "volume_shape": list(layout.volume_shape),
-            "padded_shape": list(layout.padded_shape), "block_shape": list(layout.block_shape),
+            "mesh": layout.mesh.as_dict(),
+            "volume_shape": list(layout.volume_shape),
+            "padded_shape": list(layout.padded_shape),
+            "block_shape": list(layout.block_shape),
             "empty_shards": [s.index for s in layout.shards() if s.is_empty],
             "spacing": _spacing(spacing),
         },
@@ -283,8 +315,9 @@ def _label_colormap(n_shards: int) -> dict:
     return out
 
 
-def contour_layer(layout: ShardLayout, *, spacing=(1.0, 1.0, 1.0), name: str = "shard contours",
-                  contour: int = 1) -> LayerData:
+def contour_layer(
+    layout: ShardLayout, *, spacing=(1.0, 1.0, 1.0), name: str = "shard contours", contour: int = 1
+) -> LayerData:
     """Labels of ``shard index + 1`` drawn as contours: shard outlines on every 2D slice.
 
     napari's ``contour`` is a layer property, not a constructor argument, so it travels
@@ -375,8 +408,16 @@ def halo_band(layout: ShardLayout, width: int, *, shard: int | None = None):
     return _computed_volume(layout.volume_shape, dtype, band)
 
 
-def halo_band_layer(layout: ShardLayout, width: int, *, spacing=(1.0, 1.0, 1.0), shard: int | None = None,
-                    halo=None, name: str | None = None, opacity: float = 0.4) -> LayerData:
+def halo_band_layer(
+    layout: ShardLayout,
+    width: int,
+    *,
+    spacing=(1.0, 1.0, 1.0),
+    shard: int | None = None,
+    halo=None,
+    name: str | None = None,
+    opacity: float = 0.4,
+) -> LayerData:
     """:func:`halo_band` as a translucent Labels layer in the shards' colours."""
     data = halo_band(layout, width, shard=shard)
     n = len(layout.shards())
@@ -395,8 +436,14 @@ def halo_band_layer(layout: ShardLayout, width: int, *, spacing=(1.0, 1.0, 1.0),
 
 
 # -- error maps -------------------------------------------------------------------------
-def error_layers(signed, layout: ShardLayout, *, spacing=(1.0, 1.0, 1.0), tolerance: float = 1e-5,
-                 stats: Sequence[dict] | None = None) -> list[LayerData]:
+def error_layers(
+    signed,
+    layout: ShardLayout,
+    *,
+    spacing=(1.0, 1.0, 1.0),
+    tolerance: float = 1e-5,
+    stats: Sequence[dict] | None = None,
+) -> list[LayerData]:
     """Signed error (diverging, symmetric limits) and ``|error|`` (MIP in 3D) layers.
 
     Contrast limits come from the data: ``±max|Δ|`` and ``[0, max|Δ|]``, but never
@@ -419,20 +466,33 @@ def error_layers(signed, layout: ShardLayout, *, spacing=(1.0, 1.0, 1.0), tolera
     if _is_large(signed.shape):
         import dask.array as da
 
-        abs_data = da.absolute(da.from_array(signed, chunks=(max(1, _SLAB_VOXELS // int(np.prod(signed.shape[1:]))), -1, -1)))
+        abs_data = da.absolute(
+            da.from_array(signed, chunks=(max(1, _SLAB_VOXELS // int(np.prod(signed.shape[1:]))), -1, -1))
+        )
         abs_kwargs["multiscale"] = True
         abs_data = _pyramid(abs_data, reduce="max")  # max-pooled: thin seams survive
     else:
         abs_data = np.abs(signed)
-    return [(_maybe_multiscale(signed, signed_kwargs), signed_kwargs, "image"),
-            (abs_data, abs_kwargs, "image")]
+    return [(_maybe_multiscale(signed, signed_kwargs), signed_kwargs, "image"), (abs_data, abs_kwargs, "image")]
 
 
 # -- everything for one run -------------------------------------------------------------
-def build_layers(layout: ShardLayout, *, spacing=(1.0, 1.0, 1.0), image=None, prediction=None,
-                 ground_truth=None, reference_prediction=None, logits=None, signed=None,
-                 halo=None, halo_band_width: int = 0, class_names: Sequence[str] | None = None,
-                 tolerance: float = 1e-5, stats: Sequence[dict] | None = None) -> list[LayerData]:
+def build_layers(
+    layout: ShardLayout,
+    *,
+    spacing=(1.0, 1.0, 1.0),
+    image=None,
+    prediction=None,
+    ground_truth=None,
+    reference_prediction=None,
+    logits=None,
+    signed=None,
+    halo=None,
+    halo_band_width: int = 0,
+    class_names: Sequence[str] | None = None,
+    tolerance: float = 1e-5,
+    stats: Sequence[dict] | None = None,
+) -> list[LayerData]:
     """All layers of one run, bottom to top: image, ground truth, reference prediction,
     prediction, class probabilities, error maps, halo band, shard contours, boundaries.
 
@@ -479,10 +539,17 @@ def inference_layers(inference) -> list[LayerData]:
     from workbench.analysis.receptive import halo_width
 
     loaded, halo = inference.loaded, inference.result.halo
-    return build_layers(inference.layout, spacing=loaded.spacing, image=loaded.image, prediction=inference.labels,
-                        ground_truth=loaded.labels, signed=inference.signed_error(), halo=halo,
-                        halo_band_width=halo_width(halo, model=inference.report["model"]),
-                        class_names=loaded.class_names)
+    return build_layers(
+        inference.layout,
+        spacing=loaded.spacing,
+        image=loaded.image,
+        prediction=inference.labels,
+        ground_truth=loaded.labels,
+        signed=inference.signed_error(),
+        halo=halo,
+        halo_band_width=halo_width(halo, model=inference.report["model"]),
+        class_names=loaded.class_names,
+    )
 
 
 def result_layers(result) -> list[LayerData]:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 __all__ = ["add_layers", "apply_contour", "display_available", "save_view_png", "show_view"]
 
@@ -50,8 +50,14 @@ def display_available() -> tuple[bool, str]:
     return True, ""
 
 
-def save_view_png(path: str | os.PathLike, layers: Sequence[LayerData], *, ndisplay: int = 3,
-                  angles=(0.0, -35.0, 120.0), size=(720, 720)) -> Path:
+def save_view_png(
+    path: str | os.PathLike,
+    layers: Sequence[LayerData],
+    *,
+    ndisplay: int = 3,
+    angles=(0.0, -35.0, 120.0),
+    size=(720, 720),
+) -> Path:
     """Open a napari viewer with ``layers``, screenshot the canvas to ``path``, close it.
 
     Needs a display (a real one or Xvfb): a hidden viewer renders black.

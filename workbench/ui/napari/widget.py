@@ -124,16 +124,23 @@ class PartitionedInferenceWidget(Container):
         from data_tools.volume import Volume
 
         spacing = tuple(float(s) for s in layer.scale[-3:])
-        loaded = load_volume(Volume(np.asarray(data), spacing=spacing, path=f"layer {layer.name!r}"),
-                             name=f"layer {layer.name!r}")
+        loaded = load_volume(
+            Volume(np.asarray(data), spacing=spacing, path=f"layer {layer.name!r}"), name=f"layer {layer.name!r}"
+        )
         choice = self.model()
         halo, _ = check_run_options(choice.config, self.backend.value, self.halo.value, self.mesh.value)
-        run = infer(choice, loaded, self.mesh.value, backend=self.backend.value, halo=halo,
-                    reference=self.reference.value)
+        run = infer(
+            choice, loaded, self.mesh.value, backend=self.backend.value, halo=halo, reference=self.reference.value
+        )
         self.last_report = run.report
         self.status.value = summary_line(run.report)
         return build_layers(
-            run.layout, spacing=spacing, prediction=run.labels, logits=run.logits,
-            reference_prediction=run.reference_labels, signed=run.signed_error(), halo=halo,
+            run.layout,
+            spacing=spacing,
+            prediction=run.labels,
+            logits=run.logits,
+            reference_prediction=run.reference_labels,
+            signed=run.signed_error(),
+            halo=halo,
             halo_band_width=halo_width(halo, model=choice.config.as_dict()),
         )
