@@ -178,3 +178,12 @@ def test_modules_stay_readable():
     """No module over ~500 lines (the notes name any exception)."""
     long = {str(p.relative_to(ROOT)): n for p in _modules().values() if (n := len(p.read_text().splitlines())) > 520}
     assert long == {}
+
+
+def test_every_test_file_has_a_tier():
+    """`pytest -m exactness` (or unit, integration) never silently misses a new file."""
+    from conftest import TIERS
+
+    files = sorted(p.name for p in (ROOT / "tests").glob("test_*.py"))
+    assert [f for f in files if f not in TIERS] == []
+    assert [f for f in TIERS if f not in files] == []
