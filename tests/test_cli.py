@@ -272,3 +272,27 @@ def test_train_bad_choices_exit_2_one_line(tmp_path, capsys, argv, fragment):
     err = capsys.readouterr().err
     assert fragment in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bug_is_an_internal_error_with_its_traceback_kept(npy_input, tmp_path, capsys, monkeypatch):
+    """A ValueError from deep inside (not a user error) is not turned into 'bad input'."""
+    import workbench.app.inference as inference
+
+    def broken(*args, **kwargs):
+        raise ValueError("operands could not be broadcast together")  # what numpy says on a bug
+
+    monkeypatch.setattr(inference, "infer", broken)
+    monkeypatch.setattr("workbench.app.infer", broken, raising=False)
+    out = tmp_path / "out"
+    assert main(["infer", str(npy_input), "--mesh", "2x2x2", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("workbench: internal error: ValueError: operands could not")
+    assert "rerun with --debug" in err[0]
+    log = err[0].split("traceback written to ")[1].split(";")[0]
+    text = open(log).read()
+    assert "Traceback (most recent call last)" in text and "in broken" in text
+    assert not out.exists()
+    assert main(["--debug", "infer", str(npy_input), "--mesh", "2x2x2", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "in broken" in err
+    assert err.strip().splitlines()[-1].startswith("workbench: internal error: ValueError")
