@@ -14,7 +14,39 @@ MESHES = ["1x1x1", "2x1x1", "1x2x1", "1x1x2", "2x2x2", "1x2x4", "4x2x1", "8x1x1"
 SHAPES = [(40, 56, 48), (37, 53, 45)]
 FORWARD_TOL = 1e-5
 GRAD_RTOL = 1e-4  # float64 compute (test_gradients_float64)
-GRAD_RTOL_F32 = 1e-2  # float32: max-pool near-ties, see test_training_forward_gradients_and_statistics
+# float32 gradients (test_training_forward_gradients_and_statistics, test_other_normalisations_train_mode)
+# on any x86-64 CPU. Measured per leaf as _assert_gradients_match defines it (max |g - r| over
+# the leaf's max |r|), default XLA:CPU code and --xla_cpu_max_isa=SSE4_2, fast math and
+# single-threaded Eigen, against a float64 run on the same parameters:
+# * Rounding: kernel, scale and bias gradients are sums over the whole volume (40·56·48 =
+#   107520 voxels) with heavy cancellation (batch norm's backward projects out the mean and
+#   the scale direction). Where XLA:CPU sums such a leaf in one long float32 reduction it errs
+#   by up to 6.0e-3 of the leaf's scale: with default code the batch-1 reference does
+#   (down2.conv1.kernel 6.0e-3, dec1.conv0.kernel 5.6e-3, dec0.norm0.bias 2.8e-3; the
+#   partitioned 1x2x4 run lies within 2e-6 of float64 on every leaf), with SSE4_2 code the
+#   batch-1 reference is accurate and the explicit data=2 run errs instead (2.1e-3). Which
+#   run errs depends on the CPU's code, not on partitioning being right or wrong.
+# * Max-pool near-ties: a gradient entry upstream of a pool (the encoder blocks down0 and
+#   down1 here) is a subgradient choice where a 2×2×2 window's two largest values are closer
+#   than the float32 error of the 217-term (level 0) / 433-term (level 1) convolution feeding
+#   it: 217·2⁻²⁴ = 1.3e-5 and 2.6e-5 of the layer's scale (measured |f32 - f64|: 4-8e-7).
+#   Windows closer than 3e-5 (levels 0 + 1, of 268800 with batch 2): 70 + 13 (batch norm,
+#   batch 2), 26 + 7 (batch 1), 58 + 17 (group norm), 57 + 20 (instance norm); the closest
+#   are 4e-8 apart, and 1-5 per case are closer than 1e-6. Forcing all of them to the other
+#   winner (in float64) moves a leaf by up to 4.4e-2 of its scale (those closer than 1e-6
+#   alone: 7.4e-3; a single window moved down1.conv1.kernel by 9.9e-3) and the gradient as
+#   a whole by up to 1.4e-2 of its norm. It happens: with fast-math code gspmd data=2 moved
+#   down1.conv0.kernel by 1.23e-2 (above the former per-leaf 1e-2), default code 5.1e-3.
+# 3 × (4.4e-2 + 6e-3) = 0.15 per leaf would not notice a partitioning error in those leaves,
+# so float32 compares them only as a whole: the change of the pool-routed leaves, in norm,
+# within POOL_ROUTED_NORM_RTOL_F32 ≥ 3 × (1.4e-2 + 2.2e-3 rounding) of the gradient's norm
+# (a shard's missing contribution moves it by a sizeable fraction of 1). Their exactness is
+# pinned in float64 by test_gradients_float64 (1e-4: float64 rounding reaches no window),
+# with batch norm; group and instance norm run the same halo, mask and pool code. Every other leaf (the bottom block, up-convs, decoder at every level, head:
+# halos, padding masks and all three norms at every level) holds no pool routing, so its
+# float32 error is rounding alone: GRAD_RTOL_F32 ≥ 3 × 6.0e-3.
+GRAD_RTOL_F32 = 2e-2
+POOL_ROUTED_NORM_RTOL_F32 = 5e-2
 
 
 @pytest.fixture(scope="module")
@@ -78,12 +110,16 @@ def _train_step_outputs(model, x, mesh, backend, rng):
     return float(value), np.asarray(logits), grads, updates
 
 
-def _assert_gradients_match(grads, ref_grads, *, rtol):
+def _assert_gradients_match(grads, ref_grads, *, rtol, pool_routed_norm_rtol=None, depth=None):
     """Every leaf within GRAD_RTOL relative to its own scale.
 
     A conv bias followed by batch/group/instance norm has an analytically zero
     gradient (the norm removes any shift); both runs then hold rounding noise, so
     such leaves must instead be ~0 relative to the largest gradient of the model.
+
+    With ``pool_routed_norm_rtol`` (float32), the leaves of the encoder blocks that feed a
+    max-pool (``down0`` … ``down{depth-2}``) are compared together, in norm, relative to the
+    whole gradient's norm, instead of each to ``rtol``: see GRAD_RTOL_F32.
     """
     pairs = [
         (jax.tree_util.keystr(p), np.asarray(g), np.asarray(r))
@@ -91,17 +127,25 @@ def _assert_gradients_match(grads, ref_grads, *, rtol):
     ]
     overall = max(float(np.abs(r).max()) for _, _, r in pairs)
     assert overall > 0
-    checked = 0
+    routed = tuple(f"['down{level}']" for level in range(depth - 1)) if pool_routed_norm_rtol else ()
+    checked, routed_err, total = 0, 0.0, 0.0
     for name, g, r in pairs:
+        total += float(np.sum(r.astype(np.float64) ** 2))
         scale = float(np.abs(r).max())
         if scale < 1e-5 * overall:
             assert name.endswith("['bias']"), f"{name}: unexpectedly vanishing gradient"
             assert float(np.abs(g).max()) <= 1e-5 * overall, f"{name}: should be ~0"
             continue
+        if name.startswith(routed):
+            routed_err += float(np.sum((g.astype(np.float64) - r) ** 2))
+            continue
         err = float(np.abs(g - r).max()) / scale
         assert err <= rtol, f"{name}: relative error {err:.2e} > {rtol}"
         checked += 1
     assert checked >= len(pairs) // 2
+    if routed:
+        err = (routed_err / total) ** 0.5
+        assert err <= pool_routed_norm_rtol, f"pool-routed leaves: relative error {err:.2e} in norm > {pool_routed_norm_rtol}"
 
 
 TRAIN_CASES = [
@@ -143,17 +187,17 @@ def test_training_forward_gradients_and_statistics(train_setup, backend, mesh):
     """Batch statistics, dropout and gradients match the reference (40×56×48; on 8x1x1
     the partition pads z to 64 and masks the padding at every layer).
 
-    float32 gradients agree to GRAD_RTOL_F32 only: partitioning changes summation
-    order (~1e-7), which flips the argmax of the rare max-pool windows whose two
-    largest values are that close, and a kernel gradient (a sum with heavy
-    cancellation) moves by ~5e-3 relative. The explicit and gspmd backends agree
-    with each other to the digit there; the float64 test below pins 1e-4.
+    float32 gradients: GRAD_RTOL_F32 per leaf (rounding of long sums), and the
+    encoder leaves upstream of a max-pool only in norm (near-tie windows may pick
+    the other winner on another CPU); derivation beside the constants. The float64
+    test below pins every leaf to 1e-4.
     """
     model, rng, reference = train_setup
     x, ref = reference((40, 56, 48), parse_mesh(mesh).data)
     out = _train_step_outputs(model, x, mesh, backend, rng)
     _assert_forward_and_statistics_match(out, ref)
-    _assert_gradients_match(out[2], ref[2], rtol=GRAD_RTOL_F32)
+    _assert_gradients_match(out[2], ref[2], rtol=GRAD_RTOL_F32,
+                            pool_routed_norm_rtol=POOL_ROUTED_NORM_RTOL_F32, depth=model.config.depth)
 
 
 @pytest.mark.parametrize(
@@ -202,7 +246,8 @@ def test_other_normalisations_train_mode(norm, make_model):
     ref = _train_step_outputs(model, x, "1x1x1", "reference", rng)
     out = _train_step_outputs(model, x, "data=2,z=2,y=1,x=2", "explicit", rng)
     np.testing.assert_allclose(out[1], ref[1], atol=FORWARD_TOL)
-    _assert_gradients_match(out[2], ref[2], rtol=GRAD_RTOL_F32)
+    _assert_gradients_match(out[2], ref[2], rtol=GRAD_RTOL_F32,
+                            pool_routed_norm_rtol=POOL_ROUTED_NORM_RTOL_F32, depth=config.depth)
 
 
 def test_bfloat16_compute_stays_close(model):
