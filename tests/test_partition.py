@@ -145,7 +145,9 @@ def _assert_gradients_match(grads, ref_grads, *, rtol, pool_routed_norm_rtol=Non
     assert checked >= len(pairs) // 2
     if routed:
         err = (routed_err / total) ** 0.5
-        assert err <= pool_routed_norm_rtol, f"pool-routed leaves: relative error {err:.2e} in norm > {pool_routed_norm_rtol}"
+        assert err <= pool_routed_norm_rtol, (
+            f"pool-routed leaves: relative error {err:.2e} in norm > {pool_routed_norm_rtol}"
+        )
 
 
 TRAIN_CASES = [
@@ -196,8 +198,9 @@ def test_training_forward_gradients_and_statistics(train_setup, backend, mesh):
     x, ref = reference((40, 56, 48), parse_mesh(mesh).data)
     out = _train_step_outputs(model, x, mesh, backend, rng)
     _assert_forward_and_statistics_match(out, ref)
-    _assert_gradients_match(out[2], ref[2], rtol=GRAD_RTOL_F32,
-                            pool_routed_norm_rtol=POOL_ROUTED_NORM_RTOL_F32, depth=model.config.depth)
+    _assert_gradients_match(
+        out[2], ref[2], rtol=GRAD_RTOL_F32, pool_routed_norm_rtol=POOL_ROUTED_NORM_RTOL_F32, depth=model.config.depth
+    )
 
 
 @pytest.mark.parametrize(
@@ -218,6 +221,21 @@ def test_gradients_float64(backend, mesh):
         rng = jax.random.key(5)
         ref = _train_step_outputs(model, x, "1x1x1", "reference", rng)
         out = _train_step_outputs(model, x, mesh, backend, rng)
+        assert out[1].dtype == np.float64
+        _assert_gradients_match(out[2], ref[2], rtol=GRAD_RTOL)
+
+
+@pytest.mark.parametrize("norm", ["group", "instance"])
+def test_other_normalisations_gradients_float64(norm):
+    """Group and instance norm: gradient exactness pinned in float64 too (their float32
+    check compares the pool-routed leaves in norm only, see POOL_ROUTED_NORM_RTOL_F32)."""
+    with jax.enable_x64(True):
+        config = UNetConfig.preset("small", norm=norm, groups=4, dtype="float64")
+        model = perturbed(Model.init(config, seed=4))
+        x = _volume((40, 56, 48), 2, seed=3)
+        rng = jax.random.key(0)
+        ref = _train_step_outputs(model, x, "1x1x1", "reference", rng)
+        out = _train_step_outputs(model, x, "data=2,z=2,y=1,x=2", "explicit", rng)
         assert out[1].dtype == np.float64
         _assert_gradients_match(out[2], ref[2], rtol=GRAD_RTOL)
 
@@ -246,8 +264,9 @@ def test_other_normalisations_train_mode(norm, make_model):
     ref = _train_step_outputs(model, x, "1x1x1", "reference", rng)
     out = _train_step_outputs(model, x, "data=2,z=2,y=1,x=2", "explicit", rng)
     np.testing.assert_allclose(out[1], ref[1], atol=FORWARD_TOL)
-    _assert_gradients_match(out[2], ref[2], rtol=GRAD_RTOL_F32,
-                            pool_routed_norm_rtol=POOL_ROUTED_NORM_RTOL_F32, depth=config.depth)
+    _assert_gradients_match(
+        out[2], ref[2], rtol=GRAD_RTOL_F32, pool_routed_norm_rtol=POOL_ROUTED_NORM_RTOL_F32, depth=config.depth
+    )
 
 
 def test_bfloat16_compute_stays_close(model):
