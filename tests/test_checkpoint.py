@@ -286,19 +286,15 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
     assert not work.exists()
 
 
-def test_model_from_args_picks_checkpoint_shipped_or_random(straight):
-    import argparse
+def test_resolve_model_picks_checkpoint_shipped_or_random(straight):
+    """The application layer's one answer to "which weights?", with where they came from."""
+    from workbench.app import resolve_model, task_for_input
 
-    from workbench.cli.args import model_from_args
-
-    args = argparse.Namespace(
-        model="small", seed=0, checkpoint=straight["workdir"], random_weights=False, input="phantom:32"
-    )
-    model = model_from_args(args)
-    assert "checkpoint" in args.weights_description and "(step 6)" in args.weights_description
-    for a, b in zip(_leaves(model.variables), _leaves(straight["model"].variables)):
+    choice = resolve_model("small", checkpoint=straight["workdir"])
+    assert choice.source == "checkpoint" and "(step 6)" in choice.description
+    for a, b in zip(_leaves(choice.model.variables), _leaves(straight["model"].variables)):
         np.testing.assert_array_equal(a, b)
-    args = argparse.Namespace(model="small", seed=0, checkpoint=None, random_weights=False, input="mni:32")
-    assert model_from_args(args).config.num_classes == 4 and "shipped mni" in args.weights_description
-    args.random_weights = True
-    assert model_from_args(args).config.num_classes == 3 and args.weights_description == "random (seed 0)"
+    choice = resolve_model("small", task=task_for_input("mni:32"))
+    assert choice.config.num_classes == 4 and choice.description.startswith("shipped mni")
+    choice = resolve_model("small", task=task_for_input("mni:32"), random_weights=True)
+    assert choice.config.num_classes == 3 and choice.description == "random (seed 0)"
