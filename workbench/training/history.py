@@ -10,7 +10,7 @@ from pathlib import Path
 from data_tools.atomic import write_text_atomic
 from workbench.training.evaluation import finite_or_none
 
-__all__ = ["train_row", "eval_row", "write_history", "plot_history"]
+__all__ = ["train_row", "eval_row", "write_history", "plot_history", "training_curves"]
 
 
 def train_row(step: int, metrics: dict, class_names, seconds: float, lr: float) -> dict:
@@ -90,3 +90,13 @@ def plot_history(history: dict, path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def training_curves(history: dict) -> dict[str, list[float]]:
+    """Per-step curves of a history: ``loss`` and each ``dice <class>`` (NaN where a batch
+    had none of the class), for :func:`workbench.analysis.figures.plot_curves`."""
+    rows = history["train"]
+    curves = {"loss": [r["loss"] for r in rows]}
+    for name in [k for k in (rows[-1] if rows else {}) if k.startswith("dice_")]:
+        curves[name.replace("_", " ")] = [float("nan") if r[name] is None else r[name] for r in rows]
+    return curves

@@ -24,7 +24,6 @@ Nothing here imports JAX or napari at module level: the panel imports them when 
 from __future__ import annotations
 
 import html
-from typing import Any
 
 import ipywidgets as W
 import numpy as np
@@ -42,6 +41,7 @@ from workbench.ui.choices import (
     valid_resolutions,
 )
 from workbench.ui.controls import Controls
+from workbench.ui.display import Display
 from workbench.ui.estimate import EstimateView, red
 
 __all__ = ["WorkbenchPanel"]
@@ -109,8 +109,6 @@ class WorkbenchPanel:
         self.inference = self.history = None
         self.summary = ""
         self.viewer = None
-        self.error: str | None = None
-        self.figures: dict[str, Any] = {}
 
         spec = self._initial_mesh(mesh)
         model = model if model in PRESETS else "small"
@@ -127,6 +125,8 @@ class WorkbenchPanel:
         )
         for name, widget in vars(self.controls).items():  # panel.mesh, panel.run_button, ...
             setattr(self, name, widget)
+        self.display = Display(self.status, self.output)
+        self.figures = self.display.figures
         for name, action in (
             ("run_button", self.run_inference),
             ("compare_button", self.compare),
@@ -134,7 +134,7 @@ class WorkbenchPanel:
             ("napari_button", self.open_napari),
             ("memory_button", self.memory_vs_devices),
         ):
-            getattr(self, name).on_click(self._click(getattr(self, name), action))
+            self.display.on_click(getattr(self, name), action)
         for control in (*self.controls.choices, self.plan_for):
             control.observe(self._on_change, names="value")
         self._refresh()
@@ -229,7 +229,7 @@ class WorkbenchPanel:
     def _refresh(self) -> None:
         self._refreshing = True
         try:
-            self.clear_error()
+            self.display.clear_error()
             data = self.data.value
             options = mesh_choices(self.n_devices, data=data)
             if [spec for _, spec in self.mesh.options] != [spec for _, spec in options]:
@@ -278,41 +278,10 @@ class WorkbenchPanel:
     def estimate_mode(self, mode: str) -> None:
         self.memory.mode = mode
 
-    # -- status and output ------------------------------------------------------------------------
-    def show_error(self, err: BaseException | str) -> None:
-        """Show one red line in the panel (``panel.error`` holds the text)."""
-        self.error = err if isinstance(err, str) else one_line(err)
-        self.status.value = red(self.error)
-
-    def clear_error(self) -> None:
-        self.error = None
-        self.status.value = ""
-
-    def show_status(self, text: str) -> None:
-        self.status.value = html.escape(text)
-
-    def _show_figure(self, name: str, fig) -> None:
-        from IPython.display import display
-
-        self.figures[name] = fig
-        with self.output:
-            display(fig)
-        _pyplot().close(fig)
-
-    def _click(self, button, action):
-        def handler(_button=None):
-            self.clear_error()
-            button.disabled = True
-            try:
-                with self.output:
-                    try:
-                        action()
-                    except USER_ERRORS as err:
-                        self.show_error(err)
-            finally:
-                button.disabled = False
-
-        return handler
+    @property
+    def error(self) -> str | None:
+        """The red line's text after a user error, else None."""
+        return self.display.error
 
     # -- actions: one call into the session each ----------------------------------------------------
     def run_inference(self):
@@ -326,8 +295,10 @@ class WorkbenchPanel:
             f"(+{result.compile_seconds:.1f} s compile)"
             + ("" if peak is None else f", measured peak {format_bytes(peak)} per device")
         )
-        self.show_status(self.summary)
-        self._show_figure("slices", plot_slices(self.inference.loaded.image, self.inference.labels, result.layout))
+        self.display.show_status(self.summary)
+        self.display.show_figure(
+            "slices", plot_slices(self.inference.loaded.image, self.inference.labels, result.layout)
+        )
         return result
 
     def compare(self) -> dict:
@@ -343,15 +314,15 @@ class WorkbenchPanel:
             f"{100 * r['argmax_disagreement']:.2f}% of voxels; partitioned {r['seconds']:.2f} s vs "
             f"reference {r['reference_seconds']:.2f} s ({r['seconds'] / r['reference_seconds']:.2f}×)"
         )
-        self.show_status(self.summary)
-        self._show_figure(
+        self.display.show_status(self.summary)
+        self.display.show_figure(
             "error",
             plot_slices(
                 self.inference.loaded.image, self.inference.labels, result.layout, error=np.abs(self.signed_error)
             ),
         )
         label = f"{result.backend}, halo {result.halo}"
-        self._show_figure(
+        self.display.show_figure(
             "seam",
             plot_seam_profile(
                 {label: self.comparison.profile},
@@ -363,17 +334,18 @@ class WorkbenchPanel:
     def train(self, steps: int | None = None, *, workdir=None) -> dict:
         """Train ``steps`` (default: the steps box); the trained weights replace the model's
         for later runs. Returns the training result dict."""
-        out = self.session.train(self.settings(), int(steps or self.steps.value), workdir=workdir, log=self.show_status)
+        from workbench.training.history import training_curves
+
+        out = self.session.train(
+            self.settings(), int(steps or self.steps.value), workdir=workdir, log=self.display.show_status
+        )
         self.history, self.inference = out["history"], None
         rows = self.history["train"]
-        curves = {"loss": [r["loss"] for r in rows]}
-        for name in [k for k in rows[-1] if k.startswith("dice_")]:
-            curves[name.replace("_", " ")] = [np.nan if r[name] is None else r[name] for r in rows]
-        self.show_status(
+        self.display.show_status(
             f"trained {out['step']} steps in {out['loop_seconds']:.1f} s; "
             f"loss {rows[0]['loss']:.3f} → {rows[-1]['loss']:.3f}; weights in {out['workdir']}"
         )
-        self._show_figure("curves", plot_curves(curves, title=f"training on {self.spec}"))
+        self.display.show_figure("curves", plot_curves(training_curves(self.history), title=f"training on {self.spec}"))
         return out
 
     def layers(self) -> list:
@@ -397,7 +369,7 @@ class WorkbenchPanel:
 
         self.viewer = napari.Viewer(title="workbench")
         view.add_layers(self.viewer, layers)
-        self.show_status(f"opened napari with {len(layers)} layers")
+        self.display.show_status(f"opened napari with {len(layers)} layers")
         return self.viewer
 
     def screenshot(self, path, *, ndisplay: int = 3):
@@ -416,7 +388,7 @@ class WorkbenchPanel:
             fig.savefig(path, dpi=100)
             _pyplot().close(fig)
             how = f"matplotlib ({reason})"
-        self.show_status(f"saved {path} with {how}")
+        self.display.show_status(f"saved {path} with {how}")
         return path, how
 
     def memory_vs_devices(self, counts=None) -> list[dict]:
@@ -425,7 +397,7 @@ class WorkbenchPanel:
 
         counts = counts or [n for n in (1, 2, 4, 8, 16, 32, 64, 128) if n <= self.n_devices]
         rows = memory_vs_devices(self.estimator, self.plan_key(), counts)
-        self._show_figure("memory", plot_memory(rows, budgets_gib=(self.budget.value,)))
+        self.display.show_figure("memory", plot_memory(rows, budgets_gib=(self.budget.value,)))
         return rows
 
     # -- display ------------------------------------------------------------------------------------
