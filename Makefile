@@ -27,11 +27,11 @@ system-deps:
 	  else echo "warning: missing Debian packages$$missing (run as root or install them)"; fi; \
 	fi
 
+# PYTHONWARNINGS=ignore: setuptools' advisory about editable installs is not actionable here.
 $(STAMP): pyproject.toml Makefile
 	$(MAKE) system-deps
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# setuptools' advisory about editable installs is not actionable here; keep the log readable.
 	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q -e ".[test,viewer,notebook,bench]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name workbench --display-name "Python (workbench)" >/dev/null
 	touch $(STAMP)
