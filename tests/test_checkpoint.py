@@ -11,7 +11,6 @@ import jax
 import numpy as np
 import pytest
 
-from workbench.model.unet import Model
 from workbench.training import NonFiniteLossError, TrainConfig, abstract_train_state, model_config, train_and_evaluate
 from workbench.training.checkpoint import CheckpointMismatchError, Checkpoints, load_weights, pretrained, save_weights
 from workbench.training.data import make_source
@@ -230,8 +229,8 @@ def test_cli_sigint_then_sigkill_then_resume(tmp_path):
     assert f"trained {last + 1} steps" in out
 
 
-def test_weights_round_trip_and_errors(tmp_path):
-    model = Model.init(model_config(CONFIG, 3), seed=3)
+def test_weights_round_trip_and_errors(tmp_path, make_model):
+    model = make_model(model_config(CONFIG, 3), 3)
     path = save_weights(tmp_path / "w.msgpack", model, {"task": "test"})
     loaded, meta = load_weights(path)
     assert meta == {"task": "test"} and loaded.config == model.config

@@ -13,7 +13,7 @@ from workbench import cli
 from workbench.analysis.plan import GIB, plan, plan_layout, recommend
 from workbench.execute.run import memory_stats
 from workbench.mesh import ShardLayout, parse_resolution
-from workbench.model.unet import Model, UNetConfig
+from workbench.model.unet import UNetConfig
 from workbench.training.step import compile_train_step
 
 SMALL = UNetConfig.preset("small")
@@ -41,7 +41,7 @@ def test_plan_keys_and_arithmetic(inference_plan):
     assert r["warnings"] == [] and json.loads(json.dumps(r)) == r
 
 
-def test_training_plan_holds_adam_state_and_donates_it():
+def test_training_plan_holds_adam_state_and_donates_it(make_model):
     config = SMALL.replace(depth=2)  # compiles faster; the optimiser state is what is checked
     layout = ShardLayout((16, 16, 16), "2x2x2", multiple=config.multiple)
     m = memory_stats(compile_train_step(config, layout))
@@ -49,7 +49,7 @@ def test_training_plan_holds_adam_state_and_donates_it():
 
     from workbench.training.state import _frozen_labels
 
-    params = Model.init(config).variables["params"]
+    params = make_model(config).variables["params"]
     param_bytes = 4 * sum(leaf.size for leaf in jax.tree.leaves(params))
     trained = jax.tree.leaves(
         jax.tree.map(lambda p, label: p.size if label == "train" else 0, params, _frozen_labels(params))
