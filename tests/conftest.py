@@ -18,6 +18,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 # Each test file's tier and what it needs. A new file must be listed (see
 # test_every_test_file_has_a_tier), so `pytest -m exactness` never silently misses one.
 TIERS = {
+    "test_app.py": ("integration",),
     "test_architecture.py": ("unit",),
     "test_audit.py": ("unit",),
     "test_baselines.py": ("exactness",),

@@ -57,7 +57,8 @@ class Session:
         phantom = parse_phantom_spec(source) if isinstance(source, str) else None
         if phantom is not None:
             self.source, self.volume = f"phantom::{phantom[1]}", None
-            self.default_size: int | str = phantom[0] or 32
+            shape = phantom[0] or (32, 32, 32)
+            self.default_size: int | str = shape[0] if len(set(shape)) == 1 else "x".join(map(str, shape))
         else:
             self.volume = load_volume(source).volume  # native grid; resampled on demand
             self.source, self.default_size = source, "native"

@@ -22,7 +22,7 @@ from workbench.errors import UserError
 
 __all__ = ["LoadedVolume", "load_volume", "parse_phantom_spec"]
 
-_PHANTOM = re.compile(r"phantom(?::(\d+))?(?::(-?\d+))?")
+_PHANTOM = re.compile(r"phantom(?::(\d+(?:x\d+x\d+)?))?(?::(-?\d+))?")
 
 
 @dataclass
@@ -54,14 +54,20 @@ class LoadedVolume:
         return self.image[tuple(slice(lo, hi) for lo, hi in box)]
 
 
-def parse_phantom_spec(text: str) -> tuple[int | None, int] | None:
-    """``phantom``, ``phantom:N``, ``phantom:N:SEED`` → (N or None, seed); None for other text."""
-    m = _PHANTOM.fullmatch(str(text).strip().lower())
-    if m is None:
-        if str(text).strip().lower().startswith("phantom"):
-            raise UserError(f"volume {text!r}: write phantom, phantom:N or phantom:N:SEED")
+def parse_phantom_spec(text: str) -> tuple[tuple[int, int, int] | None, int] | None:
+    """``phantom``, ``phantom:N``, ``phantom:ZxYxX``, each with an optional ``:SEED`` →
+    (shape or None, seed); None for anything else (a path, ``mni``)."""
+    low = str(text).strip().lower()
+    if not (low == "phantom" or low.startswith("phantom:")):
         return None
-    return (int(m.group(1)) if m.group(1) else None), int(m.group(2) or 0)
+    m = _PHANTOM.fullmatch(low)
+    if m is None:
+        raise UserError(f"volume {text!r}: write phantom, phantom:N or phantom:N:SEED (or phantom:ZxYxX[:SEED])")
+    shape = None
+    if m.group(1):
+        sizes = [int(s) for s in m.group(1).split("x")]
+        shape = tuple(sizes * 3 if len(sizes) == 1 else sizes)
+    return shape, int(m.group(2) or 0)
 
 
 def load_volume(source, *, shape=None, series: str | None = None, name: str | None = None) -> LoadedVolume:
@@ -87,7 +93,7 @@ def load_volume(source, *, shape=None, series: str | None = None, name: str | No
 
             volume = make_phantom(shape, seed=phantom[1])
         else:
-            spec = source if phantom is None else f"phantom:{phantom[0] or 32}:{phantom[1]}"
+            spec = source if phantom is None else f"phantom:{'x'.join(map(str, phantom[0] or (32,) * 3))}:{phantom[1]}"
             volume = load_input(spec, series=series)
     else:
         raise UserError(
