@@ -29,13 +29,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     """``workbench train``: validate everything, then train; Ctrl-C / SIGTERM checkpoint and stop."""
+    from workbench.app import train
     from workbench.mesh import parse_mesh
     from workbench.training.config import train_config_from_flags
-    from workbench.training.loop import train_and_evaluate
 
     config = train_config_from_flags(args)
     parse_mesh(config.mesh)
-    result = train_and_evaluate(config, args.checkpoint_dir, resume=args.resume, progress=not args.no_progress)
+    result = train(config, args.checkpoint_dir, resume=args.resume, progress=not args.no_progress)
     if result["interrupted"]:
         return 130 if result["interrupted"] == "SIGINT" else 143
     rows = result["history"]["train"]
