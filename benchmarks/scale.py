@@ -53,31 +53,18 @@ def main(argv=None) -> int:
         argv_ = ["--resolution", str(res), "--mesh", mesh, "--model", args.model, "--no-reference"]
         argv_ += ["--train"] if train else []
         argv_ += ["--remat"] if remat else []
+        row = {"resolution": res, "mesh": mesh, "devices": devices, "train": train, "remat": remat}
         t0 = time.perf_counter()
         try:
             r = plan_subprocess(argv_, devices=devices, timeout=900, compiler=args.compiler)
         except Exception as err:  # record and go on: a benchmark never fails as a whole
-            rows.append(
-                {
-                    "resolution": res,
-                    "mesh": mesh,
-                    "devices": devices,
-                    "train": train,
-                    "remat": remat,
-                    "error": str(err),
-                    "wall_seconds": time.perf_counter() - t0,
-                }
-            )
+            rows.append({**row, "error": str(err), "wall_seconds": time.perf_counter() - t0})
             print(f"{res}³ {mesh}: failed: {err}", flush=True)
             continue
         wall = time.perf_counter() - t0
         rows.append(
             {
-                "resolution": res,
-                "mesh": mesh,
-                "devices": devices,
-                "train": train,
-                "remat": remat,
+                **row,
                 "gib_per_device": r["bytes_per_device"] / GIB,
                 "memory": r["memory"],
                 "fits": r["bytes_per_device"] <= args.budget_gib * GIB,

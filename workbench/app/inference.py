@@ -17,7 +17,7 @@ True
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,7 +37,6 @@ class Inference:
     comparison: Any | None  # workbench.analysis.compare.Comparison, or None
     report: dict  # the report.json object
     loaded: Any = None  # the LoadedVolume it ran on
-    extra: dict = field(default_factory=dict)
 
     @property
     def layout(self):

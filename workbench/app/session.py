@@ -16,7 +16,7 @@ True
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from workbench.errors import UserError
@@ -42,9 +42,6 @@ class Settings:
         from workbench.model.unet import UNetConfig
 
         return UNetConfig.preset(self.preset, dtype=self.dtype, remat=self.remat)
-
-    def replace(self, **changes) -> Settings:
-        return replace(self, **changes)
 
 
 class Session:
