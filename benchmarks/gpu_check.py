@@ -52,6 +52,9 @@ PLANS = [
 ]
 
 
+PHASES = ("infer:reference", "infer:explicit", "train:reference", "train:explicit")
+
+
 # -- workers (each in its own process) --------------------------------------------------------
 def run_phase(phase: str, size: int, allow_cpu: bool, dump: str | None) -> dict:
     """One real run: ``infer:reference``, ``infer:explicit``, ``train:reference``, ``train:explicit``."""
@@ -181,6 +184,13 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=500, help="stop starting phases after this many seconds")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_check"))
     ap.add_argument("--skip-plans", action="store_true")
+    ap.add_argument(
+        "--phases",
+        nargs="+",
+        default=list(PHASES),
+        choices=PHASES,
+        help="real runs to do (default all four)",
+    )
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--plan", help=argparse.SUPPRESS)
     ap.add_argument("--mock", type=int, default=1, help=argparse.SUPPRESS)
@@ -229,7 +239,7 @@ def main(argv=None) -> int:
     def save():
         (out / "gpu_check.json").write_text(json.dumps({**info, "phases": phases, "plans": plans}, indent=1))
 
-    for phase in ("infer:reference", "infer:explicit", "train:reference", "train:explicit"):
+    for phase in args.phases:
         if remaining() < 20:
             phases[phase] = {"error": "skipped: out of time"}
             continue

@@ -31,12 +31,17 @@ def parse_args(argv=None):
     p.add_argument("--render", type=int, default=128, help="phantom side and evaluation resolution")
     p.add_argument("--resolutions", type=int, nargs="+", default=[64, 128], help="training resolutions")
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument(
-        "--class-weights",
-        default="1,1,1",
-        help="cross-entropy weights (default 1,1,1, as the shipped phantom model; the paper used 1,8,16)",
+        "--recipe",
+        default="paper",
+        choices=["unit", "paper"],
+        help="loss recipe (workbench.analysis.resolution.RECIPES): paper = CE 1,8,16 + 0.2 x lesion Dice "
+        "(default); unit = CE 1,1,1 + 0.2 x Dice over organ and lesion",
     )
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's)")
+    p.add_argument("--class-weights", default=None, help="cross-entropy weights (default: the recipe's)")
+    p.add_argument("--norm", default=None, help="instance | batch | group (default: the preset's)")
+    p.add_argument("--model", default="small")
     p.add_argument(
         "--augment",
         action="store_true",
@@ -63,18 +68,24 @@ def main(argv=None) -> int:
     from workbench.execute.devices import configure_cpu_devices
 
     configure_cpu_devices(args.cpu_devices)
-    from workbench.analysis.resolution import lesion_sizes, resolution_study
+    from workbench.analysis.resolution import RECIPES, lesion_sizes, resolution_study
 
+    recipe = dict(RECIPES[args.recipe])
+    if args.lr is not None:
+        recipe["learning_rate"] = args.lr
+    if args.class_weights is not None:
+        recipe["class_weights"] = tuple(float(w) for w in args.class_weights.split(","))
     rows = resolution_study(
         args.resolutions,
         render=args.render,
         steps=args.steps,
         workdir=args.workdir,
         mesh=args.mesh,
-        learning_rate=args.lr,
+        model=args.model,
+        model_overrides={"norm": args.norm} if args.norm else None,
         augment=args.augment,
         backend=args.backend,
-        class_weights=tuple(float(w) for w in args.class_weights.split(",")),
+        **recipe,
         eval_cases=args.eval_cases,
         runs=dict(item.split("=", 1) for item in args.run),
         evaluate=not args.train_only,
@@ -87,22 +98,46 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir)
     sizes = lesion_sizes(args.render)
     table = {
-        row["resolution"]: {k: row[k] for k in ("organ_dice", "lesion_dice", "detection", "train_seconds")}
+        row["resolution"]: {
+            k: row[k]
+            for k in (
+                "organ_dice",
+                "organ_dice_sd",
+                "lesion_dice",
+                "lesion_dice_sd",
+                "large_lesions_found",
+                "detection",
+                "detection_counts",
+                "train_seconds",
+                "organ_dice_cases",
+                "lesion_dice_cases",
+            )
+        }
         for row in rows
     }
     mm = 400.0 / args.render
     print(f"\nHeld-out phantoms at {args.render}³ (seeds 0..{args.eval_cases - 1}), {args.steps} training steps each")
-    header = f"{'trained at':<11}{'organ Dice':>11}{'lesion Dice':>12}  " + "".join(f"{f'{s:g}vx':>7}" for s in sizes)
-    print(f"{'':<34}lesion detection rate by diameter at {args.render}³ ({mm:g} mm voxels)")
+    header = f"{'trained at':<11}{'organ Dice (sd)':>16}{'lesion Dice (sd)':>17}{'found ≥4vx':>11}  " + "".join(
+        f"{f'{s:g}vx':>7}" for s in sizes
+    )
+    print(f"{'':<57}lesion detection rate by diameter at {args.render}³ ({mm:g} mm voxels)")
     print(header)
     for res, row in table.items():
         cells = "".join(f"{row['detection'].get(s, float('nan')):>7.2f}" for s in sizes)
-        print(f"{f'{res}³':<11}{row['organ_dice']:>11.3f}{row['lesion_dice']:>12.3f}  {cells}")
+        organ = f"{row['organ_dice']:.3f} ({row['organ_dice_sd']:.3f})"
+        lesion = f"{row['lesion_dice']:.3f} ({row['lesion_dice_sd']:.3f})"
+        print(f"{f'{res}³':<11}{organ:>16}{lesion:>17}{row['large_lesions_found']:>11.2f}  {cells}")
     out = workdir / "resolution_study.json"
     workdir.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
-            {"render": args.render, "steps": args.steps, "table": {str(k): v for k, v in table.items()}}, indent=1
+            {
+                "render": args.render,
+                "steps": args.steps,
+                "recipe": args.recipe,
+                "table": {str(k): v for k, v in table.items()},
+            },
+            indent=1,
         )
         + "\n"
     )

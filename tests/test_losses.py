@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from workbench.errors import UserError
 from workbench.training.losses import (
     check_labels,
     confusion_counts,
@@ -65,6 +66,24 @@ def test_soft_dice_perfect_and_value():
             g = (labels[i] == c).sum()
             expected.append((2 * g / 3 + 1) / (n / 3 + g + 1))
     assert float(soft_dice_loss(uniform, labels, labels.shape[1:])) == pytest.approx(1 - np.mean(expected), rel=1e-5)
+
+
+def test_dice_on_chosen_classes():
+    """``classes`` restricts the Dice loss to those foreground classes (the paper: lesion only)."""
+    logits, labels = _case(4)
+    shape = labels.shape[1:]
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1), np.float64)
+    onehot = np.asarray(jax.nn.one_hot(labels, 3), np.float64)
+    inter = (probs * onehot).sum(axis=(1, 2, 3))
+    dice = (2 * inter + 1) / (probs.sum(axis=(1, 2, 3)) + onehot.sum(axis=(1, 2, 3)) + 1)  # (N, K)
+    lesion = float(soft_dice_loss(logits, labels, shape, classes=(2,)))
+    assert lesion == pytest.approx(1 - dice[:, 2].mean(), rel=1e-5)
+    both = float(soft_dice_loss(logits, labels, shape, classes=(1, 2)))
+    assert both == pytest.approx(float(soft_dice_loss(logits, labels, shape)), rel=1e-6)
+    total, parts = segmentation_loss(logits, labels, shape, class_weights=WEIGHTS, dice_weight=0.2, dice_classes=(2,))
+    assert float(parts["dice_loss"]) == pytest.approx(lesion, rel=1e-6)
+    with pytest.raises(UserError, match="foreground classes 1..2"):
+        soft_dice_loss(logits, labels, shape, classes=(3,))
 
 
 def test_total_is_ce_plus_weighted_dice():

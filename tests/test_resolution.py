@@ -2,6 +2,7 @@
 evaluated at the full render resolution; benchmarks/resolution_study.py and notebook 03 call it."""
 
 import numpy as np
+import pytest
 
 from workbench.analysis import resolution
 from workbench.app import TrainConfig
@@ -15,17 +16,25 @@ def test_study_config_is_the_benchmarks_recipe():
         resolution=64,
         mesh="2x2x2",
         steps=100,
-        learning_rate=1e-2,
+        learning_rate=3e-3,
         schedule="cosine",
         checkpoint_every=10,
         backend="explicit",
         augment=False,
-        class_weights=(1.0, 1.0, 1.0),
+        class_weights=(1.0, 8.0, 16.0),
+        dice_classes=(2,),
         eval_every=0,
         eval_cases=4,
     )
-    full = resolution.study_config(128, render=128, steps=100, class_weights=(1, 8, 16), augment=True)
-    assert full.eval_every == 50 and full.class_weights == (1.0, 8.0, 16.0) and full.augment
+    assert resolution.RECIPES["paper"] == {
+        "class_weights": (1.0, 8.0, 16.0),
+        "dice_classes": (2,),
+        "learning_rate": 3e-3,
+    }
+    full = resolution.study_config(128, render=128, steps=100, class_weights=(1, 1, 1), dice_classes=None, augment=True)
+    assert (
+        full.eval_every == 50 and full.class_weights == (1.0, 1.0, 1.0) and full.dice_classes is None and full.augment
+    )
 
 
 def test_two_resolution_study(tmp_path, monkeypatch):
@@ -61,13 +70,26 @@ def test_two_resolution_study(tmp_path, monkeypatch):
             "evaluated_at",
             "organ_dice",
             "lesion_dice",
+            "organ_dice_sd",
+            "lesion_dice_sd",
+            "organ_dice_cases",
+            "lesion_dice_cases",
             "detection",
+            "detection_counts",
+            "large_lesions_found",
+            "seeds",
         }
         assert row["steps"] == 2 and row["evaluated_at"] == 32 and not row["interrupted"]
         assert np.isfinite(row["final_loss"]) and row["train_seconds"] >= row["seconds_per_step"] > 0
         assert 0 <= row["organ_dice"] <= 1
         assert set(row["detection"]) <= set(resolution.lesion_sizes(32))
         assert all(0 <= v <= 1 for v in row["detection"].values())
+        # the rates are the counts' ratios; ≥ 4-voxel lesions pooled over sizes
+        for size, (found, total) in row["detection_counts"].items():
+            assert row["detection"][size] == pytest.approx(found / total)
+        big = [c for s, c in row["detection_counts"].items() if s >= 4]
+        assert row["large_lesions_found"] == pytest.approx(sum(f for f, _ in big) / sum(t for _, t in big))
+        assert row["organ_dice"] == pytest.approx(np.mean(row["organ_dice_cases"])) and row["seeds"] == [0, 0]
     # each arm ran at its own resolution and was scored on the 32³ phantom at 32³
     assert seen == [(16, (32,) * 3, (32,) * 3), (32, (32,) * 3, (32,) * 3)]
     assert (tmp_path / "train16" / "history.json").is_file() and (tmp_path / "train32").is_dir()

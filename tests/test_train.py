@@ -210,6 +210,23 @@ def test_batches_are_deterministic_and_fresh(source):
     assert [c.name for c in held] == ["phantom seed 0", "phantom seed 1"]
 
 
+def test_batch_stream_order_does_not_depend_on_workers(source):
+    """Batches prepared by several threads come in step order, equal to the one-thread stream."""
+    from workbench.training.data import BatchStream
+
+    streams = [BatchStream(source, 1, start=3, seed=0, augment_data=True, workers=w) for w in (1, 3)]
+    try:
+        for step in range(3, 7):
+            (a_img, a_lab), (b_img, b_lab) = (s.next() for s in streams)
+            expected = source.train_batch(step, 1, seed=0, augment_data=True)
+            np.testing.assert_array_equal(a_img, expected[0])
+            np.testing.assert_array_equal(b_img, expected[0])
+            np.testing.assert_array_equal(b_lab, a_lab)
+    finally:
+        for s in streams:
+            s.close()
+
+
 def test_augment_keeps_image_and_labels_aligned():
     labels = np.zeros((16, 12, 8), np.uint8)
     labels[2:6, 1:4, 5:8] = 1
@@ -269,6 +286,14 @@ def test_bad_config_messages():
         TrainConfig(optimizer="lion")
     with pytest.raises(ValueError, match="steps=0"):
         TrainConfig(steps=0)
+    from workbench.training.config import parse_dice_classes
+
+    assert parse_dice_classes("2") == (2,) and parse_dice_classes("1,2") == (1, 2)
+    for bad in ("0", "x", "2,2"):
+        with pytest.raises(Exception, match="Dice classes|class indices"):
+            parse_dice_classes(bad)
+    cfg = TrainConfig(dice_classes=(2,))
+    assert TrainConfig.from_dict(cfg.as_dict()) == cfg
 
 
 def test_model_input_windows_ct_and_zscores_the_rest():

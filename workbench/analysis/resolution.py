@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "RECIPES",
     "study_config",
     "predict_full",
     "lesion_hits",
@@ -37,6 +38,16 @@ __all__ = [
 
 NUM_CLASSES = 3  # phantom labels: background, organ, lesion
 LESION = 2
+LARGE_LESION = 4.0  # diameter (voxels at full resolution) from which detection is a target
+
+# Training recipes (TrainConfig fields) the study and benchmarks/lesion_recipe.py compare.
+# "unit": the recipe of the first shipped phantom model (it found no lesions); "paper": the
+# loss of Hou et al.'s Mesh-TensorFlow code (cross-entropy weighted 1/8/16 for background/
+# organ/lesion + 0.2 × a Dice loss on the lesion class alone).
+RECIPES: dict[str, dict] = {
+    "unit": dict(class_weights=(1.0, 1.0, 1.0), dice_classes=None, learning_rate=1e-2),
+    "paper": dict(class_weights=(1.0, 8.0, 16.0), dice_classes=(LESION,), learning_rate=3e-3),
+}
 
 
 def study_config(
@@ -47,8 +58,9 @@ def study_config(
     mesh: str = "2x2x2",
     model: str = "small",
     model_overrides: dict | None = None,
-    learning_rate: float = 1e-2,
-    class_weights=(1.0, 1.0, 1.0),
+    learning_rate: float = 3e-3,
+    class_weights=(1.0, 8.0, 16.0),
+    dice_classes=(LESION,),
     augment: bool = False,
     backend: str = "explicit",
     train_eval_cases: int = 4,
@@ -56,9 +68,10 @@ def study_config(
 ):
     """The training run of one arm: phantoms rendered at ``render``³, trained at ``resolution``³.
 
-    The study's recipe: cosine schedule, class weights 1,1,1 and no augmentation by default
-    (as the shipped phantom model: every step is a new phantom); the full-resolution arm
-    also evaluates every 50 steps on ``train_eval_cases`` held-out phantoms.
+    The study's recipe by default: the paper's loss (:data:`RECIPES` ``"paper"``: CE 1/8/16 +
+    0.2 × lesion Dice, learning rate 3e-3), cosine schedule and no augmentation (as the
+    shipped phantom model: every step is a new phantom); the full-resolution arm also
+    evaluates every 50 steps on ``train_eval_cases`` held-out phantoms.
     """
     from workbench.training import TrainConfig
 
@@ -75,6 +88,7 @@ def study_config(
         backend=backend,
         augment=augment,
         class_weights=tuple(float(w) for w in class_weights),
+        dice_classes=None if dice_classes is None else tuple(int(c) for c in dice_classes),
         eval_every=50 if resolution == render else 0,
         eval_cases=train_eval_cases,
     )
@@ -120,17 +134,18 @@ def lesion_sizes(render: int) -> list[float]:
     return sorted({round(les["diameter_voxels"], 2) for les in make_phantom(render, seed=0).metadata["lesions"]})
 
 
-def evaluate_at_render(model, resolution: int, *, render: int, eval_cases: int, mesh) -> dict:
-    """Organ and lesion Dice (mean over held-out phantoms, seeds 0..eval_cases-1, rendered at
-    ``render``³ without vessels) and the detection rate by lesion diameter of ``model`` run
-    at ``resolution``³."""
+def evaluate_at_render(model, resolution: int, *, render: int, eval_cases: int, mesh, first_seed: int = 0) -> dict:
+    """Organ and lesion Dice (mean and standard deviation over held-out phantoms, seeds
+    ``first_seed..first_seed+eval_cases-1``, rendered at ``render``³ without vessels), the
+    detection rate by lesion diameter, and the share of lesions of diameter ≥ 4 voxels found,
+    of ``model`` run at ``resolution``³."""
     from data_tools.synthetic import make_phantom
     from workbench.mesh import parse_mesh
     from workbench.training.losses import dice_per_class
 
     spec = parse_mesh(mesh)
     organ, lesion, hits = [], [], {}
-    for seed in range(eval_cases):
+    for seed in range(first_seed, first_seed + eval_cases):
         vol = make_phantom(render, seed=seed, vessels=False)
         pred = predict_full(model, np.asarray(vol.array, np.float32), resolution, spec)
         d = dice_per_class(pred, vol.labels, NUM_CLASSES)
@@ -138,10 +153,18 @@ def evaluate_at_render(model, resolution: int, *, render: int, eval_cases: int, 
         lesion.append(d[LESION])
         for size, found in lesion_hits(pred, vol.labels, vol.metadata["lesions"]):
             hits.setdefault(round(size, 2), []).append(found)
+    large = [f for s, v in hits.items() if s >= LARGE_LESION for f in v]
     return {
         "organ_dice": float(np.nanmean(organ)),
         "lesion_dice": float(np.nanmean(lesion)),
-        "detection": {s: float(np.mean(v)) for s, v in hits.items()},
+        "organ_dice_sd": float(np.nanstd(organ)),
+        "lesion_dice_sd": float(np.nanstd(lesion)),
+        "organ_dice_cases": [float(v) for v in organ],
+        "lesion_dice_cases": [float(v) for v in lesion],
+        "detection": {s: float(np.mean(v)) for s, v in sorted(hits.items())},
+        "detection_counts": {s: [int(sum(v)), len(v)] for s, v in sorted(hits.items())},
+        "large_lesions_found": float(np.mean(large)) if large else float("nan"),
+        "seeds": [first_seed, first_seed + eval_cases - 1],
     }
 
 
@@ -172,8 +195,9 @@ def resolution_study(
     mesh: str = "2x2x2",
     model: str = "small",
     model_overrides: dict | None = None,
-    learning_rate: float = 1e-2,
-    class_weights=(1.0, 1.0, 1.0),
+    learning_rate: float = 3e-3,
+    class_weights=(1.0, 8.0, 16.0),
+    dice_classes=(LESION,),
     augment: bool = False,
     backend: str = "explicit",
     eval_cases: int = 4,
@@ -210,6 +234,7 @@ def resolution_study(
             model_overrides=model_overrides,
             learning_rate=learning_rate,
             class_weights=class_weights,
+            dice_classes=dice_classes,
             augment=augment,
             backend=backend,
             train_eval_cases=train_eval_cases,

@@ -82,6 +82,17 @@ def parse_class_weights(text: str) -> tuple:
     return values
 
 
+def parse_dice_classes(text: str) -> tuple:
+    """``2`` or ``1,2``: the foreground classes the Dice loss averages over (>= 1)."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise _argument_error(f"{text!r} is not a comma-separated list of class indices, e.g. 2 or 1,2") from None
+    if not values or not all(v >= 1 for v in values) or len(set(values)) != len(values):
+        raise _argument_error(f"{text!r}: Dice classes must be distinct foreground classes (>= 1), e.g. 2 or 1,2")
+    return values
+
+
 def _option(default, help: str, *, flag: str | None = None, type=None, choices=None, **more):
     """A field with its flag: ``help`` may say ``{choices}`` (joined by `` | ``)."""
     metadata = {"help": help, "flag": flag, "type": type, "choices": choices, **more}
@@ -121,6 +132,11 @@ class TrainConfig:
         type=parse_class_weights,
     )
     dice_weight: float = _option(0.2, "loss = CE + w × Dice loss (default 0.2)", type=float)
+    dice_classes: tuple | None = _option(
+        None,
+        "foreground classes the Dice loss averages over, e.g. 2 (the paper: lesion only; default: all)",
+        type=parse_dice_classes,
+    )
     augment: bool = _option(True, "turn flips/rotations/intensity/noise off", flag="--no-augment", action="store_false")
     checkpoint_every: int = _option(50, "steps between checkpoints", type=positive_int)
     keep: int = _option(3, "checkpoints to keep (default 3)", type=positive_int)
@@ -164,6 +180,7 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["data"] = self.data if isinstance(self.data, str) else [str(getattr(v, "path", v)) for v in self.data]
         d["class_weights"] = None if self.class_weights is None else list(self.class_weights)
+        d["dice_classes"] = None if self.dice_classes is None else list(self.dice_classes)
         return d
 
     @classmethod
@@ -172,6 +189,8 @@ class TrainConfig:
         d = dict(d)
         if d.get("class_weights") is not None:
             d["class_weights"] = tuple(d["class_weights"])
+        if d.get("dice_classes") is not None:
+            d["dice_classes"] = tuple(int(c) for c in d["dice_classes"])
         if isinstance(d.get("data"), list):
             d["data"] = tuple(d["data"])
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})

@@ -99,6 +99,11 @@ def train_and_evaluate(
         raise UserError(
             f"class_weights {tuple(weights)} must have {source.num_classes} entries ({', '.join(source.class_names)})"
         )
+    if tc.dice_classes is not None and not all(c < source.num_classes for c in tc.dice_classes):
+        raise UserError(
+            f"dice_classes {tuple(tc.dice_classes)} must be foreground classes 1..{source.num_classes - 1} "
+            f"({', '.join(source.class_names[1:])})"
+        )
     layout = ShardLayout(source.shape, spec, multiple=cfg.multiple)
     meta = {
         "model": cfg.as_dict(),

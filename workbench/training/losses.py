@@ -90,8 +90,9 @@ def weighted_cross_entropy(logits, labels, volume_shape, class_weights):
     return jnp.sum(w * ce) / jnp.sum(w)
 
 
-def soft_dice_loss(logits, labels, volume_shape, *, smooth: float = DICE_SMOOTH):
-    """1 − mean soft Dice over cases and foreground classes (class 0 excluded)."""
+def soft_dice_loss(logits, labels, volume_shape, *, smooth: float = DICE_SMOOTH, classes=None):
+    """1 − mean soft Dice over cases and foreground classes (class 0 excluded), or over
+    ``classes`` only (the paper: the lesion class)."""
     import jax
     import jax.numpy as jnp
 
@@ -103,13 +104,18 @@ def soft_dice_loss(logits, labels, volume_shape, *, smooth: float = DICE_SMOOTH)
     inter = jnp.sum(probs * gt, axis=axes)  # (N, K)
     denom = jnp.sum(probs, axis=axes) + jnp.sum(gt, axis=axes)
     dice = (2.0 * inter + smooth) / (denom + smooth)
+    if classes is not None:
+        if not all(1 <= int(c) < dice.shape[-1] for c in classes):
+            raise UserError(f"Dice classes {tuple(classes)} must be foreground classes 1..{dice.shape[-1] - 1}")
+        return 1.0 - jnp.mean(dice[:, [int(c) for c in classes]])
     return 1.0 - jnp.mean(dice[:, 1:]) if dice.shape[-1] > 1 else 1.0 - jnp.mean(dice)
 
 
-def segmentation_loss(logits, labels, volume_shape, *, class_weights, dice_weight: float):
-    """``(total, {"ce": ..., "dice_loss": ...})`` with total = CE + dice_weight × Dice loss."""
+def segmentation_loss(logits, labels, volume_shape, *, class_weights, dice_weight: float, dice_classes=None):
+    """``(total, {"ce": ..., "dice_loss": ...})`` with total = CE + dice_weight × Dice loss
+    (Dice over ``dice_classes``, default every foreground class)."""
     ce = weighted_cross_entropy(logits, labels, volume_shape, class_weights)
-    dice = soft_dice_loss(logits, labels, volume_shape)
+    dice = soft_dice_loss(logits, labels, volume_shape, classes=dice_classes)
     return ce + dice_weight * dice, {"ce": ce, "dice_loss": dice}
 
 

@@ -67,6 +67,7 @@ def build_train_step(
         tc.steps if tc.schedule != "constant" else None,
         tc.clip_norm,
         tc.dice_weight,
+        tc.dice_classes,
         None if class_weights is None else tuple(float(w) for w in class_weights),
         None if devices is None else tuple(devices),
     )
@@ -103,7 +104,12 @@ def _build_train_step(config, tc, layout, backend, class_weights, devices) -> Tr
             variables = {**variables_of(state), "params": params}
             logits, updates = fn(variables, images, rng)
             loss, parts = segmentation_loss(
-                logits, labels, volume_shape, class_weights=weights, dice_weight=tc.dice_weight
+                logits,
+                labels,
+                volume_shape,
+                class_weights=weights,
+                dice_weight=tc.dice_weight,
+                dice_classes=tc.dice_classes,
             )
             return loss, (updates, parts, confusion_counts(logits, labels, volume_shape))
 
