@@ -141,7 +141,14 @@ def main(argv=None) -> int:
         )
         + "\n"
     )
-    print(f"\nwrote {out}")
+    from workbench.analysis.figures import plot_detection
+    from workbench.analysis.resolution import load_study
+
+    figure = out.with_suffix(".png")
+    plot_detection(load_study(out), title=f"{args.steps} steps, held-out phantoms at {args.render}³").savefig(
+        figure, dpi=120
+    )
+    print(f"\nwrote {out} and {figure.name}")
     return 0
 
 

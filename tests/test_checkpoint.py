@@ -254,16 +254,19 @@ def test_shipped_weights_load():
 
 def test_shipped_phantom_weights_segment_a_held_out_phantom():
     """The shipped model on held-out phantom seed 0 at 64³, normalised as `workbench infer` does,
-    partitioned on 2x2x2: organ Dice 0.907 when the weights were trained (2 points slack)."""
-    from data_tools.synthetic import make_phantom
-    from workbench.execute.run import apply
-    from workbench.training.data import model_input
-    from workbench.training.losses import dice_per_class
+    partitioned on 2x2x2. Measured when the weights were trained (CPU, 2x2x2): organ Dice 0.956,
+    lesion Dice 0.905, every lesion of diameter ≥ 4 voxels found (16 of 16). Pinned below those
+    (organ 2 points, lesion 5 points of slack), at or above the targets: organ ≥ 0.93, lesion ≥ 0.5,
+    ≥ 80 % of the lesions of ≥ 4 voxels."""
+    from workbench.analysis.resolution import evaluate_at_render
 
-    volume = make_phantom(64, seed=0, vessels=False)
-    logits = apply(pretrained("phantom"), model_input(volume), "2x2x2")
-    dice = dice_per_class(logits.argmax(-1), volume.labels, 3)
-    assert dice[1] >= 0.907 - 0.02, dice
+    scores = evaluate_at_render(pretrained("phantom"), 64, render=64, eval_cases=1, mesh="2x2x2")
+    assert scores["organ_dice"] >= 0.956 - 0.02, scores
+    assert scores["lesion_dice"] >= 0.905 - 0.05, scores
+    assert scores["large_lesions_found"] >= 0.8, scores
+    # and the small ones: at least one of the four lesions under 4 voxels is found
+    small = [c for size, c in scores["detection_counts"].items() if size < 4]
+    assert sum(found for found, _ in small) >= 1, scores
 
 
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):

@@ -118,3 +118,36 @@ def test_lesion_hits_counts_overlap():
     assert resolution.lesion_hits(pred, truth, [lesion, tiny]) == [(3.0, False)]
     pred[9, 9, 9] = 2
     assert resolution.lesion_hits(pred, truth, [lesion, tiny]) == [(3.0, True)]
+
+
+def test_load_study_and_detection_plot(tmp_path):
+    """The rows the benchmark writes come back in order, and the figure draws one line per arm."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from workbench.analysis.figures import plot_detection
+
+    table = {
+        "64": {
+            "organ_dice": 0.9,
+            "lesion_dice": 0.6,
+            "detection": {"2.0": 0.0, "4.0": 0.5},
+            "detection_counts": {"2.0": [0, 2], "4.0": [1, 2]},
+        },
+        "32": {
+            "organ_dice": 0.8,
+            "lesion_dice": 0.3,
+            "detection": {"2.0": 0.0, "4.0": 0.0},
+            "detection_counts": {"2.0": [0, 2], "4.0": [0, 2]},
+        },
+    }
+    path = tmp_path / "resolution_study.json"
+    path.write_text(json.dumps({"render": 64, "steps": 5, "table": table}))
+    rows = resolution.load_study(path)
+    assert [(r["resolution"], r["evaluated_at"], r["steps"]) for r in rows] == [(32, 64, 5), (64, 64, 5)]
+    fig = plot_detection(rows)
+    lines = fig.axes[0].get_lines()
+    assert [list(line.get_ydata()) for line in lines] == [[0.0, 0.0], [0.0, 0.5]]
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()][0].startswith("trained at 32³")

@@ -1,7 +1,7 @@
 """Matplotlib figures shared by the CLI, the notebook panel and the notebooks (no ipywidgets, no Qt).
 
-Slices with shard boundaries, the seam profile, per-device memory against devices, and
-curves.
+Slices with shard boundaries, the seam profile, per-device memory against devices,
+curves, and lesion detection by size (the resolution study).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 
 from workbench.mesh import ShardLayout
 
-__all__ = ["plot_slices", "plot_seam_profile", "plot_memory", "plot_curves"]
+__all__ = ["plot_slices", "plot_seam_profile", "plot_memory", "plot_curves", "plot_detection"]
 
 
 def _pyplot():
@@ -121,3 +121,43 @@ def plot_curves(curves: dict[str, list[float]], *, xlabel: str = "step", title: 
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def plot_detection(rows: list[dict], *, title: str = "", ax=None):
+    """Lesion detection rate by diameter (voxels at full resolution), one line per arm of
+    the resolution study (rows of :func:`workbench.analysis.resolution.resolution_study`
+    or :func:`~workbench.analysis.resolution.load_study`), the found/total count at each point."""
+    plt = _pyplot()
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5.2, 3.2))
+    for row in rows:
+        counts = {float(k): v for k, v in (row.get("detection_counts") or {}).items()}
+        rates = {float(k): v for k, v in row["detection"].items()}
+        sizes = sorted(rates)
+        label = f"trained at {row['resolution']}³ (lesion Dice {row['lesion_dice']:.2f})"
+        ax.plot(sizes, [rates[s] for s in sizes], marker="o", ms=4, label=label)
+        for s in sizes:
+            if s in counts:
+                ax.annotate(
+                    f"{counts[s][0]}/{counts[s][1]}",
+                    (s, rates[s]),
+                    fontsize=6,
+                    textcoords="offset points",
+                    xytext=(0, 4),
+                    ha="center",
+                )
+    ax.set_xscale("log", base=2)
+    diameters = [float(k) for row in rows for k in row["detection"]]
+    if diameters:
+        ticks = [t for t in (0.5, 1, 2, 4, 8, 16, 32) if min(diameters) <= t <= max(diameters)]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.set_xlabel("lesion diameter (voxels at full resolution)")
+    ax.set_ylabel("lesions found")
+    ax.set_ylim(-0.05, 1.12)
+    evaluated = {row.get("evaluated_at") for row in rows} - {None}
+    ax.set_title(title or f"held-out phantoms at {'/'.join(f'{e}³' for e in evaluated)}", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    if fig is not None:
+        fig.tight_layout()
+    return fig if fig is not None else ax.figure

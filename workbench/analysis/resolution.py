@@ -34,6 +34,7 @@ __all__ = [
     "evaluate_at_render",
     "study_row",
     "resolution_study",
+    "load_study",
 ]
 
 NUM_CLASSES = 3  # phantom labels: background, organ, lesion
@@ -260,4 +261,17 @@ def resolution_study(
             render=render,
         )
         for res, run in trained.items()
+    ]
+
+
+def load_study(path) -> list[dict]:
+    """The rows ``benchmarks/resolution_study.py`` wrote to ``resolution_study.json``, in
+    order of resolution (each with ``resolution`` and ``evaluated_at``), for tables and
+    :func:`workbench.analysis.figures.plot_detection`."""
+    import json
+
+    data = json.loads(Path(path).read_text())
+    return [
+        {"resolution": int(res), "evaluated_at": data["render"], "steps": data["steps"], **row}
+        for res, row in sorted(data["table"].items(), key=lambda item: int(item[0]))
     ]
