@@ -57,6 +57,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(getattr(pytest.mark, tier))
 
 
+def f32_tolerance(scale) -> float:
+    """The float32 forward exactness bound (README, Exactness): 1e-5 × max(1, largest |logit|).
+    Trained weights give logits of 10–20 whose float32 rounding differs by more than 1e-5."""
+    import numpy as np
+
+    return 1e-5 * max(1.0, float(np.max(np.abs(scale))))
+
+
 # -- models: one cache instead of a Model.init per file ------------------------------------------
 _MODELS: dict = {}
 

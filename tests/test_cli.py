@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import f32_tolerance
 
 from workbench.cli import main
 
@@ -36,9 +37,10 @@ def test_infer_npy_with_reference(npy_input, tmp_path, capsys):
     assert REPORT_KEYS <= set(report)
     assert report["input_shape"] == [20, 28, 24] and report["output_shape"] == [20, 28, 24]
     assert report["mesh"] == {"data": 1, "z": 2, "y": 2, "x": 2}
-    assert report["max_abs_diff"] <= 1e-5
+    tol = f32_tolerance(report["reference_scale"])  # the shipped phantom weights: logits ~13
+    assert 1.0 < report["reference_scale"] < 100 and report["max_abs_diff"] <= tol
     assert len(report["per_shard"]) == 8
-    assert all(s["max_abs_diff"] <= 1e-5 for s in report["per_shard"])
+    assert all(s["max_abs_diff"] <= tol for s in report["per_shard"])
     assert report["peak_bytes_per_device"] > 0
     prediction = np.load(out / "prediction.npy")
     assert prediction.shape == (20, 28, 24) and prediction.max() < 3
@@ -141,7 +143,8 @@ def test_demo_small(tmp_path, capsys):
     assert "explicit (ours)" in text and "gspmd (XLA)" in text
     report = json.loads((out / "report.json").read_text())
     assert REPORT_KEYS <= set(report)
-    assert report["max_abs_diff"] <= 1e-5 and report["gspmd"]["max_abs_diff"] <= 1e-5
+    tol = f32_tolerance(report["reference_scale"])
+    assert report["max_abs_diff"] <= tol and report["gspmd"]["max_abs_diff"] <= tol
     assert (out / "view.png").stat().st_size > 10_000
     assert np.load(out / "prediction.npy").shape == (32, 32, 32)
 
@@ -200,6 +203,7 @@ def test_train_flags_are_derived_from_train_config():
             "--optimizer",
             "--schedule",
             "--dice-weight",
+            "--dice-classes",
             "--backend",
             "--model",
             "--mesh",

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import f32_tolerance
 
 from workbench.execute.distributed import settings_from_env
 from workbench.execute.run import apply
@@ -94,7 +95,8 @@ def test_two_processes_equal_one(uneven_input, tmp_path):
     assert "[Gloo]" not in done.stdout  # connection chatter is filtered
     report = json.loads((out / "report.json").read_text())
     assert report["machine"]["processes"] == 2 and report["machine"]["devices"] == 8
-    assert report["max_abs_diff"] <= 1e-5  # against the reference each process also ran
+    tol = f32_tolerance(report["reference_scale"])  # shipped phantom weights
+    assert report["max_abs_diff"] <= tol  # against the reference each process also ran
     logits = np.load(out / "logits.npy")
     assert logits.shape == (37, 45, 29, 3)
     from data_tools.io import load_input
@@ -104,8 +106,8 @@ def test_two_processes_equal_one(uneven_input, tmp_path):
     image = model_input(load_input(str(uneven_input)))  # as `workbench infer` normalises it
     single = apply(model, image, "1x2x4")  # this process: 8 devices in one process
     reference = apply(model, image, backend="reference")
-    np.testing.assert_allclose(logits, single, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(logits, reference, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(logits, single, atol=tol, rtol=0)
+    np.testing.assert_allclose(logits, reference, atol=tol, rtol=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mp"]  # process 1 wrote nothing beside it
 
 

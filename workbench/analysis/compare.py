@@ -69,6 +69,7 @@ class Comparison:
     profile: dict[str, np.ndarray]
     error: np.ndarray | None = None
     voxels: int = 0
+    reference_scale: float = 0.0  # the largest |reference value|: float32 differences scale with it
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -300,7 +301,7 @@ def compare(
     n_classes = output.shape[-1] if has_classes else 0
     inter = np.zeros(n_classes, np.int64)
     sizes = np.zeros(n_classes, np.int64)
-    counts = {"disagree": 0}
+    counts = {"disagree": 0, "scale": 0.0}
     row_voxels = int(np.prod(output.shape[first + 1 :])) * (output.shape[0] if first else 1)
 
     def blocks(shard):
@@ -311,6 +312,8 @@ def compare(
             out_b = np.asarray(output[tuple(sl)], np.float32)  # f32[(n,) z', y', x'(, k)]
             ref_b = np.asarray(reference[tuple(sl)], np.float32)
             diff = np.abs(out_b - ref_b)
+            if ref_b.size:
+                counts["scale"] = max(counts["scale"], float(np.abs(ref_b).max()))
             if has_classes:
                 diff = diff.max(axis=-1)
                 a, b = out_b.argmax(-1), ref_b.argmax(-1)
@@ -340,6 +343,7 @@ def compare(
         profile=stats.profile(),
         error=error,
         voxels=total,
+        reference_scale=counts["scale"],
         extra={"profile_limit": stats.limit},
     )
 

@@ -74,6 +74,7 @@ REPORT_KEYS = (
     "weights",
     "max_abs_diff",
     "mean_abs_diff",
+    "reference_scale",
     "argmax_disagreement",
     "dice",
     "reference_seconds",
@@ -105,6 +106,7 @@ def build_report(result, *, model, reference=None, comparison=None, weights: str
         "weights": weights,
         "max_abs_diff": None,
         "mean_abs_diff": None,
+        "reference_scale": None,
         "argmax_disagreement": None,
         "dice": None,
         "reference_seconds": None,
@@ -125,7 +127,15 @@ def build_report(result, *, model, reference=None, comparison=None, weights: str
         report["reference_peak_bytes"] = reference.memory.get("peak")
     if comparison is not None:
         summary = comparison.as_dict()
-        for key in ("max_abs_diff", "mean_abs_diff", "argmax_disagreement", "dice", "per_shard", "profile"):
+        for key in (
+            "max_abs_diff",
+            "mean_abs_diff",
+            "reference_scale",
+            "argmax_disagreement",
+            "dice",
+            "per_shard",
+            "profile",
+        ):
             report[key] = summary[key]
     if volume is not None:
         report["spacing"] = [float(s) for s in volume.spacing]
