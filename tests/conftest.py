@@ -43,6 +43,7 @@ TIERS = {
     "test_partition.py": ("exactness",),
     "test_plan.py": ("integration",),
     "test_resolution.py": ("integration",),
+    "test_scaling.py": ("unit",),
     "test_train.py": ("exactness",),
     "test_viewer.py": ("integration",),
     "test_widgets.py": ("integration",),

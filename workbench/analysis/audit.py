@@ -11,6 +11,11 @@ that as a warning.
 Counts are static occurrences in the program text (the U-Net has no loops, so each
 runs once per step). Bytes are result sizes per device.
 
+:func:`async_overlap` reads a scheduled program (``is_scheduled=true``, as XLA:GPU
+emits it) and says, for every asynchronous collective, what the schedule places
+between its ``-start`` and its ``-done``: the work that can run while the message is
+in flight.
+
 Example
 -------
 >>> compiled = compile_train_step(config, layout)           # workbench.training.step
@@ -24,7 +29,7 @@ import math
 import re
 from typing import Any
 
-__all__ = ["COLLECTIVES", "audit", "audit_text", "format_audit"]
+__all__ = ["COLLECTIVES", "audit", "audit_text", "format_audit", "async_overlap"]
 
 COLLECTIVES = ("collective-permute", "all-gather", "all-reduce", "all-to-all", "reduce-scatter")
 
@@ -178,3 +183,82 @@ def format_audit(report: dict[str, Any]) -> str:
     )
     lines.extend(f"warning: {w}" for w in report["warnings"])
     return "\n".join(lines)
+
+
+_NAME = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=")
+_PAIRS = re.compile(r"source_target_pairs=\{(?P<pairs>(?:\{\d+,\d+\},?)*)\}")
+_ANY_CONV_CALL = re.compile(r'custom_call_target="__cudnn\$conv')  # forward and both gradients
+_SYNC = re.compile(r'"is_sync":(true|false)')
+
+
+def _entry_lines(hlo: str) -> list[str]:
+    lines = hlo.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("ENTRY")), None)
+    if start is None:
+        return []
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("}")), len(lines))
+    return lines[start + 1 : end]
+
+
+def async_overlap(hlo: str) -> dict[str, Any]:
+    """What the entry computation's schedule runs between each async collective's start and done.
+
+    Returns ``{"collectives": [...], "summary": {kind: {...}}}``. Each collective:
+    ``name``, ``kind`` (``collective-permute``, ``all-reduce``, ...), ``bytes`` (the
+    message: the result), ``is_sync`` (XLA's flag that it runs synchronously),
+    ``pairs`` (source → target device ids of a permute), ``convolutions`` (convolutions,
+    cuDNN convolution calls included, scheduled in between), ``fusions`` and
+    ``fusion_bytes`` (their result bytes: memory-bound work that can hide the message).
+    ``summary`` counts, per kind, ``count``, ``sync``, ``with_convolution``,
+    ``with_fusion`` and ``nothing_between``. Synchronous collectives (``op(...)``
+    without start/done) count as ``sync`` with nothing between.
+    """
+    ops = []  # (name, op, shape, line)
+    for line in _entry_lines(hlo):
+        match = _INSTR.match(line)
+        if match is not None:
+            ops.append((_NAME.match(line).group("name"), match.group("op"), match.group("shape"), line))
+    done_at = {}
+    for i, (_, op, _, line) in enumerate(ops):
+        if op.endswith("-done"):
+            operand = re.search(r"\(%?([\w.\-]+)\)", line[line.index(op) :])
+            if operand:
+                done_at[operand.group(1)] = i
+    found = []
+    for i, (name, op, shape, line) in enumerate(ops):
+        kind = _collective(op)
+        if kind is None:
+            continue
+        arrays = _arrays(shape)
+        if op.endswith("-start") and shape.startswith("(") and len(arrays) >= 2:
+            arrays = [arrays[1]]
+        between = ops[i + 1 : done_at.get(name, i + 1)] if op.endswith("-start") else []
+        sync = _SYNC.search(line)
+        pairs = _PAIRS.search(line)
+        convs = [b for b in between if b[1] == "convolution" or (b[1] == "custom-call" and _ANY_CONV_CALL.search(b[3]))]
+        fusions = [b for b in between if b[1] == "fusion"]
+        found.append(
+            {
+                "name": name,
+                "kind": kind,
+                "bytes": sum(_nbytes(d, s) for d, s in arrays),
+                "is_sync": (not op.endswith("-start")) or (sync is not None and sync.group(1) == "true"),
+                "pairs": [tuple(map(int, p.split(","))) for p in re.findall(r"\{(\d+,\d+)\}", pairs.group("pairs"))]
+                if pairs
+                else [],
+                "convolutions": len(convs),
+                "fusions": len(fusions),
+                "fusion_bytes": sum(_nbytes(d, s) for f in fusions for d, s in _arrays(f[2])),
+            }
+        )
+    summary = {}
+    for c in found:
+        entry = summary.setdefault(
+            c["kind"], {"count": 0, "sync": 0, "with_convolution": 0, "with_fusion": 0, "nothing_between": 0}
+        )
+        entry["count"] += 1
+        entry["sync"] += c["is_sync"]
+        entry["with_convolution"] += c["convolutions"] > 0
+        entry["with_fusion"] += c["fusions"] > 0
+        entry["nothing_between"] += c["convolutions"] == 0 and c["fusions"] == 0
+    return {"collectives": found, "summary": summary}

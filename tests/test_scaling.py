@@ -1,0 +1,89 @@
+"""Scaling on paper: the analytic halo rule against compiled programs, node placement, async overlap."""
+
+from workbench.analysis.audit import async_overlap, audit
+from workbench.analysis.scaling import busiest_device_halo_bytes, crossing_axes, halo_bytes, halo_messages
+from workbench.mesh import ShardLayout
+from workbench.model.unet import UNetConfig
+from workbench.training.step import compile_train_step
+
+
+def test_halo_rule_matches_a_compiled_training_step():
+    """Forward and adjoint exchanges of every conv but the first, non-cubic block,
+    an axis of one device (exchanges nothing) and one of four (every device's buffers)."""
+    cfg = UNetConfig.preset("small")
+    layout = ShardLayout((32, 32, 64), "1x2x4", multiple=cfg.multiple)  # block 32 x 16 x 16
+    r = audit(compile_train_step(cfg, layout))
+    messages = halo_messages(cfg, layout.block_shape, "1x2x4")
+    assert r["collectives"]["collective-permute"]["count"] == len(messages) == (2 * 10 - 1) * 2 * 2
+    assert r["halo_bytes"] == halo_bytes(cfg, layout.block_shape, "1x2x4")
+    assert {m["axis"] for m in messages} == {"y", "x"}
+
+
+def test_halo_rule_reproduces_the_paper_model_audits():
+    """XLA:GPU's audits of the paper model's training step (README Scale table: 512³ and
+    1024³ on 2x2x2 / 4x4x4 / 8x8x8) are exactly the rule at 256³ and 128³ blocks: face
+    area, not volume, so twice the block is ~4x the bytes."""
+    cfg = UNetConfig.preset("paper")
+    assert halo_bytes(cfg, (256,) * 3) == 387_171_344
+    assert halo_bytes(cfg, (128,) * 3, "4x4x4") == 98_252_816
+    assert len(halo_messages(cfg, (256,) * 3)) == 162
+    # inference pads the decoder's two inputs separately: same bytes, more messages
+    forward = [m for m in halo_messages(cfg, (256,) * 3) if m["pass"] == "forward"]
+    infer = halo_messages(cfg, (256,) * 3, train=False)
+    assert sum(m["bytes"] for m in infer) == sum(m["bytes"] for m in forward)
+    assert len(infer) == len(forward) + 3 * 6
+
+
+def test_busiest_device_and_node_crossings():
+    cfg = UNetConfig.preset("paper")
+    total = halo_bytes(cfg, (256,) * 3)
+    # two devices per axis: one neighbour each; four: interior devices have two
+    assert busiest_device_halo_bytes(cfg, (256,) * 3, "2x2x2") * 2 == total
+    assert busiest_device_halo_bytes(cfg, (256,) * 3, "4x4x4") == total
+    # row-major placement, 8 devices per node: x stays inside a node from 8 along x on
+    assert crossing_axes("2x2x2") == {"z": False, "y": False, "x": False}
+    assert crossing_axes("2x2x4") == {"z": True, "y": False, "x": False}
+    assert crossing_axes("2x4x4") == {"z": True, "y": True, "x": False}
+    assert crossing_axes("8x8x8") == {"z": True, "y": True, "x": False}
+    assert crossing_axes("1x1x16") == {"z": False, "y": False, "x": True}
+    assert crossing_axes("2x2x2", devices_per_node=4) == {"z": True, "y": False, "x": False}
+
+
+SCHEDULED = """HloModule m, is_scheduled=true
+
+%fused (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  ROOT %cp = f32[8]{0} collective-permute(%p), source_target_pairs={{0,1}}
+}
+
+ENTRY %main (a: bf16[1,4,4,4,2]) -> bf16[1,4,4,4,2] {
+  %a = bf16[1,4,4,4,2]{4,3,2,1,0} parameter(0)
+  %cps = (bf16[1,1,4,4,2]{4,3,2,1,0}, bf16[1,1,4,4,2]{4,3,2,1,0}) collective-permute-start(%s), channel_id=1, source_target_pairs={{0,2},{1,3}}, backend_config={"collective_backend_config":{"is_sync":false}}
+  %conv = (bf16[1,2,4,4,4]{4,3,2,1,0}, u8[0]{0}) custom-call(%x, %w), window={size=3x3x3}, dim_labels=bf012_oi012->bf012, custom_call_target="__cudnn$convBackwardInput"
+  %f = f32[16]{0} fusion(%y), kind=kLoop, calls=%fused
+  %cpd = bf16[1,1,4,4,2]{4,3,2,1,0} collective-permute-done(%cps)
+  %ars = f32[32]{0} all-reduce-start(%g), replica_groups={{0,1,2,3}}, to_apply=%add, backend_config={"collective_backend_config":{"is_sync":true}}
+  %ard = f32[32]{0} all-reduce-done(%ars)
+  %ar2 = f32[4]{0} all-reduce(%h), replica_groups={{0,1,2,3}}, to_apply=%add
+  ROOT %r = bf16[1,4,4,4,2]{4,3,2,1,0} add(%a, %a)
+}
+"""
+
+
+def test_async_overlap_reads_the_schedule():
+    r = async_overlap(SCHEDULED)
+    by = {c["name"]: c for c in r["collectives"]}
+    assert set(by) == {"cps", "ars", "ar2"}  # the entry's only; the fused computation's permute is not scheduled
+    cp = by["cps"]
+    assert cp["bytes"] == 2 * 16 * 2 and cp["pairs"] == [(0, 2), (1, 3)] and not cp["is_sync"]
+    assert cp["convolutions"] == 1 and cp["fusions"] == 1 and cp["fusion_bytes"] == 64
+    assert by["ars"]["is_sync"] and by["ars"]["bytes"] == 128 and by["ars"]["fusions"] == 0
+    assert by["ar2"]["is_sync"]
+    assert r["summary"]["collective-permute"] == {
+        "count": 1,
+        "sync": 0,
+        "with_convolution": 1,
+        "with_fusion": 1,
+        "nothing_between": 0,
+    }
+    assert r["summary"]["all-reduce"]["count"] == 2 and r["summary"]["all-reduce"]["nothing_between"] == 2
