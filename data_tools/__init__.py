@@ -6,6 +6,7 @@ Everything is imported lazily, so ``import data_tools`` costs almost nothing::
 
 Modules (imports flow one way, top to bottom)::
 
+    datasets      MSD / nnU-Net dataset folders: dataset.json, pairing, checks, 5-fold split
     io            public entry points: detect, read, read_box, info, write, CLI specs
     synthetic     phantoms: anatomy (random, in mm) -> raster (blocks) -> write (OME-Zarr)
     samples       the MNI152 template
@@ -34,6 +35,8 @@ _EXPORTS = {
     "load_input": "io",
     "write_prediction": "io",
     "write_dicom_series": "io",
+    "open_dataset": "datasets",
+    "write_phantom_dataset": "datasets",
     "make_phantom": "synthetic",
     "make_phantom_block": "synthetic",
     "write_phantom": "synthetic",
@@ -46,7 +49,7 @@ _EXPORTS = {
     "pad_to_multiple": "preprocess",
     "crop_padding": "preprocess",
 }
-_MODULES = ("volume", "errors", "geometry", "atomic", "io", "formats", "synthetic", "samples", "preprocess")
+_MODULES = ("volume", "errors", "geometry", "atomic", "io", "formats", "synthetic", "samples", "preprocess", "datasets")
 
 __all__ = [
     "DataError",
@@ -58,6 +61,7 @@ __all__ = [
     "load_mni",
     "make_phantom",
     "make_phantom_block",
+    "open_dataset",
     "pad_to_multiple",
     "percentile_normalise",
     "phantom_lesions",
@@ -68,6 +72,7 @@ __all__ = [
     "window",
     "write_dicom_series",
     "write_phantom",
+    "write_phantom_dataset",
     "write_prediction",
     "write_volume",
     "zscore",
@@ -90,6 +95,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from .datasets import open_dataset, write_phantom_dataset
     from .errors import DataError, MissingDataError
     from .io import (
         detect_format,

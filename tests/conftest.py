@@ -32,6 +32,7 @@ TIERS = {
     "test_data_preprocess.py": ("unit",),
     "test_data_samples.py": ("unit",),
     "test_data_volume.py": ("unit",),
+    "test_datasets.py": ("integration",),
     "test_distributed.py": ("exactness", "multiprocess"),
     "test_gpu_check.py": ("integration",),
     "test_halo.py": ("exactness",),

@@ -208,6 +208,8 @@ def test_train_flags_are_derived_from_train_config():
             "--model",
             "--mesh",
             "--resolution",
+            "--spacing",
+            "--fold",
             "--data",
         )
     } == set(fields) - {"model_overrides", "warmup_steps"}

@@ -11,6 +11,8 @@ benchmarks and the notebooks call.
 * :class:`MemoryEstimator`, :func:`plan_bytes`, :func:`memory_table`
   (:mod:`~workbench.app.planning`): per-device memory before anything runs.
 * :func:`train` and :class:`TrainConfig`: training runs (:mod:`workbench.training`).
+* :func:`evaluate_dataset`, :func:`dataset_cases` (:mod:`~workbench.app.evaluation`): a
+  model scored on a dataset folder's validation fold or test cases.
 
 Imported lazily: ``import workbench.app`` starts no JAX.
 """
@@ -49,6 +51,8 @@ _EXPORTS = {
     "format_bytes": "planning",
     "fits_line": "planning",
     "train": "training",
+    "evaluate_dataset": "evaluation",
+    "dataset_cases": "evaluation",
     "TrainConfig": "training",
 }
 __all__ = sorted(_EXPORTS)

@@ -39,8 +39,11 @@ class ModelChoice:
 
 def task_for_input(source) -> str:
     """The shipped model's task that suits an input: ``mni`` for brain MRI (``mni``, NIfTI
-    volumes), else ``phantom``. ``source`` is an input spec string or a ``Volume``."""
+    volumes), else ``phantom`` (also for a volume whose ``metadata["modality"]`` is CT, such
+    as a dataset's CT case). ``source`` is an input spec string or a ``Volume``."""
     if hasattr(source, "source_format"):
+        if str(source.metadata.get("modality", "")).upper() == "CT":
+            return "phantom"
         return "mni" if source.source_format in ("mni", "nifti") else "phantom"
     return "mni" if str(source).strip().lower().startswith("mni") else "phantom"
 

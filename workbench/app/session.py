@@ -1,6 +1,7 @@
 """A working session on one volume: what the notebook panel does, without widgets.
 
-A :class:`Session` holds an input (a phantom spec, a path or a ``Volume``) and what has
+A :class:`Session` holds an input (a phantom spec, a path, a ``Volume``, or a dataset
+folder whose cases it switches between with :meth:`Session.select_case`) and what has
 been computed from it: the volume at each resolution asked for, the model for each
 configuration (shipped weights, or the weights a :meth:`Session.train` produced), and
 the last run and comparison. The panel's buttons are one call each:
@@ -15,6 +16,7 @@ True
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -48,10 +50,17 @@ class Session:
     """One input and the runs made on it (see the module docstring)."""
 
     def __init__(self, source="phantom:32", *, seed: int = 0):
+        from data_tools.datasets import is_dataset, open_dataset
         from workbench.app.volumes import load_volume, parse_phantom_spec
 
         self.seed = seed
+        self.dataset, self.case = None, None  # a dataset folder's Dataset: its cases are the inputs
         phantom = parse_phantom_spec(source) if isinstance(source, str) else None
+        if isinstance(source, (str, os.PathLike)) and phantom is None and is_dataset(source):
+            self.dataset = open_dataset(source)
+            self._loaded, self._models = {}, {}
+            self.select_case(self.dataset.names[0])
+            return
         if phantom is not None:
             self.source, self.volume = f"phantom::{phantom[1]}", None
             shape = phantom[0] or (32, 32, 32)
@@ -63,6 +72,23 @@ class Session:
         self._models: dict = {}
         self.last = None  # the last Inference (with its reference after compare)
         self.last_settings: Settings | None = None
+
+    # -- a dataset folder's cases --------------------------------------------------------------
+    @property
+    def cases(self) -> list[str]:
+        """The dataset's case names (training, then test); empty without a dataset."""
+        return [] if self.dataset is None else [c.name for c in (*self.dataset.training, *self.dataset.test)]
+
+    def select_case(self, name: str) -> None:
+        """Make case ``name`` of the dataset the input (its own grid; labels when it has them)."""
+        from data_tools.datasets import read_case
+
+        if self.dataset is None:
+            raise UserError("this session has no dataset folder; pass one (dataset.json, imagesTr/) to select cases")
+        self.volume = read_case(self.dataset, name)
+        self.source, self.default_size, self.case = f"{self.dataset.root}#{name}", "native", name
+        self._loaded.clear()
+        self.last, self.last_settings = None, None
 
     # -- choices ---------------------------------------------------------------------------
     @property
@@ -152,8 +178,12 @@ class Session:
             raise UserError(
                 f"training resamples every volume to N³, not {settings.shape}; pick a cube side such as 64 (or native)"
             )
+        if self.dataset is not None:
+            data = str(self.dataset.root)  # the whole dataset, fold 0, read lazily
+        else:
+            data = "phantom" if self.volume is None else [self.volume]
         return TrainConfig(
-            data="phantom" if self.volume is None else [self.volume],
+            data=data,
             resolution=None if native else settings.shape[0],
             mesh="x".join(str(s) for s in spec.spatial),
             data_parallel=spec.data,

@@ -20,7 +20,7 @@ import traceback
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 # Order of `workbench --help`; a command whose module is not installed is left out.
-COMMANDS = ("demo", "infer", "train", "plan", "bench", "view", "launch")
+COMMANDS = ("demo", "infer", "train", "evaluate", "plan", "bench", "view", "launch")
 
 
 def _command_module(name: str):

@@ -26,6 +26,7 @@ BENCHMARKS = {
     "memory_efficiency": ([], ["--quick"]),
     "scale": ([], ["--quick"]),
     "partition_overhead": ([], ["--sizes", "64", "--repeats", "2", "--no-train"]),
+    "dataset_memory": ([], ["--quick"]),
 }
 
 

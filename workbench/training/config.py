@@ -93,6 +93,17 @@ def parse_dice_classes(text: str) -> tuple:
     return values
 
 
+def parse_spacing(text: str) -> tuple:
+    """``1.5`` or ``2.5,1,1``: a target voxel spacing in mm (dz, dy, dx), each > 0."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise _argument_error(f"{text!r} is not a spacing in mm, e.g. 1.5 or 2.5,1,1") from None
+    if len(values) not in (1, 3) or not all(math.isfinite(v) and v > 0 for v in values):
+        raise _argument_error(f"{text!r}: give one or three positive numbers (mm), e.g. 1.5 or 2.5,1,1")
+    return values * 3 if len(values) == 1 else values
+
+
 def _option(default, help: str, *, flag: str | None = None, type=None, choices=None, **more):
     """A field with its flag: ``help`` may say ``{choices}`` (joined by `` | ``)."""
     metadata = {"help": help, "flag": flag, "type": type, "choices": choices, **more}
@@ -107,12 +118,19 @@ class TrainConfig:
 
     data: Any = _option(
         "phantom",
-        "phantom[:N] (fresh synthetic phantoms rendered at N³), mni[:N], or labelled volume paths (default phantom)",
+        "phantom[:N] (fresh synthetic phantoms rendered at N³), mni[:N], a dataset folder (MSD / nnU-Net: "
+        "dataset.json, imagesTr/, labelsTr/) or labelled volume paths (default phantom)",
         nargs="+",
     )
     resolution: int | None = _option(
         None, "resample every volume to N³ (default: the data's own size; phantom: 64)", type=positive_int
     )
+    spacing: tuple | None = _option(
+        None,
+        "dataset folder: resample every case to this spacing in mm, S or DZ,DY,DX (default: the median spacing)",
+        type=parse_spacing,
+    )
+    fold: int = _option(0, "dataset folder: cross-validation fold 0..4 to hold out (default 0)", type=int)
     mesh: str = _option("2x2x2", "ZxYxX or data=D,z=Z,y=Y,x=X (default 2x2x2)")
     data_parallel: int = _option(1, "size of the data axis (default 1)", type=positive_int)
     backend: str = _option("explicit", "{choices} (default explicit)", choices=BACKENDS)
@@ -175,12 +193,25 @@ class TrainConfig:
         check(self.checkpoint_every >= 1 and self.keep >= 1, "checkpoint_every and keep must be >= 1")
         check(self.eval_every >= 0 and self.eval_cases >= 0, "eval_every and eval_cases must be >= 0")
         check(self.dice_weight >= 0 and self.clip_norm >= 0, "dice_weight and clip_norm must be >= 0")
+        check(isinstance(self.fold, int) and self.fold >= 0, f"fold={self.fold!r} must be an integer >= 0")
+        check(
+            self.spacing is None or self.resolution is None,
+            "pass spacing or resolution, not both (a target voxel size in mm, or N³ voxels)",
+        )
+        if self.spacing is not None:
+            spacing = tuple(self.spacing)
+            check(
+                len(spacing) == 3 and all(isinstance(v, (int, float)) and v > 0 for v in spacing),
+                f"spacing={self.spacing!r} must be three positive numbers (mm), e.g. (2.5, 1.0, 1.0)",
+            )
+            object.__setattr__(self, "spacing", tuple(float(v) for v in spacing))
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["data"] = self.data if isinstance(self.data, str) else [str(getattr(v, "path", v)) for v in self.data]
         d["class_weights"] = None if self.class_weights is None else list(self.class_weights)
         d["dice_classes"] = None if self.dice_classes is None else list(self.dice_classes)
+        d["spacing"] = None if self.spacing is None else list(self.spacing)
         return d
 
     @classmethod
@@ -191,6 +222,8 @@ class TrainConfig:
             d["class_weights"] = tuple(d["class_weights"])
         if d.get("dice_classes") is not None:
             d["dice_classes"] = tuple(int(c) for c in d["dice_classes"])
+        if d.get("spacing") is not None:
+            d["spacing"] = tuple(d["spacing"])
         if isinstance(d.get("data"), list):
             d["data"] = tuple(d["data"])
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})

@@ -18,6 +18,10 @@ Sources (see :func:`make_source`):
   generalisation.
 * paths: volumes with labels; the last ``max(1, n // 5)`` are held out when n ≥ 2.
 
+Dataset folders (MSD / nnU-Net layout) are read lazily by
+:class:`workbench.training.datasets.DatasetSource`; :func:`workbench.training.datasets.make_source`
+is this module's :func:`make_source` plus those (what ``workbench train`` calls).
+
 With ``resolution`` set, every volume is resampled to resolution³ (image linear, labels
 nearest): ``phantom:128`` at resolution 64 is a down-sampled copy of 128³ phantoms.
 Images go through :func:`model_input` (as ``workbench infer`` does): CT in Hounsfield

@@ -21,8 +21,9 @@ def evaluate(model, cases, mesh="1x1x1", *, backend: str = "explicit", class_nam
     spatial = MeshSpec(spec.z, spec.y, spec.x) if backend != "reference" else None
     k = model.config.num_classes
     names = tuple(class_names or [f"class{i}" for i in range(k)])
-    per_case, inter, psum, tsum, accs, hds = [], np.zeros(k), np.zeros(k), np.zeros(k), [], []
-    for case in cases:
+    per_case, inter, psum, tsum, accs, hds, case_names = [], np.zeros(k), np.zeros(k), np.zeros(k), [], [], []
+    for case in cases:  # may be read lazily (a dataset's validation cases): iterated once
+        case_names.append(case.name)
         logits = run(model, case.image, spatial, backend=backend).output
         pred = logits.argmax(-1)
         truth = case.labels
@@ -35,11 +36,12 @@ def evaluate(model, cases, mesh="1x1x1", *, backend: str = "explicit", class_nam
         accs.append(accuracy(pred, truth))
         if hd95:
             hds.append([hausdorff95(pred == c, truth == c, case.spacing) for c in range(1, k)])
+        del case, logits, pred, truth  # before the next case is read
     per_case = np.asarray(per_case)
     with np.errstate(invalid="ignore", divide="ignore"):
         pooled = np.where(psum + tsum > 0, 2 * inter / (psum + tsum), np.nan)
     out = {
-        "cases": [c.name for c in cases],
+        "cases": case_names,
         "dice": {n: _nanmean(per_case[:, i]) for i, n in enumerate(names)},
         "dice_per_case": {n: [finite_or_none(v) for v in per_case[:, i]] for i, n in enumerate(names)},
         "pooled_dice": {n: finite_or_none(pooled[i]) for i, n in enumerate(names)},

@@ -72,7 +72,8 @@ def train_and_evaluate(
 
     from workbench.mesh import ShardLayout, parse_mesh
     from workbench.model.unet import Model
-    from workbench.training.data import BatchStream, make_source
+    from workbench.training.data import BatchStream
+    from workbench.training.datasets import make_source
 
     tc = config
     workdir = Path(workdir)
@@ -86,7 +87,7 @@ def train_and_evaluate(
             parse_mesh(spec, n_devices=len(jax.devices()))  # the helpful error
     if tc.batch % spec.data:
         raise UserError(f"batch {tc.batch} does not split over data={spec.data}; use a multiple of {spec.data}")
-    source = source or make_source(tc.data, tc.resolution)
+    source = source or make_source(tc.data, tc.resolution, fold=tc.fold, spacing=tc.spacing)
     cfg = model_config(tc, source.num_classes)
     weights = tc.class_weights
     if weights is None:
@@ -111,6 +112,7 @@ def train_and_evaluate(
         "class_names": list(source.class_names),
         "class_weights": list(weights),
         "data": source.description,
+        **(getattr(source, "meta", None) or {}),  # a dataset's split and preprocessing
     }
     # -- checkpoints: fresh or resume ---------------------------------------------------------
     ckpt_dir = workdir / "checkpoints"
@@ -169,7 +171,14 @@ def train_and_evaluate(
         try:
             write_text_atomic(workdir / "config.json", json.dumps(meta, indent=1) + "\n")
             eval_cases = source.eval_cases(tc.eval_cases) if tc.eval_cases else []
-            stream = BatchStream(source, tc.batch, start=start, seed=tc.seed, augment_data=tc.augment)
+            stream = BatchStream(
+                source,
+                tc.batch,
+                start=start,
+                seed=tc.seed,
+                augment_data=tc.augment,
+                workers=getattr(source, "prefetch_workers", None),
+            )
             bar = _progress(progress, tc.steps, start, source.description, spec)
             while step < tc.steps:
                 images, labels = stream.next()

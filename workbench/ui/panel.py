@@ -54,7 +54,9 @@ class WorkbenchPanel:
     ----------
     volume : str or Volume
         ``"phantom"`` / ``"phantom:N[:SEED]"`` (made at whatever size is picked), ``"mni"``,
-        a path any :func:`data_tools.load_input` reads, or a :class:`data_tools.Volume`.
+        a path any :func:`data_tools.load_input` reads, a :class:`data_tools.Volume`, or a
+        dataset folder (MSD / nnU-Net: ``dataset.json``, ``imagesTr/``): its cases are listed
+        in ``panel.case`` (name, shape, spacing) and the chosen one is the input.
         Loaded volumes offer ``native`` (their own, possibly uneven, shape) or a cube side.
     mesh, resolution, model, halo, backend
         initial choices (mesh default: the most cube-like mesh of all devices).
@@ -125,6 +127,7 @@ class WorkbenchPanel:
         )
         for name, widget in vars(self.controls).items():  # panel.mesh, panel.run_button, ...
             setattr(self, name, widget)
+        self.case = self._case_picker()
         self.display = Display(self.status, self.output)
         self.figures = self.display.figures
         for name, action in (
@@ -138,6 +141,34 @@ class WorkbenchPanel:
         for control in (*self.controls.choices, self.plan_for):
             control.observe(self._on_change, names="value")
         self._refresh()
+
+    def _case_picker(self):
+        """A dropdown of a dataset's cases (None without a dataset): choosing one makes it the input."""
+        if self.session.dataset is None:
+            return None
+        from data_tools.io import volume_info
+
+        options = []
+        for files in (*self.session.dataset.training, *self.session.dataset.test):
+            info = volume_info(files.images[0])
+            grid = "x".join(map(str, info.shape))
+            mm = "x".join(f"{s:.3g}" for s in info.spacing)
+            options.append((f"{files.name}: {grid}, {mm} mm{'' if files.label else ', unlabelled'}", files.name))
+        picker = W.Dropdown(options=options, value=self.session.case, description="case",
+                            style={"description_width": "110px"}, layout=W.Layout(width="460px"))  # fmt: skip
+
+        def pick(change):
+            self.display.clear_error()
+            try:
+                self.session.select_case(change["new"])
+            except USER_ERRORS as err:
+                self.display.show_error(one_line(err))
+                return
+            self.inference = None
+            self._refresh()
+
+        picker.observe(pick, names="value")
+        return picker
 
     def _initial_mesh(self, mesh) -> MeshSpec:
         from workbench.mesh import parse_mesh
@@ -407,6 +438,10 @@ class WorkbenchPanel:
         if not hasattr(self, "_box"):
             title = f"<b>Partitioned U-Net workbench</b> · {self.n_devices} {self.platform} devices"
             self._box = self.controls.box(title, self.memory)
+            if self.case is not None:
+                name = html.escape(self.session.dataset.name)
+                self._box.children = (self._box.children[0], W.HBox([self.case, W.HTML(f"of {name}")]),
+                                      *self._box.children[1:])  # fmt: skip
         return self._box
 
     def _ipython_display_(self):

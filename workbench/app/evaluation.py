@@ -1,0 +1,273 @@
+"""Evaluate a trained model on a dataset folder: predictions in each case's own geometry.
+
+:func:`evaluate_dataset` is what ``workbench evaluate`` calls. It runs the model,
+partitioned over a mesh, on a dataset's validation fold (the fold it was trained with,
+by default) or its test cases (``imagesTs/``), one case at a time: the case is read,
+resampled and normalised as in training (:class:`~workbench.training.datasets.Preprocessing`,
+stored in the checkpoint), the class probabilities are resampled back onto the case's
+original grid (:func:`data_tools.datasets.resample_onto`) and their argmax is written as
+NIfTI with the case's own affine and header. With labels it scores each case (Dice and
+HD95 per class, predicted and true volume in ml). The output folder, written whole or
+not at all::
+
+    predictions/CASE.nii.gz     one label map per case, on the case's original grid
+    cases.csv                   one row per case: dice_*, hd95_mm_*, pred_ml_*, true_ml_*
+    summary.json                means per class, the worst cases, what ran and how
+
+Example
+-------
+>>> summary = evaluate_dataset("Task01_Phantom", "eval", checkpoint="run", mesh="2x2x2")  # doctest: +SKIP
+>>> summary["worst_cases"][0]["case"]                                                       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from workbench.errors import UserError
+
+__all__ = ["evaluate_dataset", "dataset_cases", "CASE_COLUMNS"]
+
+CASE_COLUMNS = ("dice", "hd95_mm", "pred_ml", "true_ml")  # per foreground class, in cases.csv
+
+
+def _model_and_meta(checkpoint, preset: str, random_weights: bool, seed: int, log):
+    """(ModelChoice, meta of the weights): a checkpoint's meta, the shipped weights' meta, or {}."""
+    from workbench.app.models import ModelChoice, resolve_model
+    from workbench.training.checkpoint import PRETRAINED, WEIGHTS_DIR, load_model, load_weights
+
+    if checkpoint:
+        model, meta = load_model(checkpoint, log=log)
+        step = meta.get("step")
+        return ModelChoice(model, "checkpoint", f"checkpoint {checkpoint}" + (f" (step {step})" if step else "")), meta
+    choice = resolve_model(preset, task="phantom", random_weights=random_weights, seed=seed, log=log)
+    meta = load_weights(WEIGHTS_DIR / PRETRAINED["phantom"])[1] if choice.source == "shipped" else {}
+    return choice, meta
+
+
+def _plan(meta: dict, infos, spacing, resolution):
+    """The preprocessing to evaluate with: the flags, else the checkpoint's, else the
+    training resolution, else the evaluated cases' median spacing."""
+    from workbench.training.datasets import Preprocessing, plan_preprocessing
+
+    if spacing is not None or resolution is not None:
+        return plan_preprocessing(infos, spacing=spacing, resolution=resolution)
+    if meta.get("preprocessing"):
+        return Preprocessing.from_dict(meta["preprocessing"])
+    trained = (meta.get("train") or {}).get("resolution")
+    if trained:
+        return plan_preprocessing(infos, resolution=int(trained))
+    return plan_preprocessing(infos)
+
+
+def _prediction(logits: np.ndarray, meta: dict) -> np.ndarray:
+    """uint8 labels on the case's original grid from logits on its resampled grid (``meta``:
+    a prepared case's metadata): the softmax probabilities resampled (linear) onto the
+    original grid, then argmax."""
+    from data_tools.datasets import resample_onto
+
+    grid = tuple(meta["grid_shape"])
+    logits = logits[: grid[0], : grid[1], : grid[2]]
+    same = grid == tuple(meta["original_shape"]) and np.allclose(meta["grid_affine"], meta["original_affine"])
+    if same:
+        return logits.argmax(-1).astype(np.uint8)
+    shifted = logits - logits.max(-1, keepdims=True)
+    probs = np.exp(shifted, dtype=np.float32)
+    probs /= probs.sum(-1, keepdims=True)
+    best = labels = None
+    for k in range(probs.shape[-1]):
+        p = resample_onto(np.ascontiguousarray(probs[..., k]), meta["grid_affine"], meta["original_shape"],
+                          meta["original_affine"], order=1)  # fmt: skip
+        if best is None:
+            best, labels = p, np.zeros(p.shape, np.uint8)
+        else:
+            better = p > best
+            labels[better] = k
+            np.maximum(best, p, out=best)
+    return labels
+
+
+def _score(pred, truth, spacing, class_names) -> dict:
+    from workbench.training.losses import dice_per_class, hausdorff95
+
+    ml = float(np.prod(spacing)) / 1000.0
+    dice = dice_per_class(pred, truth, len(class_names))
+    row = {}
+    for k, name in enumerate(class_names[1:], start=1):
+        p, t = pred == k, truth == k
+        row[f"dice_{name}"] = _finite(dice[k])
+        row[f"hd95_mm_{name}"] = _finite(hausdorff95(p, t, spacing))
+        row[f"pred_ml_{name}"] = float(p.sum()) * ml
+        row[f"true_ml_{name}"] = float(t.sum()) * ml
+    return row
+
+
+def _finite(v):
+    return None if v is None or not math.isfinite(v) else float(v)
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _summary(rows: list[dict], class_names, worst: int = 3) -> dict:
+    fg = class_names[1:]
+    out = {
+        "mean_dice": {n: _mean([r.get(f"dice_{n}") for r in rows]) for n in fg},
+        "mean_hd95_mm": {n: _mean([r.get(f"hd95_mm_{n}") for r in rows]) for n in fg},
+    }
+    scored = [r for r in rows if r.get("mean_dice") is not None]
+    ranked = sorted(scored, key=lambda r: r["mean_dice"])[:worst]
+    out["worst_cases"] = [
+        {"case": r["case"], "mean_dice": r["mean_dice"], **{f"dice_{n}": r.get(f"dice_{n}") for n in fg}}
+        for r in ranked
+    ]
+    out["worst_case_per_class"] = {}
+    for n in fg:
+        have = [r for r in rows if r.get(f"dice_{n}") is not None]
+        if have:
+            r = min(have, key=lambda r: r[f"dice_{n}"])
+            out["worst_case_per_class"][n] = {"case": r["case"], "dice": r[f"dice_{n}"]}
+    return out
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: "" if r.get(k) is None else r[k] for k in columns})
+
+
+def evaluate_dataset(
+    data,
+    out,
+    *,
+    checkpoint=None,
+    model: str = "small",
+    random_weights: bool = False,
+    seed: int = 0,
+    fold: int | None = None,
+    test: bool = False,
+    mesh="2x2x2",
+    backend: str = "explicit",
+    spacing=None,
+    resolution: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    log=print,
+) -> dict:
+    """Run a model over a dataset's validation fold (``fold``; default the one it was
+    trained with) or its test cases (``test``) and write ``out`` (see the module notes).
+
+    Everything is checked (dataset, cases, model classes, mesh, output folder) before a case
+    is read; the folder appears only when every case is done. Returns the summary (also
+    ``summary.json``) with ``rows``, one per case.
+    """
+    from tqdm.auto import tqdm
+
+    from data_tools.datasets import check_dataset, open_dataset, read_case
+    from data_tools.errors import DataError
+    from data_tools.io import write_prediction
+    from workbench.app.inference import check_run_options
+    from workbench.app.results import check_output_folder, staged_output
+    from workbench.execute.run import run
+    from workbench.training.datasets import prepare_case
+
+    dataset = open_dataset(data)
+    choice, meta = _model_and_meta(checkpoint, model, random_weights, seed, log)
+    k = choice.config.num_classes
+    if k != len(dataset.class_names):
+        raise UserError(
+            f"the model predicts {k} classes but {dataset.root} declares {len(dataset.class_names)} "
+            f"{list(dataset.class_names)}; pass --checkpoint of a model trained on this dataset"
+        )
+    _, spec = check_run_options(choice.config, backend, "exact", mesh)
+    check_output_folder(out, overwrite=overwrite)
+    trained_fold = (meta.get("dataset") or {}).get("fold")
+    if test:
+        if fold is not None:
+            raise UserError("pass --fold K or --test, not both")
+        cases = list(dataset.test)
+        if not cases:
+            raise DataError(dataset.root, "has no test cases (imagesTs/ is empty or missing)",
+                            "add images to imagesTs/ or evaluate a validation fold (--fold K)")  # fmt: skip
+        split = "test"
+    else:
+        fold = int(trained_fold if fold is None and trained_fold is not None else fold or 0)
+        _, cases = dataset.split(fold)
+        split = f"fold {fold}"
+        if trained_fold is not None and fold != trained_fold:
+            log(f"note: the model was trained on fold {trained_fold}'s training cases, which include fold {fold}")
+    infos = check_dataset(dataset, cases, progress=progress)
+    plan = _plan(meta, infos.values(), spacing, resolution)
+    names = dataset.class_names
+    rows: list[dict] = []
+    t_start = time.perf_counter()
+    with staged_output(out, overwrite=overwrite) as tmp:
+        (tmp / "predictions").mkdir()
+        for files in tqdm(cases, desc=f"evaluate {dataset.name} {split}", unit="case", disable=not progress):
+            t0 = time.perf_counter()
+            volume = read_case(dataset, files, check=False)
+            case = prepare_case(volume, plan, name=files.name)
+            logits = run(choice.model, case.image, spec, backend=backend).output
+            grid = case.metadata
+            del case  # the model input is not needed any more
+            pred = _prediction(logits, grid)
+            del logits
+            written = write_prediction(pred, volume, tmp / "predictions", name=files.name)
+            row = {"case": files.name, "shape": "x".join(map(str, volume.shape)),
+                   "spacing_mm": "x".join(f"{s:.4g}" for s in volume.spacing)}  # fmt: skip
+            if volume.labels is not None:
+                row.update(_score(pred, volume.labels, volume.spacing, names))
+                row["mean_dice"] = _mean([row[f"dice_{n}"] for n in names[1:]])
+            else:
+                ml = float(np.prod(volume.spacing)) / 1000.0
+                row.update({f"pred_ml_{n}": float((pred == c).sum()) * ml for c, n in enumerate(names) if c})
+            row["prediction"] = f"predictions/{Path(written).name}"
+            row["seconds"] = round(time.perf_counter() - t0, 3)
+            rows.append(row)
+            del volume, pred
+        summary = {
+            "dataset": str(dataset.root),
+            "split": split,
+            "cases": len(rows),
+            "labelled": sum(1 for r in rows if "mean_dice" in r),
+            "class_names": list(names),
+            "weights": choice.description,
+            "mesh": spec.as_dict() if spec is not None else None,
+            "backend": backend,
+            "preprocessing": plan.as_dict(),
+            **_summary(rows, names),
+            "seconds": round(time.perf_counter() - t_start, 3),
+            "files": {"cases": "cases.csv", "predictions": "predictions/"},
+        }
+        _write_csv(tmp / "cases.csv", rows)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return {**summary, "rows": rows, "out": str(out)}
+
+
+def dataset_cases(data, fold: int | None = None) -> list[dict]:
+    """One row per case of a dataset folder, from headers only: ``case``, ``split``
+    (``train`` / ``validation`` of ``fold``, or ``test``), ``shape``, ``spacing``, ``label``."""
+    from data_tools.datasets import open_dataset
+    from data_tools.io import volume_info
+
+    dataset = open_dataset(data)
+    val = set() if fold is None else {c.name for c in dataset.split(fold)[1]}
+    rows = []
+    for group, cases in (("train", dataset.training), ("test", dataset.test)):
+        for c in cases:
+            info = volume_info(c.images[0])
+            split = "validation" if c.name in val else group
+            rows.append({"case": c.name, "split": split, "shape": info.shape,
+                         "spacing": tuple(round(s, 4) for s in info.spacing), "label": c.label is not None})  # fmt: skip
+    return rows

@@ -1,0 +1,270 @@
+"""Training on a dataset folder (MSD / nnU-Net layout), one case in memory at a time.
+
+:func:`make_source` is what the training loop calls: a dataset folder gives a
+:class:`DatasetSource`, anything else :func:`workbench.training.data.make_source`.
+:class:`DatasetSource` is the :class:`~workbench.training.data.Source` of ``workbench
+train --data DATASET_DIR --fold K``: :mod:`data_tools.datasets` reads ``dataset.json``,
+pairs and checks the cases (headers and label values, before anything is written) and
+splits them into nnU-Net's 5 folds. Volumes are read lazily: a case is read, resampled
+and normalised when a step (or an evaluation) needs it and dropped afterwards, so a
+dataset larger than host memory trains. :data:`LIVE_CASES` counts the prepared cases
+alive at any moment (its ``peak`` is what the tests and ``benchmarks/dataset_memory.py``
+check: at most ``batch + 1``, i.e. two with the default batch of one: the case of the
+step being prepared and one held-out case being evaluated).
+
+:class:`Preprocessing` is how a case becomes the model's input, the same in training and
+in ``workbench evaluate``: resampled to a target ``spacing`` (mm; default the per-axis median
+spacing of the training cases, as nnU-Net does) or to ``resolution``³, normalised by
+:func:`~workbench.training.data.model_input` (the ``CT`` channel name selects the CT
+window) and padded at the high end up to the training grid (the largest resampled case).
+Each :class:`~workbench.training.data.Case` keeps the grid it was resampled to and its
+original shape and affine in ``metadata``, so a prediction goes back onto the original grid
+(:func:`data_tools.datasets.resample_onto`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from workbench.errors import UserError
+from workbench.training.data import Case, Source, model_input
+
+__all__ = [
+    "LIVE_CASES",
+    "LiveCases",
+    "Preprocessing",
+    "plan_preprocessing",
+    "prepare_case",
+    "DatasetSource",
+    "make_source",
+]
+
+
+class LiveCases:
+    """Thread-safe count of the prepared cases alive (tracked objects not yet collected)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.live = self.peak = self.loaded = 0
+
+    def track(self, case):
+        with self._lock:
+            self.live += 1
+            self.loaded += 1
+            self.peak = max(self.peak, self.live)
+        weakref.finalize(case, self._release)
+        return case
+
+    def _release(self):
+        with self._lock:
+            self.live -= 1
+
+    def reset(self):
+        """Start a new measurement: ``peak`` becomes the current count, ``loaded`` 0."""
+        with self._lock:
+            self.peak, self.loaded = self.live, 0
+
+
+LIVE_CASES = LiveCases()
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Target ``spacing`` (mm, z y x) or ``resolution`` (N³), and the training ``shape``."""
+
+    spacing: tuple[float, float, float] | None
+    resolution: int | None
+    shape: tuple[int, int, int]
+
+    def as_dict(self) -> dict:
+        return {
+            "spacing": None if self.spacing is None else list(self.spacing),
+            "resolution": self.resolution,
+            "shape": list(self.shape),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        spacing = d.get("spacing")
+        return cls(None if spacing is None else tuple(float(s) for s in spacing), d.get("resolution"),
+                   tuple(int(s) for s in d["shape"]))  # fmt: skip
+
+    def grid_shape(self, shape, spacing) -> tuple[int, int, int]:
+        """The shape a case of ``shape`` / ``spacing`` is resampled to (as
+        :func:`data_tools.preprocess.resample` rounds it)."""
+        if self.resolution is not None:
+            return (self.resolution,) * 3
+        if self.spacing is None:
+            return tuple(int(s) for s in shape)
+        new = np.asarray(shape) * np.asarray(spacing) / np.asarray(self.spacing)
+        return tuple(max(1, int(round(n))) for n in new)
+
+    def describe(self) -> str:
+        if self.resolution is not None:
+            return f"resampled to {self.resolution}³"
+        grid = "x".join(map(str, self.shape))
+        if self.spacing is None:
+            return f"native grid {grid}"
+        return f"spacing {'x'.join(f'{s:.3g}' for s in self.spacing)} mm, padded to {grid}"
+
+
+def _spacing3(spacing) -> tuple[float, float, float] | None:
+    if spacing is None:
+        return None
+    values = (float(spacing),) * 3 if np.isscalar(spacing) else tuple(float(s) for s in spacing)
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or not all(np.isfinite(v) and v > 0 for v in values):
+        raise UserError(f"spacing {spacing!r} is not one or three positive numbers (mm); pass e.g. 1.5 or 2.5,1,1")
+    return values  # type: ignore[return-value]
+
+
+def plan_preprocessing(infos, *, spacing=None, resolution: int | None = None) -> Preprocessing:
+    """The :class:`Preprocessing` of cases with headers ``infos`` (``VolumeInfo``s).
+
+    ``resolution``: every case to N³. Else ``spacing`` (default: the per-axis median of the
+    cases' spacings; none when they all share one grid) and the training shape is the
+    largest resampled case.
+    """
+    infos = list(infos)
+    if not infos and resolution is None:
+        raise UserError("no cases to plan the preprocessing from; pass a dataset with cases")
+    if spacing is not None and resolution is not None:
+        raise UserError("pass --spacing or --resolution, not both (a target voxel size in mm, or N³ voxels)")
+    if resolution is not None:
+        if not isinstance(resolution, (int, np.integer)) or resolution < 8:
+            raise UserError(f"resolution={resolution!r} must be an integer >= 8 (voxels per side)")
+        return Preprocessing(None, int(resolution), (int(resolution),) * 3)
+    target = _spacing3(spacing)
+    if target is None:
+        grids = {(i.shape, tuple(np.round(i.spacing, 6))) for i in infos}
+        if len(grids) > 1:
+            target = tuple(float(np.median([i.spacing[d] for i in infos])) for d in range(3))
+    plan = Preprocessing(target, None, (1, 1, 1))
+    shapes = [plan.grid_shape(i.shape, i.spacing) for i in infos]
+    shape = tuple(max(s[d] for s in shapes) for d in range(3))
+    if min(shape) < 4:
+        raise UserError(f"the cases resampled to spacing {target} mm are only {shape} voxels; pass a finer --spacing")
+    return Preprocessing(target, None, shape)  # type: ignore[arg-type]
+
+
+def prepare_case(volume, plan: Preprocessing, *, name: str | None = None, shape=None) -> Case:
+    """``volume`` resampled, normalised and padded (high end) to ``shape`` (default the
+    training shape; never smaller than the resampled case), as a tracked :class:`Case`.
+
+    ``metadata``: ``grid_shape`` / ``grid_affine`` (the resampled case before padding) and
+    ``original_shape`` / ``original_affine``.
+    """
+    from data_tools.preprocess import resample
+
+    original_shape, original_affine = tuple(volume.shape), np.array(volume.affine)
+    if plan.resolution is not None and volume.shape != plan.shape:
+        volume = resample(volume, shape=plan.resolution)
+    elif plan.spacing is not None and not np.allclose(volume.spacing, plan.spacing, rtol=1e-6):
+        volume = resample(volume, spacing=plan.spacing)
+    grid = tuple(volume.shape)
+    target = tuple(max(a, b) for a, b in zip(grid, shape or plan.shape))
+    image = model_input(volume)
+    pads = [(0, t - g) for t, g in zip(target, grid)]
+    if any(p for _, p in pads):
+        image = np.pad(image, pads, constant_values=float(image.min()))
+    labels = None if volume.labels is None else np.pad(np.asarray(volume.labels, np.uint8), pads)
+    meta = {
+        "case": name,
+        "grid_shape": grid,
+        "grid_affine": np.array(volume.affine),
+        "original_shape": original_shape,
+        "original_affine": original_affine,
+    }
+    case = Case(image, labels, tuple(volume.spacing), name or str(volume.path), meta)
+    return LIVE_CASES.track(case)
+
+
+class _LazyCases:
+    """Held-out cases read when iterated (one at a time), never kept."""
+
+    def __init__(self, source: DatasetSource, files):
+        self.source, self.files = source, list(files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return self.source.load(self.files[i])
+
+    def __iter__(self):
+        for files in self.files:
+            yield self.source.load(files)
+
+
+class DatasetSource(Source):
+    """Cases of a dataset folder's fold ``fold`` (training) and its validation cases."""
+
+    # Batches are prepared one at a time, whatever the host's cores: with one batch being
+    # trained on and the next being read, at most two cases are in host memory.
+    prefetch_workers = 1
+
+    def __init__(self, path, *, fold: int = 0, spacing=None, resolution: int | None = None, progress: bool = True):
+        from data_tools.datasets import check_dataset, open_dataset
+
+        dataset = open_dataset(path)
+        if len(dataset.channel_names) != 1:
+            raise UserError(
+                f"{dataset.root} has {len(dataset.channel_names)} channels {list(dataset.channel_names)}; the "
+                "workbench trains single-channel models: keep one channel (the CASE_0000 files and one "
+                "channel_names entry) in a copy of the dataset"
+            )
+        self.dataset, self.fold = dataset, int(fold)
+        self.train_files, self.val_files = dataset.split(fold)
+        infos = check_dataset(dataset, self.train_files + self.val_files, progress=progress)
+        self.plan = plan_preprocessing(infos.values(), spacing=spacing, resolution=resolution)
+        self.shape = self.plan.shape
+        self.class_names = dataset.class_names
+        self.num_classes = len(self.class_names)
+        self.description = (
+            f"{dataset.name} fold {self.fold} ({len(self.train_files)} training, {len(self.val_files)} "
+            f"validation cases; {self.plan.describe()})"
+        )
+        self.meta = {
+            "dataset": {"path": str(dataset.root), "name": dataset.name, "layout": dataset.layout,
+                        "fold": self.fold, "channel_names": list(dataset.channel_names),
+                        "train": [c.name for c in self.train_files], "val": [c.name for c in self.val_files]},
+            "preprocessing": self.plan.as_dict(),
+        }  # fmt: skip
+
+    def load(self, files) -> Case:
+        """One case read, resampled, normalised and padded to the training grid."""
+        from data_tools.datasets import read_case
+
+        return prepare_case(read_case(self.dataset, files, check=False), self.plan, name=files.name)
+
+    def train_case(self, step: int, index: int) -> Case:
+        order = np.random.default_rng([7, step]).permutation(len(self.train_files))
+        return self.load(self.train_files[order[index % len(order)]])
+
+    def eval_cases(self, n: int):
+        return _LazyCases(self, self.val_files[:n])
+
+
+def make_source(data: str | Sequence, resolution: int | None = None, *, fold: int = 0, spacing=None) -> Source:
+    """The :class:`~workbench.training.data.Source` of ``workbench train --data``: a
+    :class:`DatasetSource` for a dataset folder (``fold``, ``spacing``), else
+    :func:`workbench.training.data.make_source` (phantoms, ``mni``, volume paths)."""
+    from data_tools.datasets import is_dataset
+    from workbench.training import data as sources
+
+    items = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    if len(items) == 1 and isinstance(items[0], (str, os.PathLike)) and is_dataset(items[0]):
+        return DatasetSource(items[0], fold=fold, spacing=spacing, resolution=resolution)
+    if fold or spacing is not None:
+        raise UserError(
+            "--fold and --spacing apply to a dataset folder (dataset.json, imagesTr/, labelsTr/); "
+            "for other data use --resolution"
+        )
+    return sources.make_source(data, resolution)
