@@ -21,6 +21,7 @@ TIERS = {
     "test_app.py": ("integration",),
     "test_architecture.py": ("unit",),
     "test_audit.py": ("unit",),
+    "test_bad_inputs.py": ("integration",),
     "test_baselines.py": ("exactness",),
     "test_browser.py": ("integration", "browser"),
     "test_checkpoint.py": ("integration",),

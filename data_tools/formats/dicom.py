@@ -213,10 +213,13 @@ def _pixels(sl: _Slice) -> np.ndarray:
     try:
         pixels = ds.pixel_array
     except Exception as exc:  # missing decoder plugins raise RuntimeError/NotImplementedError
+        short = "less than expected" in str(exc)  # the file was cut short, not compressed
         raise DataError(
             sl.path,
-            f"cannot decode pixel data ({exc})",
-            "install a decoder (pip install pylibjpeg pylibjpeg-libjpeg) or decompress the series",
+            f"cannot decode pixel data ({str(exc).split(' - ')[0]})",
+            "re-export or re-copy the damaged file"
+            if short
+            else "install a decoder (pip install pylibjpeg pylibjpeg-libjpeg) or decompress the series",
         ) from None
     if pixels.ndim != 2:
         raise DataError(sl.path, f"pixel data has shape {pixels.shape}, expected one grey slice",

@@ -50,6 +50,9 @@ def _load(path: Path, mmap: bool = False):
     except (EOFError, OSError, zipfile.BadZipFile) as exc:
         raise DataError(path, f"not a readable numpy file, truncated? ({exc})",
                         "re-save it with np.save / np.savez") from None  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - a damaged header (numpy parses it with tokenize/ast)
+        raise DataError(path, f"has a damaged .npy header ({type(exc).__name__})",
+                        "re-save it with np.save / np.savez") from None  # fmt: skip
 
 
 def read(path: Path, *, series=None) -> Volume:

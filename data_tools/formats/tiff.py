@@ -9,6 +9,7 @@ else (no tags, or the 72 dpi of a screen image) gives 1 mm and
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -47,6 +48,19 @@ def _open(path: Path):
         return tifffile.TiffFile(str(path))
     except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error...
         raise DataError(path, f"not a readable TIFF file ({exc})", "re-export the stack as TIFF") from None
+
+
+@contextlib.contextmanager
+def _damaged(path: Path):
+    """A body that tifffile cannot decode (cut short, overwritten) is one DataError."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - tifffile raises ValueError, IndexError, struct.error...
+        text = str(exc).strip().splitlines()
+        raise DataError(path, f"the TIFF body is incomplete or damaged ({type(exc).__name__}: "
+                        f"{text[0][:120] if text else ''})", "re-export or re-download the file") from None  # fmt: skip
 
 
 def _zyx_series(path: Path, tif):
@@ -101,7 +115,7 @@ def _spacing(path: Path, tif) -> tuple[tuple[float, float, float], np.ndarray | 
 
 def read(path: Path, *, series=None) -> Volume:
     """The stack with its spacing (``metadata["spacing_source"]`` says from where; ``series``: unused)."""
-    with _open(path) as tif:
+    with _open(path) as tif, _damaged(path):
         stack, index = _zyx_series(path, tif)
         data = stack.asarray()[index]
         spacing, affine, source = _spacing(path, tif)
@@ -119,7 +133,7 @@ def read(path: Path, *, series=None) -> Volume:
 
 def read_box(path: Path, box: Box, *, series=None) -> np.ndarray:
     """Only the box, reading only the pages of its z range when each page is one slice."""
-    with _open(path) as tif:
+    with _open(path) as tif, _damaged(path):
         stack, index = _zyx_series(path, tif)
         (z0, z1), (y0, y1), (x0, x1) = box
         data = _read_pages(tif, stack, index, z0, z1)
@@ -137,7 +151,7 @@ def _read_pages(tif, series, index, z0, z1) -> np.ndarray:
 
 def info(path: Path, *, series=None):
     """``(shape, dtype, spacing, affine)`` from the tags and metadata (``series``: unused)."""
-    with _open(path) as tif:
+    with _open(path) as tif, _damaged(path):
         stack, index = _zyx_series(path, tif)
         shape = tuple(n for n, i in zip(stack.shape, index) if i == slice(None))
         spacing, affine, _ = _spacing(path, tif)

@@ -319,8 +319,11 @@ def load_result(path: str | os.PathLike) -> ResultFolder:
         report = json.loads(report_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(report_path, f"is not valid JSON ({err})", "rerun the command that wrote it") from None
+    if not isinstance(report, dict):
+        raise DataError(report_path, f"holds a JSON {type(report).__name__}, not an object",
+                        "rerun workbench infer/demo to rewrite it")  # fmt: skip
     missing = [k for k in ("input_shape", "mesh", "halo", "per_shard") if k not in report]
-    if not isinstance(report, dict) or missing:
+    if missing:
         raise DataError(report_path, f"lacks the keys {missing}", "rerun workbench infer/demo to rewrite it")
     shape = tuple(int(s) for s in report["input_shape"])
     depth = int((report.get("model") or {}).get("depth", 1))
