@@ -40,6 +40,7 @@ TIERS = {
     "test_inspect.py": ("exactness",),
     "test_layers.py": ("exactness",),
     "test_losses.py": ("exactness",),
+    "test_memory_guard.py": ("integration",),
     "test_mesh.py": ("unit",),
     "test_napari_gui.py": ("integration", "gui"),
     "test_partition.py": ("exactness",),

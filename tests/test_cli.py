@@ -182,6 +182,7 @@ def test_train_flags_are_derived_from_train_config():
         "checkpoint_dir",
         "resume",
         "no_progress",
+        "force",
         "cpu_devices",
     }
     flags = {a.option_strings[0]: a.dest for a in actions.values()}

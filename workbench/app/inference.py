@@ -100,6 +100,7 @@ def infer(
     reference: bool = False,
     tolerance: float = 1e-5,
     on_stage=None,
+    force: bool = False,
 ) -> Inference:
     """Run ``model`` (a :class:`~workbench.app.models.ModelChoice` or a ``Model``) on
     ``loaded`` (a :class:`~workbench.app.volumes.LoadedVolume` or a (Z, Y, X) image).
@@ -107,6 +108,8 @@ def infer(
     With ``reference``, the single-device reference runs too and the report holds the
     comparison: ``max_abs_diff``, ``argmax_disagreement``, per-shard statistics and the
     seam profile. ``on_stage(text)``, if given, is called as each stage starts (progress bars).
+    A run that would not fit in memory is refused first (:func:`workbench.app.memory_guard.check_memory`)
+    unless ``force``.
     """
     from workbench.analysis.compare import compare
     from workbench.app.results import build_report
@@ -116,6 +119,8 @@ def infer(
     model = getattr(choice, "model", choice)
     image = getattr(loaded, "image", loaded)
     stage = on_stage or (lambda text: None)
+    if not force:
+        _check_memory(model.config, np.shape(image), mesh, backend, halo)
     stage(f"compile and run ({backend})")
     result = run(model, image, mesh, backend=backend, halo=halo)
     ref = comparison = None
@@ -133,3 +138,18 @@ def infer(
         volume=getattr(loaded, "volume", None),
     )
     return Inference(result, ref, comparison, report, loaded=loaded if hasattr(loaded, "image") else None)
+
+
+def _check_memory(config, shape, mesh, backend, halo) -> None:
+    import jax
+
+    from workbench.app.memory_guard import check_memory
+    from workbench.mesh import MeshSpec, auto_mesh, parse_mesh
+
+    if backend == "reference":
+        spec = MeshSpec()
+    elif isinstance(mesh, str) and mesh.strip().lower() == "auto":
+        spec = auto_mesh(len(jax.devices()))
+    else:
+        spec = parse_mesh(mesh)
+    check_memory(config, tuple(shape), spec, backend=backend, halo=halo)

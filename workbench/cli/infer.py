@@ -23,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace files in an existing --out")
     p.add_argument("--save-logits", action="store_true", help="also write logits.npy")
+    p.add_argument("--force", action="store_true", help="run even if the memory estimate says it will not fit")
     add_common(p)
 
 
@@ -47,7 +48,9 @@ def run(args) -> int:
         check_output_folder(args.out, overwrite=args.overwrite)
     loaded = load_volume(args.input, series=args.series)
     choice = model_choice(args, task_for_input(args.input))
-    inference = infer(choice, loaded, args.mesh, backend=args.backend, halo=halo, reference=args.reference)
+    inference = infer(
+        choice, loaded, args.mesh, backend=args.backend, halo=halo, reference=args.reference, force=args.force
+    )
     if not is_main():  # another process of a multi-process run: it computed its shards; process 0 writes
         return 0
     report = write_result(

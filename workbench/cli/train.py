@@ -19,6 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-dir", required=True, help="run folder: checkpoints/, history.*, curves.png")
     p.add_argument("--resume", action="store_true", help="continue from the newest readable checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--force", action="store_true", help="run even if the memory estimate says it will not fit")
     p.add_argument(
         "--cpu-devices",
         type=positive_int,
@@ -35,7 +36,7 @@ def run(args) -> int:
 
     config = train_config_from_flags(args)
     parse_mesh(config.mesh)
-    result = train(config, args.checkpoint_dir, resume=args.resume, progress=not args.no_progress)
+    result = train(config, args.checkpoint_dir, resume=args.resume, progress=not args.no_progress, force=args.force)
     if result["interrupted"]:
         return 130 if result["interrupted"] == "SIGINT" else 143
     rows = result["history"]["train"]

@@ -59,14 +59,22 @@ class _StopFlag:
 
 
 def train_and_evaluate(
-    config: TrainConfig, workdir, *, resume: bool = False, progress: bool = True, log=print, source=None
+    config: TrainConfig,
+    workdir,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    log=print,
+    source=None,
+    memory_check=None,
 ) -> dict:
     """Train ``config`` into ``workdir`` (checkpoints, history, plot, final weights) and evaluate.
 
     Returns a dict with ``history``, ``eval`` (final held-out metrics), ``step``,
     ``interrupted`` (signal name or None), ``params_steps_per_second`` and the paths written.
     A run interrupted by SIGINT/SIGTERM writes a checkpoint and returns; ``resume=True``
-    continues from the newest readable checkpoint, exactly.
+    continues from the newest readable checkpoint, exactly. ``memory_check(model_config,
+    layout, config)``, if given, runs before anything is compiled (it raises to refuse the run).
     """
     import jax
 
@@ -106,6 +114,8 @@ def train_and_evaluate(
             f"({', '.join(source.class_names[1:])})"
         )
     layout = ShardLayout(source.shape, spec, multiple=cfg.multiple)
+    if memory_check is not None:
+        memory_check(cfg, layout, tc)
     meta = {
         "model": cfg.as_dict(),
         "train": tc.as_dict(),

@@ -1,0 +1,83 @@
+"""The memory guard: a run that would not fit is refused before anything big is compiled or
+allocated, naming what would fit; --force skips it; small runs are never planned."""
+
+import subprocess
+import sys
+
+import pytest
+
+import workbench.app.memory_guard as guard
+from workbench.app import load_volume
+from workbench.app.inference import infer
+from workbench.mesh import MeshSpec
+from workbench.model.unet import UNetConfig
+
+
+def _no_planner(key):
+    raise AssertionError("the planner ran for a run that obviously fits")
+
+
+def test_small_runs_are_not_planned_and_big_ones_refused_without_compiling():
+    small = UNetConfig.preset("small")
+    got = guard.check_memory(small, (32, 32, 32), MeshSpec(), budget=2**30, planner=_no_planner)
+    assert got["decided_by"] == "upper bound" and got["bytes"] < 2**29
+    with pytest.raises(guard.MemoryRefused, match=r"needs at least .* per device but 1.00 GiB is available"):
+        guard.check_memory(small, (512,) * 3, MeshSpec(), budget=2**30, planner=_no_planner)
+
+
+def test_the_planner_decides_in_between_and_the_message_names_what_fits():
+    cfg = UNetConfig.preset("small")
+    calls = []
+
+    def planner(key):
+        calls.append(key)
+        return {"peak": 3 * 2**30}
+
+    with pytest.raises(guard.MemoryRefused) as info:
+        guard.check_memory(cfg, (256,) * 3, MeshSpec(2, 2, 2), train=True, budget=2 * 2**30, planner=planner)
+    msg = str(info.value)
+    assert len(calls) == 1 and calls[0].train and calls[0].mesh == MeshSpec(2, 2, 2)
+    assert "training run needs the planner's 3.00 GiB per device but 2.00 GiB is available" in msg
+    assert "--dtype bfloat16" in msg and "--remat" in msg and "smaller volume (about" in msg
+    assert msg.endswith("or pass --force to run anyway") and "\n" not in msg
+    assert (
+        guard.check_memory(cfg, (256,) * 3, MeshSpec(2, 2, 2), budget=4 * 2**30, planner=planner)["decided_by"]
+        == "planner"
+    )
+
+
+def test_infer_refuses_and_force_runs(monkeypatch, small_model):
+    monkeypatch.setattr(guard, "available_memory", lambda n: (2**16, "a test budget of 64 KiB"))
+    loaded = load_volume("phantom:16")
+    with pytest.raises(guard.MemoryRefused, match="0.1 MiB is available \\(a test budget of 64 KiB\\)"):
+        infer(small_model, loaded, "1x1x1")
+    assert infer(small_model, loaded, "1x1x1", force=True).logits.shape == (16, 16, 16, 3)
+
+
+def test_train_refuses_before_compiling_and_force_skips_the_check(monkeypatch, tmp_path):
+    from workbench.app import TrainConfig, train
+    from workbench.training import loop
+
+    monkeypatch.setattr(guard, "available_memory", lambda n: (2**20, "a test budget of 1 MiB"))
+    compiled = []
+    monkeypatch.setattr(loop, "build_train_step", lambda *a, **k: compiled.append(1))
+    config = TrainConfig(data="phantom:16", mesh="1x1x1", steps=1)
+    with pytest.raises(guard.MemoryRefused, match="training run needs"):
+        train(config, tmp_path / "run", progress=False)
+    assert not compiled and not (tmp_path / "run").exists()
+    seen = {}
+    monkeypatch.setattr(loop, "train_and_evaluate", lambda c, w, **kw: seen.update(kw))
+    train(config, tmp_path / "run", force=True)
+    assert "memory_check" not in seen
+
+
+def test_cli_refuses_a_run_bigger_than_this_machine(tmp_path):
+    """512³ with the paper model on one device needs ~50 GiB: refused by the planner, exit 2,
+    one line, nothing written (the run itself would exceed the machine's RAM)."""
+    out = tmp_path / "big"
+    argv = ["infer", "phantom:512", "--model", "paper", "--mesh", "1x1x1", "--out", str(out), "--cpu-devices", "1"]
+    proc = subprocess.run([sys.executable, "-m", "workbench", *argv], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "this inference run needs the planner's" in proc.stderr and "or pass --force" in proc.stderr
+    assert not out.exists()
