@@ -45,6 +45,7 @@ TIERS = {
     "test_napari_gui.py": ("integration", "gui"),
     "test_partition.py": ("exactness",),
     "test_plan.py": ("integration",),
+    "test_reliability.py": ("exactness",),
     "test_resolution.py": ("integration",),
     "test_scaling.py": ("unit",),
     "test_train.py": ("exactness",),
