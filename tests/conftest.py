@@ -39,6 +39,7 @@ TIERS = {
     "test_layers.py": ("exactness",),
     "test_losses.py": ("exactness",),
     "test_mesh.py": ("unit",),
+    "test_notebook_viewer.py": ("integration",),
     "test_napari_gui.py": ("integration", "gui"),
     "test_partition.py": ("exactness",),
     "test_plan.py": ("integration",),
