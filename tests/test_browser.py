@@ -219,5 +219,21 @@ def test_the_notebook_viewer_draws_the_shards_and_follows_its_slider(quickstart,
         assert changed.mean() > 0.05, f"only {changed.mean():.1%} of the pixels changed"
         label = driver.find_element(By.CSS_SELECTOR, ".wbv-view[data-axis='0'] .wbv-label").text
         assert label == "z = 15 / 31"
+        # the voxel under the mouse names its shard and that shard's error; its table row lights up
+        size = canvases[0].size
+        ActionChains(driver).move_to_element_with_offset(
+            canvases[0],
+            int(24.5 * size["width"] / 32 - size["width"] / 2),
+            int(8.5 * size["height"] / 32 - size["height"] / 2),
+        ).perform()
+        info = driver.find_element(By.CSS_SELECTOR, ".wbv-info")
+        WebDriverWait(driver, 10).until(lambda d: info.get_attribute("data-shard") == "1")
+        assert info.text.startswith("z 15 y 8 x 24") and "shard 1 (z0 y0 x1): max |Δ|" in info.text
+        lit = driver.find_elements(By.CSS_SELECTOR, "table.wbv-shards tr.wbv-here")
+        assert [row.get_attribute("data-shard") for row in lit] == ["1"]
+        # an overlay switched on is fetched then: the halo band appears along the seams
+        before = _picture(canvases[0])
+        driver.find_element(By.CSS_SELECTOR, "input[data-overlay='halo band']").click()
+        WebDriverWait(driver, 30).until(lambda d: np.abs(_picture(canvases[0]).astype(int) - before).max() > 8)
     finally:
         driver.save_screenshot(str(tmp_path / "viewer.png"))
