@@ -166,8 +166,10 @@ def run(small_model):
 
 
 def test_viewer_of_an_inference_and_its_result_folder(run, tmp_path):
+    import workbench as wb
     from workbench.app import write_result
 
+    assert wb.viewer is viewer
     v = viewer(run)
     scene = v.scene
     assert [c.name for c in scene.channels] == ["image", "ground truth", "reference prediction", "prediction", "error"]
