@@ -42,6 +42,7 @@ TIERS = {
     "test_losses.py": ("exactness",),
     "test_memory_guard.py": ("integration",),
     "test_mesh.py": ("unit",),
+    "test_notebook_viewer.py": ("integration",),
     "test_napari_gui.py": ("integration", "gui"),
     "test_partition.py": ("exactness",),
     "test_plan.py": ("integration",),

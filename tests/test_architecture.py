@@ -166,6 +166,7 @@ def test_the_cycle_check_sees_function_level_imports(tmp_path):
         "workbench.errors",
         "workbench.app",
         "workbench.ui.panel",
+        "workbench.ui.notebook_viewer",
     ],
 )
 def test_light_modules_do_not_start_jax(module):

@@ -4,187 +4,65 @@ Starts JupyterLab (this environment, the ``workbench`` kernel that ``make instal
 registers) on a free localhost port with a token, serving a temporary copy of
 ``notebooks/01_quickstart.ipynb`` (so autosave never touches the repository), opens it
 in Debian's Chromium through Selenium + ``/usr/bin/chromedriver`` (nothing is
-downloaded), runs all cells from the *Run* menu, waits for the widget panel and the last
-cell's output, and saves a screenshot under the test's tmp folder (and at
-``$WORKBENCH_BROWSER_SCREENSHOT`` when set, e.g. ``docs/quickstart_browser.png``).
+downloaded; ``benchmarks/_browser.py`` starts both), runs all cells from the *Run* menu,
+waits for the widget panel and the last cell's output, and saves a screenshot under the
+test's tmp folder (and at ``$WORKBENCH_BROWSER_SCREENSHOT`` when set, e.g.
+``docs/quickstart_browser.png``). The same run then reads the notebook viewer's pixels
+(:mod:`workbench.ui.notebook_viewer`): the volume is drawn, each shard's colour lies on
+its boundary in the current slice and nowhere else, and a slice change through the
+widget changes the picture.
 """
 
+import importlib.util
+import io
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
-KERNEL = Path(sys.prefix) / "share" / "jupyter" / "kernels" / "workbench" / "kernel.json"
+_spec = importlib.util.spec_from_file_location("_browser", ROOT / "benchmarks" / "_browser.py")
+B = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(B)
 RUN_TIMEOUT = 300  # seconds for all cells (about a minute on a quiet 2-core machine)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_server(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"JupyterLab exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"JupyterLab did not answer {url} in {timeout} s:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """A JupyterLab server on a free port, isolated config, serving a copy of the quickstart."""
-    for path, fix in (
-        (CHROMIUM, "make install (Debian package chromium)"),
-        (CHROMEDRIVER, "make install (Debian package chromium-driver)"),
-        (KERNEL, "make install (registers the 'workbench' Jupyter kernel)"),
-    ):
-        if not Path(path).exists():
-            pytest.fail(f"{path} is missing; run {fix}")
+    problems = B.missing_requirements()
+    if problems:
+        pytest.fail("; ".join(problems))
     tmp = tmp_path_factory.mktemp("lab")
     work = tmp / "notebooks"
     work.mkdir()
     shutil.copy(ROOT / "notebooks" / "01_quickstart.ipynb", work)
-    settings = tmp / "settings" / "@jupyterlab" / "notebook-extension"
-    settings.mkdir(parents=True)
-    notification = tmp / "settings" / "@jupyterlab" / "apputils-extension"
-    notification.mkdir(parents=True)
-    (notification / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false"}))
-    # render every cell (no virtual scrolling), so every output is in the page; start the
-    # notebook's kernel ('workbench') without asking
-    (settings / "tracker.jupyterlab-settings").write_text(
-        json.dumps({"windowingMode": "none", "autoStartDefaultKernel": True})
-    )
-    env = dict(
-        os.environ,
-        JUPYTER_CONFIG_DIR=str(tmp / "config"),
-        JUPYTER_RUNTIME_DIR=str(tmp / "runtime"),
-        JUPYTER_DATA_DIR=str(tmp / "data"),
-        JUPYTERLAB_SETTINGS_DIR=str(tmp / "settings"),
-        JUPYTERLAB_WORKSPACES_DIR=str(tmp / "workspaces"),
-    )
-    port, token = _free_port(), "workbench-browser-test"
-    log = tmp / "lab.log"
-    with open(log, "w") as log_file:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "jupyter",
-                "lab",
-                "--no-browser",
-                f"--port={port}",
-                "--ip=127.0.0.1",
-                f"--IdentityProvider.token={token}",
-                f"--ServerApp.root_dir={work}",
-                "--LabApp.news_url=None",
-                "--LabApp.extension_manager=readonly",
-                "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-                "--ServerApp.port_retries=0",
-            ]
-            + (["--allow-root"] if os.geteuid() == 0 else []),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=work,
-        )
-    try:
-        _wait_for_server(f"http://127.0.0.1:{port}/api/status?token={token}", proc, log)
-        yield {"url": f"http://127.0.0.1:{port}", "token": token, "tmp": tmp, "log": log}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    # the kernel imports this checkout's package (as the rest of the tests do)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    with B.jupyter_lab(work, tmp, env_extra={"PYTHONPATH": path}) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def browser(lab):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        "--window-size=1400,1600",
-        f"--user-data-dir={lab['tmp'] / 'chromium-profile'}",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
+    with B.chromium(lab["tmp"] / "chromium-profile") as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
-def _settled_session(lab, timeout: float = 120, stable: float = 5) -> dict:
-    """The notebook's kernel session once JupyterLab stops switching kernels: one session,
-    the same kernel id and idle for ``stable`` seconds."""
-    url = f"{lab['url']}/api/sessions?token={lab['token']}"
-    deadline, seen, since = time.monotonic() + timeout, None, 0.0
-    sessions = []
-    while time.monotonic() < deadline:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            sessions = json.load(response)
-        key = (
-            (len(sessions), sessions[0]["kernel"]["id"], sessions[0]["kernel"]["execution_state"]) if sessions else None
-        )
-        if key != seen:
-            seen, since = key, time.monotonic()
-        elif key and key[0] == 1 and key[2] == "idle" and time.monotonic() - since >= stable:
-            return sessions[0]
-        time.sleep(0.5)
-    raise AssertionError(f"the notebook's kernel did not settle in {timeout} s: {sessions}; see {lab['log']}")
-
-
-def _click_menu(driver, wait, menu: str, item: str) -> None:
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as EC
-
-    wait.until(
-        EC.element_to_be_clickable((By.XPATH, f"//li[contains(@class, 'lm-MenuBar-item')][.//div[text()='{menu}']]"))
-    ).click()
-    wait.until(
-        EC.element_to_be_clickable((By.XPATH, f"//li[contains(@class, 'lm-Menu-item')][.//div[text()='{item}']]"))
-    ).click()
-
-
-def test_quickstart_runs_in_jupyterlab_and_shows_the_panel(lab, browser, tmp_path):
+@pytest.fixture(scope="module")
+def quickstart(lab, browser, tmp_path_factory):
+    """The quickstart notebook, run once in the browser: (driver, screenshot path)."""
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver = browser
-    shot = tmp_path / "quickstart_browser.png"
+    shot = tmp_path_factory.mktemp("shots") / "quickstart_browser.png"
     driver.get(f"{lab['url']}/lab/tree/01_quickstart.ipynb?token={lab['token']}")
 
     def wait_for(xpath: str, what: str, timeout: float = 120):
@@ -196,26 +74,12 @@ def test_quickstart_runs_in_jupyterlab_and_shows_the_panel(lab, browser, tmp_pat
     try:
         wait_for("//*[contains(@class, 'jp-Notebook')]//*[contains(@class, 'jp-Cell')]", "the notebook")
         # the notebook's kernel ('workbench', registered by make install) started and is idle
-        session = _settled_session(lab)
+        session = B.settled_session(lab)
         assert session["kernel"]["name"] == "workbench"
         wait_for("//*[contains(@class, 'jp-Notebook-ExecutionIndicator')][@data-status='idle']", "an idle kernel")
         dialogs = driver.find_elements(By.CSS_SELECTOR, ".jp-Dialog")
         assert dialogs == [], f"JupyterLab asks: {dialogs[0].text!r}"
-        # Run → Run All Cells; a click made while the kernel connection is still settling is
-        # dropped by JupyterLab, so click again until the first cell has started (3 tries)
-        for _attempt in range(3):
-            _click_menu(driver, WebDriverWait(driver, 30), "Run", "Run All Cells")
-            try:
-                WebDriverWait(driver, 30).until(
-                    EC.presence_of_element_located(
-                        (By.XPATH, "//*[contains(@class, 'jp-InputPrompt')][contains(., '[*]') or contains(., '[1]')]")
-                    )
-                )
-                break
-            except TimeoutException:
-                continue
-        else:
-            raise AssertionError(f"Run All Cells started no cell in 3 tries; see {shot}")
+        B.run_all_cells(driver, shot)
         # the widget panel rendered: its button and its memory estimate
         wait_for(
             "//button[contains(@class, 'jupyter-button')][contains(., 'Run inference')]",
@@ -253,6 +117,123 @@ def test_quickstart_runs_in_jupyterlab_and_shows_the_panel(lab, browser, tmp_pat
         keep = os.environ.get("WORKBENCH_BROWSER_SCREENSHOT")
         if keep and shot.exists():
             shutil.copy(shot, keep)
+    return driver, shot
+
+
+def test_quickstart_runs_in_jupyterlab_and_shows_the_panel(quickstart):
+    from selenium.webdriver.common.by import By
+
+    driver, shot = quickstart
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     texts = {b.text.strip() for b in driver.find_elements(By.CSS_SELECTOR, "button.jupyter-button")}
-    assert {"Run inference", "Compare with reference", "Train N steps", "Open in napari"} <= texts
+    assert {"Run inference", "Compare with reference", "Train N steps", "View", "Open in napari"} <= texts
+
+
+# -- the notebook viewer's pixels -----------------------------------------------------------------
+TOLERANCE = 6  # per channel, 0-255: the page's pixels against a shard's colour
+
+
+def _picture(canvas):
+    """The canvas as the page shows it (a screenshot of the element), (H, W, 3) uint8."""
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(canvas.screenshot_as_png)).convert("RGB"))
+
+
+def _strips(geometry: dict, box, width: int, shape) -> np.ndarray:
+    """Where a shard's boundary is drawn in a view: a ``width``-pixel band inside the
+    projection of its box (two shards meeting at a face show both colours)."""
+    h, w = shape
+    mask = np.zeros((h, w), bool)
+    ra, ca = geometry["rowsAxis"], geometry["colsAxis"]
+    x0, x1 = (round(c * geometry["width"] / geometry["cols"]) for c in box[ca])
+    y0, y1 = (round(r * geometry["height"] / geometry["rows"]) for r in box[ra])
+    mask[y0:y1, x0:x1] = True
+    mask[y0 + width : y1 - width, x0 + width : x1 - width] = False
+    return mask
+
+
+def _matches(picture: np.ndarray, rgb) -> np.ndarray:
+    return (np.abs(picture.astype(int) - np.asarray(rgb)[None, None, :]) <= TOLERANCE).all(-1)
+
+
+def _check_view(canvas, layout, colors) -> dict:
+    """The volume is drawn; each shard whose box holds the view's slice shows its colour
+    along the projection of that box, and no shard colour appears anywhere else."""
+    geometry = json.loads(canvas.get_attribute("data-geometry"))
+    width = int(canvas.get_attribute("data-line-width"))
+    picture = _picture(canvas)
+    assert picture.shape[:2] == (geometry["height"], geometry["width"])
+    axis, index = geometry["axis"], geometry["index"]
+    inside = [s for s in layout.shards() if s.valid_box[axis][0] <= index < s.valid_box[axis][1]]
+    assert inside, f"no shard holds slice {index} of axis {axis}"
+    drawn = np.zeros(picture.shape[:2], bool)
+    for shard in inside:
+        strip = _strips(geometry, shard.valid_box, width, picture.shape[:2])
+        drawn |= strip
+        on_line = _matches(picture, colors[shard.index])[strip].mean()
+        assert on_line > 0.85, f"shard {shard.index}: only {on_line:.0%} of its boundary has its colour"
+    for shard in layout.shards():
+        elsewhere = _matches(picture, colors[shard.index]) & ~drawn
+        assert not elsewhere.any(), (
+            f"shard {shard.index}'s colour at {np.argwhere(elsewhere)[:5].tolist()} off the boundaries"
+        )
+        if shard not in inside:
+            assert not _matches(picture, colors[shard.index]).any(), f"shard {shard.index} is not in slice {index}"
+    interior = picture[~drawn].astype(float).mean(-1)
+    assert (interior > 20).mean() > 0.3 and interior.std() > 10, "the slice shows no volume"
+    return {"index": index, "picture": picture, "shards": [s.index for s in inside]}
+
+
+def test_the_notebook_viewer_draws_the_shards_and_follows_its_slider(quickstart, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from workbench.mesh import ShardLayout
+    from workbench.ui.napari.layers import shard_colors
+
+    driver, _ = quickstart
+    layout = ShardLayout((32, 32, 32), "2x2x2")  # the notebook's RESOLUTION and MESH
+    colors = np.rint(shard_colors(len(layout.shards()))[:, :3] * 255).astype(int)
+    WebDriverWait(driver, 60).until(
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, "canvas.wbv-canvas[data-geometry]")) == 3
+    )
+    canvases = driver.find_elements(By.CSS_SELECTOR, "canvas.wbv-canvas")
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", canvases[0])
+    time.sleep(0.5)
+    try:
+        views = [_check_view(c, layout, colors) for c in canvases]
+        assert [v["index"] for v in views] == [16, 16, 16]  # the centre of 32³
+        assert views[0]["shards"] == [4, 5, 6, 7]  # z = 16 is in the upper half of the z split
+        # one step down through the z slider: the other half's shards, another picture
+        slider = driver.find_element(By.CSS_SELECTOR, "input.wbv-slider[data-axis='0']")
+        driver.execute_script("arguments[0].focus();", slider)
+        ActionChains(driver).send_keys(Keys.ARROW_LEFT).perform()
+        WebDriverWait(driver, 30).until(lambda d: canvases[0].get_attribute("data-index") == "15")
+        time.sleep(0.3)
+        after = _check_view(canvases[0], layout, colors)
+        assert after["shards"] == [0, 1, 2, 3]
+        changed = np.abs(after["picture"].astype(int) - views[0]["picture"].astype(int)).max(-1) > 8
+        assert changed.mean() > 0.05, f"only {changed.mean():.1%} of the pixels changed"
+        label = driver.find_element(By.CSS_SELECTOR, ".wbv-view[data-axis='0'] .wbv-label").text
+        assert label == "z = 15 / 31"
+        # the voxel under the mouse names its shard and that shard's error; its table row lights up
+        size = canvases[0].size
+        ActionChains(driver).move_to_element_with_offset(
+            canvases[0],
+            int(24.5 * size["width"] / 32 - size["width"] / 2),
+            int(8.5 * size["height"] / 32 - size["height"] / 2),
+        ).perform()
+        info = driver.find_element(By.CSS_SELECTOR, ".wbv-info")
+        WebDriverWait(driver, 10).until(lambda d: info.get_attribute("data-shard") == "1")
+        assert info.text.startswith("z 15 y 8 x 24") and "shard 1 (z0 y0 x1): max |Δ|" in info.text
+        lit = driver.find_elements(By.CSS_SELECTOR, "table.wbv-shards tr.wbv-here")
+        assert [row.get_attribute("data-shard") for row in lit] == ["1"]
+        # an overlay switched on is fetched then: the halo band appears along the seams
+        before = _picture(canvases[0])
+        driver.find_element(By.CSS_SELECTOR, "input[data-overlay='halo band']").click()
+        WebDriverWait(driver, 30).until(lambda d: np.abs(_picture(canvases[0]).astype(int) - before).max() > 8)
+    finally:
+        driver.save_screenshot(str(tmp_path / "viewer.png"))

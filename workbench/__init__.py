@@ -8,6 +8,7 @@ The small public API, imported lazily (``import workbench`` starts no JAX)::
     logits = wb.apply(model, volume, "2x2x2")             # == wb.apply(model, volume, backend="reference")
     run = wb.infer(wb.resolve_model("small"), wb.load_volume("phantom:64"), "2x2x2", reference=True)
     run.report["max_abs_diff"]
+    wb.viewer(run)                                        # in a notebook: the slices, overlays and shards
 
 Layers (imports flow one way): ``mesh``/``options``/``errors`` → ``model`` → ``execute`` →
 ``training`` / ``analysis`` → ``app`` → ``ui`` / ``cli``.
@@ -36,6 +37,7 @@ _EXPORTS = {
     "write_result": "workbench.app",
     "train": "workbench.app",
     "TrainConfig": "workbench.app",
+    "viewer": "workbench.ui.notebook_viewer",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -19,6 +19,7 @@ BUTTONS = (
     ("run_button", "Run inference", "play"),
     ("compare_button", "Compare with reference", "balance-scale"),
     ("train_button", "Train N steps", "line-chart"),
+    ("view_button", "View", "eye"),
     ("napari_button", "Open in napari", "cube"),
     ("memory_button", "Memory vs devices", "bar-chart"),
 )
@@ -107,6 +108,7 @@ class Controls:
                 self.compare_button,
                 self.steps,
                 self.train_button,
+                self.view_button,
                 self.napari_button,
                 self.memory_button,
             ]

@@ -46,6 +46,13 @@ class Display:
             display(fig)
         _pyplot().close(fig)
 
+    def show_widget(self, widget) -> None:
+        """Show a widget (the notebook viewer) in the output area, below the panel."""
+        from IPython.display import display
+
+        with self.output:
+            display(widget)
+
     def on_click(self, button, action) -> None:
         """Run ``action`` when ``button`` is clicked: a user error becomes the red line; a
         bug shows its traceback in the output area."""

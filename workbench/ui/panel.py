@@ -8,6 +8,7 @@ compare with the single-device reference, train and look at the result::
     panel                                  # the controls (last line of a cell)
     result = panel.run_inference()         # what the "Run inference" button does
     report = panel.compare()               # "Compare with reference"
+    view = panel.view()                    # "View": the in-notebook viewer below the panel
 
 Controls and display only: every action is one call into the application layer
 (:class:`workbench.app.session.Session`: load, resolve the model, run, compare, train;
@@ -68,7 +69,7 @@ class WorkbenchPanel:
     estimator : MemoryEstimator, optional
         share one cache between panels.
 
-    The buttons call :meth:`run_inference`, :meth:`compare`, :meth:`train`,
+    The buttons call :meth:`run_inference`, :meth:`compare`, :meth:`train`, :meth:`view`,
     :meth:`open_napari` and :meth:`memory_vs_devices`; results are kept in
     ``panel.result``, ``panel.report``, ``panel.history`` and figures in ``panel.figures``.
     """
@@ -110,7 +111,8 @@ class WorkbenchPanel:
         self._refreshing = False
         self.inference = self.history = None
         self.summary = ""
-        self.viewer = None
+        self.viewer = None  # napari's
+        self.notebook_viewer = None  # the in-notebook viewer (workbench.ui.notebook_viewer)
 
         spec = self._initial_mesh(mesh)
         model = model if model in PRESETS else "small"
@@ -134,6 +136,7 @@ class WorkbenchPanel:
             ("run_button", self.run_inference),
             ("compare_button", self.compare),
             ("train_button", self.train),
+            ("view_button", self.view),
             ("napari_button", self.open_napari),
             ("memory_button", self.memory_vs_devices),
         ):
@@ -387,6 +390,21 @@ class WorkbenchPanel:
         if self.inference is None or self.session.last_settings != self.settings():
             self.run_inference()
         return inference_layers(self.inference)
+
+    def view(self, **options):
+        """The in-notebook viewer of the last run with these settings (run first if needed),
+        shown below the panel: slices streamed from the kernel, so it works on a remote
+        JupyterLab. ``options`` go to :func:`workbench.ui.notebook_viewer.viewer`."""
+        from workbench.ui.notebook_viewer import viewer
+
+        if self.inference is None or self.session.last_settings != self.settings():
+            self.run_inference()
+        if self.notebook_viewer is not None:
+            self.notebook_viewer.close()  # one live viewer per panel
+        self.notebook_viewer = viewer(self.inference, **options)
+        self.display.show_widget(self.notebook_viewer)
+        self.display.show_status(self.notebook_viewer.summary())
+        return self.notebook_viewer
 
     def open_napari(self):
         """Open a napari viewer with :meth:`layers` (needs a display); returns the viewer."""

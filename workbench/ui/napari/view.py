@@ -64,6 +64,7 @@ def save_view_png(
     """
     import napari
 
+    loop = _ipython_event_loop()
     viewer = napari.Viewer(show=True, title="workbench view")
     try:
         add_layers(viewer, layers)
@@ -71,7 +72,30 @@ def save_view_png(
         viewer.screenshot(path=str(path), canvas_only=True, size=tuple(size), flash=False)
     finally:
         viewer.close()
+        _restore_ipython_event_loop(loop)
     return Path(path)
+
+
+def _ipython_event_loop():
+    """The kernel's GUI event loop integration (None: plain), or ``False`` outside IPython."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return False if shell is None else getattr(shell, "active_eventloop", None)
+
+
+def _restore_ipython_event_loop(loop) -> None:
+    """Undo napari's ``%gui qt`` after a screenshot: under ipykernel's Qt loop, messages
+    that arrive together wait for the next one (the notebook viewer's slice requests)."""
+    if loop is False:
+        return
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    if shell is not None and getattr(shell, "active_eventloop", None) != loop:
+        shell.enable_gui(loop)
 
 
 def show_view(viewer, *, ndisplay: int = 3, angles=(0.0, -35.0, 120.0)) -> None:

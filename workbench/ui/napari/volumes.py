@@ -71,8 +71,11 @@ def _maybe_multiscale(array, kwargs: dict, *, reduce: str = "stride"):
     return array
 
 
-def _computed_volume(shape, dtype, fn):
-    """A (Z, Y, X) map ``fn(zs, ys, xs)`` of 1-D index arrays: numpy, or dask when large."""
+def _computed_volume(shape, dtype, fn, box=None):
+    """A (Z, Y, X) map ``fn(zs, ys, xs)`` of 1-D index arrays: numpy, or dask when large;
+    with ``box`` only that sub-block (numpy)."""
+    if box is not None:
+        return fn(*(np.arange(lo, hi) for lo, hi in box))
     if not _is_large(shape):
         return fn(*(np.arange(s) for s in shape))
     import dask.array as da
@@ -115,14 +118,15 @@ def _axis_halo(n: int, block: int, mesh: int, width: int):
     return dist, step
 
 
-def halo_band(layout: ShardLayout, width: int, *, shard: int | None = None):
+def halo_band(layout: ShardLayout, width: int, *, shard: int | None = None, box=None):
     """Map of the voxels shards receive from their neighbours (level 0), as labels.
 
     ``shard=None``: every voxel within ``width`` of an inner shard boundary, valued
     ``receiving shard index + 1`` (the shard across the nearest boundary; voxels near
     edges and corners are also received diagonally). ``shard=i``: the exact shell shard
     ``i`` receives, its box grown by ``width`` and clipped to the volume, minus its own
-    box; valued ``i + 1``. 0 elsewhere. Numpy, or dask for large volumes.
+    box; valued ``i + 1``. 0 elsewhere. Numpy, or dask for large volumes; with ``box``
+    (``((z0, z1), (y0, y1), (x0, x1))``) only that sub-block, always numpy (a viewer's slice).
     """
     if not isinstance(width, (int, np.integer)) or width < 1:
         raise UserError(f"halo band width {width!r} must be an integer >= 1 (halo modes without "
@@ -133,16 +137,16 @@ def halo_band(layout: ShardLayout, width: int, *, shard: int | None = None):
     if shard is not None:
         if not 0 <= shard < n:
             raise UserError(f"shard={shard} is not a shard of mesh {layout.mesh}; use 0..{n - 1}")
-        box = shards[shard].valid_box
+        own_box = shards[shard].valid_box
 
         def shell(*axes):
-            inside = [((a >= lo) & (a < hi)) for a, (lo, hi) in zip(axes, box)]
-            grown = [((a >= lo - width) & (a < hi + width)) for a, (lo, hi) in zip(axes, box)]
+            inside = [((a >= lo) & (a < hi)) for a, (lo, hi) in zip(axes, own_box)]
+            grown = [((a >= lo - width) & (a < hi + width)) for a, (lo, hi) in zip(axes, own_box)]
             own = inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :]
             near = grown[0][:, None, None] & grown[1][None, :, None] & grown[2][None, None, :]
             return ((near & ~own) * (shard + 1)).astype(dtype)
 
-        return _computed_volume(layout.volume_shape, dtype, shell)
+        return _computed_volume(layout.volume_shape, dtype, shell, box)
 
     per_axis = [_axis_halo(s, b, m, width) for s, b, m in
                 zip(layout.volume_shape, layout.block_shape, layout.mesh.spatial)]  # fmt: skip
@@ -161,4 +165,4 @@ def halo_band(layout: ShardLayout, width: int, *, shard: int | None = None):
         receiver = base + np.where(d[0] == nearest, shift[0], np.where(d[1] == nearest, shift[1], shift[2]))
         return np.where(nearest < width, receiver + 1, 0).astype(dtype)
 
-    return _computed_volume(layout.volume_shape, dtype, band)
+    return _computed_volume(layout.volume_shape, dtype, band, box)
