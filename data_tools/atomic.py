@@ -10,6 +10,7 @@ This is the one atomic-write helper of the project: every writer in ``data_tools
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import secrets
 import shutil
@@ -37,12 +38,26 @@ def temp_sibling(path: Path, tag: str = "") -> Path:
     return path.with_name(f"{TEMP_PREFIX}{tag}{secrets.token_hex(4)}-{path.name}")
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap ``a`` and ``b`` in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where
+    the system or file system cannot, and the caller falls back to two renames."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError, TypeError):  # no such call (macOS, old glibc, Windows)
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``path`` in one rename.
 
-    Works for files and for folders (zarr stores). An existing folder at ``path`` is moved
-    aside, the new one renamed in, and the old one deleted.
+    Works for files and for folders (zarr stores). An existing folder at ``path`` is swapped
+    with the new one in one step where the system allows (Linux), else moved aside, the new
+    one renamed in and the old one deleted; either way a process killed at any moment
+    leaves ``path`` holding the old output or the new one, and at worst a hidden
+    ``.tmp-*`` sibling.
 
     Examples
     --------
@@ -61,6 +76,9 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         if not tmp.exists():
             raise AssertionError(f"writer produced nothing at {tmp}")
         if path.exists() and (path.is_dir() or tmp.is_dir()) and not path.is_symlink():
+            if _exchange(tmp, path):
+                _remove(tmp)  # now the previous output
+                return
             old = temp_sibling(path, "old-")
             os.rename(path, old)
             try:

@@ -212,7 +212,7 @@ def evaluate_dataset(
     names = dataset.class_names
     rows: list[dict] = []
     t_start = time.perf_counter()
-    with staged_output(out, overwrite=overwrite) as tmp:
+    with staged_output(out, overwrite=overwrite, marker="summary.json") as tmp:
         (tmp / "predictions").mkdir()
         for files in tqdm(cases, desc=f"evaluate {dataset.name} {split}", unit="case", disable=not progress):
             t0 = time.perf_counter()

@@ -169,11 +169,15 @@ def check_output_folder(out: str | os.PathLike, *, overwrite: bool = False) -> P
 
 
 @contextlib.contextmanager
-def staged_output(out: str | os.PathLike, *, overwrite: bool = False):
+def staged_output(out: str | os.PathLike, *, overwrite: bool = False, marker: str = "report.json"):
     """Yield a temporary folder that becomes ``out`` only if the block succeeds.
 
     An existing non-empty ``out`` is an error unless ``overwrite``; then only the
-    files written here replace their namesakes, everything else in ``out`` stays.
+    files written here replace their namesakes, everything else in ``out`` stays. The
+    ``marker`` file (what makes a folder look complete to its readers: ``report.json``,
+    a dataset evaluation's ``summary.json``) is removed from ``out`` before the first
+    replacement and moved in last, so a run killed while replacing never leaves a mix of
+    old and new files that looks complete.
     """
     out = check_output_folder(out, overwrite=overwrite)
     if not out.exists():
@@ -188,11 +192,16 @@ def staged_output(out: str | os.PathLike, *, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for item in tmp.iterdir():  # each file replaces its namesake in one rename
+    with contextlib.suppress(FileNotFoundError):
+        (out / marker).unlink()  # from here until the last rename, ``out`` does not look complete
+    items = sorted(tmp.iterdir(), key=lambda item: item.name == marker)
+    for item in items:  # each file replaces its namesake in one rename; the marker last
         target = out / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(item, target)
+        if target.is_dir() and not target.is_symlink():
+            with atomic_output(target) as staged:
+                os.rename(item, staged)
+        else:
+            os.replace(item, target)
     tmp.rmdir()
 
 

@@ -7,7 +7,7 @@ import io
 import json
 from pathlib import Path
 
-from data_tools.atomic import write_text_atomic
+from data_tools.atomic import atomic_output, write_text_atomic
 from workbench.training.evaluation import finite_or_none
 
 __all__ = ["train_row", "eval_row", "write_history", "plot_history", "training_curves"]
@@ -87,7 +87,8 @@ def plot_history(history: dict, path) -> Path:
     ax2.set_title("Dice")
     ax2.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return Path(path)
 

@@ -167,8 +167,10 @@ def train_and_evaluate(
     schedule = learning_rate_schedule(tc)
 
     def save(step):
-        ckpts.save(step, state, meta)
+        # History first: killed in between, it holds rows past the newest checkpoint, which
+        # a resume drops; the other order would leave the resumed history with a gap.
         write_history(workdir, history)
+        ckpts.save(step, state, meta)
 
     def run_eval(step):
         model = Model(cfg, variables_of(state))
@@ -239,8 +241,9 @@ def train_and_evaluate(
     write_history(workdir, history)
     ckpts.close()
     model = Model(cfg, jax.device_get(variables_of(state)))
-    save_weights(workdir / "model.msgpack", model, {**meta, "step": step, "eval": final_eval})
     plot_history(history, workdir / "curves.png")
+    # model.msgpack last: its presence means the run finished (every other file is written)
+    save_weights(workdir / "model.msgpack", model, {**meta, "step": step, "eval": final_eval})
     result.update(
         eval=final_eval,
         model=model,

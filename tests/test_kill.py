@@ -1,0 +1,168 @@
+"""Killed runs leave nothing that looks complete (README, Reliability).
+
+`workbench infer`, `train` and `evaluate` run in subprocesses that are SIGKILLed at chosen
+points of their writing: a small bootstrap (:data:`BOOT`) wraps ``os.rename``/``os.replace``/
+``numpy.save`` and kills its own process (SIGKILL: no handler, no cleanup) on the N-th call
+whose arguments contain a given text, so each kill point is exact rather than timed. After
+each kill: no result folder / ``report.json`` / ``summary.json`` / ``model.msgpack`` unless
+complete, and ``--resume`` continues a killed training run to bitwise the parameters of an
+uninterrupted one. Multi-process writers (``workbench launch``, sharded zarr output) are
+not covered here.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_tools import write_phantom_dataset
+from data_tools.atomic import atomic_output
+from data_tools.errors import DataError
+from workbench.app.results import load_result, staged_output
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# KILL_AT="name:TEXT:N": SIGKILL this process at the N-th call of ``name`` (rename | save)
+# whose arguments contain TEXT, before the call does anything.
+BOOT = r"""
+import os, signal, sys
+name, text, nth = os.environ["KILL_AT"].split(":")
+seen = [0]
+def hook(kind, fn):
+    def wrapped(*args, **kwargs):
+        if kind == name and any(text in str(a) for a in args[:2]):
+            seen[0] += 1
+            if seen[0] == int(nth):
+                print(f"KILLED at {kind} {args[:2]}", file=sys.stderr, flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+        return fn(*args, **kwargs)
+    return wrapped
+import numpy
+os.rename, os.replace = hook("rename", os.rename), hook("rename", os.replace)
+numpy.save = hook("save", numpy.save)
+from workbench.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+TRAIN = ["train", "--data", "phantom", "--resolution", "16", "--mesh", "1x1x2", "--cpu-devices", "2",
+         "--steps", "3", "--checkpoint-every", "1", "--eval-cases", "0", "--no-progress"]  # fmt: skip
+
+
+def workbench(argv, kill_at=None):
+    """Run ``workbench ARGV`` (killed at ``kill_at``); (returncode, stdout + stderr)."""
+    env = {**ENV, "KILL_AT": kill_at or "none:never:1"}
+    proc = subprocess.run([sys.executable, "-c", BOOT, *map(str, argv)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    if kill_at is not None:
+        assert proc.returncode == -signal.SIGKILL, f"not killed at {kill_at}: {proc.returncode}\n{proc.stderr[-2000:]}"
+    else:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def visible(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".tmp-"))
+
+
+def test_folder_replaced_in_one_swap(tmp_path):
+    out = tmp_path / "store"
+    for text in ("old", "new"):
+        with atomic_output(out) as tmp:
+            tmp.mkdir()
+            (tmp / "a").write_text(text)
+    assert (out / "a").read_text() == "new" and os.listdir(tmp_path) == ["store"]
+
+
+# -- in-process: the replacement step of an --overwrite, interrupted ---------------------------
+def test_overwrite_interrupted_midway_leaves_no_report(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with staged_output(out) as tmp:
+        for name in ("a.npy", "b.npy", "report.json"):
+            (tmp / name).write_text("old")
+    calls = []
+    real = os.replace
+
+    def dies_second_time(src, dst):
+        calls.append(Path(dst).name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stands in for a kill between two replacements
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", dies_second_time)
+    with pytest.raises(KeyboardInterrupt), staged_output(out, overwrite=True) as tmp:
+        for name in ("report.json", "a.npy", "b.npy"):
+            (tmp / name).write_text("new")
+    assert calls[-1] != "report.json" and "report.json" not in visible(out)  # the marker goes in last
+    monkeypatch.undo()
+    with staged_output(out, overwrite=True) as tmp:  # a rerun completes it
+        for name in ("report.json", "a.npy", "b.npy"):
+            (tmp / name).write_text("new")
+    assert {p.name: p.read_text() for p in out.iterdir()} == dict.fromkeys(["a.npy", "b.npy", "report.json"], "new")
+
+
+# -- workbench infer -----------------------------------------------------------------------------
+def test_killed_infer_leaves_no_result(tmp_path):
+    out = tmp_path / "out"
+    argv = ["infer", "phantom:16", "--mesh", "1x1x2", "--cpu-devices", "2", "--random-weights", "--out", out]
+    workbench([*argv, "--reference"], kill_at="save:prediction.npy:1")  # while the staged folder fills
+    assert not out.exists()
+    workbench([*argv, "--reference"], kill_at=f"rename:{out}:1")  # just before the folder is renamed in
+    assert not out.exists()
+    with pytest.raises(DataError, match="is not a result folder"):
+        load_result(out)
+    workbench([*argv, "--reference"])
+    before = load_result(out).prediction.copy()
+    # --overwrite of a complete folder, killed after its first file was replaced: no report.json
+    workbench([*argv, "--overwrite", "--seed", "1"], kill_at=f"rename:{out}{os.sep}:2")
+    assert "report.json" not in visible(out)
+    with pytest.raises(DataError, match="report.json: is missing"):
+        load_result(out)
+    workbench([*argv, "--overwrite", "--seed", "1"])
+    assert load_result(out).report["max_abs_diff"] is None and load_result(out).prediction.shape == before.shape
+
+
+# -- workbench train -----------------------------------------------------------------------------
+def _params(path: Path) -> dict:
+    from flax import serialization
+    from flax.traverse_util import flatten_dict
+
+    return flatten_dict(serialization.msgpack_restore(path.read_bytes())["variables"])
+
+
+def test_killed_train_leaves_no_weights_and_resume_is_exact(tmp_path):
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    workbench([*TRAIN, "--checkpoint-dir", whole])
+    # killed as checkpoint 2 is committed: step 2 is absent (not half there), no final weights
+    workbench([*TRAIN, "--checkpoint-dir", run], kill_at="rename:checkpoints/2:3")
+    assert not (run / "model.msgpack").exists() and not (run / "curves.png").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+    # resumed, then killed after the last checkpoint but before the final weights
+    _, err = workbench([*TRAIN, "--checkpoint-dir", run, "--resume"], kill_at="rename:model.msgpack:1")
+    assert "resumed from" in err and "step 1\n" in err
+    assert not (run / "model.msgpack").exists()
+    _, err = workbench([*TRAIN, "--checkpoint-dir", run, "--resume"])  # nothing left to train: writes the rest
+    assert "step 3\n" in err
+    a, b = _params(whole / "model.msgpack"), _params(run / "model.msgpack")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)  # bitwise, across 4 processes
+    history = json.loads((run / "history.json").read_text())
+    assert [r["step"] for r in history["train"]] == [1, 2, 3]
+
+
+# -- workbench evaluate --------------------------------------------------------------------------
+def test_killed_evaluate_leaves_no_folder(tmp_path):
+    ds = write_phantom_dataset(tmp_path / "Task01_Phantom", cases=5, test=0, shapes=16)
+    out = tmp_path / "ev"
+    argv = ["evaluate", "--data", ds, "--fold", "0", "--mesh", "1x1x2", "--cpu-devices", "2", "--random-weights",
+            "--no-progress", "--out", out]  # fmt: skip
+    workbench(argv, kill_at=f"rename:{out}:1")  # every case done, the folder about to be renamed in
+    assert not out.exists()
+    workbench(argv)
+    assert {"summary.json", "cases.csv", "predictions"} <= set(visible(out))
+    workbench([*argv, "--overwrite"], kill_at=f"rename:{out}{os.sep}:1")  # first replacement of an overwrite
+    assert "summary.json" not in visible(out)
