@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -28,7 +29,9 @@ from workbench.errors import UserError
 HELP = "run a command as several cooperating processes (jax.distributed, local CPU devices)"
 
 # Commands whose every step is written for several processes (process 0 writes files).
-MULTIPROCESS_COMMANDS = ("infer",)
+MULTIPROCESS_COMMANDS = ("infer", "train")
+GRACE_SECONDS = 10.0  # after a failure: SIGTERM, then SIGKILL this much later
+STOP_SECONDS = 120.0  # after SIGINT/SIGTERM to the launcher: time to checkpoint and exit
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -82,6 +85,51 @@ def _pump(stream, prefix: str, out, verbose: bool) -> None:
     stream.close()
 
 
+def _describe(status: int) -> str:
+    """``exit status 2`` or ``killed by SIGKILL``, for a Popen return code."""
+    if status < 0:
+        try:
+            return f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"killed by signal {-status}"
+    return f"exit status {status}"
+
+
+def _shell_status(status: int) -> int:
+    """A Popen return code as a shell exit status (a signal N gives 128 + N)."""
+    return 128 - status if status < 0 else status
+
+
+class _Forward:
+    """While active, SIGINT / SIGTERM to the launcher are passed on to every process as
+    SIGTERM (training checkpoints and stops at the end of its step) instead of ending it."""
+
+    def __init__(self, procs, out):
+        self.procs, self.out = procs, out
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+            self.out.write(f"workbench launch: {self.received}: asking every process to stop (SIGTERM)\n")
+            self.out.flush()
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
 def launch(
     argv: list[str],
     *,
@@ -91,17 +139,34 @@ def launch(
     timeout: float = 1800.0,
     out=None,
     verbose: bool = False,
+    grace: float = GRACE_SECONDS,
+    stop_timeout: float = STOP_SECONDS,
+    program: list[str] | None = None,
+    env: dict | None = None,
 ) -> int:
-    """Run ``workbench ARGV`` as ``processes`` local processes; return the first failing status."""
+    """Run ``workbench ARGV`` as ``processes`` local processes; return the launch's exit status.
+
+    When one process fails (non-zero status or killed), a line names it and its status,
+    the others are sent SIGTERM and, after ``grace`` seconds, SIGKILL (a process waiting in
+    a collective for the dead one never returns by itself), and the failed process's status
+    is returned (128 + N for signal N). SIGINT / SIGTERM to the launcher are passed on as
+    SIGTERM; the processes get ``stop_timeout`` seconds to checkpoint and exit.
+    ``program`` (tests, benchmarks) replaces ``python -m workbench`` and skips the
+    command check; ``env`` adds variables to the processes' environment.
+    """
     out = out or sys.stdout
-    argv = _command(argv)
+    argv = _command(argv) if program is None else list(argv)
     if not 0 <= port <= 65535:
         raise UserError(f"--port {port} is not a TCP port; use 1..65535 or 0 for a free one")
     port = port or _free_port()
-    base = {k: v for k, v in os.environ.items() if not k.startswith("WORKBENCH_")}
+    from workbench.execute.distributed import ENV
+
+    base = {k: v for k, v in os.environ.items() if k not in ENV.values()}  # this launch sets them
+    base.update(env or {})
+    program = program or [sys.executable, "-m", "workbench"]
     procs, pumps = [], []
     for rank in range(processes):
-        env = {
+        proc_env = {
             **base,
             "WORKBENCH_COORDINATOR": f"localhost:{port}",
             "WORKBENCH_NUM_PROCESSES": str(processes),
@@ -110,42 +175,70 @@ def launch(
             "PYTHONUNBUFFERED": "1",
         }
         proc = subprocess.Popen(
-            [sys.executable, "-m", "workbench", *argv],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+            [*program, *argv], env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         procs.append(proc)
+        out.write(f"workbench launch: process {rank} is pid {proc.pid}\n")
+        out.flush()
         pump = threading.Thread(target=_pump, args=(proc.stdout, f"[process {rank}] ", out, verbose), daemon=True)
         pump.start()
         pumps.append(pump)
     deadline = time.monotonic() + timeout
     status = 0
-    try:
-        while [p.poll() for p in procs].count(None):  # poll every process, not just the first running one
-            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
-            if failed or time.monotonic() > deadline:
-                status = failed[0] if failed else 124
-                if not failed:
+    with _Forward(procs, out) as forward:
+        try:
+            stop_deadline = None
+            while True:
+                running = [p.poll() for p in procs].count(None)  # poll every process, not just the first running one
+                failed = [(rank, p.returncode) for rank, p in enumerate(procs) if p.returncode not in (None, 0)]
+                if forward.received and stop_deadline is None:
+                    stop_deadline = time.monotonic() + stop_timeout
+                if failed and not forward.received:
+                    # several seen at once: an abort is what a process does when its peer died
+                    failed.sort(key=lambda f: (f[1] == -signal.SIGABRT, f[0]))
+                    rank, code = failed[0]
+                    others = "".join(f" (process {r} also ended: {_describe(c)})" for r, c in failed[1:])
+                    out.write(
+                        f"workbench launch: process {rank} (pid {procs[rank].pid}) failed: {_describe(code)}{others}; "
+                        "stopping the other processes\n"
+                    )
+                    status = _shell_status(code)
+                    break
+                if stop_deadline is not None and time.monotonic() > stop_deadline:
+                    out.write(
+                        f"workbench launch: processes still running {stop_timeout:.0f} s after the stop request\n"
+                    )
+                    break
+                if not running:
+                    break
+                if time.monotonic() > deadline:
                     out.write(f"workbench launch: stopped after {timeout:.0f} s (--timeout)\n")
-                break
-            time.sleep(0.1)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        for t in pumps:
-            t.join(timeout=5)
+                    status = 124
+                    break
+                time.sleep(0.1)
+        finally:
+            _stop(procs, grace)
+            for t in pumps:
+                t.join(timeout=5)
     if status == 0:
-        status = next((p.returncode for p in procs if p.returncode), 0)
+        status = next((_shell_status(p.returncode) for p in procs if p.returncode), 0)
+    if status == 0 and forward.received:
+        status = 130 if forward.received == "SIGINT" else 143
     return status
+
+
+def _stop(procs, grace: float) -> None:
+    """SIGTERM to the processes still running, SIGKILL to those left after ``grace`` seconds."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    end = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def run(args) -> int:

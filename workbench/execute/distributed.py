@@ -10,10 +10,23 @@ pod (one process per host). What changes is only how each process learns its pla
 * on a cluster, set ``WORKBENCH_DISTRIBUTED=auto`` in the job script: then
   ``jax.distributed.initialize()`` reads SLURM, Open MPI or the TPU pod environment itself.
 
-Every process then builds the same global mesh over ``jax.devices()``; each one puts
-only its own blocks on its own devices (:func:`put`) and the result is gathered with
-:func:`to_host` (an all-gather across processes; plain ``np.asarray`` on one process).
-Only process 0 writes files (:func:`is_main`).
+Every process then builds the same global mesh over ``jax.devices()``. Data enters and
+leaves block by block, so no process needs the whole volume:
+
+* :func:`put_blocks` builds a global array from a function that reads one device's block
+  (its index into the global array): each process calls it only for its own devices
+  (``jax.make_array_from_single_device_arrays``); :func:`put` is the same for a host array
+  every process holds (small things: weights, or a volume the user chose to load whole).
+* :func:`local_blocks` yields the blocks of a global array that live on this process's
+  devices, one at a time (each written to disk by the process that holds it);
+  :func:`to_host` gathers a whole array to every process (an all-gather; only for small
+  arrays or when the user asks for the whole result).
+* :func:`allgather`, :func:`barrier` and :func:`agree` are the few host-side collectives
+  the runs need: small per-shard summaries, "every process has finished writing", and
+  "does any process want to stop".
+
+Only process 0 writes shared files (:func:`is_main`); every process writes its own blocks
+of zarr outputs and takes part in checkpoints.
 """
 
 from __future__ import annotations
@@ -32,8 +45,14 @@ __all__ = [
     "is_main",
     "process_info",
     "put",
+    "put_blocks",
     "put_tree",
+    "local_blocks",
     "to_host",
+    "allgather",
+    "barrier",
+    "agree",
+    "HEARTBEAT_SECONDS",
 ]
 
 ENV = {
@@ -43,6 +62,11 @@ ENV = {
     "local_devices": "WORKBENCH_LOCAL_DEVICES",
     "auto": "WORKBENCH_DISTRIBUTED",
 }
+# A process whose peer died waits in a collective until the coordination service misses
+# the peer's heartbeats for this long, then aborts (JAX's default is 100 s); the variable
+# changes it.
+HEARTBEAT_SECONDS = 30
+HEARTBEAT_ENV = "WORKBENCH_HEARTBEAT_SECONDS"
 
 _STATE = {"initialized": False}
 
@@ -94,8 +118,9 @@ def initialize(settings: dict) -> None:
         return
     import jax
 
+    heartbeat = int(os.environ.get(HEARTBEAT_ENV, HEARTBEAT_SECONDS))
     if settings.get("auto"):
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
     else:
         from workbench.execute.devices import configure_cpu_devices
 
@@ -104,7 +129,11 @@ def initialize(settings: dict) -> None:
         configure_cpu_devices(settings["local_devices"])
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
-            settings["coordinator"], settings["num_processes"], settings["process_id"], initialization_timeout=120
+            settings["coordinator"],
+            settings["num_processes"],
+            settings["process_id"],
+            initialization_timeout=120,
+            heartbeat_timeout_seconds=heartbeat,
         )
     _STATE["initialized"] = True
 
@@ -147,6 +176,42 @@ def put(array: np.ndarray, sharding):
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
+def put_blocks(shape, sharding, read_block, dtype=None):
+    """A global ``jax.Array`` of ``shape`` whose blocks come from ``read_block(index)``.
+
+    ``index`` is a tuple of slices into the global array (one device's block); the call
+    returns that block as numpy. Each process calls it only for its own devices, once per
+    distinct block (a block repeated over a replicated axis is read once), so a process
+    never holds more than its own part.
+    """
+    import jax
+
+    by_index = sharding.addressable_devices_indices_map(tuple(shape))
+    read: dict = {}
+    arrays = []
+    for device, index in by_index.items():
+        key = tuple((s.start, s.stop) for s in index)
+        if key not in read:
+            block = np.asarray(read_block(index))
+            if dtype is not None:
+                block = block.astype(dtype, copy=False)
+            read[key] = block
+        arrays.append(jax.device_put(read[key], device))
+    read.clear()
+    return jax.make_array_from_single_device_arrays(tuple(shape), sharding, arrays)
+
+
+def local_blocks(array):
+    """(index, numpy block) of each distinct block of ``array`` on this process's devices.
+
+    ``index`` is a tuple of slices into the global array. Blocks are fetched one at a time;
+    a block replicated over several devices comes once (its first replica).
+    """
+    for shard in array.addressable_shards:
+        if shard.replica_id == 0:
+            yield shard.index, np.asarray(shard.data)
+
+
 def put_tree(tree, sharding):
     """:func:`put` for every leaf of a pytree (e.g. replicated model variables)."""
     import jax
@@ -169,3 +234,31 @@ def to_host(array) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(jax.block_until_ready(array), tiled=True))
+
+
+def allgather(values) -> np.ndarray:
+    """``values`` (a small numpy array, same shape on every process) from every process,
+    stacked on a new first axis in process order; on one process ``values[None]``."""
+    import jax
+
+    values = np.asarray(values)
+    if jax.process_count() == 1:
+        return values[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(values))
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches the barrier called ``name`` (no-op on one process)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def agree(flag: bool) -> bool:
+    """True on every process if ``flag`` is true on any (e.g. "a signal arrived: stop")."""
+    return bool(allgather(np.array([1 if flag else 0], np.int32)).max())
