@@ -242,6 +242,26 @@ def test_augment_keeps_image_and_labels_aligned():
     assert len(seen) > 4  # flips and rotations vary
 
 
+def test_batch_blocks_equal_slices_of_the_whole_batch(source):
+    """A device's block, made from its own box only (phantoms rendered block by block; a flip or
+    rotation changes which box is read; noise hashed by position), equals that slice of the whole
+    augmented batch, zero-padded where the box reaches past the volume."""
+    from workbench.training.data import batch_blocks, pad_to
+
+    images, labels = source.train_batch(3, 2, seed=5)
+    images, labels = pad_to(images, (40, 32, 32)), pad_to(labels, (40, 32, 32))
+    keys = [
+        ((0, 1), (0, 16), (16, 32), (8, 24)),
+        ((1, 2), (24, 40), (0, 32), (0, 32)),
+        ((0, 2), (32, 40), (0, 8), (0, 8)),
+    ]
+    for key, (image, label) in zip(keys, batch_blocks(source, 3, 2, keys, seed=5)):
+        index = tuple(slice(lo, hi) for lo, hi in key)
+        np.testing.assert_array_equal(image, images[index])
+        np.testing.assert_array_equal(label, labels[index])
+    assert not hasattr(source, "_cached")  # rendered per block, never as a whole case
+
+
 def test_place_puts_each_block_on_its_device():
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P

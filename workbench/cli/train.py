@@ -1,4 +1,9 @@
-"""``workbench train``: train a U-Net on whole volumes, partitioned over a device mesh."""
+"""``workbench train``: train a U-Net on whole volumes, partitioned over a device mesh.
+
+Runs as one process, or as several (``workbench launch --processes P -- train ...``, or
+once per host with ``WORKBENCH_DISTRIBUTED=auto``); then process 0 prints and writes
+the history, curves and weights, and every process takes part in the checkpoints.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     """``workbench train``: validate everything, then train; Ctrl-C / SIGTERM checkpoint and stop."""
     from workbench.app import train
+    from workbench.execute.distributed import is_main
     from workbench.mesh import parse_mesh
     from workbench.training.config import train_config_from_flags
 
@@ -39,6 +45,8 @@ def run(args) -> int:
     result = train(config, args.checkpoint_dir, resume=args.resume, progress=not args.no_progress, force=args.force)
     if result["interrupted"]:
         return 130 if result["interrupted"] == "SIGINT" else 143
+    if not is_main():  # another process of a multi-process run: process 0 reports
+        return 0
     rows = result["history"]["train"]
     timed = [r["seconds"] for r in rows[1:]] or [r["seconds"] for r in rows]
     print(

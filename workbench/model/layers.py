@@ -335,8 +335,10 @@ class Norm(nn.Module):
         xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # statistics in >= float32
         weight = self.partition.stats_mask(x, self.level)
         if self.kind == "batch":
-            ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
-            ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+            # in the statistics' dtype, so a step returns them with the dtype it was given
+            # (float64 models: no second compilation at the second step)
+            ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), xf.dtype))
+            ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), xf.dtype))
             if self.train:
                 mean, var = _moments(xf, weight, (0, 1, 2, 3), self.partition, over_batch=True)
                 mean, var = mean.reshape(c), var.reshape(c)

@@ -179,7 +179,7 @@ def restore_model(ckpt_dir, *, log=print):
         ckpts.restore(None, log=log)  # raises the "no readable checkpoint" error
     config = UNetConfig(**meta["model"])
     tc = TrainConfig.from_dict(meta["train"])
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]  # this process's own copy, also in a multi-process run
     abstract = abstract_train_state(config, tc, jax.sharding.SingleDeviceSharding(device))
     state, meta, step = ckpts.restore(abstract, expect_model=config.as_dict(), log=log)
     ckpts.close()

@@ -2,9 +2,15 @@
 
 Everything here is numpy on the host and deterministic in ``(seed, step)``: the batch
 for step ``s`` (sample choice, augmentation, noise) is the same whichever mesh or
-backend trains on it and whether the run was resumed, so a partitioned run sees
-exactly what the single-device reference sees. :func:`place` then hands each device
-only its own block (``jax.make_array_from_callback``).
+backend trains on it, however many processes share the mesh and whether the run was
+resumed, so a partitioned run sees exactly what the single-device reference sees.
+
+Batches are built block by block (:func:`batch_blocks`): each process makes only the
+blocks of its own devices. An :class:`Augmentation` is data, not a whole-volume copy: a
+flip or a 180° rotation (two flips) changes which box a device reads and flips that
+block, the intensity change is per voxel, and the noise is hashed from the voxel's
+position, so a block equals the same slice of the augmented whole volume. Phantoms are
+rendered block by block; other sources slice a cached whole case (see :meth:`Source.case_block`).
 
 Sources (see :func:`make_source`):
 
@@ -43,6 +49,8 @@ __all__ = [
     "Source",
     "make_source",
     "augment",
+    "Augmentation",
+    "batch_blocks",
     "place",
     "BatchStream",
     "TRAIN_SEED_BASE",
@@ -58,13 +66,25 @@ CT_WINDOW = (40.0, 400.0)  # abdomen window (centre, width) in HU
 def is_ct(volume) -> bool:
     """Whether ``volume`` holds Hounsfield units: a DICOM ``Modality`` of CT, a phantom, or,
     without that metadata, intensities that reach air (min ≤ -900) and go above water."""
-    modality = str(volume.metadata.get("modality", "")).upper()
+    array = np.asarray(volume.array)
+    if not array.size:
+        return False
+    return is_ct_from(
+        volume.metadata.get("modality", ""), volume.source_format, lambda: (float(array.min()), float(array.max()))
+    )
+
+
+def is_ct_from(modality, source_format: str, value_range) -> bool:
+    """:func:`is_ct` from its parts: the DICOM modality (or ""), the source format and
+    ``value_range()`` → (min, max) of the intensities, called only when needed (a run
+    that reads the volume block by block reduces it over blocks and processes)."""
+    modality = str(modality or "").upper()
     if modality:
         return modality == "CT"
-    if volume.source_format == "phantom":
+    if source_format == "phantom":
         return True
-    array = np.asarray(volume.array)
-    return bool(array.size) and float(array.min()) <= -900.0 and float(array.max()) > 0.0
+    low, high = value_range()
+    return low <= -900.0 and high > 0.0
 
 
 def model_input(volume) -> np.ndarray:
@@ -136,15 +156,31 @@ class Source:
 
     def train_batch(self, step: int, batch: int, *, seed: int = 0, augment_data: bool = True):
         """(images f32[B, Z, Y, X, 1], labels i32[B, Z, Y, X]) for ``step``, deterministic."""
-        images, labels = [], []
-        for i in range(batch):
-            case = self.train_case(step, i)
-            image, label = case.image, case.labels
-            if augment_data:
-                image, label = augment(image, label, np.random.default_rng([seed, step, i]))
-            images.append(image)
-            labels.append(label)
-        return np.stack(images)[..., None].astype(np.float32), np.stack(labels).astype(np.int32)
+        whole = tuple((0, n) for n in self.shape)
+        blocks = [self.train_block(step, i, whole, seed=seed, augment_data=augment_data) for i in range(batch)]
+        images = np.stack([b[0] for b in blocks])[..., None].astype(np.float32)
+        return images, np.stack([b[1] for b in blocks]).astype(np.int32)
+
+    def train_block(self, step: int, index: int, box, *, seed: int = 0, augment_data: bool = True):
+        """(image f32, labels u8) of ``box`` of volume ``index`` of ``step``'s batch, augmented:
+        the same slice of the whole augmented volume, made from that box's data only."""
+        aug = Augmentation.draw(np.random.default_rng([seed, step, index])) if augment_data else None
+        source_box = box if aug is None else aug.source_box(box, self.shape)
+        image, labels = self.case_block(step, index, source_box)
+        if aug is not None:
+            image, labels = aug.apply(image, labels, box, self.shape)
+        return image, labels
+
+    def case_block(self, step: int, index: int, box):
+        """(image, labels) of ``box`` of the unaugmented case. Here: a slice of
+        :meth:`train_case` (the last case is cached, so the blocks of one process share it);
+        a source that can read a box alone (phantoms) overrides this."""
+        cached = getattr(self, "_cached", None)  # a local reference: BatchStream's threads share it
+        if cached is None or cached[0] != (step, index):
+            cached = self._cached = ((step, index), self.train_case(step, index))
+        case = cached[1]
+        sl = tuple(slice(lo, hi) for lo, hi in box)
+        return case.image[sl], case.labels[sl]
 
 
 class PhantomSource(Source):
@@ -165,6 +201,16 @@ class PhantomSource(Source):
 
     def train_case(self, step: int, index: int) -> Case:
         return self._case(TRAIN_SEED_BASE + step * 64 + index)
+
+    def case_block(self, step: int, index: int, box):
+        """Rendered block by block at the phantom's own grid (a resampled phantom is
+        rendered whole and sliced: resampling needs its neighbours)."""
+        if self.resolution not in (None, self.render):
+            return super().case_block(step, index, box)
+        from data_tools.synthetic import make_phantom_block
+
+        image, labels = make_phantom_block(self.render, box, seed=TRAIN_SEED_BASE + step * 64 + index, vessels=False)
+        return ct_input(image), labels
 
     def eval_cases(self, n: int) -> list[Case]:
         return [self._case(seed) for seed in range(n)]
@@ -235,23 +281,72 @@ def make_source(data: str | Sequence, resolution: int | None = None) -> Source:
     )
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """One volume's random augmentation: random flips and a 180° rotation (together: a
+    flip or not per axis), intensity scale and shift, and noise of level ``sigma``
+    (approximately Gaussian: the mean of 4 uniforms hashed from ``noise_key`` and the
+    voxel's position, scaled to unit variance)."""
+
+    flips: tuple[bool, bool, bool] = (False, False, False)
+    scale: float = 1.0
+    shift: float = 0.0
+    sigma: float = 0.0
+    noise_key: int = 0
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> Augmentation:
+        flips = [bool(rng.random() < 0.5) for _ in range(3)]
+        if rng.random() < 0.5:  # a 180° rotation in a plane flips both of its axes
+            for axis in [(0, 1), (0, 2), (1, 2)][int(rng.integers(3))]:
+                flips[axis] = not flips[axis]
+        scale, shift, sigma = rng.uniform(0.9, 1.1), rng.uniform(-0.1, 0.1), rng.uniform(0.0, 0.05)
+        return cls(tuple(flips), float(scale), float(shift), float(sigma), int(rng.integers(1 << 62)))
+
+    def source_box(self, box, shape):
+        """The box of the unaugmented volume that ends up at ``box`` once flipped."""
+        return tuple((n - hi, n - lo) if f else (lo, hi) for (lo, hi), n, f in zip(box, shape, self.flips))
+
+    def apply(self, image: np.ndarray, labels: np.ndarray, box, shape):
+        """Augment the block read at :meth:`source_box`; the result is ``box`` of the augmented volume."""
+        axes = tuple(a for a in range(3) if self.flips[a])
+        if axes:
+            image, labels = np.flip(image, axes), np.flip(labels, axes)
+        noise = hashed_noise(shape, box, self.noise_key)
+        image = (image * np.float32(self.scale) + np.float32(self.shift) + np.float32(self.sigma) * noise).astype(
+            np.float32
+        )
+        return np.ascontiguousarray(image), np.ascontiguousarray(labels)
+
+
+def hashed_noise(shape, box, key: int) -> np.ndarray:
+    """Zero-mean, unit-variance noise for ``box`` of a ``shape`` volume: a function of
+    (``key``, voxel index) only, so any block equals the slice of the whole field."""
+    (z0, z1), (y0, y1), (x0, x1) = box
+    _, ny, nx = shape
+    index = (
+        np.arange(z0, z1, dtype=np.uint64)[:, None, None] * np.uint64(ny * nx)
+        + np.arange(y0, y1, dtype=np.uint64)[None, :, None] * np.uint64(nx)
+        + np.arange(x0, x1, dtype=np.uint64)[None, None, :]
+    )
+    h = index + np.uint64(key % (1 << 64))  # splitmix64
+    h ^= h >> np.uint64(30)
+    h *= np.uint64(0xBF58476D1CE4E5B9)
+    h ^= h >> np.uint64(27)
+    h *= np.uint64(0x94D049BB133111EB)
+    h ^= h >> np.uint64(31)
+    total = sum(((h >> np.uint64(16 * i)) & np.uint64(0xFFFF)).astype(np.float32) for i in range(4))
+    # 4 uniforms on 0..65535: mean 4 * 32767.5, variance 4 * (65536² - 1) / 12
+    return (total - np.float32(4 * 32767.5)) * np.float32(1.0 / np.sqrt(4 * (65536.0**2 - 1) / 12))
+
+
 def augment(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
-    """Random flips, a 180° rotation, intensity scale/shift and Gaussian noise.
+    """Random flips, a 180° rotation, intensity scale/shift and noise (:class:`Augmentation`).
 
     The same ``rng`` state gives the same result: batches are identical on every mesh.
     """
-    for axis in range(3):
-        if rng.random() < 0.5:
-            image, labels = np.flip(image, axis), np.flip(labels, axis)
-    if rng.random() < 0.5:
-        plane = [(0, 1), (0, 2), (1, 2)][int(rng.integers(3))]
-        image, labels = np.rot90(image, 2, plane), np.rot90(labels, 2, plane)
-    scale = rng.uniform(0.9, 1.1)
-    shift = rng.uniform(-0.1, 0.1)
-    sigma = rng.uniform(0.0, 0.05)
-    noise = rng.standard_normal(image.size, dtype=np.float32).reshape(image.shape)
-    image = (image * np.float32(scale) + np.float32(shift) + np.float32(sigma) * noise).astype(np.float32)
-    return np.ascontiguousarray(image), np.ascontiguousarray(labels)
+    whole = tuple((0, n) for n in image.shape)
+    return Augmentation.draw(rng).apply(image, labels, whole, image.shape)
 
 
 def pad_to(array: np.ndarray, spatial: Sequence[int]) -> np.ndarray:
@@ -270,12 +365,50 @@ def place(array: np.ndarray, sharding):
     return put(array, sharding)
 
 
+def batch_blocks(source, step: int, batch: int, keys, *, seed: int, augment_data: bool = True) -> list:
+    """The blocks ``keys`` of ``step``'s batch, zero-padded beyond the volume.
+
+    A key is ``((b0, b1), (z0, z1), (y0, y1), (x0, x1))``: a range of the batch and a box of
+    the padded volume, what one device holds. Returns one (images f32[b, z, y, x, 1],
+    labels i32[b, z, y, x]) per key, equal to that slice of the whole padded batch, made from
+    the blocks' own data when the source can (:meth:`Source.train_block`).
+    """
+    whole = None
+    out, parts = [], []
+    for (b0, b1), *box in keys:
+        valid = tuple((min(lo, n), min(hi, n)) for (lo, hi), n in zip(box, source.shape))
+        size = tuple(hi - lo for lo, hi in box)
+        out.append((np.zeros((b1 - b0, *size, 1), np.float32), np.zeros((b1 - b0, *size), np.int32)))
+        parts.append((b0, b1, valid))
+    # volume by volume, so a source that loads whole cases loads each once per step
+    for b in sorted({b for b0, b1, _ in parts for b in range(b0, b1)}):
+        for (images, labels), (b0, b1, valid) in zip(out, parts):
+            if not (b0 <= b < b1 and all(hi > lo for lo, hi in valid)):
+                continue
+            if hasattr(source, "train_block"):
+                image, label = source.train_block(step, b, valid, seed=seed, augment_data=augment_data)
+            else:  # a source that only makes whole batches
+                if whole is None:
+                    whole = source.train_batch(step, batch, seed=seed, augment_data=augment_data)
+                sl = tuple(slice(lo, hi) for lo, hi in valid)
+                image, label = whole[0][(b, *sl, 0)], whole[1][(b, *sl)]
+            inner = tuple(slice(0, hi - lo) for lo, hi in valid)
+            images[(b - b0, *inner, 0)] = image
+            labels[(b - b0, *inner)] = label
+    if getattr(source, "_cached", None) is not None:
+        source._cached = None  # the last whole case (see Source.case_block): released with the batch
+    return out
+
+
 class BatchStream:
     """Host batches for steps ``start, start+1, …``, the next ``workers`` prepared in threads.
 
     Batches are deterministic in the step, so preparing several at once changes nothing but
     the time: on a many-core host (a GPU server) rendering or reading is no longer the
     bottleneck of a fast step. Default: one worker per four cores, at most four.
+
+    With ``keys``, each item is :func:`batch_blocks` of those keys (the blocks of this
+    process's devices); without, the whole batch (``Source.train_batch``).
     """
 
     def __init__(
@@ -287,23 +420,29 @@ class BatchStream:
         seed: int,
         augment_data: bool = True,
         workers: int | None = None,
+        keys=None,
     ):
         import os
 
         self.source, self.batch, self.seed, self.augment_data = source, batch, seed, augment_data
+        self.keys = keys
         self.step = start
         self.workers = workers or min(4, max(1, (os.cpu_count() or 1) // 4))
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.workers)
         self._queue = [self._pool.submit(self._make, start + i) for i in range(self.workers)]
 
     def _make(self, step):
+        if self.keys is not None:
+            return batch_blocks(
+                self.source, step, self.batch, self.keys, seed=self.seed, augment_data=self.augment_data
+            )
         return self.source.train_batch(step, self.batch, seed=self.seed, augment_data=self.augment_data)
 
     def next(self):
-        images, labels = self._queue.pop(0).result()
+        item = self._queue.pop(0).result()
         self.step += 1
         self._queue.append(self._pool.submit(self._make, self.step + self.workers - 1))
-        return images, labels
+        return item
 
     def close(self):
         for future in self._queue:

@@ -3,7 +3,15 @@
 Reads top to bottom in stages: data and model → checkpoints (fresh or resume) → the
 partitioned step (:mod:`workbench.training.step`) → update loop (checkpoints, signals,
 NaN guard, progress) → final evaluation (:mod:`workbench.training.evaluation`), history
-and weights. The pieces live in :mod:`~workbench.training.config` (``TrainConfig``),
+and weights.
+
+The same loop runs in one process or in several (``workbench launch -- train``, or one
+process per host with ``WORKBENCH_DISTRIBUTED=auto``): every process makes only the
+batch blocks of its own devices, runs the same step (parameters replicated, gradients
+and batch statistics reduced over every device of every process), and takes part in each
+orbax checkpoint; process 0 alone writes ``config.json``, the history, the curves and
+the final weights, and shows the progress bar. A signal to any process stops all of them
+at the same step (they agree after every step), with a checkpoint. The pieces live in :mod:`~workbench.training.config` (``TrainConfig``),
 :mod:`~workbench.training.state`, :mod:`~workbench.training.step`,
 :mod:`~workbench.training.history` and :mod:`~workbench.training.checkpoint`.
 
@@ -31,7 +39,7 @@ from workbench.training.config import PAPER_CLASS_WEIGHTS, NonFiniteLossError, T
 from workbench.training.evaluation import evaluate
 from workbench.training.history import eval_row, plot_history, train_row, write_history
 from workbench.training.state import abstract_train_state, create_train_state, learning_rate_schedule, variables_of
-from workbench.training.step import build_train_step, put_batch
+from workbench.training.step import batch_keys, build_train_step, put_batch_blocks
 
 __all__ = ["train_and_evaluate"]
 
@@ -78,6 +86,7 @@ def train_and_evaluate(
     """
     import jax
 
+    from workbench.execute.distributed import agree, put_tree
     from workbench.mesh import ShardLayout, parse_mesh
     from workbench.model.unet import Model
     from workbench.training.data import BatchStream
@@ -85,6 +94,15 @@ def train_and_evaluate(
 
     tc = config
     workdir = Path(workdir)
+    several = jax.process_count() > 1
+    main = jax.process_index() == 0
+    if not main:
+        progress, log = False, lambda message: None
+    if several and tc.backend == "reference":
+        raise UserError(
+            "backend 'reference' trains on one device; run it as one process (without launch), "
+            "or choose explicit or gspmd"
+        )
     if workdir.exists() and not workdir.is_dir():
         raise NotAFolderError(f"--checkpoint-dir {workdir} is a file; choose a folder path")
     # -- data and model ---------------------------------------------------------------------
@@ -160,7 +178,8 @@ def train_and_evaluate(
     elif resume:
         log(f"no checkpoint in {ckpt_dir} to resume; starting at step 0")
     if state is None:
-        state = jax.device_put(create_train_state(cfg, tc), ts.state_sharding)
+        initial = create_train_state(cfg, tc)
+        state = put_tree(initial, ts.state_sharding) if several else jax.device_put(initial, ts.state_sharding)
     # -- update loop (from here on SIGINT/SIGTERM mean "checkpoint and return") -------------
     interrupted, step, last_good, final_eval = None, start, start, None
     stream = bar = None
@@ -169,8 +188,9 @@ def train_and_evaluate(
     def save(step):
         # History first: killed in between, it holds rows past the newest checkpoint, which
         # a resume drops; the other order would leave the resumed history with a gap.
-        write_history(workdir, history)
-        ckpts.save(step, state, meta)
+        if main:
+            write_history(workdir, history)
+        ckpts.save(step, state, meta)  # every process writes its part
 
     def run_eval(step):
         model = Model(cfg, variables_of(state))
@@ -181,8 +201,10 @@ def train_and_evaluate(
     t_loop = time.perf_counter()
     with _StopFlag() as stop:
         try:
-            write_text_atomic(workdir / "config.json", json.dumps(meta, indent=1) + "\n")
+            if main:
+                write_text_atomic(workdir / "config.json", json.dumps(meta, indent=1) + "\n")
             eval_cases = source.eval_cases(tc.eval_cases) if tc.eval_cases else []
+            keys = batch_keys(ts, tc.batch)  # the blocks of this process's devices
             stream = BatchStream(
                 source,
                 tc.batch,
@@ -190,12 +212,13 @@ def train_and_evaluate(
                 seed=tc.seed,
                 augment_data=tc.augment,
                 workers=getattr(source, "prefetch_workers", None),
+                keys=keys,
             )
             bar = _progress(progress, tc.steps, start, source.description, spec)
             while step < tc.steps:
-                images, labels = stream.next()
+                blocks = stream.next()
                 t0 = time.perf_counter()
-                x, y = put_batch(ts, images, labels)
+                x, y = put_batch_blocks(ts, tc.batch, keys, blocks)
                 state, metrics = ts.fn(state, x, y)
                 metrics = jax.device_get(metrics)
                 seconds = time.perf_counter() - t0
@@ -213,11 +236,12 @@ def train_and_evaluate(
                     bar.set_postfix(_postfix(row, source.class_names))
                 if tc.eval_every and step % tc.eval_every == 0 and eval_cases and step < tc.steps:
                     run_eval(step)
-                if step % tc.checkpoint_every == 0 or step == tc.steps or stop.signal:
+                stopping = agree(stop.signal is not None) if several else stop.signal is not None
+                if step % tc.checkpoint_every == 0 or step == tc.steps or stopping:
                     save(step)
                     last_good = step
-                if stop.signal:
-                    interrupted = stop.signal
+                if stopping:
+                    interrupted = stop.signal or "SIGTERM"  # another process was signalled
                     break
         finally:
             if stream is not None:
@@ -238,12 +262,13 @@ def train_and_evaluate(
         return result
     if eval_cases:
         final_eval = run_eval(step)
-    write_history(workdir, history)
     ckpts.close()
     model = Model(cfg, jax.device_get(variables_of(state)))
-    plot_history(history, workdir / "curves.png")
-    # model.msgpack last: its presence means the run finished (every other file is written)
-    save_weights(workdir / "model.msgpack", model, {**meta, "step": step, "eval": final_eval})
+    if main:
+        write_history(workdir, history)
+        plot_history(history, workdir / "curves.png")
+        # model.msgpack last: its presence means the run finished (every other file is written)
+        save_weights(workdir / "model.msgpack", model, {**meta, "step": step, "eval": final_eval})
     result.update(
         eval=final_eval,
         model=model,

@@ -23,7 +23,7 @@ from workbench.errors import UserError
 from workbench.training.config import TrainConfig
 from workbench.training.state import abstract_train_state, make_optimizer, variables_of
 
-__all__ = ["TrainStep", "build_train_step", "compile_train_step", "put_batch"]
+__all__ = ["TrainStep", "build_train_step", "compile_train_step", "put_batch", "batch_keys", "put_batch_blocks"]
 
 
 @dataclass
@@ -180,3 +180,34 @@ def put_batch(ts: TrainStep, images: np.ndarray, labels: np.ndarray):
     return place(pad_to(images, ts.target_shape), ts.image_sharding), place(
         pad_to(labels, ts.target_shape), ts.label_sharding
     )
+
+
+def batch_keys(ts: TrainStep, batch: int) -> list:
+    """The distinct blocks this process's devices hold of a ``batch``-volume step: keys
+    ``((b0, b1), (z0, z1), (y0, y1), (x0, x1))`` in the padded batch, as
+    :func:`workbench.training.data.batch_blocks` takes them."""
+    shape = (batch, *ts.target_shape)
+    keys = []
+    for index in ts.label_sharding.addressable_devices_indices_map(shape).values():
+        key = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+        if key not in keys:
+            keys.append(key)
+    return keys
+
+
+def put_batch_blocks(ts: TrainStep, batch: int, keys, blocks):
+    """The step's (images, labels) global arrays from this process's blocks (``blocks[i]``
+    holds ``keys[i]``; see :func:`batch_keys`); no process needs the whole batch."""
+    from workbench.execute.distributed import put_blocks
+
+    shape = (batch, *ts.target_shape)
+    by_key = {key: block for key, block in zip(keys, blocks)}
+
+    def reader(which):
+        def read(index):
+            return by_key[tuple(s.indices(n)[:2] for s, n in zip(index[:4], shape))][which]
+
+        return read
+
+    images = put_blocks((*shape, 1), ts.image_sharding, reader(0))
+    return images, put_blocks(shape, ts.label_sharding, reader(1))
