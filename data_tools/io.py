@@ -70,6 +70,7 @@ class VolumeInfo:
     spacing: tuple[float, float, float]
     affine: np.ndarray
     source_format: str
+    modality: str = ""  # DICOM Modality (or as a zarr store recorded it); "" when unknown
 
 
 # -- format detection -------------------------------------------------------------------
@@ -209,12 +210,21 @@ def volume_info(path: str | os.PathLike, *, series: str | None = None) -> Volume
             spacing, affine = phantom_geometry(spec[1])
             return VolumeInfo(spec[1], np.dtype(np.float32), spacing, affine, "phantom")
         vol = load_input(str(path))
-        return VolumeInfo(vol.shape, vol.dtype, vol.spacing, vol.affine, vol.source_format)
+        return VolumeInfo(vol.shape, vol.dtype, vol.spacing, vol.affine, vol.source_format,
+                          str(vol.metadata.get("modality", "")))  # fmt: skip
     path = Path(path)
     fmt = detect_format(path)
     shape, dtype, spacing, affine = format_module(fmt).info(path, series=series)
     spacing = tuple(float(s) for s in spacing)
-    return VolumeInfo(tuple(int(s) for s in shape), np.dtype(dtype), spacing, affine, fmt)  # type: ignore[arg-type]
+    modality = ""
+    if fmt == "dicom":
+        modality = format_module(fmt).scan_series(path, series).modality
+    elif fmt == "zarr":
+        import zarr
+
+        modality = str(dict(zarr.open(str(path), mode="r").attrs).get("data_tools", {}).get("modality", ""))
+    shape = tuple(int(s) for s in shape)
+    return VolumeInfo(shape, np.dtype(dtype), spacing, affine, fmt, modality)  # type: ignore[arg-type]
 
 
 # -- writing ----------------------------------------------------------------------------

@@ -74,8 +74,11 @@ def window(array: np.ndarray, *, center: float | None = None, width: float | Non
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def zscore(array: np.ndarray, *, mask=None, eps: float = 1e-6) -> np.ndarray:
+def zscore(array: np.ndarray, *, mask=None, eps: float = 1e-6, mean: float | None = None,
+           std: float | None = None) -> np.ndarray:  # fmt: skip
     """float32 ``(array - mean) / std`` with statistics over ``mask`` (all voxels if None).
+
+    ``mean`` and ``std`` given (both): use them, e.g. the whole volume's for one block of it.
 
     Examples
     --------
@@ -84,8 +87,9 @@ def zscore(array: np.ndarray, *, mask=None, eps: float = 1e-6) -> np.ndarray:
     [-1.2247, 0.0, 1.2247]
     """
     array = np.asarray(array)
-    values = _mask(array, mask).astype(np.float64)
-    mean, std = float(values.mean()), float(values.std())
+    if mean is None or std is None:
+        values = _mask(array, mask).astype(np.float64)
+        mean, std = float(values.mean()), float(values.std())
     out = array.astype(np.float32)
     out -= np.float32(mean)
     out *= np.float32(1.0 / max(std, eps))

@@ -8,6 +8,11 @@ Layout written (OME-Zarr 0.5 on zarr v3)::
                            replicated), chunks of 64³ (clipped to the level's shape)
       labels/tissue/0, 1…  label levels (when the volume has labels): every 2nd voxel
 
+Several writers at once (one per process of a multi-process run): one of them creates
+the store with :func:`create_ome_zarr`, with chunks equal to the blocks each writer owns
+at every level (:func:`aligned_levels`), then each writes its own blocks with
+:func:`write_ome_block`; no chunk is shared, so no write touches another's data.
+
 Reading accepts OME-Zarr 0.4 (zarr v2) and 0.5 groups, a bare 3-D zarr array, or a group
 holding exactly one 3-D array. Singleton non-spatial axes (t, c) are dropped.
 """
@@ -28,7 +33,7 @@ from ..volume import Volume, default_affine
 
 __all__ = [
     "FORMATS", "SUFFIXES", "sniff", "read", "read_box", "info", "write",
-    "OmeZarrWriter", "default_levels", "downsample_mean",
+    "OmeZarrWriter", "default_levels", "downsample_mean", "aligned_levels", "create_ome_zarr", "write_ome_block",
 ]  # fmt: skip
 
 FORMATS = ("zarr",)
@@ -85,6 +90,69 @@ def _multiscales(name: str, levels: int, spacing) -> list[dict]:
             }
         )
     return [{"name": name, "axes": axes, "datasets": datasets}]
+
+
+def _codec():
+    from zarr.codecs import BloscCodec
+
+    # lz4 + byte shuffle: about as small as zarr's default zstd here, 2-3x faster to write
+    return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+
+
+def _level_shape(shape, k: int) -> tuple[int, ...]:
+    for _ in range(k):
+        shape = tuple(math.ceil(n / 2) for n in shape)
+    return tuple(shape)
+
+
+def aligned_levels(shape, block) -> int:
+    """Levels of a store written in blocks of ``block`` voxels (at block-aligned starts)
+    such that every level's chunks are whole blocks halved: :func:`default_levels`, fewer
+    when a block side has fewer factors of 2."""
+    levels = default_levels(shape)
+    for b in block:
+        twos = (int(b) & -int(b)).bit_length() - 1  # factors of 2 in b
+        levels = min(levels, twos + 1)
+    return max(1, levels)
+
+
+def create_ome_zarr(path, shape, *, dtype, block, levels: int | None = None, spacing=(1.0, 1.0, 1.0), affine=None,
+                    extra_attrs: dict | None = None) -> int:  # fmt: skip
+    """Create an empty OME-Zarr 0.5 image at ``path`` whose level-k chunks are ``block >> k``
+    (blocks halved per level), for writers that each own whole blocks; returns the levels.
+    Not atomic by itself: create it inside a folder that is renamed when complete."""
+    import zarr
+
+    shape, block = tuple(int(s) for s in shape), tuple(int(b) for b in block)
+    levels = aligned_levels(shape, block) if levels is None else int(levels)
+    spacing = tuple(float(s) for s in spacing)
+    affine = default_affine(spacing) if affine is None else np.asarray(affine, float)
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    for k in range(levels):
+        level = _level_shape(shape, k)
+        chunks = tuple(max(1, min(b >> k, n)) for b, n in zip(block, level))
+        root.create_array(str(k), shape=level, chunks=chunks, dtype=dtype, fill_value=0, compressors=_codec(),
+                          dimension_names=("z", "y", "x"))  # fmt: skip
+    attrs = {"spacing": list(spacing), "affine": affine.tolist(), **(extra_attrs or {})}
+    root.attrs.update({"ome": {"version": "0.5", "multiscales": _multiscales("image", levels, spacing)}, _KEY: attrs})
+    return levels
+
+
+def write_ome_block(path, box, block: np.ndarray) -> None:
+    """Write ``block`` at ``box`` of a store from :func:`create_ome_zarr`, with its smaller levels.
+
+    ``box`` starts at a multiple of the store's block (its level-0 chunk); the block holds
+    the whole box (clipped to the volume at its far edge)."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r+")
+    levels = len(root.attrs["ome"]["multiscales"][0]["datasets"])
+    starts = [a for a, _ in box]
+    for k in range(levels):
+        if k:
+            block = downsample_mean(block)
+        lo = [a >> k for a in starts]
+        root[str(k)][tuple(slice(a, a + n) for a, n in zip(lo, block.shape))] = block
 
 
 class OmeZarrWriter:
@@ -162,10 +230,7 @@ class OmeZarrWriter:
         return self
 
     def _create(self, group, dtype) -> list:
-        from zarr.codecs import BloscCodec
-
-        # lz4 + byte shuffle: about as small as zarr's default zstd here, 2-3x faster to write
-        codec = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+        codec = _codec()
         arrays = []
         for k in range(self.levels):
             shape = self.level_shape(k)

@@ -9,6 +9,10 @@
 * :func:`compare`: both of them plus argmax disagreement and Dice between the two
   predictions, from the logits, walking the volume shard by shard and slab by slab, so
   the inputs may be memory-mapped or zarr arrays larger than memory.
+* :func:`compare_shards` / :func:`merge_shards`: the same comparison made shard by shard
+  where the shards live (each process of a multi-process run compares its own shards and
+  packs the result into one small vector; the vectors of all processes merge into the
+  :class:`Comparison` that :func:`compare` would give for the whole volume).
 * :func:`artifact_depth`: how deep from the seams a measured profile's error reaches
   (compare with :func:`workbench.analysis.receptive.predicted_artifact_depth`).
 
@@ -42,6 +46,8 @@ from workbench.mesh import ShardLayout
 __all__ = [
     "Comparison",
     "compare",
+    "compare_shards",
+    "merge_shards",
     "signed_error",
     "shard_stats",
     "seam_profile",
@@ -344,6 +350,79 @@ def compare(
         error=error,
         voxels=total,
         reference_scale=counts["scale"],
+        extra={"profile_limit": stats.limit},
+    )
+
+
+_ROW = ("max_abs_diff", "mean_abs_diff", "rms_diff", "voxels_over_tolerance")
+
+
+def compare_shards(blocks, layout: ShardLayout, n_classes: int, *, tol: float = DEFAULT_TOL) -> np.ndarray:
+    """Compare some shards' logits with the reference's; the result packed for :func:`merge_shards`.
+
+    ``blocks`` yields ``(shard, output, reference)``: a :class:`~workbench.mesh.Shard` of
+    ``layout`` and both (z, y, x, K) logits over its ``valid_box``. Returns a float64
+    vector of fixed length (per-shard rows, the seam profile's sums, Dice counts), so
+    every process's vector can be gathered and merged.
+    """
+    stats = _Statistics(layout, tolerance=tol, max_distance=None)
+    rows = np.full((len(layout.shards()), 1 + len(_ROW)), np.nan)
+    inter, sizes = np.zeros(n_classes), np.zeros(n_classes)
+    disagree = 0
+    for shard, out_b, ref_b in blocks:
+        out_b, ref_b = np.asarray(out_b, np.float32), np.asarray(ref_b, np.float32)
+        a, b = out_b.argmax(-1), ref_b.argmax(-1)
+        disagree += int((a != b).sum())
+        for k in range(n_classes):
+            inter[k] += int(((a == k) & (b == k)).sum())
+            sizes[k] += int((a == k).sum() + (b == k).sum())
+        box = shard.valid_box
+        stats.shard(shard, iter([(box, np.abs(out_b - ref_b).max(axis=-1))]))
+        row = stats.rows[-1]
+        rows[shard.index] = [1.0, *(np.nan if row[k] is None else row[k] for k in _ROW)]
+    return np.concatenate(
+        [rows.ravel(), stats.p_max, stats.p_sum, stats.p_count.astype(np.float64), [disagree], inter, sizes]
+    )
+
+
+def merge_shards(packed, layout: ShardLayout, n_classes: int) -> Comparison:
+    """The :class:`Comparison` of the whole volume from :func:`compare_shards` vectors
+    (one per process, stacked; every shard compared by exactly one of them)."""
+    packed = np.atleast_2d(np.asarray(packed, np.float64))
+    shards = layout.shards()
+    n_rows = len(shards) * (1 + len(_ROW))
+    stats = _Statistics(layout, tolerance=DEFAULT_TOL, max_distance=None)
+    bins = stats.p_max.size
+    rows = packed[:, :n_rows].reshape(len(packed), len(shards), 1 + len(_ROW))
+    at = n_rows
+    stats.p_max = packed[:, at : at + bins].max(axis=0)
+    stats.p_sum = packed[:, at + bins : at + 2 * bins].sum(axis=0)
+    stats.p_count = packed[:, at + 2 * bins : at + 3 * bins].sum(axis=0).astype(np.int64)
+    at += 3 * bins
+    disagree = float(packed[:, at].sum())
+    inter = packed[:, at + 1 : at + 1 + n_classes].sum(axis=0)
+    sizes = packed[:, at + 1 + n_classes : at + 1 + 2 * n_classes].sum(axis=0)
+    per_shard, total, total_sum = [], 0, 0.0
+    for shard in shards:
+        row = {"index": shard.index, "coords": list(shard.coords), "box": [list(b) for b in shard.valid_box],
+               **dict.fromkeys(_ROW)}  # fmt: skip
+        mine = [r for r in rows[:, shard.index] if r[0] == 1.0]
+        if mine and not shard.is_empty:
+            values = mine[0][1:]
+            row.update({k: (int(v) if k == "voxels_over_tolerance" else float(v)) for k, v in zip(_ROW, values)})
+            voxels = int(np.prod([hi - lo for lo, hi in shard.valid_box]))
+            total += voxels
+            total_sum += row["mean_abs_diff"] * voxels
+        per_shard.append(row)
+    filled = [r for r in per_shard if r["max_abs_diff"] is not None]
+    return Comparison(
+        max_abs_diff=max((r["max_abs_diff"] for r in filled), default=0.0),
+        mean_abs_diff=total_sum / max(total, 1),
+        argmax_disagreement=disagree / int(np.prod(layout.volume_shape)),
+        dice={k: 1.0 if sizes[k] == 0 else float(2 * inter[k] / sizes[k]) for k in range(n_classes)},
+        per_shard=per_shard,
+        profile=stats.profile(),
+        voxels=total,
         extra={"profile_limit": stats.limit},
     )
 

@@ -43,6 +43,7 @@ def available_memory(n_used: int) -> tuple[int, str]:
     import psutil
 
     free = psutil.virtual_memory().available
+    n_used = min(n_used, jax.local_device_count())  # several processes: only this one's devices share its RAM
     share = f", shared by {n_used} CPU devices" if n_used > 1 else ""
     return free // max(1, n_used), f"{free / 2**30:.1f} GiB of available host RAM{share}"
 

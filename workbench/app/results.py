@@ -11,6 +11,11 @@ A result folder is what ``workbench infer`` and ``workbench demo`` write (and wh
     ground_truth.npy             labels that came with the input (demo)
     logits.npy                   on request
 
+A multi-process run (:mod:`workbench.app.sharded`) writes each array from the processes
+that hold its shards, as zarr: ``prediction.zarr``, ``reference_prediction.zarr`` and
+``error.zarr`` (OME-Zarr), ``logits.zarr`` (Z, Y, X, K); no ``image.npy``. Its report
+adds ``processes`` (per process: devices, boxes read, host memory) and ``reference_mode``.
+
 ``report.json`` keys (:data:`REPORT_KEYS` are always present): ``input_shape``,
 ``output_shape``, ``num_classes``, ``mesh`` (axis → size), ``padded_shape``, ``backend``,
 ``halo``, ``seconds``, ``compile_seconds``, ``peak_bytes_per_device``, ``memory``,
@@ -51,6 +56,7 @@ __all__ = [
     "summary_line",
     "check_output_folder",
     "staged_output",
+    "finish_staged",
     "write_report",
     "write_result",
     "write_result_files",
@@ -192,6 +198,16 @@ def staged_output(out: str | os.PathLike, *, overwrite: bool = False, marker: st
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finish_staged(tmp, out, marker=marker)
+
+
+def finish_staged(tmp: Path, out: Path, *, marker: str = "report.json") -> None:
+    """Put a complete staged folder ``tmp`` in place at ``out``: one rename when ``out`` does
+    not exist, else each of its files replaces its namesake in ``out`` (``--overwrite``),
+    the ``marker`` removed first and moved in last (see :func:`staged_output`)."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
     with contextlib.suppress(FileNotFoundError):
         (out / marker).unlink()  # from here until the last rename, ``out`` does not look complete
     items = sorted(tmp.iterdir(), key=lambda item: item.name == marker)
@@ -372,11 +388,13 @@ def load_result(path: str | os.PathLike) -> ResultFolder:
             pred_path, f"has dtype {prediction.dtype}, expected integer labels", "rerun workbench infer/demo"
         )
     optional = {}
-    for key, name in (("image", "image.npy"), ("ground_truth", "ground_truth.npy"),
-                      ("reference_prediction", "reference_prediction.npy"), ("signed", "error.npy")):  # fmt: skip
-        if (folder / name).exists():
-            optional[key] = check(name, _read_array(folder / name)[0])
-            files[key] = name
+    for key, stem in (("image", "image"), ("ground_truth", "ground_truth"),
+                      ("reference_prediction", "reference_prediction"), ("signed", "error")):  # fmt: skip
+        for name in (f"{stem}.npy", f"{stem}.zarr"):  # .zarr: written by a multi-process run
+            if (folder / name).exists():
+                optional[key] = check(name, _read_array(folder / name)[0])
+                files[key] = name
+                break
     spacing = report.get("spacing") or file_spacing or (1.0, 1.0, 1.0)
     stats = None
     if "signed" in optional:

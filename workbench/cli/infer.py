@@ -1,4 +1,10 @@
-"""``workbench infer INPUT --mesh ZxYxX --out DIR``: partitioned inference on a volume."""
+"""``workbench infer INPUT --mesh ZxYxX --out DIR``: partitioned inference on a volume.
+
+In one process the volume is read whole and the result folder written by that process.
+As one of several (``workbench launch -- infer``, or ``WORKBENCH_DISTRIBUTED=auto``),
+each process reads, runs and writes only its own shards (:mod:`workbench.app.sharded`):
+the outputs are zarr stores, and process 0 writes ``report.json``.
+"""
 
 from __future__ import annotations
 
@@ -22,13 +28,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--series", default=None, help="DICOM SeriesInstanceUID when a folder holds several")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace files in an existing --out")
-    p.add_argument("--save-logits", action="store_true", help="also write logits.npy")
+    p.add_argument(
+        "--save-logits", action="store_true", help="also write logits.npy (logits.zarr in several processes)"
+    )
     p.add_argument("--force", action="store_true", help="run even if the memory estimate says it will not fit")
     add_common(p)
 
 
 def run(args) -> int:
     """``workbench infer``: check every option, read, run, write prediction + report.json."""
+    import jax
+
     from workbench.app import (
         check_output_folder,
         check_run_options,
@@ -46,6 +56,8 @@ def run(args) -> int:
     halo, _ = check_run_options(config, args.backend, args.halo, args.mesh, inference=False)
     if is_main():
         check_output_folder(args.out, overwrite=args.overwrite)
+    if jax.process_count() > 1:
+        return _per_process(args, halo)
     loaded = load_volume(args.input, series=args.series)
     choice = model_choice(args, task_for_input(args.input))
     inference = infer(
@@ -58,4 +70,30 @@ def run(args) -> int:
     )
     print(summary_line(report))
     print(f"wrote {Path(args.out) / report['prediction']} and {Path(args.out) / 'report.json'}")
+    return 0
+
+
+def _per_process(args, halo) -> int:
+    """One process of several: its own shards in, its own shards out (process 0: the report)."""
+    from workbench.app import summary_line, task_for_input
+    from workbench.app.sharded import infer_per_process
+
+    choice = model_choice(args, task_for_input(args.input))
+    report = infer_per_process(
+        choice,
+        args.input,
+        args.mesh,
+        out=args.out,
+        backend=args.backend,
+        halo=halo,
+        reference=args.reference,
+        save_logits=args.save_logits,
+        overwrite=args.overwrite,
+        series=args.series,
+        input_name=str(args.input),
+        force=args.force,
+    )
+    if report is not None:
+        print(summary_line(report))
+        print(f"wrote {Path(args.out) / report['prediction']} and {Path(args.out) / 'report.json'}")
     return 0
