@@ -55,8 +55,10 @@ def _mask(array: np.ndarray, mask) -> np.ndarray:
 
 
 def window(array: np.ndarray, *, center: float | None = None, width: float | None = None,
-           preset: str | None = None) -> np.ndarray:  # fmt: skip
+           preset: str | None = None, in_place: bool = False) -> np.ndarray:  # fmt: skip
     """CT windowing to float32 in [0, 1]: ``center - width/2`` -> 0, ``center + width/2`` -> 1.
+
+    ``in_place``: overwrite ``array`` (float32) instead of allocating (the same values).
 
     Examples
     --------
@@ -70,15 +72,27 @@ def window(array: np.ndarray, *, center: float | None = None, width: float | Non
     if center is None or width is None or not width > 0:
         raise DataError("window", f"center={center!r}, width={width!r}", "pass center and a positive width, or preset=")
     lo = center - width / 2.0
-    out = (np.asarray(array, dtype=np.float32) - np.float32(lo)) * np.float32(1.0 / width)
+    if in_place:
+        out = _float32_buffer(array)
+        out -= np.float32(lo)
+        out *= np.float32(1.0 / width)
+    else:
+        out = (np.asarray(array, dtype=np.float32) - np.float32(lo)) * np.float32(1.0 / width)
     return np.clip(out, 0.0, 1.0, out=out)
 
 
+def _float32_buffer(array) -> np.ndarray:
+    if not (isinstance(array, np.ndarray) and array.dtype == np.float32 and array.flags.writeable):
+        raise DataError("array", "in_place needs a writeable float32 numpy array", "pass one, or in_place=False")
+    return array
+
+
 def zscore(array: np.ndarray, *, mask=None, eps: float = 1e-6, mean: float | None = None,
-           std: float | None = None) -> np.ndarray:  # fmt: skip
+           std: float | None = None, in_place: bool = False) -> np.ndarray:  # fmt: skip
     """float32 ``(array - mean) / std`` with statistics over ``mask`` (all voxels if None).
 
     ``mean`` and ``std`` given (both): use them, e.g. the whole volume's for one block of it.
+    ``in_place``: overwrite ``array`` (float32) instead of allocating (the same values).
 
     Examples
     --------
@@ -90,7 +104,7 @@ def zscore(array: np.ndarray, *, mask=None, eps: float = 1e-6, mean: float | Non
     if mean is None or std is None:
         values = _mask(array, mask).astype(np.float64)
         mean, std = float(values.mean()), float(values.std())
-    out = array.astype(np.float32)
+    out = _float32_buffer(array) if in_place else array.astype(np.float32)
     out -= np.float32(mean)
     out *= np.float32(1.0 / max(std, eps))
     return out

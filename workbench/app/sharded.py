@@ -68,10 +68,14 @@ class BlockInput:
         return tuple(self.info.shape)
 
     def read(self, box) -> np.ndarray:
-        """float32 voxels of ``box`` as stored (Hounsfield units, MRI intensities, ...)."""
+        """float32 voxels of ``box`` as stored (Hounsfield units, MRI intensities, ...), in an
+        array of its own (normalised in place later)."""
         from data_tools.io import read_box
 
-        return np.asarray(read_box(self.source, box, series=self.series), np.float32)
+        block = np.asarray(read_box(self.source, box, series=self.series))
+        if block.dtype != np.float32 or not block.flags.writeable or not block.flags.owndata:
+            block = block.astype(np.float32)  # a copy: not a view of a memory-mapped file
+        return block
 
 
 def open_input(source, series: str | None = None) -> BlockInput:
@@ -93,14 +97,15 @@ class _Normaliser:
         self.ct = is_ct_from(info.modality, info.source_format, lambda: (moments["min"], moments["max"]))
 
     def __call__(self, raw: np.ndarray) -> np.ndarray:
+        """The model input of ``raw`` (float32, overwritten)."""
         from data_tools.preprocess import zscore
         from workbench.training.data import ct_input
 
         if not np.isfinite(raw).all():
             raise UserError("the input holds NaN/inf voxels; replace them (e.g. np.nan_to_num) before running")
-        if self.ct:
-            return ct_input(raw)
-        return zscore(raw, mean=self.moments["mean"], std=self.moments["std"])
+        if self.ct:  # in place: a block's only copy is the one read
+            return ct_input(raw, in_place=True)
+        return zscore(raw, mean=self.moments["mean"], std=self.moments["std"], in_place=True)
 
 
 def _moments_row(raw: np.ndarray) -> list[float]:

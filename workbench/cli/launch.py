@@ -4,8 +4,14 @@ Starts N local copies of ``workbench COMMAND ARGS`` joined by ``jax.distributed`
 first one hosts the coordinator; CPU collectives go over gloo), each with
 ``--devices-per-process`` simulated CPU devices, so a 2x2x2 mesh spans 2 processes × 4
 devices exactly as it would span 2 hosts × 4 GPUs. Output lines are prefixed with the
-process number; process 0 writes the files. If one process fails the others are stopped
-and its exit status is returned.
+process number; each process reads and writes only its own blocks, process 0 writes the
+shared files (``report.json``, training history and weights).
+
+If one process fails (an error, or killed), a line names it and its exit status at once,
+the others are stopped (SIGTERM, then SIGKILL after :data:`GRACE_SECONDS`: a process
+waiting in a collective for a dead one never returns) and its status is the launch's
+(128 + N for signal N). SIGINT / SIGTERM to the launcher are passed on to every process:
+training checkpoints at the same step everywhere and stops.
 
 On a real cluster you do not need this command: start ``workbench COMMAND ARGS`` once per
 host from the job script with ``WORKBENCH_DISTRIBUTED=auto`` (see

@@ -101,11 +101,13 @@ def model_input(volume) -> np.ndarray:
     return ct_input(array) if is_ct(volume) else zscore(array).astype(np.float32)
 
 
-def ct_input(hounsfield: np.ndarray) -> np.ndarray:
-    """CT normalisation of :func:`model_input`: the abdomen window mapped to [-2, 2]."""
+def ct_input(hounsfield: np.ndarray, *, in_place: bool = False) -> np.ndarray:
+    """CT normalisation of :func:`model_input`: the abdomen window mapped to [-2, 2]
+    (``in_place``: overwriting a float32 array, the same values)."""
     from data_tools.preprocess import window
 
-    out = window(np.asarray(hounsfield, np.float32), center=CT_WINDOW[0], width=CT_WINDOW[1])
+    array = hounsfield if in_place else np.asarray(hounsfield, np.float32)
+    out = window(array, center=CT_WINDOW[0], width=CT_WINDOW[1], in_place=in_place)
     out -= np.float32(0.5)
     out *= np.float32(4.0)
     return out
