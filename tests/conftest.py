@@ -44,6 +44,7 @@ TIERS = {
     "test_memory_guard.py": ("integration",),
     "test_mesh.py": ("unit",),
     "test_notebook_viewer.py": ("integration",),
+    "test_multiprocess.py": ("exactness", "multiprocess"),
     "test_napari_gui.py": ("integration", "gui"),
     "test_partition.py": ("exactness",),
     "test_plan.py": ("integration",),

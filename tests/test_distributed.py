@@ -97,7 +97,10 @@ def test_two_processes_equal_one(uneven_input, tmp_path):
     assert report["machine"]["processes"] == 2 and report["machine"]["devices"] == 8
     tol = f32_tolerance(report["reference_scale"])  # shipped phantom weights
     assert report["max_abs_diff"] <= tol  # against the reference each process also ran
-    logits = np.load(out / "logits.npy")
+    assert report["reference_mode"] == "whole"  # instance norm: statistics over the whole volume
+    import zarr
+
+    logits = np.asarray(zarr.open_array(str(out / "logits.zarr"), mode="r")[:])  # written by both processes
     assert logits.shape == (37, 45, 29, 3)
     from data_tools.io import load_input
     from workbench.training.data import model_input
@@ -135,7 +138,7 @@ def test_launch_failure_stops_all_and_writes_nothing(tmp_path):
 @pytest.mark.parametrize(
     "argv, fragment",
     [
-        (["--", "demo"], "'demo' cannot run as several processes; use one of: infer"),
+        (["--", "demo"], "'demo' cannot run as several processes; use one of: infer, train"),
         ([], "no command given"),
         (
             ["--", "infer", "phantom:16", "--mesh", "2x2x2", "--out", "x", "--cpu-devices", "4"],
