@@ -27,6 +27,7 @@ BENCHMARKS = {
     "scale": ([], ["--quick"]),
     "partition_overhead": ([], ["--sizes", "64", "--repeats", "2", "--no-train"]),
     "dataset_memory": ([], ["--quick"]),
+    "multiprocess": ([], ["--quick"]),
 }
 
 
