@@ -368,9 +368,10 @@ def compare_shards(blocks, layout: ShardLayout, n_classes: int, *, tol: float = 
     stats = _Statistics(layout, tolerance=tol, max_distance=None)
     rows = np.full((len(layout.shards()), 1 + len(_ROW)), np.nan)
     inter, sizes = np.zeros(n_classes), np.zeros(n_classes)
-    disagree = 0
+    disagree, scale = 0, 0.0
     for shard, out_b, ref_b in blocks:
         out_b, ref_b = np.asarray(out_b, np.float32), np.asarray(ref_b, np.float32)
+        scale = max(scale, float(np.abs(ref_b).max()) if ref_b.size else 0.0)
         a, b = out_b.argmax(-1), ref_b.argmax(-1)
         disagree += int((a != b).sum())
         for k in range(n_classes):
@@ -381,7 +382,7 @@ def compare_shards(blocks, layout: ShardLayout, n_classes: int, *, tol: float = 
         row = stats.rows[-1]
         rows[shard.index] = [1.0, *(np.nan if row[k] is None else row[k] for k in _ROW)]
     return np.concatenate(
-        [rows.ravel(), stats.p_max, stats.p_sum, stats.p_count.astype(np.float64), [disagree], inter, sizes]
+        [rows.ravel(), stats.p_max, stats.p_sum, stats.p_count.astype(np.float64), [disagree, scale], inter, sizes]
     )
 
 
@@ -399,9 +400,10 @@ def merge_shards(packed, layout: ShardLayout, n_classes: int) -> Comparison:
     stats.p_sum = packed[:, at + bins : at + 2 * bins].sum(axis=0)
     stats.p_count = packed[:, at + 2 * bins : at + 3 * bins].sum(axis=0).astype(np.int64)
     at += 3 * bins
-    disagree = float(packed[:, at].sum())
-    inter = packed[:, at + 1 : at + 1 + n_classes].sum(axis=0)
-    sizes = packed[:, at + 1 + n_classes : at + 1 + 2 * n_classes].sum(axis=0)
+    disagree, scale = float(packed[:, at].sum()), float(packed[:, at + 1].max())
+    at += 2
+    inter = packed[:, at : at + n_classes].sum(axis=0)
+    sizes = packed[:, at + n_classes : at + 2 * n_classes].sum(axis=0)
     per_shard, total, total_sum = [], 0, 0.0
     for shard in shards:
         row = {"index": shard.index, "coords": list(shard.coords), "box": [list(b) for b in shard.valid_box],
@@ -423,6 +425,7 @@ def merge_shards(packed, layout: ShardLayout, n_classes: int) -> Comparison:
         per_shard=per_shard,
         profile=stats.profile(),
         voxels=total,
+        reference_scale=scale,
         extra={"profile_limit": stats.limit},
     )
 

@@ -407,11 +407,13 @@ class _ShardOutputs:
 def _report(choice, model, inp, layout, compiled, numbers, boxes, comparison, input_name, mode) -> dict:
     """The report.json of the run (the one schema of :mod:`workbench.app.results`)."""
     from workbench.analysis.compare import _ROW
+    from workbench.app.results import REPORT_KEYS
     from workbench.execute.devices import device_summary
     from workbench.mesh import parse_mesh
 
     memory = compiled.memory
-    report = {
+    report = dict.fromkeys(REPORT_KEYS)
+    report |= {
         "input_shape": list(layout.volume_shape),
         "output_shape": list(layout.volume_shape),
         "num_classes": int(model.config.num_classes),
@@ -461,6 +463,7 @@ def _report(choice, model, inp, layout, compiled, numbers, boxes, comparison, in
     }
     if comparison is not None:
         summary = comparison.as_dict()
-        for key in ("max_abs_diff", "mean_abs_diff", "argmax_disagreement", "dice", "per_shard", "profile"):
+        for key in ("max_abs_diff", "mean_abs_diff", "reference_scale", "argmax_disagreement", "dice", "per_shard",
+                    "profile"):  # fmt: skip
             report[key] = summary[key]
     return report
