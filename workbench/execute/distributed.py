@@ -8,7 +8,10 @@ pod (one process per host). What changes is only how each process learns its pla
   ``WORKBENCH_NUM_PROCESSES``, ``WORKBENCH_PROCESS_ID`` and ``WORKBENCH_LOCAL_DEVICES``
   for the processes it starts;
 * on a cluster, set ``WORKBENCH_DISTRIBUTED=auto`` in the job script: then
-  ``jax.distributed.initialize()`` reads SLURM, Open MPI or the TPU pod environment itself.
+  ``jax.distributed.initialize()`` reads SLURM, Open MPI or the TPU pod environment itself
+  (under SLURM, start one process per GPU, or per node with ``JAX_LOCAL_DEVICE_IDS``
+  listing the node's GPUs: auto-detection gives a process only its SLURM_LOCALID's GPU;
+  docs/cluster.md).
 
 Every process then builds the same global mesh over ``jax.devices()``. Data enters and
 leaves block by block, so no process needs the whole volume:
