@@ -31,6 +31,7 @@ import time
 
 from workbench.cli.args import positive_int
 from workbench.errors import UserError
+from workbench.execute.signals import StopSignals
 
 HELP = "run a command as several cooperating processes (jax.distributed, local CPU devices)"
 
@@ -106,34 +107,21 @@ def _shell_status(status: int) -> int:
     return 128 - status if status < 0 else status
 
 
-class _Forward:
-    """While active, SIGINT / SIGTERM to the launcher are passed on to every process as
-    SIGTERM (training checkpoints and stops at the end of its step) instead of ending it."""
+def _forward_to(procs, out):
+    """SIGINT / SIGTERM to the launcher are passed on to every process as SIGTERM
+    (training checkpoints and stops at the end of its step) instead of ending it."""
 
-    def __init__(self, procs, out):
-        self.procs, self.out = procs, out
-        self.received = None
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received is None:
-            self.received = signal.Signals(signum).name
-            self.out.write(f"workbench launch: {self.received}: asking every process to stop (SIGTERM)\n")
-            self.out.flush()
-        for p in self.procs:
+    def forward(name):
+        if not announced:
+            announced.append(name)
+            out.write(f"workbench launch: {name}: asking every process to stop (SIGTERM)\n")
+            out.flush()
+        for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
 
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
+    announced: list[str] = []
+    return StopSignals(forward)
 
 
 def launch(
@@ -191,7 +179,7 @@ def launch(
         pumps.append(pump)
     deadline = time.monotonic() + timeout
     status = 0
-    with _Forward(procs, out) as forward:
+    with _forward_to(procs, out) as forward:
         try:
             stop_deadline = None
             while True:

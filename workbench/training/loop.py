@@ -25,8 +25,6 @@ Example
 from __future__ import annotations
 
 import json
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -34,6 +32,7 @@ import numpy as np
 
 from data_tools.atomic import write_text_atomic
 from workbench.errors import NotAFolderError, OutputExistsError, UserError
+from workbench.execute.signals import StopSignals
 from workbench.training.checkpoint import Checkpoints, save_weights
 from workbench.training.config import PAPER_CLASS_WEIGHTS, NonFiniteLossError, TrainConfig, model_config
 from workbench.training.evaluation import evaluate
@@ -42,28 +41,6 @@ from workbench.training.state import abstract_train_state, create_train_state, l
 from workbench.training.step import batch_keys, build_train_step, put_batch_blocks
 
 __all__ = ["train_and_evaluate"]
-
-
-class _StopFlag:
-    """SIGINT / SIGTERM set a flag; the loop checkpoints and returns after the current step."""
-
-    def __init__(self):
-        self.signal = None
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
 
 
 def train_and_evaluate(
@@ -199,7 +176,7 @@ def train_and_evaluate(
         return result
 
     t_loop = time.perf_counter()
-    with _StopFlag() as stop:
+    with StopSignals() as stop:
         try:
             if main:
                 write_text_atomic(workdir / "config.json", json.dumps(meta, indent=1) + "\n")
@@ -236,12 +213,12 @@ def train_and_evaluate(
                     bar.set_postfix(_postfix(row, source.class_names))
                 if tc.eval_every and step % tc.eval_every == 0 and eval_cases and step < tc.steps:
                     run_eval(step)
-                stopping = agree(stop.signal is not None) if several else stop.signal is not None
+                stopping = agree(stop.received is not None) if several else stop.received is not None
                 if step % tc.checkpoint_every == 0 or step == tc.steps or stopping:
                     save(step)
                     last_good = step
                 if stopping:
-                    interrupted = stop.signal or "SIGTERM"  # another process was signalled
+                    interrupted = stop.received or "SIGTERM"  # another process was signalled
                     break
         finally:
             if stream is not None:
