@@ -81,3 +81,43 @@ def test_cli_refuses_a_run_bigger_than_this_machine(tmp_path):
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert "this inference run needs the planner's" in proc.stderr and "or pass --force" in proc.stderr
     assert not out.exists()
+
+
+def test_refused_before_the_input_is_made_or_read(monkeypatch, tmp_path, capsys, small_model):
+    """The guard takes the shape from the spec or headers: with a 4 KiB budget, `infer` on a
+    phantom spec or a .npy file, `train` on a phantom or a dataset folder, and the Python
+    `infer` on a spec are refused (CLI: exit 2, nothing written) while every loader fails
+    the test if called."""
+    import numpy as np
+
+    import data_tools.datasets
+    import data_tools.io
+    import data_tools.synthetic
+    import workbench.app
+    import workbench.app.volumes
+    from data_tools import write_phantom_dataset
+    from workbench.cli import main
+
+    np.save(tmp_path / "scan.npy", np.zeros((64, 64, 64), np.float32))
+    dataset = write_phantom_dataset(tmp_path / "Task01_Phantom", cases=3, test=0, shapes=32)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the input was loaded before the memory guard refused the run")
+
+    for module, name in [(data_tools.synthetic, "make_phantom"), (data_tools.io, "read_volume"),
+                         (data_tools.io, "load_input"), (workbench.app.volumes, "load_volume"),
+                         (data_tools.datasets, "check_case"), (data_tools.datasets, "read_case")]:  # fmt: skip
+        monkeypatch.setattr(module, name, never)
+    monkeypatch.setitem(vars(workbench.app), "load_volume", never)
+    monkeypatch.setattr(guard, "available_memory", lambda n: (2**12, "a test budget of 4 KiB"))
+    out = tmp_path / "out"
+    infer_ = ["--mesh", "1x1x1", "--random-weights", "--out", str(out)]
+    train_ = ["--mesh", "1x1x1", "--steps", "1", "--no-progress", "--checkpoint-dir", str(out)]
+    for argv in (["infer", "phantom:64", *infer_], ["infer", str(tmp_path / "scan.npy"), *infer_],
+                 ["train", "--data", "phantom:64", *train_], ["train", "--data", str(dataset), *train_]):  # fmt: skip
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "needs at least" in err and "is available (a test budget of 4 KiB)" in err, err
+        assert not out.exists()
+    with pytest.raises(guard.MemoryRefused, match="inference run needs at least"):
+        infer(small_model, "phantom:64", "1x1x1")

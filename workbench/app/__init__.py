@@ -31,6 +31,7 @@ _EXPORTS = {
     "Inference": "inference",
     "infer": "inference",
     "check_run_options": "inference",
+    "guard_input": "inference",
     "build_report": "results",
     "summary_line": "results",
     "staged_output": "results",

@@ -17,6 +17,7 @@ True
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ import numpy as np
 from workbench.errors import UserError
 from workbench.options import BACKENDS
 
-__all__ = ["Inference", "infer", "check_run_options"]
+__all__ = ["Inference", "infer", "check_run_options", "guard_input"]
 
 
 @dataclass
@@ -103,7 +104,8 @@ def infer(
     force: bool = False,
 ) -> Inference:
     """Run ``model`` (a :class:`~workbench.app.models.ModelChoice` or a ``Model``) on
-    ``loaded`` (a :class:`~workbench.app.volumes.LoadedVolume` or a (Z, Y, X) image).
+    ``loaded`` (a :class:`~workbench.app.volumes.LoadedVolume`, a (Z, Y, X) image, or a spec
+    or path: then the memory guard runs from its headers before it is loaded).
 
     With ``reference``, the single-device reference runs too and the report holds the
     comparison: ``max_abs_diff``, ``argmax_disagreement``, per-shard statistics and the
@@ -117,6 +119,11 @@ def infer(
 
     choice = model
     model = getattr(choice, "model", choice)
+    if isinstance(loaded, (str, os.PathLike)):
+        from workbench.app.volumes import load_volume
+
+        force = force or guard_input(model.config, loaded, mesh, backend=backend, halo=halo)
+        loaded = load_volume(loaded)
     image = getattr(loaded, "image", loaded)
     stage = on_stage or (lambda text: None)
     if not force:
@@ -138,6 +145,21 @@ def infer(
         volume=getattr(loaded, "volume", None),
     )
     return Inference(result, ref, comparison, report, loaded=loaded if hasattr(loaded, "image") else None)
+
+
+def guard_input(config, source, mesh, *, backend: str = "explicit", halo="exact", series: str | None = None) -> bool:
+    """The memory guard for a run of ``config`` on ``source`` (a spec or path), before it is
+    generated or read: its shape from the spec or headers
+    (:func:`~workbench.app.memory_guard.input_shape`). Raises
+    :class:`~workbench.app.memory_guard.MemoryRefused`; True when checked, False when the
+    shape is known only once loaded (then :func:`infer` checks it)."""
+    from workbench.app.memory_guard import input_shape
+
+    shape = input_shape(source, series=series)
+    if shape is None:
+        return False
+    _check_memory(config, shape, mesh, backend, halo)
+    return True
 
 
 def _check_memory(config, shape, mesh, backend, halo) -> None:

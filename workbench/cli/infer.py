@@ -42,6 +42,7 @@ def run(args) -> int:
     from workbench.app import (
         check_output_folder,
         check_run_options,
+        guard_input,
         infer,
         load_volume,
         summary_line,
@@ -52,16 +53,26 @@ def run(args) -> int:
     from workbench.model.unet import UNetConfig
 
     # Every option is checked before anything is read or written.
-    config = UNetConfig.preset(args.model)
+    config = UNetConfig.preset(args.model or "small")
     halo, _ = check_run_options(config, args.backend, args.halo, args.mesh, inference=False)
     if is_main():
         check_output_folder(args.out, overwrite=args.overwrite)
     if jax.process_count() > 1:
         return _per_process(args, halo)
-    loaded = load_volume(args.input, series=args.series)
     choice = model_choice(args, task_for_input(args.input))
+    # The memory guard, before the input is generated or read (its shape from the spec or headers).
+    checked = not args.force and guard_input(
+        choice.config, args.input, args.mesh, backend=args.backend, halo=halo, series=args.series
+    )
+    loaded = load_volume(args.input, series=args.series)
     inference = infer(
-        choice, loaded, args.mesh, backend=args.backend, halo=halo, reference=args.reference, force=args.force
+        choice,
+        loaded,
+        args.mesh,
+        backend=args.backend,
+        halo=halo,
+        reference=args.reference,
+        force=args.force or checked,
     )
     if not is_main():  # another process of a multi-process run: it computed its shards; process 0 writes
         return 0
