@@ -579,6 +579,10 @@ case("weights-other-model", C, "weights whose arrays belong to another model tha
      setup=lambda tmp: (VOL(tmp), _relabelled_weights(tmp)))  # fmt: skip
 case("checkpoint-empty-dir", C, "a training folder without checkpoints", "holds no checkpoint; pass a folder written by workbench train", *CK, "{tmp}/run",
      setup=lambda tmp: (VOL(tmp), (tmp / "run" / "checkpoints").mkdir(parents=True)))  # fmt: skip
+case("checkpoint-other-preset", C, "--model paper with a checkpoint of another architecture",
+     "--model paper (depth 4, base_filters 32, activation leaky_relu) is not the model in --checkpoint",
+     *CK[:-1], "--model", "paper", "--checkpoint", "{tmp}/weights.msgpack",
+     setup=lambda tmp: (VOL(tmp), _weights(tmp)))  # fmt: skip
 
 # -- dataset folders (the breakages of tests/test_datasets.py) ------------------------------------
 DATASET = {

@@ -37,16 +37,18 @@ __all__ = ["evaluate_dataset", "dataset_cases", "CASE_COLUMNS"]
 CASE_COLUMNS = ("dice", "hd95_mm", "pred_ml", "true_ml")  # per foreground class, in cases.csv
 
 
-def _model_and_meta(checkpoint, preset: str, random_weights: bool, seed: int, log):
+def _model_and_meta(checkpoint, preset: str | None, random_weights: bool, seed: int, log):
     """(ModelChoice, meta of the weights): a checkpoint's meta, the shipped weights' meta, or {}."""
-    from workbench.app.models import ModelChoice, resolve_model
+    from workbench.app.models import ModelChoice, check_preset_matches, resolve_model
     from workbench.training.checkpoint import PRETRAINED, WEIGHTS_DIR, load_model, load_weights
 
     if checkpoint:
         model, meta = load_model(checkpoint, log=log)
+        if preset is not None:  # named as well: it must be the checkpoint's architecture
+            check_preset_matches(preset, model.config, checkpoint)
         step = meta.get("step")
         return ModelChoice(model, "checkpoint", f"checkpoint {checkpoint}" + (f" (step {step})" if step else "")), meta
-    choice = resolve_model(preset, task="phantom", random_weights=random_weights, seed=seed, log=log)
+    choice = resolve_model(preset or "small", task="phantom", random_weights=random_weights, seed=seed, log=log)
     meta = load_weights(WEIGHTS_DIR / PRETRAINED["phantom"])[1] if choice.source == "shipped" else {}
     return choice, meta
 
@@ -152,7 +154,7 @@ def evaluate_dataset(
     out,
     *,
     checkpoint=None,
-    model: str = "small",
+    model: str | None = None,
     random_weights: bool = False,
     seed: int = 0,
     fold: int | None = None,
@@ -170,7 +172,8 @@ def evaluate_dataset(
 
     Everything is checked (dataset, cases, model classes, mesh, output folder) before a case
     is read; the folder appears only when every case is done. Returns the summary (also
-    ``summary.json``) with ``rows``, one per case.
+    ``summary.json``) with ``rows``, one per case. ``model``: a preset (default small);
+    with ``checkpoint`` it may only name the checkpoint's own architecture.
     """
     from tqdm.auto import tqdm
 

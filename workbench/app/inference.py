@@ -153,12 +153,17 @@ def guard_input(config, source, mesh, *, backend: str = "explicit", halo="exact"
     (:func:`~workbench.app.memory_guard.input_shape`). Raises
     :class:`~workbench.app.memory_guard.MemoryRefused`; True when checked, False when the
     shape is known only once loaded (then :func:`infer` checks it)."""
-    from workbench.app.memory_guard import input_shape
+    from workbench.app.memory_guard import MemoryRefused, input_shape
 
     shape = input_shape(source, series=series)
     if shape is None:
         return False
-    _check_memory(config, shape, mesh, backend, halo)
+    try:
+        _check_memory(config, shape, mesh, backend, halo)
+    except MemoryRefused:
+        raise
+    except UserError:  # a shape the run cannot take: loading names the problem first
+        return False
     return True
 
 

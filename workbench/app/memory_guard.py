@@ -145,7 +145,8 @@ def input_shape(source, *, series: str | None = None) -> tuple[int, int, int] | 
             return (n, n, n) if mni.group(2) is None else (n, int(mni.group(2)), int(mni.group(3)))
         from data_tools.io import volume_info
 
-        return tuple(int(s) for s in volume_info(source, series=series).shape)  # mni: the native template, 35 MB
+        shape = tuple(int(s) for s in volume_info(source, series=series).shape)  # mni: the native template, 35 MB
+        return shape if len(shape) == 3 and min(shape) > 0 else None
     except (DataError, UserError, OSError, ValueError):
         return None
 

@@ -21,7 +21,7 @@ from typing import Any
 from workbench.errors import UserError
 from workbench.options import PRESETS
 
-__all__ = ["ModelChoice", "resolve_model", "task_for_input"]
+__all__ = ["ModelChoice", "resolve_model", "task_for_input", "check_preset_matches"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,27 @@ def resolve_model(
         )
     config = UNetConfig.preset(preset, **overrides)
     return ModelChoice(Model.init(config, seed=seed), "random", f"random (seed {seed})")
+
+
+# The fields of a preset that define the architecture (dtype computes, num_classes follows the data).
+_ARCHITECTURE = ("depth", "base_filters", "convs_per_block", "norm", "activation")
+
+
+def check_preset_matches(preset: str, config, checkpoint) -> None:
+    """Raise one :class:`UserError` when ``--model preset`` names another architecture than
+    the model in ``--checkpoint`` (whose own configuration is what runs)."""
+    from workbench.model.unet import PRESETS
+
+    if preset not in PRESETS:
+        raise UserError(f"unknown model preset {preset!r}; use one of {sorted(PRESETS)}")
+    differ = [f for f in _ARCHITECTURE if f in PRESETS[preset] and PRESETS[preset][f] != getattr(config, f)]
+    if differ:
+        theirs = ", ".join(f"{f} {PRESETS[preset][f]}" for f in differ)
+        ours = ", ".join(f"{f} {getattr(config, f)}" for f in differ)
+        raise UserError(
+            f"--model {preset} ({theirs}) is not the model in --checkpoint {checkpoint} ({ours}); "
+            "drop --model: a checkpoint carries its own configuration"
+        )
 
 
 def _with(model, overrides: dict):

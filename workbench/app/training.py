@@ -50,7 +50,8 @@ def _key(cfg, shape, spec, tc) -> tuple:
 def _check_before_loading(tc):
     """The guard from the data's spec or headers, before the source loads anything; the key
     of what was checked, or None."""
-    from workbench.app.memory_guard import check_memory, training_shape
+    from workbench.app.memory_guard import MemoryRefused, check_memory, training_shape
+    from workbench.errors import UserError
     from workbench.training.config import model_config
 
     spec = _spec(tc)
@@ -62,8 +63,13 @@ def _check_before_loading(tc):
         from workbench.model.unet import UNetConfig
 
         num_classes = UNetConfig.preset(tc.model).num_classes
-    cfg = model_config(tc, num_classes)
-    check_memory(cfg, shape, spec, train=True, batch=tc.batch, backend=tc.backend)
+    try:
+        cfg = model_config(tc, num_classes)
+        check_memory(cfg, shape, spec, train=True, batch=tc.batch, backend=tc.backend)
+    except MemoryRefused:
+        raise
+    except UserError:  # a config or shape the loop refuses: it names the problem in its own order
+        return None
     return _key(cfg, shape, spec, tc)
 
 

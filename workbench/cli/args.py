@@ -20,7 +20,11 @@ def add_common(p) -> None:
         default=8,
         help="simulated CPU devices when no accelerator is present (default 8)",
     )
-    p.add_argument("--model", default="small", help=f"model preset: {' | '.join(PRESETS)} (default small)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"model preset: {' | '.join(PRESETS)} (default small; with --checkpoint, the checkpoint's own)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     p.add_argument(
         "--checkpoint",
@@ -34,12 +38,16 @@ def add_common(p) -> None:
 
 
 def model_choice(args, task: str = "phantom"):
-    """The model of ``--model/--checkpoint/--random-weights/--seed`` (see :func:`workbench.app.resolve_model`)."""
-    from workbench.app import resolve_model
+    """The model of ``--model/--checkpoint/--random-weights/--seed`` (see :func:`workbench.app.resolve_model`);
+    ``--model`` given with ``--checkpoint`` must name the checkpoint's architecture."""
+    from workbench.app.models import check_preset_matches, resolve_model
 
-    return resolve_model(
-        args.model, checkpoint=args.checkpoint, task=task, random_weights=args.random_weights, seed=args.seed
+    choice = resolve_model(
+        args.model or "small", checkpoint=args.checkpoint, task=task, random_weights=args.random_weights, seed=args.seed
     )
+    if args.checkpoint and args.model is not None:
+        check_preset_matches(args.model, choice.config, args.checkpoint)
+    return choice
 
 
 def write_figure(

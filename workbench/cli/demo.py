@@ -32,7 +32,7 @@ def run(args) -> int:
         loaded = load_volume(f"phantom:{n}")
         choice = model_choice(args)
         print(
-            f"phantom {n}³ in {time.perf_counter() - t0:.1f} s; model '{args.model}' "
+            f"phantom {n}³ in {time.perf_counter() - t0:.1f} s; model '{args.model or 'small'}' "
             f"({choice.model.num_params:,} parameters, {choice.description}); mesh {spec}"
         )
         explicit = infer(choice, loaded, spec, backend="explicit", reference=True)
