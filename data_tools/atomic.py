@@ -5,6 +5,12 @@ disk, Ctrl-C) leaves nothing behind: the temporary is removed and the error re-r
 
 This is the one atomic-write helper of the project: every writer in ``data_tools`` uses
 :func:`atomic_output`, and the ``workbench`` package imports it from here.
+
+A temporary's name carries its writer: ``.tmp-RANDOM~HOST~PID-NAME``, HOST being the host
+name and, on Linux, the writer's PID namespace. A process killed outright (SIGKILL, power
+loss) leaves its temporary behind; the next output staged at the same ``NAME`` removes
+the temporaries whose writer is on this host and no longer runs (:func:`sweep_stale`),
+never those of a live process, of another host or container, or of unknown owner.
 """
 
 from __future__ import annotations
@@ -12,14 +18,26 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import secrets
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["TEMP_PREFIX", "atomic_output", "temp_sibling", "write_text_atomic", "write_bytes_atomic"]
+__all__ = [
+    "TEMP_PREFIX",
+    "atomic_output",
+    "temp_sibling",
+    "sweep_stale",
+    "writer_host",
+    "write_text_atomic",
+    "write_bytes_atomic",
+]
 
 TEMP_PREFIX = ".tmp-"
+# A temporary named by temp_sibling without a tag: random part, writer's host, writer's pid.
+_OWNED = re.compile(r"\.tmp-[0-9a-f]{8}~(?P<host>[A-Za-z0-9.-]+)~(?P<pid>[0-9]+)-(?P<name>.+)", re.S)
 
 
 def _remove(path: Path) -> None:
@@ -30,12 +48,54 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-def temp_sibling(path: Path, tag: str = "") -> Path:
-    """A fresh hidden name in ``path``'s folder that keeps ``path``'s suffixes.
+def writer_host() -> str:
+    """This process's host as temporaries name it: the host name (letters, digits, ``.-``)
+    and, on Linux, the PID namespace (two containers with one host name differ)."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "", socket.gethostname())[:48] or "host"
+    with contextlib.suppress(OSError):
+        host += "." + re.sub(r"[^0-9]", "", os.readlink("/proc/self/ns/pid"))
+    return host
 
-    ``out/scan.nii.gz`` -> ``out/.tmp-3fa9c1d2-scan.nii.gz`` (nibabel still sees ``.nii.gz``).
+
+def temp_sibling(path: Path, tag: str = "") -> Path:
+    """A fresh hidden name in ``path``'s folder that keeps ``path``'s suffixes and names
+    its writer (host, pid).
+
+    ``out/scan.nii.gz`` -> ``out/.tmp-3fa9c1d2~node1.4026531836~4242-scan.nii.gz`` (nibabel
+    still sees ``.nii.gz``).
     """
-    return path.with_name(f"{TEMP_PREFIX}{tag}{secrets.token_hex(4)}-{path.name}")
+    return path.with_name(f"{TEMP_PREFIX}{tag}{secrets.token_hex(4)}~{writer_host()}~{os.getpid()}-{path.name}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: another user's process, alive
+        return True
+    return True
+
+
+def sweep_stale(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries of ``path`` (siblings :func:`temp_sibling` named for it) whose
+    writer ran on this host and is dead; return them. POSIX only (elsewhere nothing is
+    removed). Not touched: a live writer's, another host's or container's, this process's,
+    an ``old-`` one (a previous output moved aside), and names of another form."""
+    path = Path(path)
+    if os.name != "posix" or not path.parent.is_dir():
+        return []
+    host, removed = writer_host(), []
+    with os.scandir(path.parent) as entries:
+        for entry in entries:
+            m = _OWNED.fullmatch(entry.name) if entry.name.startswith(TEMP_PREFIX) else None
+            if m is None or m["name"] != path.name or m["host"] != host:
+                continue
+            pid = int(m["pid"])
+            if pid != os.getpid() and not _alive(pid):
+                _remove(Path(entry.path))
+                removed.append(Path(entry.path))
+    return removed
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -70,6 +130,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(path)
     tmp = temp_sibling(path)
     try:
         yield tmp

@@ -6,8 +6,9 @@ points of their writing: a small bootstrap (:data:`BOOT`) wraps ``os.rename``/``
 whose arguments contain a given text, so each kill point is exact rather than timed. After
 each kill: no result folder / ``report.json`` / ``summary.json`` / ``model.msgpack`` unless
 complete, and ``--resume`` continues a killed training run to bitwise the parameters of an
-uninterrupted one. Multi-process writers (``workbench launch``, sharded zarr output) are
-not covered here.
+uninterrupted one. ``workbench launch -- infer`` (two processes writing one staged zarr
+folder) has process 1 killed through a ``sitecustomize`` hook (:data:`SITE_HOOK`); the
+temporaries killed runs leave are removed by the next run at the same output.
 """
 
 import json
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 
 from data_tools import write_phantom_dataset
-from data_tools.atomic import atomic_output
+from data_tools.atomic import atomic_output, temp_sibling, writer_host
 from data_tools.errors import DataError
 from workbench.app.results import load_result, staged_output
 
@@ -50,6 +51,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+TINY_MP = {"depth": 2, "base_filters": 4, "norm": "batch"}  # as tests/test_multiprocess.py
 TRAIN = ["train", "--data", "phantom", "--resolution", "16", "--mesh", "1x1x2", "--cpu-devices", "2",
          "--steps", "3", "--checkpoint-every", "1", "--eval-cases", "0", "--no-progress"]  # fmt: skip
 
@@ -70,6 +72,10 @@ def visible(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".tmp-"))
 
 
+def hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".tmp-"))
+
+
 def test_folder_replaced_in_one_swap(tmp_path):
     out = tmp_path / "store"
     for text in ("old", "new"):
@@ -77,6 +83,30 @@ def test_folder_replaced_in_one_swap(tmp_path):
             tmp.mkdir()
             (tmp / "a").write_text(text)
     assert (out / "a").read_text() == "new" and os.listdir(tmp_path) == ["store"]
+
+
+def test_stale_temporaries_of_dead_writers_are_removed_and_no_others(tmp_path):
+    """The next write of ``out`` removes its temporaries whose writer died on this host;
+    a live writer's, another host's, an ``old-`` (a previous output moved aside), another
+    output's and an unowned name stay."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # exited: no process has this pid (unless reused: then it is kept)
+    host, out = writer_host(), tmp_path / "out.zarr"
+    names = {
+        "dead": f".tmp-0123abcd~{host}~{dead_pid}-out.zarr",
+        "live": f".tmp-0123abce~{host}~{os.getppid()}-out.zarr",
+        "other host": f".tmp-0123abcf~elsewhere.1~{dead_pid}-out.zarr",
+        "moved aside": f".tmp-old-0123abd0~{host}~{dead_pid}-out.zarr",
+        "other output": f".tmp-0123abd1~{host}~{dead_pid}-other.zarr",
+        "unowned": ".tmp-0123abd2-out.zarr",
+    }
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "chunk").write_text("x")
+    with atomic_output(out) as tmp:
+        tmp.mkdir()
+    assert hidden(tmp_path) == sorted(n for k, n in names.items() if k != "dead")
+    assert temp_sibling(out).name.startswith(".tmp-") and f"~{host}~{os.getpid()}-out.zarr" in temp_sibling(out).name
 
 
 # -- in-process: the replacement step of an --overwrite, interrupted ---------------------------
@@ -166,3 +196,88 @@ def test_killed_evaluate_leaves_no_folder(tmp_path):
     assert {"summary.json", "cases.csv", "predictions"} <= set(visible(out))
     workbench([*argv, "--overwrite"], kill_at=f"rename:{out}{os.sep}:1")  # first replacement of an overwrite
     assert "summary.json" not in visible(out)
+
+
+# -- workbench launch -- infer: one of two processes killed --------------------------------------
+# Written as sitecustomize.py into a folder put first on PYTHONPATH for the launch: every child
+# runs it at start-up, and the one whose WORKBENCH_PROCESS_ID is KILL_RANK wraps
+# MODULE.FUNCTION (KILL_AT="module:function:N") to SIGKILL itself at its N-th call, after
+# writing the time of the kill to KILL_STAMP.
+SITE_HOOK = r"""
+import os
+if os.environ.get("WORKBENCH_PROCESS_ID") == os.environ.get("KILL_RANK"):
+    import importlib, signal, sys, time
+    module_name, function, nth = os.environ["KILL_AT"].split(":")
+    module = importlib.import_module(module_name)
+    real, seen = getattr(module, function), [0]
+    def wrapped(*args, **kwargs):
+        seen[0] += 1
+        if seen[0] == int(nth):
+            with open(os.environ["KILL_STAMP"], "w") as f:
+                f.write(repr(time.time()))
+            print(f"KILLED at {function} call {nth}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    setattr(module, function, wrapped)
+"""
+LAUNCH_EXIT_BOUND_S = 60
+
+
+def _launch_infer(argv, tmp_path, kill_at=None):
+    """``workbench launch --processes 2 --devices-per-process 4 -- infer ARGV`` with process 1
+    killed at ``kill_at``; (status, output, seconds from the kill to the launch's return)."""
+    import io
+    import time
+
+    from workbench.cli.launch import launch
+
+    hook = tmp_path / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(SITE_HOOK)
+    stamp = tmp_path / "killed-at"
+    stamp.unlink(missing_ok=True)
+    env = {"PYTHONPATH": f"{hook}{os.pathsep}{ROOT}", "KILL_RANK": "1" if kill_at else "none",
+           "KILL_AT": kill_at or "none:none:1", "KILL_STAMP": str(stamp)}  # fmt: skip
+    out = io.StringIO()
+    status = launch(["infer", *map(str, argv)], processes=2, devices_per_process=4, out=out, env=env)
+    ended = time.time()
+    took = ended - float(stamp.read_text()) if kill_at else None
+    return status, out.getvalue(), took
+
+
+def test_killed_process_of_a_multi_process_inference_leaves_no_result(tmp_path):
+    """Process 1 of 2 SIGKILLed (a) between two of its shard writes into the staged zarr and
+    (b) after writing, as it joins the summaries process 0 waits for before renaming the
+    folder in (an --overwrite of a complete result): the launch ends non-zero within 60 s
+    naming process 1 and SIGKILL, no folder looks complete (none at (a); the previous one
+    intact at (b)), and a rerun's prediction equals the one-process prediction."""
+    from data_tools.io import read_volume
+    from workbench.cli import main
+    from workbench.model.unet import Model, UNetConfig
+    from workbench.training.checkpoint import save_weights
+
+    weights = save_weights(tmp_path / "tiny.msgpack", Model.init(UNetConfig.preset("small", **TINY_MP), seed=3))
+    out, one = tmp_path / "mp", tmp_path / "one"
+    argv = ["phantom:32", "--mesh", "2x2x2", "--checkpoint", weights, "--out", out]
+    # (a) the 2nd of process 1's 4 shard writes: its first shard is in the staged store
+    status, text, took = _launch_infer(argv, tmp_path, kill_at="data_tools.formats.zarr:write_ome_block:2")
+    assert status == 128 + signal.SIGKILL and "process 1 (pid" in text and "failed: killed by SIGKILL" in text, text
+    assert took <= LAUNCH_EXIT_BOUND_S, (took, text)
+    assert not out.exists() and "[process 1] KILLED at write_ome_block call 2" in text
+    assert len(hidden(tmp_path)) == 1  # the dead run's staged folder
+    status, text, _ = _launch_infer(argv, tmp_path)  # the rerun completes, and removes it
+    assert status == 0, text
+    assert hidden(tmp_path) == []
+    assert main(["infer", "phantom:32", "--mesh", "2x2x2", "--checkpoint", str(weights), "--out", str(one)]) == 0
+    expected = read_volume(one / "prediction.npy").array
+    np.testing.assert_array_equal(read_volume(out / "prediction.zarr").array, expected)
+    report = (out / "report.json").read_bytes()
+    # (b) an --overwrite, process 1 killed at its 3rd allgather (the summaries: every shard written)
+    status, text, took = _launch_infer(
+        [*argv, "--overwrite"], tmp_path, kill_at="workbench.execute.distributed:allgather:3"
+    )
+    assert status == 128 + signal.SIGKILL and "process 1 (pid" in text and "failed: killed by SIGKILL" in text, text
+    assert took <= LAUNCH_EXIT_BOUND_S, (took, text)
+    assert (out / "report.json").read_bytes() == report  # the previous result, untouched
+    np.testing.assert_array_equal(read_volume(out / "prediction.zarr").array, expected)
+    assert visible(tmp_path) == ["hook", "killed-at", "mp", "one", "tiny.msgpack"]

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.atomic import atomic_output, temp_sibling, write_text_atomic
+from data_tools.atomic import atomic_output, sweep_stale, temp_sibling, write_text_atomic
 from data_tools.errors import DataError, MissingDataError
 from workbench.analysis.compare import shard_stats
 from workbench.analysis.receptive import halo_width
@@ -191,6 +191,7 @@ def staged_output(out: str | os.PathLike, *, overwrite: bool = False, marker: st
             tmp.mkdir()
             yield tmp
         return
+    sweep_stale(out)
     tmp = temp_sibling(out)
     tmp.mkdir()
     try:

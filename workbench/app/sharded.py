@@ -18,7 +18,9 @@ In a multi-process run (``workbench launch -- infer``, or one process per host w
    request logits, the reference's prediction and the error map). Small per-process
    summaries are then gathered (which also means every process has finished writing),
    and process 0 writes ``report.json`` and renames the folder into place. A run that
-   fails or loses a process leaves only the hidden temporary folder.
+   fails or loses a process leaves only the hidden temporary folder, named after process
+   0's host and pid: the next run at the same ``out`` on that host removes it once
+   process 0 is dead (:func:`data_tools.atomic.sweep_stale`).
 4. **Reference** (:func:`reference_mode`). For a model whose output depends only on a
    neighbourhood (no norm, or batch norm: running statistics in inference) ``--reference``
    compares shard by shard and no process holds the whole volume: the single-device
@@ -39,14 +41,13 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from data_tools.atomic import TEMP_PREFIX
+from data_tools.atomic import sweep_stale, temp_sibling
 from workbench.errors import UserError
 
 __all__ = ["BlockInput", "open_input", "infer_per_process", "reference_mode", "TRACE_ENV"]
@@ -247,9 +248,9 @@ def infer_per_process(
         mode, note = reference_mode(config, layout)
         if main:
             log(note)
-    token = int(allgather(np.array([secrets.randbits(62)], np.int64))[0, 0])
-    tmp = out.parent / f"{TEMP_PREFIX}{token:016x}-{out.name}"
+    tmp = _staged_name(out)
     if main:
+        sweep_stale(out)  # the staged folders of dead runs on this host (never a live one's)
         _create_outputs(tmp, inp, layout, config.num_classes, mode in ("per-shard", "whole"), save_logits)
     barrier("workbench-outputs-created")
     t0 = time.perf_counter()
@@ -289,6 +290,19 @@ def infer_per_process(
     write_report(tmp, report)
     finish_staged(tmp, out)
     return report
+
+
+def _staged_name(out: Path) -> Path:
+    """The staged folder every process writes into: named by process 0
+    (:func:`data_tools.atomic.temp_sibling`: its host and pid, so a later run on its host
+    removes it once process 0 is dead) and sent to the others."""
+    from workbench.execute.distributed import allgather
+
+    name = np.zeros(1024, np.uint8)
+    mine = os.fsencode(temp_sibling(out).name)[: len(name)]
+    name[: len(mine)] = np.frombuffer(mine, np.uint8)
+    first = bytes(allgather(name)[0].astype(np.uint8)).rstrip(b"\0")
+    return out.parent / os.fsdecode(first)
 
 
 def _labels_fn(compiled, logits_shape):
