@@ -121,3 +121,29 @@ def test_refused_before_the_input_is_made_or_read(monkeypatch, tmp_path, capsys,
         assert not out.exists()
     with pytest.raises(guard.MemoryRefused, match="inference run needs at least"):
         infer(small_model, "phantom:64", "1x1x1")
+
+
+def test_reference_that_would_not_fit_one_device_is_refused_before_running(monkeypatch, tmp_path, capsys):
+    """A partitioned run that fits, whose whole-volume single-device reference would not: the
+    CLI and the Python API refuse --reference (naming it and how to go on) before loading."""
+    import workbench.app.planning
+    from workbench.cli import main
+
+    def planner(key):  # the partitioned run fits, the single-device reference does not
+        return {"peak": 2**10 if key.mesh.n_devices > 1 else 2**30}
+
+    monkeypatch.setattr(workbench.app.planning, "plan_bytes", planner)
+    monkeypatch.setattr(guard, "available_memory", lambda n: (2**22, "a test budget of 4 MiB"))
+    out = tmp_path / "out"
+    argv = ["infer", "phantom:32", "--mesh", "2x2x2", "--random-weights", "--out", str(out)]
+    assert main([*argv, "--reference"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--reference: the single-device reference needs the planner's 1.00 GiB" in err
+    assert "or drop --reference (the partitioned run alone fits), or pass --force" in err, err
+    assert not out.exists()
+    model = UNetConfig.preset("small")
+    from workbench.model.unet import Model
+
+    with pytest.raises(guard.MemoryRefused, match="--reference: the single-device reference"):
+        infer(Model.init(model, seed=0), load_volume("phantom:32"), "2x2x2", reference=True)
+    assert main(argv) == 0  # without --reference the same run goes ahead

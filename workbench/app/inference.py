@@ -122,12 +122,12 @@ def infer(
     if isinstance(loaded, (str, os.PathLike)):
         from workbench.app.volumes import load_volume
 
-        force = force or guard_input(model.config, loaded, mesh, backend=backend, halo=halo)
+        force = force or guard_input(model.config, loaded, mesh, backend=backend, halo=halo, reference=reference)
         loaded = load_volume(loaded)
     image = getattr(loaded, "image", loaded)
     stage = on_stage or (lambda text: None)
     if not force:
-        _check_memory(model.config, np.shape(image), mesh, backend, halo)
+        _check_memory(model.config, np.shape(image), mesh, backend, halo, reference=reference)
     stage(f"compile and run ({backend})")
     result = run(model, image, mesh, backend=backend, halo=halo)
     ref = comparison = None
@@ -147,9 +147,12 @@ def infer(
     return Inference(result, ref, comparison, report, loaded=loaded if hasattr(loaded, "image") else None)
 
 
-def guard_input(config, source, mesh, *, backend: str = "explicit", halo="exact", series: str | None = None) -> bool:
-    """The memory guard for a run of ``config`` on ``source`` (a spec or path), before it is
-    generated or read: its shape from the spec or headers
+def guard_input(
+    config, source, mesh, *, backend: str = "explicit", halo="exact", series: str | None = None, reference=False
+) -> bool:
+    """The memory guard for a run of ``config`` on ``source`` (a spec or path), and with
+    ``reference`` for the single-device reference too, before it is generated or read: its
+    shape from the spec or headers
     (:func:`~workbench.app.memory_guard.input_shape`). Raises
     :class:`~workbench.app.memory_guard.MemoryRefused`; True when checked, False when the
     shape is known only once loaded (then :func:`infer` checks it)."""
@@ -159,7 +162,7 @@ def guard_input(config, source, mesh, *, backend: str = "explicit", halo="exact"
     if shape is None:
         return False
     try:
-        _check_memory(config, shape, mesh, backend, halo)
+        _check_memory(config, shape, mesh, backend, halo, reference=reference)
     except MemoryRefused:
         raise
     except UserError:  # a shape the run cannot take: loading names the problem first
@@ -167,10 +170,12 @@ def guard_input(config, source, mesh, *, backend: str = "explicit", halo="exact"
     return True
 
 
-def _check_memory(config, shape, mesh, backend, halo) -> None:
+def _check_memory(config, shape, mesh, backend, halo, *, reference: bool = False) -> None:
+    """The guard for the run on ``mesh``, then (``reference``) for the whole-volume
+    single-device reference, which a partitioned run that fits may still not."""
     import jax
 
-    from workbench.app.memory_guard import check_memory
+    from workbench.app.memory_guard import MemoryRefused, check_memory
     from workbench.mesh import MeshSpec, auto_mesh, parse_mesh
 
     if backend == "reference":
@@ -180,3 +185,13 @@ def _check_memory(config, shape, mesh, backend, halo) -> None:
     else:
         spec = parse_mesh(mesh)
     check_memory(config, tuple(shape), spec, backend=backend, halo=halo)
+    if reference and spec.n_devices > 1:
+        try:
+            check_memory(config, tuple(shape), MeshSpec(), backend="reference", halo="exact")
+        except MemoryRefused as exc:
+            text = str(exc).replace("this inference run needs", "--reference: the single-device reference needs", 1)
+            raise MemoryRefused(
+                text.replace(
+                    ", or pass --force", ", or drop --reference (the partitioned run alone fits), or pass --force"
+                )
+            ) from None

@@ -62,7 +62,13 @@ def run(args) -> int:
     choice = model_choice(args, task_for_input(args.input))
     # The memory guard, before the input is generated or read (its shape from the spec or headers).
     checked = not args.force and guard_input(
-        choice.config, args.input, args.mesh, backend=args.backend, halo=halo, series=args.series
+        choice.config,
+        args.input,
+        args.mesh,
+        backend=args.backend,
+        halo=halo,
+        series=args.series,
+        reference=args.reference,
     )
     loaded = load_volume(args.input, series=args.series)
     inference = infer(
