@@ -78,7 +78,17 @@ def _reference(config, tmp_path_factory):
         with jax.enable_x64("float64" in str(config.model_overrides)):
             train_and_evaluate(config, work, progress=False, log=lambda m: None)
         _REFERENCE[key] = (_losses(work), _params(work))
+        _REFERENCE_EVAL[key] = _evals(work)
     return _REFERENCE[key]
+
+
+_REFERENCE_EVAL: dict = {}
+
+
+def _evals(work) -> list[dict]:
+    """The evaluation rows of a run's history, without HD95 (a multi-process run leaves it out)."""
+    rows = json.loads((Path(work) / "history.json").read_text())["eval"]
+    return [{k: v for k, v in row.items() if not k.startswith("hd95")} for row in rows]
 
 
 def _losses(work) -> list[float]:
@@ -119,7 +129,10 @@ def two_process_run(tmp_path_factory):
     ids=["spatial", "data-axis"],
 )
 def test_training_two_processes_equal_one_float64(mesh, batch, two_process_run, tmp_path_factory):
-    config = BASE.replace(mesh=mesh, batch=batch)
+    """... and with the data axis, the held-out evaluation each process makes of its own
+    blocks (three cases: process 1 holds none of the third) equals one process's whole-case
+    evaluation."""
+    config = BASE.replace(mesh=mesh, batch=batch, eval_cases=0 if mesh == BASE.mesh else 3)
     if mesh == BASE.mesh:
         work = two_process_run
     else:
@@ -132,6 +145,7 @@ def test_training_two_processes_equal_one_float64(mesh, batch, two_process_run, 
     assert _max_rel_error(params, ref_params) <= PARAM_RTOL_F64
     assert _losses(work) == pytest.approx(ref_losses, rel=PARAM_RTOL_F64)
     assert ref_losses[-1] < ref_losses[0]  # it trained: the comparison is not of initial values
+    assert _evals(work) == _REFERENCE_EVAL[repr(config)] and len(_evals(work)) == (config.eval_cases > 0)
     assert sorted(p.name for p in Path(work).iterdir()) == [
         "checkpoints", "config.json", "curves.png", "history.csv", "history.json", "model.msgpack",
     ]  # fmt: skip

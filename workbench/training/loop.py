@@ -35,7 +35,7 @@ from workbench.errors import NotAFolderError, OutputExistsError, UserError
 from workbench.execute.signals import StopSignals
 from workbench.training.checkpoint import Checkpoints, save_weights
 from workbench.training.config import PAPER_CLASS_WEIGHTS, NonFiniteLossError, TrainConfig, model_config
-from workbench.training.evaluation import evaluate
+from workbench.training.evaluation import evaluate, evaluate_blocks, held_out_blocks
 from workbench.training.history import eval_row, plot_history, train_row, write_history
 from workbench.training.state import abstract_train_state, create_train_state, learning_rate_schedule, variables_of
 from workbench.training.step import batch_keys, build_train_step, put_batch_blocks
@@ -171,7 +171,11 @@ def train_and_evaluate(
 
     def run_eval(step):
         model = Model(cfg, variables_of(state))
-        result = evaluate(model, eval_cases, spec, backend=tc.backend, class_names=source.class_names)
+        if several:  # each process evaluates its own blocks: no process holds a whole held-out case
+            result = evaluate_blocks(model, eval_cases, tc.eval_cases, spec, backend=tc.backend,
+                                     class_names=source.class_names)  # fmt: skip
+        else:
+            result = evaluate(model, eval_cases, spec, backend=tc.backend, class_names=source.class_names)
         history["eval"].append(eval_row(step, result))
         return result
 
@@ -180,7 +184,12 @@ def train_and_evaluate(
         try:
             if main:
                 write_text_atomic(workdir / "config.json", json.dumps(meta, indent=1) + "\n")
-            eval_cases = source.eval_cases(tc.eval_cases) if tc.eval_cases else []
+            if not tc.eval_cases:
+                eval_cases = []
+            elif several:
+                eval_cases = held_out_blocks(source, tc.eval_cases)
+            else:
+                eval_cases = source.eval_cases(tc.eval_cases)
             keys = batch_keys(ts, tc.batch)  # the blocks of this process's devices
             stream = BatchStream(
                 source,
