@@ -166,27 +166,33 @@ def survey(cases, *, gather: bool = True) -> None:
     cases = [c for c in cases if c.stats is None]
     if not cases:
         return
-    jobs = [(c, kind, box) for c in cases for kind, shape in (("labels", c.raw_shape), ("image", c.grid))
-            for box in slab_boxes(shape)]  # fmt: skip
     index, count = 0, 1
     if gather:
         import jax
 
         index, count = jax.process_index(), jax.process_count()
-    width = 5 + 4 + _BAD
-    rows = np.full((len(jobs), width), np.nan)
-    for k in range(index, len(jobs), count):
-        case, kind, box = jobs[k]
-        if kind == "image":
-            rows[k, :5] = _image_row(case, box)
-        else:
-            rows[k, 5:] = _label_row(case, box)
+    jobs, rows = survey_rows(cases, index, count)
     if count > 1:
         from workbench.execute.distributed import allgather
 
         gathered = allgather(rows)
         rows = np.stack([gathered[k % count, k] for k in range(len(jobs))])
     _finish(jobs, rows)
+
+
+def survey_rows(cases, index: int, count: int):
+    """The survey's jobs (case, "image" or "labels", slab box) and this process's rows
+    (process ``index`` of ``count`` fills rows ``index, index + count, …``; NaN elsewhere)."""
+    jobs = [(c, kind, box) for c in cases for kind, shape in (("labels", c.raw_shape), ("image", c.grid))
+            for box in slab_boxes(shape)]  # fmt: skip
+    rows = np.full((len(jobs), 5 + 4 + _BAD), np.nan)
+    for k in range(index, len(jobs), count):
+        case, kind, box = jobs[k]
+        if kind == "image":
+            rows[k, :5] = _image_row(case, box)
+        else:
+            rows[k, 5:] = _label_row(case, box)
+    return jobs, rows
 
 
 def _finish(jobs, rows) -> None:
