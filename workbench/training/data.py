@@ -10,7 +10,13 @@ blocks of its own devices. An :class:`Augmentation` is data, not a whole-volume 
 flip or a 180° rotation (two flips) changes which box a device reads and flips that
 block, the intensity change is per voxel, and the noise is hashed from the voxel's
 position, so a block equals the same slice of the augmented whole volume. Phantoms are
-rendered block by block; other sources slice a cached whole case (see :meth:`Source.case_block`).
+rendered block by block (resampled ones: only the render box the block's interpolation
+reads); labelled paths, ``mni`` and dataset folders are
+:class:`~workbench.training.cases.CaseReader`s that read only the block's box (plus the
+resampling margin) and normalise it with whole-case statistics surveyed once when the
+source is made (:func:`make_source` must then run in every process's main thread). Held-out
+evaluation cases (``eval_cases``) are prepared whole. Only a source without its own
+:meth:`Source.case_block` slices a cached whole case.
 
 Sources (see :func:`make_source`):
 
@@ -22,14 +28,18 @@ Sources (see :func:`make_source`):
 * ``mni`` / ``mni:N``: the MNI152 T1 with 4 tissue classes. There is one subject, so
   evaluation is on the training volume (augmentations differ): it measures fit, not
   generalisation.
-* paths: volumes with labels; the last ``max(1, n // 5)`` are held out when n ≥ 2.
+  Its native template (189×233×197, its tissue labels need global medians) is computed
+  whole, once per process; the prepared case is made block by block from it.
+* paths: ``.npz`` files holding ``image`` and ``labels`` (or in-memory ``Volume``s with
+  labels); the last ``max(1, n // 5)`` are held out when n ≥ 2.
 
 Dataset folders (MSD / nnU-Net layout) are read lazily by
 :class:`workbench.training.datasets.DatasetSource`; :func:`workbench.training.datasets.make_source`
 is this module's :func:`make_source` plus those (what ``workbench train`` calls).
 
 With ``resolution`` set, every volume is resampled to resolution³ (image linear, labels
-nearest): ``phantom:128`` at resolution 64 is a down-sampled copy of 128³ phantoms.
+nearest, :func:`data_tools.preprocess.resample_block`): ``phantom:128`` at resolution 64
+is a down-sampled copy of 128³ phantoms.
 Images go through :func:`model_input` (as ``workbench infer`` does): CT in Hounsfield
 units gets the abdomen window, everything else a per-volume z-score.
 """
