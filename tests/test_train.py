@@ -345,8 +345,13 @@ def _labelled_npz(tmp_path, n=2, shape=(20, 18, 22), *, compressed=True, classes
     for i in range(n):
         image = rng.normal(100, 30, shape).astype(np.float32)
         labels = rng.integers(0, classes, shape).astype(np.uint8)
-        path = tmp_path / f"case{i}.npz"
-        (np.savez_compressed if compressed else np.savez)(path, image=image, labels=labels)
+        path = tmp_path / f"case{i}.{'zarr' if compressed == 'zarr' else 'npz'}"
+        if compressed == "zarr":  # an OME-Zarr store with a label image
+            from data_tools import write_volume
+
+            write_volume(Volume(image, labels=labels, class_names=("bg", "a", "b")), path)
+        else:
+            (np.savez_compressed if compressed else np.savez)(path, image=image, labels=labels)
         paths.append(str(path))
     return paths
 
@@ -358,17 +363,18 @@ def _octants(shape, batch=2):
 
 @pytest.mark.parametrize(
     ("kind", "resolution"),
-    [("npz", None), ("npz", 16), ("stored-npz", 24), ("mni:16", None), ("phantom:24", 16)],
+    [("npz", None), ("npz", 16), ("stored-npz", 24), ("zarr", 16), ("mni:16", None), ("phantom:24", 16)],
 )
 def test_every_source_blocks_equal_slices_of_the_whole_batch(tmp_path, kind, resolution):
-    """Labelled .npz paths (compressed or stored, native or resampled), mni and resampled
+    """Labelled .npz paths (compressed or stored, native or resampled), OME-Zarr, mni and resampled
     phantoms: the 2x2x2 split's blocks equal the slices of the whole batch bitwise, and the
     whole batch is the old whole-volume preparation (resample + model_input) within float32
     rounding."""
     from data_tools.io import load_input
     from workbench.training.data import _case_from_volume, batch_blocks
 
-    data = _labelled_npz(tmp_path, compressed=kind == "npz") if kind.endswith("npz") else kind
+    compressed = "zarr" if kind == "zarr" else kind == "npz"
+    data = _labelled_npz(tmp_path, compressed=compressed) if kind.endswith(("npz", "zarr")) else kind
     source = make_source(data, resolution)
     images, labels = source.train_batch(2, 2, seed=4)
     for key, (image, label) in zip(_octants(source.shape), batch_blocks(source, 2, 2, _octants(source.shape), seed=4)):

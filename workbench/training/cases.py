@@ -254,7 +254,7 @@ def labels_error(name: str, num_classes):
 
 def volume_reader(item, name: str, resolution, target=None):
     """A :class:`~workbench.training.cases.CaseReader` of a path (headers only: an ``.npz``
-    with ``image`` and ``labels``) or an in-memory ``Volume``, resampled to ``resolution``³
+    with ``image`` and ``labels``, or an OME-Zarr store with a label image) or an in-memory ``Volume``, resampled to ``resolution``³
     (or ``target``), and its class names (or None)."""
     from data_tools.preprocess import resample_grid
     from workbench.training.cases import CaseReader
@@ -272,25 +272,36 @@ def volume_reader(item, name: str, resolution, target=None):
         def read_labels(b):
             return labels[tuple(slice(*x) for x in b)]
     else:
+        from data_tools.formats import zarr as zarr_format
         from data_tools.formats.numpy import npz_members
         from data_tools.io import read_box, volume_info
 
         path = item
         info = volume_info(path)
-        members = npz_members(path) if info.source_format == "npz" else {}
-        if "labels" not in members:
-            raise _no_labels(name)
-        shape, spacing, dtype, modality, fmt = info.shape, info.spacing, members["labels"][1], info.modality, "npz"
+        shape, spacing, modality, fmt = info.shape, info.spacing, info.modality, info.source_format
         names = None
-        if "class_names" in members:
-            with np.load(path, allow_pickle=False) as npz:
-                names = tuple(str(n) for n in npz["class_names"])
+        if fmt == "zarr":  # an OME-Zarr label image
+            found = zarr_format.labels_info(path)
+            if found is None:
+                raise _no_labels(name)
+            dtype, names = found
+
+            def read_labels(b):
+                return zarr_format.read_labels_box(path, b)
+        else:
+            members = npz_members(path) if fmt == "npz" else {}
+            if "labels" not in members:
+                raise _no_labels(name)
+            dtype = members["labels"][1]
+            if "class_names" in members:
+                with np.load(path, allow_pickle=False) as npz:
+                    names = tuple(str(n) for n in npz["class_names"])
+
+            def read_labels(b):
+                return read_box(path, b, member="labels")
 
         def read_image(b):
             return read_box(path, b)
-
-        def read_labels(b):
-            return read_box(path, b, member="labels")
 
     from workbench.training.losses import check_labels
 
