@@ -142,6 +142,8 @@ class Source:
         raise NotImplementedError
 
     def eval_cases(self, n: int) -> list[Case]:  # pragma: no cover - interface
+        """The first ``n`` held-out cases, each prepared whole: evaluation runs on whole
+        cases (unlike training, which reads blocks)."""
         raise NotImplementedError
 
     def train_batch(self, step: int, batch: int, *, seed: int = 0, augment_data: bool = True):

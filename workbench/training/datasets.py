@@ -300,6 +300,8 @@ class DatasetSource(Source):
         return self.readers[self._pick(step, index)].block(box)
 
     def eval_cases(self, n: int):
+        """The first ``n`` validation cases, each read and prepared whole when iterated (one
+        at a time; evaluation runs on whole cases)."""
         return _LazyCases(self, self.val_files[:n])
 
 
