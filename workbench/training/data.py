@@ -28,8 +28,9 @@ Sources (see :func:`make_source`):
 * ``mni`` / ``mni:N``: the MNI152 T1 with 4 tissue classes. There is one subject, so
   evaluation is on the training volume (augmentations differ): it measures fit, not
   generalisation.
-  Its native template (189×233×197, its tissue labels need global medians) is computed
-  whole, once per process; the prepared case is made block by block from it.
+  Its native template (189×233×197) is written once per process to a temporary ``.npy``
+  pair slab by slab (:func:`data_tools.samples.mni_native_files`; its tissue labels need
+  global medians, taken from histograms) and memory-mapped: blocks read only their boxes.
 * paths: ``.npz`` files holding ``image`` and ``labels`` (or in-memory ``Volume``s with
   labels); the last ``max(1, n // 5)`` are held out when n ≥ 2.
 
@@ -251,13 +252,34 @@ def whole_case(reader) -> Case:
     return Case(image, labels, tuple(getattr(reader, "spacing", (1.0, 1.0, 1.0))), reader.name, {})
 
 
+def _mni_reader(target):
+    """The MNI template as a :class:`~workbench.training.cases.CaseReader`: its native image
+    and labels memory-mapped from this process's copy (:func:`data_tools.samples.mni_native_files`,
+    built slab by slab), resampled to ``target`` (N or (Z, Y, X); None: native)."""
+    from data_tools.io import read_box, volume_info
+    from data_tools.preprocess import resample_grid
+    from data_tools.samples import mni_native_files
+    from workbench.training.cases import CaseReader
+
+    image, labels = mni_native_files()
+    shape = volume_info(image).shape
+    if target is not None and not np.isscalar(target) and tuple(target) == shape:
+        target = None
+    resampling = None if target is None else resample_grid(shape, (1.0, 1.0, 1.0), shape=target)
+    reader = CaseReader("mni", shape, lambda b: read_box(image, b), lambda b: read_box(labels, b),
+                        source_format="mni", resampling=resampling)  # fmt: skip
+    reader.spacing = tuple(float(s) for s in resampling[1]) if resampling else (1.0, 1.0, 1.0)
+    return reader
+
+
 def make_source(data: str | Sequence, resolution: int | None = None) -> Source:
     """A :class:`Source` from ``phantom[:N]``, ``mni[:N]``, a list of paths or of ``Volume``s.
 
     Labelled volumes are opened by their headers; their statistics and label checks are
     surveyed here (:func:`workbench.training.cases.survey`: every process must call this,
     in its main thread), and training reads only the boxes it needs."""
-    from data_tools.io import _parse_spec, load_input
+    from data_tools.io import _parse_spec
+    from data_tools.samples import MNI_CLASS_NAMES
     from workbench.training.cases import survey
 
     if resolution is not None and (not isinstance(resolution, int) or resolution < 8):
@@ -278,12 +300,9 @@ def make_source(data: str | Sequence, resolution: int | None = None) -> Source:
         if spec == "mni" or spec.startswith("mni:"):
             if resolution is None and spec == "mni":
                 resolution = 64
-            # the native template is computed whole (its tissue labels need global medians)
-            volume = load_input("mni")
-            target = resolution if resolution is not None else _parse_spec(spec)[1]
-            reader, _ = volume_reader(volume, "mni", None, target=target if target != volume.shape else None)
+            reader = _mni_reader(resolution if resolution is not None else _parse_spec(spec)[1])
             survey([reader])
-            return VolumeSource([reader], [reader], volume.class_names, f"mni at {reader.shape}")
+            return VolumeSource([reader], [reader], MNI_CLASS_NAMES, f"mni at {reader.shape}")
     pairs = [volume_reader(v, str(getattr(v, "path", None) or (v if isinstance(v, str) else f"volume {i}")),
                             resolution) for i, v in enumerate(items)]  # fmt: skip
     readers = [r for r, _ in pairs]
