@@ -1,4 +1,4 @@
-"""Host memory of training on a dataset folder: cases are read lazily, at most two alive.
+"""Host memory of training on a dataset folder: training reads boxes, evaluation whole cases.
 
 Builds a dataset of ``--cases`` phantoms of ``--size``³ in MSD layout (NIfTI, in a
 temporary folder), then measures two things:

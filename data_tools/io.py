@@ -17,7 +17,9 @@ Inputs may also be the specs ``phantom:N``, ``phantom:N:SEED``, ``phantom:ZxYxX[
 and uncompressed ``.nii`` are memory-mapped; ``.nii.gz`` is streamed up to the block
 (memory of the block only, time of decompressing up to it); TIFF reads only the pages
 of the z range; DICOM reads only the slice files of the z range; ``phantom:`` specs
-generate only the block. ``.npz`` and ``mni`` read the whole image, then slice.
+generate only the block; an ``.npz`` member (the image, or ``member="labels"``) is
+memory-mapped when stored uncompressed and otherwise decompressed as a stream up to the
+block, keeping only its z slab. ``mni`` specs read the whole image, then slice.
 
 Every writer is atomic: it writes a hidden temporary sibling and renames it, so a
 failure leaves nothing behind.
@@ -176,13 +178,22 @@ def read_volume(path: str | os.PathLike, *, series: str | None = None, labels: s
     return vol
 
 
-def read_box(path: str | os.PathLike, box: Box, *, series: str | None = None) -> np.ndarray:
+def read_box(path: str | os.PathLike, box: Box, *, series: str | None = None, member: str | None = None) -> np.ndarray:
     """Read only ``box`` = ``((z0, z1), (y0, y1), (x0, x1))`` of the image (half-open).
 
     Equals ``read_volume(path).array[z0:z1, y0:y1, x0:x1]`` (phantom specs: the image of
-    :func:`~data_tools.synthetic.make_phantom_block`). See the module notes for which
-    formats avoid reading the whole volume.
+    :func:`~data_tools.synthetic.make_phantom_block`). ``member``: another array of an
+    ``.npz`` (``"labels"``: ``read_volume(path).labels[...]``). See the module notes for
+    which formats avoid reading the whole volume.
     """
+    if member is not None:
+        if detect_format(Path(path)) != "npz":
+            raise DataError(path, f"is not an .npz, so it holds no {member!r} array",
+                            "pass the .npz holding it, or read its own file")  # fmt: skip
+        from .formats import numpy as npformat
+
+        box = check_box(path, box, volume_info(path).shape)
+        return npformat.read_member_box(Path(path), box, member)
     spec = _parse_spec(str(path)) if isinstance(path, str) else None
     if spec is not None and spec[0] == "phantom":
         _, shape, seed = spec

@@ -24,6 +24,11 @@ __all__ = [
     "percentile_normalise",
     "resample",
     "resample_array",
+    "resample_grid",
+    "resample_source_box",
+    "resample_block",
+    "block_moments",
+    "combine_moments",
     "pad_to_multiple",
     "crop_padding",
     "pad_volume",
@@ -154,6 +159,10 @@ def _apply(array: np.ndarray, new_shape, scale, offset, order: int) -> np.ndarra
 
     if tuple(new_shape) == array.shape and np.all(scale == 1) and np.all(offset == 0):
         return array.copy()
+    if order in (0, 1):
+        whole = tuple((0, n) for n in new_shape)
+        return resample_block(lambda box: array[tuple(slice(a, b) for a, b in box)], array.shape, scale, offset,
+                              whole, order)  # fmt: skip
     out_dtype = array.dtype if order == 0 else np.float32
     source = array if order == 0 or array.dtype == np.float32 else array.astype(np.float32)
     return ndimage.affine_transform(source, scale, offset=offset, output_shape=tuple(new_shape),
@@ -211,6 +220,110 @@ def resample(volume: Volume, *, shape=None, spacing=None, order: int = 1) -> Vol
     meta = dict(volume.metadata)
     meta["resampled_from"] = {"shape": volume.shape, "spacing": volume.spacing}
     return volume.replace(array=image, spacing=new_spacing, affine=affine, labels=labels, metadata=meta)
+
+
+# -- block-exact resampling ------------------------------------------------------------
+def resample_grid(old_shape, old_spacing, *, shape=None, spacing=None):
+    """``(new_shape, scale, offset)`` of :func:`resample` to ``shape`` or ``spacing``: input
+    coordinate = ``scale * output index + offset`` per axis (float64)."""
+    old = np.asarray(old_shape)
+    if shape is not None:
+        new_shape = _as3(shape, "shape", int)
+        scale = old / np.asarray(new_shape)
+    else:
+        target = np.asarray(_as3(spacing, "spacing"))
+        new_shape = tuple(max(1, int(round(n))) for n in old * np.asarray(old_spacing, np.float64) / target)
+        scale = target / np.asarray(old_spacing, np.float64)
+    scale, offset = _sampling(old, new_shape, scale)
+    return new_shape, scale, offset
+
+
+def _axis_sampling(n_in: int, scale: float, offset: float, lo: int, hi: int, order: int):
+    """Per output index ``lo..hi-1`` of one axis: (first, last + 1) of the input rows read
+    and the rows (and linear weights) relative to ``first``. The coordinates are global
+    (``(i + offset / scale) * scale`` in float64), so any block samples exactly as the whole does."""
+    # (i + offset / scale) * scale: how ndimage.affine_transform computes a diagonal
+    # transform's coordinates, so nearest-neighbour ties (exact .5) fall the same way
+    coords = (np.arange(lo, hi, dtype=np.float64) + np.float64(offset) / np.float64(scale)) * np.float64(scale)
+    if order == 0:
+        index = np.clip(np.floor(coords + 0.5), 0, n_in - 1).astype(np.int64)
+        first = int(index.min())
+        return first, int(index.max()) + 1, index - first, None, None
+    base = np.floor(coords)
+    weight = coords - base  # of the upper neighbour; clamped rows: mode "nearest"
+    i0 = np.clip(base, 0, n_in - 1).astype(np.int64)
+    i1 = np.clip(base + 1, 0, n_in - 1).astype(np.int64)
+    first = int(i0.min())
+    return first, int(i1.max()) + 1, i0 - first, i1 - first, weight
+
+
+def resample_source_box(box, old_shape, scale, offset, order: int = 1):
+    """The box of the input that :func:`resample_block` reads for output ``box``."""
+    out = []
+    for (lo, hi), n, s, o in zip(box, old_shape, scale, offset):
+        first, end = _axis_sampling(int(n), float(s), float(o), int(lo), int(hi), order)[:2]
+        out.append((first, end))
+    return tuple(out)
+
+
+def resample_block(read, old_shape, scale, offset, box, order: int = 1) -> np.ndarray:
+    """Output ``box`` of resampling an ``old_shape`` volume (``scale``/``offset`` as
+    :func:`resample_grid`), reading only ``read(resample_source_box(...))``.
+
+    Order 0 (labels) takes the nearest input row per axis (ties round up); order 1 is
+    separable linear interpolation in float64, cast to float32; edges are clamped (ndimage's
+    mode ``"nearest"``). Each output voxel is computed from global coordinates by the same
+    element-wise operations whatever the box, so a block equals the same slice of the whole
+    result bitwise. The whole-volume :func:`resample` uses it too (within ~1e-6 relative of
+    ``scipy.ndimage.affine_transform``, which rounds its coordinates differently).
+    """
+    if order not in (0, 1):
+        raise DataError("order", f"order={order} for a block", "resample blocks with order 0 or 1 (cubic: whole)")
+    axes = [_axis_sampling(int(n), float(s), float(o), int(lo), int(hi), order)
+            for (lo, hi), n, s, o in zip(box, old_shape, scale, offset)]  # fmt: skip
+    out = np.asarray(read(tuple((a[0], a[1]) for a in axes)))
+    if order == 0:
+        for axis, (_, _, index, _, _) in enumerate(axes):
+            out = np.take(out, index, axis=axis)
+        return np.ascontiguousarray(out)
+    out = out.astype(np.float64)
+    for axis, (_, _, i0, i1, weight) in enumerate(axes):
+        shape = [1, 1, 1]
+        shape[axis] = -1
+        w = weight.reshape(shape)
+        out = np.take(out, i0, axis=axis) * (1.0 - w) + np.take(out, i1, axis=axis) * w
+    return out.astype(np.float32)
+
+
+# -- moments over blocks ----------------------------------------------------------------
+def block_moments(block: np.ndarray) -> tuple[float, float, float, float, float]:
+    """``(count, mean, m2, min, max)`` of a block in float64 (``m2``: the sum of squared
+    deviations from the mean), for :func:`combine_moments`."""
+    values = np.asarray(block)
+    if not values.size:
+        return (0.0, 0.0, 0.0, np.inf, -np.inf)
+    mean = float(values.sum(dtype=np.float64)) / values.size
+    m2 = float(np.square(values.astype(np.float64) - mean).sum())
+    return (float(values.size), mean, m2, float(values.min()), float(values.max()))
+
+
+def combine_moments(rows) -> dict:
+    """``{count, mean, std, min, max}`` of the union of blocks from their
+    :func:`block_moments`, combined in the given order (Chan et al.'s pairwise update): the
+    same rows in the same order give the same floats, however they were computed."""
+    count = mean = m2 = 0.0
+    low, high = np.inf, -np.inf
+    for n, m, q, lo, hi in rows:
+        if not n:
+            continue
+        delta = m - mean
+        total = count + n
+        mean += delta * n / total
+        m2 += q + delta * delta * count * n / total
+        count = total
+        low, high = min(low, lo), max(high, hi)
+    std = float(np.sqrt(m2 / count)) if count else 0.0
+    return {"count": count, "mean": float(mean), "std": std, "min": float(low), "max": float(high)}
 
 
 # -- padding ----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from .formats import nifti
 from .preprocess import resample
 from .volume import Volume
 
-__all__ = ["MNI_CLASS_NAMES", "mni_files", "load_mni"]
+__all__ = ["MNI_CLASS_NAMES", "mni_files", "load_mni", "mni_native_files"]
 
 MNI_CLASS_NAMES = ("background", "grey_matter", "white_matter", "csf")
 _STEM = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
@@ -47,6 +47,64 @@ def mni_files() -> dict[str, Path]:
         raise DataError("mni", f"nilearn is installed without its MNI152 files {missing}",
                         "reinstall nilearn (pip install --force-reinstall nilearn)")  # fmt: skip
     return files
+
+
+def _votes(t1: np.ndarray, gm: np.ndarray, wm: np.ndarray):
+    """(float32 image, uint8 votes 1 GM / 2 WM / 3 CSF / 0 outside the mask, gm, wm) per voxel."""
+    gm = gm.astype(np.float32) / np.float32(255.0)
+    wm = wm.astype(np.float32) / np.float32(255.0)
+    image = t1.astype(np.float32)
+    mask = image > 0
+    csf = np.where(mask, np.clip(1.0 - gm - wm, 0.0, 1.0), 0.0).astype(np.float32)
+    vote = np.argmax(np.stack([gm, wm, csf]), axis=0).astype(np.uint8) + 1  # 1 GM, 2 WM, 3 CSF
+    vote[~mask] = 0
+    return image, vote, gm, wm
+
+
+def _median_of_counts(counts: np.ndarray) -> float:
+    """``np.median`` of integer values 0..255 given their counts (the mean of the two middle)."""
+    cumulative, n = np.cumsum(counts), int(counts.sum())
+    lo = int(np.searchsorted(cumulative, (n - 1) // 2, side="right"))
+    hi = int(np.searchsorted(cumulative, n // 2, side="right"))
+    return 0.5 * (lo + hi)
+
+
+@functools.lru_cache(maxsize=1)
+def mni_native_files() -> tuple[Path, Path]:
+    """The native template's image (float32) and tissue labels (uint8) as ``.npy`` files in
+    a temporary folder of this process (removed at exit), equal to :func:`load_mni` ``()``:
+    built slab by slab (the three ``.nii.gz`` files decompressed once, the CSF threshold's
+    medians from histograms of the uint8 T1), never holding the whole template, so a
+    training block memory-maps only its box."""
+    import atexit
+    import shutil
+    import tempfile
+
+    files = mni_files()
+    folder = Path(tempfile.mkdtemp(prefix="workbench-mni-"))
+    atexit.register(shutil.rmtree, folder, True)
+    shape = nifti.info(files["t1"])[0]
+    image = np.lib.format.open_memmap(folder / "image.npy", mode="w+", dtype=np.float32, shape=shape)
+    labels = np.lib.format.open_memmap(folder / "labels.npy", mode="w+", dtype=np.uint8, shape=shape)
+    counts = {1: np.zeros(256, np.int64), 3: np.zeros(256, np.int64)}
+    step = max(1, -(-shape[0] // 8))
+    for z in range(0, shape[0], step):
+        box = ((z, min(z + step, shape[0])), (0, shape[1]), (0, shape[2]))
+        t1 = nifti.read_box(files["t1"], box)
+        slab, vote, gm, wm = _votes(t1, nifti.read_box(files["gm"], box), nifti.read_box(files["wm"], box))
+        for k in counts:
+            counts[k] += np.bincount(t1[vote == k].ravel(), minlength=256)[:256]
+        vote[(vote == 3) & (wm > gm)] = 4  # a CSF vote whose brighter twin would be WM (below)
+        image[box[0][0] : box[0][1]], labels[box[0][0] : box[0][1]] = slab, vote
+    threshold = 0.5 * (_median_of_counts(counts[3]) + _median_of_counts(counts[1]))
+    for z in range(0, shape[0], step):
+        vote, bright = labels[z : z + step], image[z : z + step] >= threshold
+        csf = vote >= 3
+        vote[csf & bright] = np.where(vote[csf & bright] == 3, 1, 2).astype(np.uint8)
+        vote[csf & ~bright] = 3
+    image.flush(), labels.flush()
+    del image, labels
+    return folder / "image.npy", folder / "labels.npy"
 
 
 @functools.lru_cache(maxsize=1)

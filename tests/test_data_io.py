@@ -283,3 +283,29 @@ def test_tiff_with_three_slices_is_not_rgb(tmp_path, dtype):
     back = read_volume(write_volume(vol, tmp_path / "three.tif"))
     np.testing.assert_array_equal(back.array, vol.array)
     assert back.spacing == (3.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+def test_npz_member_box_reads_only_the_box(tmp_path, compressed):
+    """An .npz member by box equals the slice (image and labels, compressed or stored); a
+    compressed member keeps only the z slab (tracemalloc peak well below the volume)."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(128, 64, 64)).astype(np.float32)
+    labels = rng.integers(0, 4, image.shape).astype(np.uint8)
+    path = tmp_path / "case.npz"
+    (np.savez_compressed if compressed else np.savez)(path, image=image, labels=labels)
+    for box in [((0, 128), (0, 64), (0, 64)), ((5, 9), (3, 31), (7, 8)), ((127, 128), (63, 64), (0, 64))]:
+        sl = tuple(slice(*b) for b in box)
+        assert np.array_equal(read_box(path, box), image[sl])
+        assert np.array_equal(read_box(path, box, member="labels"), labels[sl])
+    assert volume_info(path).shape == image.shape
+    tracemalloc.start()
+    try:
+        block = read_box(path, ((100, 104), (0, 64), (0, 64)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(block, image[100:104])
+    assert peak < image.nbytes / 4, peak
+    with pytest.raises(DataError, match="holds no array named 'weights'"):
+        read_box(path, ((0, 1),) * 3, member="weights")

@@ -59,3 +59,13 @@ def test_resampled(mni):
     np.testing.assert_array_equal(native.labels, mni.labels)
     native.array[...] = 0  # callers get their own copy
     assert load_mni().array.max() > 0
+
+
+def test_mni_native_files_equal_the_template_built_slab_by_slab():
+    """The per-process .npy copy (built slab by slab, threshold from histograms) is the template."""
+    from data_tools.samples import load_mni, mni_native_files
+
+    image, labels = mni_native_files()
+    volume = load_mni()
+    assert np.array_equal(np.load(image, mmap_mode="r"), volume.array)
+    assert np.array_equal(np.load(labels, mmap_mode="r"), volume.labels)

@@ -151,8 +151,25 @@ def test_training_two_processes_equal_one_float64(mesh, batch, two_process_run, 
     ]  # fmt: skip
 
 
+def _labelled_files(folder) -> list[str]:
+    """Two 20³ phantoms as labelled .npz files, shifted off Hounsfield units (so z-scored) and
+    resampled to 16³ in training: every process reads only its boxes and the z-score's
+    statistics are surveyed across the processes."""
+    from data_tools.synthetic import make_phantom
+
+    paths = []
+    for seed in (1, 2):
+        volume = make_phantom(20, seed=seed, vessels=False)
+        path = folder / f"case{seed}.npz"
+        np.savez_compressed(path, image=volume.array + np.float32(1000), labels=volume.labels)
+        paths.append(str(path))
+    return paths
+
+
 def test_training_two_processes_equal_one_float32(tmp_path_factory):
-    config = BASE.replace(model_overrides=TINY, checkpoint_every=3)
+    """Labelled .npz files (resampled, z-scored), not phantoms: 2 × 4 equals 1 × 8."""
+    files = _labelled_files(tmp_path_factory.mktemp("npz"))
+    config = BASE.replace(model_overrides=TINY, checkpoint_every=3, data=files, resolution=16)
     work = tmp_path_factory.mktemp("two-f32") / "run"
     status, out = _launch(config, work)
     assert status == 0, out

@@ -338,6 +338,129 @@ def test_model_input_windows_ct_and_zscores_the_rest():
     assert not is_ct(tagged)  # DICOM Modality wins over the intensity heuristic
 
 
+# -- every source reads only its blocks ---------------------------------------------------
+def _labelled_npz(tmp_path, n=2, shape=(20, 18, 22), *, compressed=True, classes=3):
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(n):
+        image = rng.normal(100, 30, shape).astype(np.float32)
+        labels = rng.integers(0, classes, shape).astype(np.uint8)
+        path = tmp_path / f"case{i}.{'zarr' if compressed == 'zarr' else 'npz'}"
+        if compressed == "zarr":  # an OME-Zarr store with a label image
+            from data_tools import write_volume
+
+            write_volume(Volume(image, labels=labels, class_names=("bg", "a", "b")), path)
+        else:
+            (np.savez_compressed if compressed else np.savez)(path, image=image, labels=labels)
+        paths.append(str(path))
+    return paths
+
+
+def _octants(shape, batch=2):
+    halves = [((0, n // 2), (n // 2, n)) for n in shape]
+    return [((0, batch), z, y, x) for z in halves[0] for y in halves[1] for x in halves[2]]
+
+
+@pytest.mark.parametrize(
+    ("kind", "resolution"),
+    [("npz", None), ("npz", 16), ("stored-npz", 24), ("zarr", 16), ("mni:16", None), ("phantom:24", 16)],
+)
+def test_every_source_blocks_equal_slices_of_the_whole_batch(tmp_path, kind, resolution):
+    """Labelled .npz paths (compressed or stored, native or resampled), OME-Zarr, mni and resampled
+    phantoms: the 2x2x2 split's blocks equal the slices of the whole batch bitwise, and the
+    whole batch is the old whole-volume preparation (resample + model_input) within float32
+    rounding."""
+    from data_tools.io import load_input
+    from workbench.training.data import _case_from_volume, batch_blocks
+
+    compressed = "zarr" if kind == "zarr" else kind == "npz"
+    data = _labelled_npz(tmp_path, compressed=compressed) if kind.endswith(("npz", "zarr")) else kind
+    source = make_source(data, resolution)
+    images, labels = source.train_batch(2, 2, seed=4)
+    for key, (image, label) in zip(_octants(source.shape), batch_blocks(source, 2, 2, _octants(source.shape), seed=4)):
+        index = tuple(slice(lo, hi) for lo, hi in key)
+        np.testing.assert_array_equal(image, images[index])
+        np.testing.assert_array_equal(label, labels[index])
+    plain, _ = source.train_batch(2, 1, seed=4, augment_data=False)
+    if kind.startswith("phantom"):
+        volume, name = __import__("data_tools").make_phantom(24, seed=1_000_000 + 2 * 64, vessels=False), "p"
+    elif kind.startswith("mni"):
+        volume, name, resolution = load_input("mni"), "mni", 16
+    else:
+        order = np.random.default_rng([7, 2]).permutation(len(source.train))
+        volume, name = load_input(data[order[0]]), "v"
+    old = _case_from_volume(volume, resolution, name)
+    np.testing.assert_allclose(plain[0, ..., 0], old.image, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(source.train_batch(2, 1, seed=4, augment_data=False)[1][0], old.labels)
+    assert not hasattr(source, "_cached")  # never a whole case
+
+
+def test_a_process_reads_only_its_boxes(tmp_path, monkeypatch):
+    """Counting the voxels read (data_tools.io.read_box) for one octant of a 2x2x2 mesh: the
+    image and labels each read at most the octant plus the interpolation margin, never the
+    whole volume; the survey when the source is made reads each voxel about once."""
+    import data_tools.io as dio
+
+    read = []
+    real = dio.read_box
+
+    def spy(path, box, **kw):
+        read.append((kw.get("member"), int(np.prod([hi - lo for lo, hi in box]))))
+        return real(path, box, **kw)
+
+    monkeypatch.setattr(dio, "read_box", spy)
+    paths = _labelled_npz(tmp_path, n=1, shape=(32, 32, 32))
+    from workbench.training.data import batch_blocks
+
+    source = make_source(paths, 24)
+    whole = 32**3
+    assert sum(n for m, n in read if m is None) <= 1.2 * whole and sum(n for m, n in read if m) == whole  # survey
+    read.clear()
+    key = [((0, 1), (0, 12), (12, 24), (0, 12))]
+    batch_blocks(source, 0, 1, key, seed=0, augment_data=False)
+    image = [n for m, n in read if m is None]
+    labels = [n for m, n in read if m == "labels"]
+    assert len(image) == len(labels) == 1
+    assert max(image + labels) <= 18**3 < whole / 5, read  # (16 + 2)³ of 32³ around one 12³ octant
+
+
+def test_survey_is_the_same_for_any_process_count(tmp_path):
+    """P processes each survey slabs p, p+P, …; combined in slab order the statistics are
+    bitwise those of one process."""
+    from workbench.training.cases import _finish, survey_rows
+
+    paths = _labelled_npz(tmp_path, n=2, shape=(24, 16, 16))
+    one = make_source(paths, 16)
+    expected = [dict(r.stats) for r in one.train + one.held_out]
+    for count in (2, 3):
+        source = make_source(paths, 16)
+        readers = source.train + source.held_out
+        for r in readers:
+            r.stats = None
+        parts = [survey_rows(readers, p, count) for p in range(count)]
+        jobs = parts[0][0]
+        rows = np.stack([parts[k % count][1][k] for k in range(len(jobs))])
+        _finish(jobs, rows)
+        assert [r.stats for r in readers] == expected
+
+
+def test_bad_labels_in_files_fail_with_the_same_message(tmp_path):
+    bad = np.zeros((8, 8, 8), np.uint8)
+    bad[5, 6, 7] = 9
+    good = tmp_path / "good.npz"
+    np.savez(good, image=np.ones((8, 8, 8), np.float32), labels=np.zeros((8, 8, 8), np.uint8),
+             class_names=np.array(["bg", "a", "b"]))  # fmt: skip
+    np.savez_compressed(tmp_path / "bad.npz", image=np.ones((8, 8, 8), np.float32), labels=bad)
+    with pytest.raises(ValueError, match=r"labels of .*bad.npz hold values \[9\] outside the class range 0..2"):
+        make_source([str(good), str(tmp_path / "bad.npz")])
+    np.savez(tmp_path / "float.npz", image=np.ones((8, 8, 8), np.float32), labels=bad.astype(np.float32))
+    with pytest.raises(ValueError, match="have dtype float32; pass integer class labels"):
+        make_source([str(tmp_path / "float.npz")])
+    np.save(tmp_path / "plain.npy", np.ones((8, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="has no labels"):
+        make_source([str(tmp_path / "plain.npy")])
+
+
 @pytest.mark.parametrize("mesh", ["2x2x2", "data=2,z=2,y=2,x=1"])
 def test_held_out_evaluation_by_blocks_equals_the_whole_case_evaluation(mesh, make_model):
     """What a multi-process run evaluates (each process its own blocks, counts summed) equals

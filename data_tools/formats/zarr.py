@@ -32,7 +32,7 @@ from ..geometry import Box, iter_blocks, spacing_of
 from ..volume import Volume, default_affine
 
 __all__ = [
-    "FORMATS", "SUFFIXES", "sniff", "read", "read_box", "info", "write",
+    "FORMATS", "SUFFIXES", "sniff", "read", "read_box", "info", "write", "labels_info", "read_labels_box",
     "OmeZarrWriter", "default_levels", "downsample_mean", "aligned_levels", "create_ome_zarr", "write_ome_block",
 ]  # fmt: skip
 
@@ -397,6 +397,35 @@ def _labels(path: Path, root) -> tuple[np.ndarray | None, tuple[str, ...] | None
     if not np.issubdtype(labels.dtype, np.integer):
         labels = labels.astype(np.int64)
     return labels, class_names
+
+
+def _labels_source(path: Path):
+    import zarr
+
+    root = _open(path)
+    if not isinstance(root, zarr.Group) or "labels" not in root:
+        return None, root
+    group = root["labels"]
+    names = dict(group.attrs).get("ome", dict(group.attrs)).get("labels") or []
+    return (_Source(path, group[names[0]]) if names else None), root
+
+
+def labels_info(path: Path):
+    """``(dtype, class_names or None)`` of the store's label image, or None without one
+    (metadata only)."""
+    src, root = _labels_source(path)
+    if src is None:
+        return None
+    names = dict(root.attrs).get(_KEY, {}).get("class_names")
+    return np.dtype(src.array.dtype), (tuple(names) if names else None)
+
+
+def read_labels_box(path: Path, box: Box) -> np.ndarray:
+    """Only ``box`` of the store's label image (the chunks it touches)."""
+    src, _ = _labels_source(path)
+    if src is None:
+        raise DataError(path, "holds no label image (labels/)", "write the volume with its labels")
+    return src.read(box)
 
 
 def read(path: Path, *, series=None) -> Volume:

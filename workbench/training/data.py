@@ -10,7 +10,13 @@ blocks of its own devices. An :class:`Augmentation` is data, not a whole-volume 
 flip or a 180° rotation (two flips) changes which box a device reads and flips that
 block, the intensity change is per voxel, and the noise is hashed from the voxel's
 position, so a block equals the same slice of the augmented whole volume. Phantoms are
-rendered block by block; other sources slice a cached whole case (see :meth:`Source.case_block`).
+rendered block by block (resampled ones: only the render box the block's interpolation
+reads); labelled paths, ``mni`` and dataset folders are
+:class:`~workbench.training.cases.CaseReader`s that read only the block's box (plus the
+resampling margin) and normalise it with whole-case statistics surveyed once when the
+source is made (:func:`make_source` must then run in every process's main thread). Held-out
+evaluation cases (``eval_cases``) are prepared whole. Only a source without its own
+:meth:`Source.case_block` slices a cached whole case.
 
 Sources (see :func:`make_source`):
 
@@ -22,14 +28,19 @@ Sources (see :func:`make_source`):
 * ``mni`` / ``mni:N``: the MNI152 T1 with 4 tissue classes. There is one subject, so
   evaluation is on the training volume (augmentations differ): it measures fit, not
   generalisation.
-* paths: volumes with labels; the last ``max(1, n // 5)`` are held out when n ≥ 2.
+  Its native template (189×233×197) is written once per process to a temporary ``.npy``
+  pair slab by slab (:func:`data_tools.samples.mni_native_files`; its tissue labels need
+  global medians, taken from histograms) and memory-mapped: blocks read only their boxes.
+* paths: ``.npz`` files holding ``image`` and ``labels`` (or in-memory ``Volume``s with
+  labels); the last ``max(1, n // 5)`` are held out when n ≥ 2.
 
 Dataset folders (MSD / nnU-Net layout) are read lazily by
 :class:`workbench.training.datasets.DatasetSource`; :func:`workbench.training.datasets.make_source`
 is this module's :func:`make_source` plus those (what ``workbench train`` calls).
 
 With ``resolution`` set, every volume is resampled to resolution³ (image linear, labels
-nearest): ``phantom:128`` at resolution 64 is a down-sampled copy of 128³ phantoms.
+nearest, :func:`data_tools.preprocess.resample_block`): ``phantom:128`` at resolution 64
+is a down-sampled copy of 128³ phantoms.
 Images go through :func:`model_input` (as ``workbench infer`` does): CT in Hounsfield
 units gets the abdomen window, everything else a per-volume z-score.
 """
@@ -43,6 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from workbench.errors import UserError
+from workbench.training.cases import CT_WINDOW, ct_input, is_ct_from, labels_error, volume_reader
 
 __all__ = [
     "Case",
@@ -57,10 +69,12 @@ __all__ = [
     "model_input",
     "ct_input",
     "is_ct",
+    "is_ct_from",
+    "whole_case",
+    "CT_WINDOW",
 ]
 
 TRAIN_SEED_BASE = 1_000_000
-CT_WINDOW = (40.0, 400.0)  # abdomen window (centre, width) in HU
 
 
 def is_ct(volume) -> bool:
@@ -72,19 +86,6 @@ def is_ct(volume) -> bool:
     return is_ct_from(
         volume.metadata.get("modality", ""), volume.source_format, lambda: (float(array.min()), float(array.max()))
     )
-
-
-def is_ct_from(modality, source_format: str, value_range) -> bool:
-    """:func:`is_ct` from its parts: the DICOM modality (or ""), the source format and
-    ``value_range()`` → (min, max) of the intensities, called only when needed (a run
-    that reads the volume block by block reduces it over blocks and processes)."""
-    modality = str(modality or "").upper()
-    if modality:
-        return modality == "CT"
-    if source_format == "phantom":
-        return True
-    low, high = value_range()
-    return low <= -900.0 and high > 0.0
 
 
 def model_input(volume) -> np.ndarray:
@@ -99,18 +100,6 @@ def model_input(volume) -> np.ndarray:
 
     array = np.asarray(volume.array, np.float32)
     return ct_input(array) if is_ct(volume) else zscore(array).astype(np.float32)
-
-
-def ct_input(hounsfield: np.ndarray, *, in_place: bool = False) -> np.ndarray:
-    """CT normalisation of :func:`model_input`: the abdomen window mapped to [-2, 2]
-    (``in_place``: overwriting a float32 array, the same values)."""
-    from data_tools.preprocess import window
-
-    array = hounsfield if in_place else np.asarray(hounsfield, np.float32)
-    out = window(array, center=CT_WINDOW[0], width=CT_WINDOW[1], in_place=in_place)
-    out -= np.float32(0.5)
-    out *= np.float32(4.0)
-    return out
 
 
 @dataclass
@@ -154,6 +143,8 @@ class Source:
         raise NotImplementedError
 
     def eval_cases(self, n: int) -> list[Case]:  # pragma: no cover - interface
+        """The first ``n`` held-out cases, each prepared whole: evaluation runs on whole
+        cases (unlike training, which reads blocks)."""
         raise NotImplementedError
 
     def train_batch(self, step: int, batch: int, *, seed: int = 0, augment_data: bool = True):
@@ -205,38 +196,91 @@ class PhantomSource(Source):
         return self._case(TRAIN_SEED_BASE + step * 64 + index)
 
     def case_block(self, step: int, index: int, box):
-        """Rendered block by block at the phantom's own grid (a resampled phantom is
-        rendered whole and sliced: resampling needs its neighbours)."""
-        if self.resolution not in (None, self.render):
-            return super().case_block(step, index, box)
+        """Rendered block by block: at the phantom's own grid only ``box``; resampled, only
+        the box of the render grid that the block's interpolation reads (rendered once)."""
+        from data_tools.preprocess import resample_block, resample_grid, resample_source_box
         from data_tools.synthetic import make_phantom_block
 
-        image, labels = make_phantom_block(self.render, box, seed=TRAIN_SEED_BASE + step * 64 + index, vessels=False)
-        return ct_input(image), labels
+        seed = TRAIN_SEED_BASE + step * 64 + index
+        if self.resolution in (None, self.render):
+            image, labels = make_phantom_block(self.render, box, seed=seed, vessels=False)
+            return ct_input(image), labels
+        grid, scale, offset = resample_grid((self.render,) * 3, None, shape=self.resolution)
+        outer = resample_source_box(box, (self.render,) * 3, scale, offset, 1)  # covers order 0's too
+        image, labels = make_phantom_block(self.render, outer, seed=seed, vessels=False)
+
+        def within(array):
+            return lambda b: array[tuple(slice(lo - o, hi - o) for (lo, hi), (o, _) in zip(b, outer))]
+
+        raw = resample_block(within(image), (self.render,) * 3, scale, offset, box, 1)
+        return ct_input(raw), resample_block(within(labels), (self.render,) * 3, scale, offset, box, 0)
 
     def eval_cases(self, n: int) -> list[Case]:
         return [self._case(seed) for seed in range(n)]
 
 
 class VolumeSource(Source):
-    def __init__(self, train: Sequence[Case], held_out: Sequence[Case], class_names, description: str):
+    """Labelled volumes (paths, ``mni``, in-memory ``Volume``s) as :class:`CaseReader`s:
+    a training block reads only its box (see :mod:`workbench.training.cases`). Held-out
+    evaluation cases (:meth:`eval_cases`) are made whole (evaluation runs on whole cases)."""
+
+    def __init__(self, train, held_out, class_names, description: str):
         self.train, self.held_out = list(train), list(held_out)
         self.class_names = tuple(class_names)
         self.num_classes = len(self.class_names)
-        self.shape = self.train[0].image.shape
+        self.shape = tuple(self.train[0].shape)
         self.description = description
 
-    def train_case(self, step: int, index: int) -> Case:
+    def _reader(self, step: int, index: int):
         order = np.random.default_rng([7, step]).permutation(len(self.train))
         return self.train[order[index % len(self.train)]]
 
+    def train_case(self, step: int, index: int) -> Case:
+        return whole_case(self._reader(step, index))
+
+    def case_block(self, step: int, index: int, box):
+        return self._reader(step, index).block(box)
+
     def eval_cases(self, n: int) -> list[Case]:
-        return self.held_out[:n]
+        return [whole_case(r) for r in self.held_out[:n]]
+
+
+def whole_case(reader) -> Case:
+    """The whole prepared :class:`Case` of a :class:`~workbench.training.cases.CaseReader`
+    (for evaluation: this reads the whole volume)."""
+    image, labels = reader.block(tuple((0, n) for n in reader.shape))
+    return Case(image, labels, tuple(getattr(reader, "spacing", (1.0, 1.0, 1.0))), reader.name, {})
+
+
+def _mni_reader(target):
+    """The MNI template as a :class:`~workbench.training.cases.CaseReader`: its native image
+    and labels memory-mapped from this process's copy (:func:`data_tools.samples.mni_native_files`,
+    built slab by slab), resampled to ``target`` (N or (Z, Y, X); None: native)."""
+    from data_tools.io import read_box, volume_info
+    from data_tools.preprocess import resample_grid
+    from data_tools.samples import mni_native_files
+    from workbench.training.cases import CaseReader
+
+    image, labels = mni_native_files()
+    shape = volume_info(image).shape
+    if target is not None and not np.isscalar(target) and tuple(target) == shape:
+        target = None
+    resampling = None if target is None else resample_grid(shape, (1.0, 1.0, 1.0), shape=target)
+    reader = CaseReader("mni", shape, lambda b: read_box(image, b), lambda b: read_box(labels, b),
+                        source_format="mni", resampling=resampling)  # fmt: skip
+    reader.spacing = tuple(float(s) for s in resampling[1]) if resampling else (1.0, 1.0, 1.0)
+    return reader
 
 
 def make_source(data: str | Sequence, resolution: int | None = None) -> Source:
-    """A :class:`Source` from ``phantom[:N]``, ``mni[:N]``, a list of paths or of ``Volume``s."""
-    from data_tools.io import load_input
+    """A :class:`Source` from ``phantom[:N]``, ``mni[:N]``, a list of paths or of ``Volume``s.
+
+    Labelled volumes are opened by their headers; their statistics and label checks are
+    surveyed here (:func:`workbench.training.cases.survey`: every process must call this,
+    in its main thread), and training reads only the boxes it needs."""
+    from data_tools.io import _parse_spec
+    from data_tools.samples import MNI_CLASS_NAMES
+    from workbench.training.cases import survey
 
     if resolution is not None and (not isinstance(resolution, int) or resolution < 8):
         raise UserError(f"resolution={resolution!r} must be an integer >= 8 (voxels per side)")
@@ -256,30 +300,29 @@ def make_source(data: str | Sequence, resolution: int | None = None) -> Source:
         if spec == "mni" or spec.startswith("mni:"):
             if resolution is None and spec == "mni":
                 resolution = 64
-            volume = load_input(spec if resolution is None else "mni")
-            case = _case_from_volume(volume, resolution, "mni")
-            return VolumeSource([case], [case], volume.class_names, f"mni at {case.image.shape}")
-    volumes = [load_input(v) if not hasattr(v, "array") else v for v in items]
-    class_names = next((v.class_names for v in volumes if v.class_names), None)
-    cases = [
-        _case_from_volume(v, resolution, str(getattr(v, "path", None) or f"volume {i}")) for i, v in enumerate(volumes)
-    ]
-    num_classes = len(class_names) if class_names else int(max(c.labels.max() for c in cases)) + 1
-    if class_names is None:
-        class_names = ("background",) + tuple(f"class{k}" for k in range(1, num_classes))
-    shapes = {c.image.shape for c in cases}
+            reader = _mni_reader(resolution if resolution is not None else _parse_spec(spec)[1])
+            survey([reader])
+            return VolumeSource([reader], [reader], MNI_CLASS_NAMES, f"mni at {reader.shape}")
+    pairs = [volume_reader(v, str(getattr(v, "path", None) or (v if isinstance(v, str) else f"volume {i}")),
+                            resolution) for i, v in enumerate(items)]  # fmt: skip
+    readers = [r for r, _ in pairs]
+    class_names = next((names for _, names in pairs if names), None)
+    shapes = {r.shape for r in readers}
     if len(shapes) > 1:
         raise UserError(
             f"training volumes have different shapes {sorted(shapes)}; pass --resolution N to resample them all to N³"
         )
-    for c in cases:
-        from workbench.training.losses import check_labels
-
-        check_labels(c.labels, num_classes, name=f"labels of {c.name}")
-    held = max(1, len(cases) // 5) if len(cases) >= 2 else 0
-    train = cases[: len(cases) - held]
+    for r in readers:
+        r.num_classes = len(class_names) if class_names else None
+        r.label_error = labels_error(f"{r.name}", r.num_classes)
+    survey(readers)
+    num_classes = len(class_names) if class_names else max(r.stats["label_max"] for r in readers) + 1
+    if class_names is None:
+        class_names = ("background",) + tuple(f"class{k}" for k in range(1, num_classes))
+    held = max(1, len(readers) // 5) if len(readers) >= 2 else 0
+    train = readers[: len(readers) - held]
     return VolumeSource(
-        train, cases[len(cases) - held :] or train, class_names, f"{len(cases)} volume(s) at {cases[0].image.shape}"
+        train, readers[len(readers) - held :] or train, class_names, f"{len(readers)} volume(s) at {readers[0].shape}"
     )
 
 

@@ -5,12 +5,16 @@
 :class:`DatasetSource` is the :class:`~workbench.training.data.Source` of ``workbench
 train --data DATASET_DIR --fold K``: :mod:`data_tools.datasets` reads ``dataset.json``,
 pairs and checks the cases (headers and label values, before anything is written) and
-splits them into nnU-Net's 5 folds. Volumes are read lazily: a case is read, resampled
-and normalised when a step (or an evaluation) needs it and dropped afterwards, so a
-dataset larger than host memory trains. :data:`LIVE_CASES` counts the prepared cases
-alive at any moment (its ``peak`` is what the tests and ``benchmarks/dataset_memory.py``
-check: at most ``batch + 1``, i.e. two with the default batch of one: the case of the
-step being prepared and one held-out case being evaluated).
+splits them into nnU-Net's 5 folds. Training never reads a whole case: each training
+case is a :class:`~workbench.training.cases.CaseReader` whose statistics (for the
+z-score, or the CT test and padding) and label values are surveyed once, slab by slab and
+shared among the run's processes, when the source is made; a step then reads only the
+boxes of this process's devices from the image and label files (plus the resampling
+margin), so a dataset larger than host memory trains and no process holds a whole volume.
+Validation cases (:meth:`DatasetSource.eval_cases`) are still read, resampled and normalised
+whole when evaluated (evaluation runs on whole cases) and dropped afterwards.
+:data:`LIVE_CASES` counts those whole prepared cases alive at any moment (its ``peak`` is
+what the tests and ``benchmarks/dataset_memory.py`` check).
 
 :class:`Preprocessing` is how a case becomes the model's input, the same in training and
 in ``workbench evaluate``: resampled to a target ``spacing`` (mm; default the per-axis median
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from workbench.errors import UserError
+from workbench.training.cases import CaseReader, survey
 from workbench.training.data import Case, Source, model_input
 
 __all__ = [
@@ -222,9 +227,14 @@ class DatasetSource(Source):
             )
         self.dataset, self.fold = dataset, int(fold)
         self.train_files, self.val_files = dataset.split(fold)
-        infos = check_dataset(dataset, self.train_files + self.val_files, progress=progress)
+        # headers and grids of every case; the label values of the training cases are
+        # checked block by block below (validation cases: whole, as they are evaluated)
+        infos = check_dataset(dataset, self.train_files, labels=False, progress=progress)
+        infos.update(check_dataset(dataset, self.val_files, progress=progress))
         self.plan = plan_preprocessing(infos.values(), spacing=spacing, resolution=resolution)
         self.shape = self.plan.shape
+        self.readers = [self._reader(f, infos[f.name]) for f in self.train_files]
+        survey(self.readers)
         self.class_names = dataset.class_names
         self.num_classes = len(self.class_names)
         self.description = (
@@ -244,11 +254,54 @@ class DatasetSource(Source):
 
         return prepare_case(read_case(self.dataset, files, check=False), self.plan, name=files.name)
 
-    def train_case(self, step: int, index: int) -> Case:
+    def _reader(self, files, info) -> CaseReader:
+        """The :class:`~workbench.training.cases.CaseReader` of a training case: its image and
+        label files read by box, resampled as :func:`prepare_case` does, padded to the grid."""
+        from data_tools.errors import DataError
+        from data_tools.io import read_box
+        from data_tools.preprocess import resample_grid
+
+        plan, root = self.plan, self.dataset.root
+        shape, spacing = tuple(info.shape), tuple(info.spacing)
+        resampling = None
+        if plan.resolution is not None and shape != plan.shape:
+            resampling = resample_grid(shape, spacing, shape=plan.resolution)
+        elif plan.spacing is not None and not np.allclose(spacing, plan.spacing, rtol=1e-6):
+            resampling = resample_grid(shape, spacing, spacing=plan.spacing)
+        grid = resampling[0] if resampling else shape
+        k = len(self.dataset.class_names)
+        rel = os.path.relpath(files.label, root)
+
+        def label_error(lo, hi, bad, non_integer):  # the messages of data_tools.datasets' checks
+            if non_integer:
+                return DataError(root, f"case {files.name}: {rel} holds non-integer values",
+                                 "write integer labels (resample label maps with nearest neighbour)")  # fmt: skip
+            return DataError(root, f"case {files.name}: {rel} holds label values {bad} outside the {k} declared "
+                             f"classes 0..{k - 1} {list(self.dataset.class_names)}", "remap the label map or "
+                             "declare the classes in dataset.json \"labels\"")  # fmt: skip
+
+        return CaseReader(
+            files.name, shape, lambda b: read_box(files.images[0], b), lambda b: read_box(files.label, b),
+            modality=self.dataset.channel_names[0], source_format=info.source_format, resampling=resampling,
+            shape=tuple(max(a, b) for a, b in zip(grid, plan.shape)), num_classes=k, label_error=label_error,
+            labels_dtype=np.uint8 if k <= 256 else np.int32,
+        )  # fmt: skip
+
+    def _pick(self, step: int, index: int) -> int:
         order = np.random.default_rng([7, step]).permutation(len(self.train_files))
-        return self.load(self.train_files[order[index % len(order)]])
+        return int(order[index % len(order)])
+
+    def train_case(self, step: int, index: int) -> Case:
+        """The whole prepared case (reads it whole; training uses :meth:`case_block`)."""
+        return self.load(self.train_files[self._pick(step, index)])
+
+    def case_block(self, step: int, index: int, box):
+        """Only ``box`` of the prepared case (its source box plus the resampling margin is read)."""
+        return self.readers[self._pick(step, index)].block(box)
 
     def eval_cases(self, n: int):
+        """The first ``n`` validation cases, each read and prepared whole when iterated (one
+        at a time; evaluation runs on whole cases)."""
         return _LazyCases(self, self.val_files[:n])
 
 
