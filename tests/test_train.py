@@ -461,16 +461,44 @@ def test_bad_labels_in_files_fail_with_the_same_message(tmp_path):
         make_source([str(tmp_path / "plain.npy")])
 
 
-@pytest.mark.parametrize("mesh", ["2x2x2", "data=2,z=2,y=2,x=1"])
-def test_held_out_evaluation_by_blocks_equals_the_whole_case_evaluation(mesh, make_model):
-    """What a multi-process run evaluates (each process its own blocks, counts summed) equals
-    the whole-volume evaluation: Dice per case and pooled and accuracy, to the last bit; three
-    cases, so with data=2 the last batch holds one empty case."""
-    from workbench.training.evaluation import evaluate, evaluate_blocks, held_out_blocks
+class _WholeOnly:
+    """A source that gives whole held-out cases only (no ``eval_block``)."""
+
+    def __init__(self, source):
+        self.shape, self.eval_cases = source.shape, source.eval_cases
+
+
+@pytest.mark.parametrize(
+    ("kind", "mesh"),
+    [
+        ("phantom", "2x2x2"),
+        ("phantom", "data=2,z=2,y=2,x=1"),
+        ("whole-only", "2x2x2"),
+        ("npz", "2x2x2"),
+        ("dataset", "2x2x2"),
+    ],  # fmt: skip
+)
+def test_held_out_evaluation_by_blocks_equals_the_whole_case_evaluation(kind, mesh, make_model, tmp_path):
+    """What a multi-process run evaluates (each process reads its own blocks of each held-out
+    case and counts on them; the counts are summed) equals the whole-case evaluation: Dice per
+    case and pooled and accuracy, to the last bit. Phantoms (3 cases: with data=2 the last
+    batch holds one empty case), a source without box reads, resampled .npz files and a
+    resampled dataset's validation case."""
+    from data_tools import write_phantom_dataset
+    from workbench.training.datasets import make_source as make_any_source
+    from workbench.training.evaluation import _WholeHeldOut, evaluate, evaluate_blocks, held_out_blocks
 
     model = make_model("small", 0, perturbed_model=True)
-    source = make_source("phantom:24")
-    whole = evaluate(model, source.eval_cases(3), mesh, class_names=source.class_names, hd95=False)
-    blocks = evaluate_blocks(model, held_out_blocks(source, 3), 3, mesh, class_names=source.class_names)
-    assert blocks == whole
-    assert len({v for v in whole["dice_per_case"]["organ"]}) == 3 and 0 < whole["accuracy"] < 1  # not trivial
+    if kind in ("phantom", "whole-only"):
+        source, n = make_source("phantom:24"), 3
+    elif kind == "npz":
+        source, n = make_source(_labelled_npz(tmp_path, n=5), resolution=16), 1
+    else:
+        data = write_phantom_dataset(tmp_path / "Task01_Phantom", cases=5, test=0, shapes=24)
+        source, n = make_any_source(str(data), resolution=16), 1
+    whole = evaluate(model, source.eval_cases(n), mesh, class_names=source.class_names, hd95=False)
+    held = held_out_blocks(_WholeOnly(source) if kind == "whole-only" else source, n)
+    assert isinstance(held, _WholeHeldOut) == (kind == "whole-only")
+    assert evaluate_blocks(model, held, n, mesh, class_names=source.class_names) == whole
+    if kind == "phantom":  # not trivial
+        assert len(set(whole["dice_per_case"]["organ"])) == 3 and 0 < whole["accuracy"] < 1

@@ -15,7 +15,9 @@ reads); labelled paths, ``mni`` and dataset folders are
 :class:`~workbench.training.cases.CaseReader`s that read only the block's box (plus the
 resampling margin) and normalise it with whole-case statistics surveyed once when the
 source is made (:func:`make_source` must then run in every process's main thread). Held-out
-evaluation cases (``eval_cases``) are prepared whole. Only a source without its own
+cases are prepared whole by ``eval_cases`` (what one process evaluates, HD95 included) and
+read by box by ``eval_block`` (what a multi-process run evaluates:
+:func:`workbench.training.evaluation.evaluate_blocks`). Only a source without its own
 :meth:`Source.case_block` slices a cached whole case.
 
 Sources (see :func:`make_source`):
@@ -143,8 +145,9 @@ class Source:
         raise NotImplementedError
 
     def eval_cases(self, n: int) -> list[Case]:  # pragma: no cover - interface
-        """The first ``n`` held-out cases, each prepared whole: evaluation runs on whole
-        cases (unlike training, which reads blocks)."""
+        """The first ``n`` held-out cases, each prepared whole (what one process evaluates;
+        a source may also offer ``eval_block(i, box)`` and ``eval_name(i)``, which a
+        multi-process run evaluates by, see :func:`workbench.training.evaluation.held_out_blocks`)."""
         raise NotImplementedError
 
     def train_batch(self, step: int, batch: int, *, seed: int = 0, augment_data: bool = True):
@@ -198,10 +201,19 @@ class PhantomSource(Source):
     def case_block(self, step: int, index: int, box):
         """Rendered block by block: at the phantom's own grid only ``box``; resampled, only
         the box of the render grid that the block's interpolation reads (rendered once)."""
+        return self._block(TRAIN_SEED_BASE + step * 64 + index, box)
+
+    def eval_block(self, i: int, box):
+        """``box`` of held-out case ``i`` (seed ``i``), rendered as :meth:`case_block` does."""
+        return self._block(i, box)
+
+    def eval_name(self, i: int) -> str:
+        return f"phantom seed {i}"
+
+    def _block(self, seed: int, box):
         from data_tools.preprocess import resample_block, resample_grid, resample_source_box
         from data_tools.synthetic import make_phantom_block
 
-        seed = TRAIN_SEED_BASE + step * 64 + index
         if self.resolution in (None, self.render):
             image, labels = make_phantom_block(self.render, box, seed=seed, vessels=False)
             return ct_input(image), labels
@@ -222,7 +234,8 @@ class PhantomSource(Source):
 class VolumeSource(Source):
     """Labelled volumes (paths, ``mni``, in-memory ``Volume``s) as :class:`CaseReader`s:
     a training block reads only its box (see :mod:`workbench.training.cases`). Held-out
-    evaluation cases (:meth:`eval_cases`) are made whole (evaluation runs on whole cases)."""
+    cases are made whole by :meth:`eval_cases` (one process evaluates whole cases) and
+    read by box by :meth:`eval_block` (what a multi-process run evaluates)."""
 
     def __init__(self, train, held_out, class_names, description: str):
         self.train, self.held_out = list(train), list(held_out)
@@ -243,6 +256,12 @@ class VolumeSource(Source):
 
     def eval_cases(self, n: int) -> list[Case]:
         return [whole_case(r) for r in self.held_out[:n]]
+
+    def eval_block(self, i: int, box):
+        return self.held_out[i].block(box)
+
+    def eval_name(self, i: int) -> str:
+        return self.held_out[i].name
 
 
 def whole_case(reader) -> Case:

@@ -11,10 +11,10 @@ z-score, or the CT test and padding) and label values are surveyed once, slab by
 shared among the run's processes, when the source is made; a step then reads only the
 boxes of this process's devices from the image and label files (plus the resampling
 margin), so a dataset larger than host memory trains and no process holds a whole volume.
-Validation cases (:meth:`DatasetSource.eval_cases`) are still read, resampled and normalised
-whole when evaluated (evaluation runs on whole cases) and dropped afterwards.
-:data:`LIVE_CASES` counts those whole prepared cases alive at any moment (its ``peak`` is
-what the tests and ``benchmarks/dataset_memory.py`` check).
+Validation cases are read, resampled and normalised whole when one process evaluates them
+(:meth:`DatasetSource.eval_cases`, then dropped); a multi-process run evaluates them by
+box (:meth:`DatasetSource.eval_block`). :data:`LIVE_CASES` counts the whole prepared cases
+alive at any moment (its ``peak`` is what the tests and ``benchmarks/dataset_memory.py`` check).
 
 :class:`Preprocessing` is how a case becomes the model's input, the same in training and
 in ``workbench evaluate``: resampled to a target ``spacing`` (mm; default the per-axis median
@@ -234,6 +234,8 @@ class DatasetSource(Source):
         self.plan = plan_preprocessing(infos.values(), spacing=spacing, resolution=resolution)
         self.shape = self.plan.shape
         self.readers = [self._reader(f, infos[f.name]) for f in self.train_files]
+        self._infos = infos
+        self._val_readers: dict = {}
         survey(self.readers)
         self.class_names = dataset.class_names
         self.num_classes = len(self.class_names)
@@ -301,8 +303,19 @@ class DatasetSource(Source):
 
     def eval_cases(self, n: int):
         """The first ``n`` validation cases, each read and prepared whole when iterated (one
-        at a time; evaluation runs on whole cases)."""
+        at a time; one process evaluates whole cases)."""
         return _LazyCases(self, self.val_files[:n])
+
+    def eval_block(self, i: int, box):
+        """``box`` of validation case ``i``, prepared as :meth:`eval_cases` prepares it whole
+        (what a multi-process run evaluates; the case's statistics are surveyed on first use)."""
+        if i not in self._val_readers:
+            files = self.val_files[i]
+            self._val_readers[i] = self._reader(files, self._infos[files.name])
+        return self._val_readers[i].block(box)
+
+    def eval_name(self, i: int) -> str:
+        return self.val_files[i].name
 
 
 def make_source(data: str | Sequence, resolution: int | None = None, *, fold: int = 0, spacing=None) -> Source:
