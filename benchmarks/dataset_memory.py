@@ -123,16 +123,24 @@ def _measure(cases: int, args) -> dict:
 
 
 def _pipeline(source, config) -> dict:
-    """Peak traced bytes and live cases of the batches and validation reads of a run."""
+    """Peak traced bytes and live cases of the batches and validation reads of a run: the
+    batches as the training loop makes them (the blocks of this process's devices)."""
+    from workbench.mesh import ShardLayout
+    from workbench.training.config import model_config
     from workbench.training.data import BatchStream
     from workbench.training.datasets import LIVE_CASES
+    from workbench.training.step import batch_keys, build_train_step
 
+    cfg = model_config(config, source.num_classes)
+    ts = build_train_step(cfg, config, ShardLayout(source.shape, config.mesh_spec, multiple=cfg.multiple))
+    keys = batch_keys(ts, config.batch)
     LIVE_CASES.reset()
     tracemalloc.start()
-    stream = BatchStream(source, config.batch, start=0, seed=config.seed, augment_data=config.augment)
+    stream = BatchStream(source, config.batch, start=0, seed=config.seed, augment_data=config.augment, keys=keys,
+                         workers=getattr(source, "prefetch_workers", None))  # fmt: skip
     try:
         for step in range(1, config.steps + 1):
-            images, labels = stream.next()
+            blocks = stream.next()  # noqa: F841  (held while the validation cases are read)
             if step % config.eval_every == 0:
                 for case in source.eval_cases(config.eval_cases):
                     del case
