@@ -15,6 +15,14 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
+from hypothesis import settings  # noqa: E402
+
+# Property tests draw the same examples on every run (CI must not pass or fail by chance);
+# HYPOTHESIS_PROFILE=explore draws fresh ones (e.g. `HYPOTHESIS_PROFILE=explore pytest tests/test_reliability.py`).
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 # Each test file's tier and what it needs. A new file must be listed (see
 # test_every_test_file_has_a_tier), so `pytest -m exactness` never silently misses one.
 TIERS = {
