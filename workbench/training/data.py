@@ -56,6 +56,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from workbench.errors import UserError
+from workbench.training.augment import Augmentation, augment
 from workbench.training.cases import CT_WINDOW, ct_input, is_ct_from, labels_error, volume_reader
 
 __all__ = [
@@ -345,74 +346,6 @@ def make_source(data: str | Sequence, resolution: int | None = None) -> Source:
     )
 
 
-@dataclass(frozen=True)
-class Augmentation:
-    """One volume's random augmentation: random flips and a 180° rotation (together: a
-    flip or not per axis), intensity scale and shift, and noise of level ``sigma``
-    (approximately Gaussian: the mean of 4 uniforms hashed from ``noise_key`` and the
-    voxel's position, scaled to unit variance)."""
-
-    flips: tuple[bool, bool, bool] = (False, False, False)
-    scale: float = 1.0
-    shift: float = 0.0
-    sigma: float = 0.0
-    noise_key: int = 0
-
-    @classmethod
-    def draw(cls, rng: np.random.Generator) -> Augmentation:
-        flips = [bool(rng.random() < 0.5) for _ in range(3)]
-        if rng.random() < 0.5:  # a 180° rotation in a plane flips both of its axes
-            for axis in [(0, 1), (0, 2), (1, 2)][int(rng.integers(3))]:
-                flips[axis] = not flips[axis]
-        scale, shift, sigma = rng.uniform(0.9, 1.1), rng.uniform(-0.1, 0.1), rng.uniform(0.0, 0.05)
-        return cls(tuple(flips), float(scale), float(shift), float(sigma), int(rng.integers(1 << 62)))
-
-    def source_box(self, box, shape):
-        """The box of the unaugmented volume that ends up at ``box`` once flipped."""
-        return tuple((n - hi, n - lo) if f else (lo, hi) for (lo, hi), n, f in zip(box, shape, self.flips))
-
-    def apply(self, image: np.ndarray, labels: np.ndarray, box, shape):
-        """Augment the block read at :meth:`source_box`; the result is ``box`` of the augmented volume."""
-        axes = tuple(a for a in range(3) if self.flips[a])
-        if axes:
-            image, labels = np.flip(image, axes), np.flip(labels, axes)
-        noise = hashed_noise(shape, box, self.noise_key)
-        image = (image * np.float32(self.scale) + np.float32(self.shift) + np.float32(self.sigma) * noise).astype(
-            np.float32
-        )
-        return np.ascontiguousarray(image), np.ascontiguousarray(labels)
-
-
-def hashed_noise(shape, box, key: int) -> np.ndarray:
-    """Zero-mean, unit-variance noise for ``box`` of a ``shape`` volume: a function of
-    (``key``, voxel index) only, so any block equals the slice of the whole field."""
-    (z0, z1), (y0, y1), (x0, x1) = box
-    _, ny, nx = shape
-    index = (
-        np.arange(z0, z1, dtype=np.uint64)[:, None, None] * np.uint64(ny * nx)
-        + np.arange(y0, y1, dtype=np.uint64)[None, :, None] * np.uint64(nx)
-        + np.arange(x0, x1, dtype=np.uint64)[None, None, :]
-    )
-    h = index + np.uint64(key % (1 << 64))  # splitmix64
-    h ^= h >> np.uint64(30)
-    h *= np.uint64(0xBF58476D1CE4E5B9)
-    h ^= h >> np.uint64(27)
-    h *= np.uint64(0x94D049BB133111EB)
-    h ^= h >> np.uint64(31)
-    total = sum(((h >> np.uint64(16 * i)) & np.uint64(0xFFFF)).astype(np.float32) for i in range(4))
-    # 4 uniforms on 0..65535: mean 4 * 32767.5, variance 4 * (65536² - 1) / 12
-    return (total - np.float32(4 * 32767.5)) * np.float32(1.0 / np.sqrt(4 * (65536.0**2 - 1) / 12))
-
-
-def augment(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
-    """Random flips, a 180° rotation, intensity scale/shift and noise (:class:`Augmentation`).
-
-    The same ``rng`` state gives the same result: batches are identical on every mesh.
-    """
-    whole = tuple((0, n) for n in image.shape)
-    return Augmentation.draw(rng).apply(image, labels, whole, image.shape)
-
-
 def pad_to(array: np.ndarray, spatial: Sequence[int]) -> np.ndarray:
     """Zero-pad the spatial axes (1..3) of a batch array at their high ends."""
     widths = [(0, 0)] * array.ndim
@@ -435,7 +368,10 @@ def batch_blocks(source, step: int, batch: int, keys, *, seed: int, augment_data
     A key is ``((b0, b1), (z0, z1), (y0, y1), (x0, x1))``: a range of the batch and a box of
     the padded volume, what one device holds. Returns one (images f32[b, z, y, x, 1],
     labels i32[b, z, y, x]) per key, equal to that slice of the whole padded batch, made from
-    the blocks' own data when the source can (:meth:`Source.train_block`).
+    the blocks' own data when the source can (:meth:`Source.train_block`). Blocks of one
+    volume that tile a box (this process's part) are made by one call for that box and
+    sliced: a block equals the slice of any larger block, and a compressed file is decoded
+    once per step rather than once per device.
     """
     whole = None
     out, parts = [], []
@@ -446,10 +382,17 @@ def batch_blocks(source, step: int, batch: int, keys, *, seed: int, augment_data
         parts.append((b0, b1, valid))
     # volume by volume, so a source that loads whole cases loads each once per step
     for b in sorted({b for b0, b1, _ in parts for b in range(b0, b1)}):
+        mine = [v for b0, b1, v in parts if b0 <= b < b1 and all(hi > lo for lo, hi in v)]
+        joint = _tiled_box(mine) if hasattr(source, "train_block") and len(set(mine)) > 1 else None
+        if joint is not None:  # one read of the box they tile (a compressed file is decoded once)
+            tile = source.train_block(step, b, joint, seed=seed, augment_data=augment_data)
         for (images, labels), (b0, b1, valid) in zip(out, parts):
             if not (b0 <= b < b1 and all(hi > lo for lo, hi in valid)):
                 continue
-            if hasattr(source, "train_block"):
+            if joint is not None:
+                sl = tuple(slice(lo - j, hi - j) for (lo, hi), (j, _) in zip(valid, joint))
+                image, label = tile[0][sl], tile[1][sl]
+            elif hasattr(source, "train_block"):
                 image, label = source.train_block(step, b, valid, seed=seed, augment_data=augment_data)
             else:  # a source that only makes whole batches
                 if whole is None:
@@ -462,6 +405,15 @@ def batch_blocks(source, step: int, batch: int, keys, *, seed: int, augment_data
     if getattr(source, "_cached", None) is not None:
         source._cached = None  # the last whole case (see Source.case_block): released with the batch
     return out
+
+
+def _tiled_box(boxes):
+    """The bounding box of ``boxes`` if they tile it exactly (a process's devices usually
+    hold one contiguous part of the volume), else None."""
+    boxes = set(boxes)
+    joint = tuple((min(b[d][0] for b in boxes), max(b[d][1] for b in boxes)) for d in range(3))
+    volume = int(np.prod([hi - lo for lo, hi in joint]))
+    return joint if volume == sum(int(np.prod([hi - lo for lo, hi in b])) for b in boxes) else None
 
 
 class BatchStream:

@@ -306,13 +306,23 @@ class DatasetSource(Source):
         at a time; one process evaluates whole cases)."""
         return _LazyCases(self, self.val_files[:n])
 
+    def survey_held_out(self, n: int) -> None:
+        """Survey the first ``n`` validation cases' statistics, their slabs shared among the
+        run's processes (every process calls this, in the main thread, before
+        :meth:`eval_block`; see :func:`workbench.training.cases.survey`)."""
+        survey([self._val_reader(i) for i in range(min(n, len(self.val_files)))])
+
     def eval_block(self, i: int, box):
         """``box`` of validation case ``i``, prepared as :meth:`eval_cases` prepares it whole
-        (what a multi-process run evaluates; the case's statistics are surveyed on first use)."""
+        (what a multi-process run evaluates; surveyed by :meth:`survey_held_out`, or alone
+        on first use)."""
+        return self._val_reader(i).block(box)
+
+    def _val_reader(self, i: int) -> CaseReader:
         if i not in self._val_readers:
             files = self.val_files[i]
             self._val_readers[i] = self._reader(files, self._infos[files.name])
-        return self._val_readers[i].block(box)
+        return self._val_readers[i]
 
     def eval_name(self, i: int) -> str:
         return self.val_files[i].name

@@ -150,8 +150,14 @@ def evaluate_blocks(model, source, n: int, mesh, *, backend: str = "explicit", c
 
 def held_out_blocks(source, n: int):
     """What :func:`evaluate_blocks` reads: ``source`` itself when it reads blocks of its
-    held-out cases (``eval_block``), else :class:`_WholeHeldOut` over its whole cases."""
-    return source if hasattr(source, "eval_block") else _WholeHeldOut(source, n)
+    held-out cases (``eval_block``), else :class:`_WholeHeldOut` over its whole cases.
+    Every process calls it in the main thread: a source's ``survey_held_out(n)`` (the
+    held-out cases' statistics, their slabs shared among the processes) runs here."""
+    if not hasattr(source, "eval_block"):
+        return _WholeHeldOut(source, n)
+    if hasattr(source, "survey_held_out"):
+        source.survey_held_out(n)
+    return source
 
 
 class _WholeHeldOut:

@@ -1,0 +1,84 @@
+"""Training augmentation as data: which box a device reads, and per-voxel changes.
+
+An :class:`Augmentation` is a flip or not per axis (a 180° rotation is two flips), an
+intensity scale and shift, and noise hashed from the voxel's position
+(:func:`hashed_noise`), so a block of an augmented volume is made from that block's data
+alone and equals the same slice of the whole augmented volume (see
+:mod:`workbench.training.data`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Augmentation", "augment", "hashed_noise"]
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """One volume's random augmentation: random flips and a 180° rotation (together: a
+    flip or not per axis), intensity scale and shift, and noise of level ``sigma``
+    (approximately Gaussian: the mean of 4 uniforms hashed from ``noise_key`` and the
+    voxel's position, scaled to unit variance)."""
+
+    flips: tuple[bool, bool, bool] = (False, False, False)
+    scale: float = 1.0
+    shift: float = 0.0
+    sigma: float = 0.0
+    noise_key: int = 0
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> Augmentation:
+        flips = [bool(rng.random() < 0.5) for _ in range(3)]
+        if rng.random() < 0.5:  # a 180° rotation in a plane flips both of its axes
+            for axis in [(0, 1), (0, 2), (1, 2)][int(rng.integers(3))]:
+                flips[axis] = not flips[axis]
+        scale, shift, sigma = rng.uniform(0.9, 1.1), rng.uniform(-0.1, 0.1), rng.uniform(0.0, 0.05)
+        return cls(tuple(flips), float(scale), float(shift), float(sigma), int(rng.integers(1 << 62)))
+
+    def source_box(self, box, shape):
+        """The box of the unaugmented volume that ends up at ``box`` once flipped."""
+        return tuple((n - hi, n - lo) if f else (lo, hi) for (lo, hi), n, f in zip(box, shape, self.flips))
+
+    def apply(self, image: np.ndarray, labels: np.ndarray, box, shape):
+        """Augment the block read at :meth:`source_box`; the result is ``box`` of the augmented volume."""
+        axes = tuple(a for a in range(3) if self.flips[a])
+        if axes:
+            image, labels = np.flip(image, axes), np.flip(labels, axes)
+        noise = hashed_noise(shape, box, self.noise_key)
+        image = (image * np.float32(self.scale) + np.float32(self.shift) + np.float32(self.sigma) * noise).astype(
+            np.float32
+        )
+        return np.ascontiguousarray(image), np.ascontiguousarray(labels)
+
+
+def hashed_noise(shape, box, key: int) -> np.ndarray:
+    """Zero-mean, unit-variance noise for ``box`` of a ``shape`` volume: a function of
+    (``key``, voxel index) only, so any block equals the slice of the whole field."""
+    (z0, z1), (y0, y1), (x0, x1) = box
+    _, ny, nx = shape
+    index = (
+        np.arange(z0, z1, dtype=np.uint64)[:, None, None] * np.uint64(ny * nx)
+        + np.arange(y0, y1, dtype=np.uint64)[None, :, None] * np.uint64(nx)
+        + np.arange(x0, x1, dtype=np.uint64)[None, None, :]
+    )
+    h = index + np.uint64(key % (1 << 64))  # splitmix64
+    h ^= h >> np.uint64(30)
+    h *= np.uint64(0xBF58476D1CE4E5B9)
+    h ^= h >> np.uint64(27)
+    h *= np.uint64(0x94D049BB133111EB)
+    h ^= h >> np.uint64(31)
+    total = sum(((h >> np.uint64(16 * i)) & np.uint64(0xFFFF)).astype(np.float32) for i in range(4))
+    # 4 uniforms on 0..65535: mean 4 * 32767.5, variance 4 * (65536² - 1) / 12
+    return (total - np.float32(4 * 32767.5)) * np.float32(1.0 / np.sqrt(4 * (65536.0**2 - 1) / 12))
+
+
+def augment(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
+    """Random flips, a 180° rotation, intensity scale/shift and noise (:class:`Augmentation`).
+
+    The same ``rng`` state gives the same result: batches are identical on every mesh.
+    """
+    whole = tuple((0, n) for n in image.shape)
+    return Augmentation.draw(rng).apply(image, labels, whole, image.shape)
