@@ -25,8 +25,9 @@ on, as training runs) while ``data_tools.io.read_box``, the OME-Zarr label reade
 
 With ``--eval`` (default on) also what :func:`workbench.training.evaluation.evaluate_blocks`
 reads per process for one held-out case (a tiny model; ``eval_block`` calls are attributed
-to the process owning the device), plus the held-out case's first-use survey a dataset's
-validation case costs every process. Nothing passes or fails on time.
+to the process owning the device), plus the survey of a dataset's validation case (made
+up front, its slabs shared among the processes, as the training loop does through
+:func:`~workbench.training.evaluation.held_out_blocks`). Nothing passes or fails on time.
 
     python benchmarks/training_reads.py [--size 64] [--processes 2 4] [--quick] [--json out.json]
 """
@@ -295,7 +296,7 @@ def _evaluation(label, make, arrays, args) -> dict:
 
     source = make()
     first_use = 0
-    if hasattr(source, "val_files"):  # a dataset's validation case: surveyed alone on first use, by every process
+    if hasattr(source, "val_files"):  # a dataset's validation case: surveyed once, slabs shared among processes
         files = source.val_files[0]
         reader = source._reader(files, source._infos[files.name])
         READS.clear()
@@ -328,7 +329,7 @@ def _evaluation(label, make, arrays, args) -> dict:
                           ("data", "z", "y", "x")), jax.sharding.PartitionSpec("data", "z", "y", "x"))  # fmt: skip
     corner = {tuple(s.indices(n)[0] for s, n in zip(idx[1:4], shape[1:4])): d
               for d, idx in sharding.devices_indices_map(shape).items()}  # fmt: skip
-    row = {"source": label, "first_use_survey_per_process": first_use / (2 * raw), "by_processes": {}}
+    row = {"source": label, "survey_all_processes": first_use / (2 * raw), "by_processes": {}}
     for processes in args.processes:
         owner = {d: p for p, devs in enumerate(_process_devices(processes)) for d in devs}
         per = [{"read": 0.0, "largest": 0.0} for _ in range(processes)]
@@ -372,8 +373,8 @@ def main(argv=None) -> int:
     if evals:
         print("\nheld-out evaluation (evaluate_blocks), one case: reads per process, fractions of the stored case")
         table = [[e["source"], int(P), _fmt([q["read"] for q in per]), max(q["largest"] for q in per),
-                  e["first_use_survey_per_process"]] for e in evals for P, per in e["by_processes"].items()]  # fmt: skip
-        print(_common.table(["source", "P", "read per process", "largest", "first-use survey/proc"], table,
+                  e["survey_all_processes"]] for e in evals for P, per in e["by_processes"].items()]  # fmt: skip
+        print(_common.table(["source", "P", "read per process", "largest", "survey, all processes"], table,
                             ["s", "d", "s", ".3f", ".2f"]))  # fmt: skip
     _common.write_json(args.json, {"machine": _common.machine(), "args": vars(args), "training": rows,
                                    "evaluation": evals})  # fmt: skip

@@ -43,15 +43,28 @@ class Augmentation:
         return tuple((n - hi, n - lo) if f else (lo, hi) for (lo, hi), n, f in zip(box, shape, self.flips))
 
     def apply(self, image: np.ndarray, labels: np.ndarray, box, shape):
-        """Augment the block read at :meth:`source_box`; the result is ``box`` of the augmented volume."""
+        """Augment the block read at :meth:`source_box`; the result is ``box`` of the augmented volume.
+
+        Written into one new float32 array, the noise added a slab at a time, so the
+        transient memory is the block plus a bounded slab (not several block-sized
+        temporaries): the same floats as ``image * scale + shift + sigma * noise``.
+        """
         axes = tuple(a for a in range(3) if self.flips[a])
         if axes:
             image, labels = np.flip(image, axes), np.flip(labels, axes)
-        noise = hashed_noise(shape, box, self.noise_key)
-        image = (image * np.float32(self.scale) + np.float32(self.shift) + np.float32(self.sigma) * noise).astype(
-            np.float32
-        )
-        return np.ascontiguousarray(image), np.ascontiguousarray(labels)
+        if image.dtype != np.float32:
+            image = image.astype(np.float32)
+        out = np.multiply(image, np.float32(self.scale))
+        out += np.float32(self.shift)
+        (z0, z1), (y0, y1), (x0, x1) = box
+        rows = max(1, _SLAB_VOXELS // max(1, (y1 - y0) * (x1 - x0)))
+        for z in range(z0, z1, rows):
+            slab = ((z, min(z + rows, z1)), (y0, y1), (x0, x1))
+            out[z - z0 : slab[0][1] - z0] += np.float32(self.sigma) * hashed_noise(shape, slab, self.noise_key)
+        return out, np.ascontiguousarray(labels)
+
+
+_SLAB_VOXELS = 1 << 16  # noise made 64 Ki voxels at a time (about 2 MiB of uint64 temporaries)
 
 
 def hashed_noise(shape, box, key: int) -> np.ndarray:
@@ -59,12 +72,12 @@ def hashed_noise(shape, box, key: int) -> np.ndarray:
     (``key``, voxel index) only, so any block equals the slice of the whole field."""
     (z0, z1), (y0, y1), (x0, x1) = box
     _, ny, nx = shape
-    index = (
+    h = (
         np.arange(z0, z1, dtype=np.uint64)[:, None, None] * np.uint64(ny * nx)
         + np.arange(y0, y1, dtype=np.uint64)[None, :, None] * np.uint64(nx)
         + np.arange(x0, x1, dtype=np.uint64)[None, None, :]
     )
-    h = index + np.uint64(key % (1 << 64))  # splitmix64
+    h += np.uint64(key % (1 << 64))  # splitmix64
     h ^= h >> np.uint64(30)
     h *= np.uint64(0xBF58476D1CE4E5B9)
     h ^= h >> np.uint64(27)

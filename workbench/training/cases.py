@@ -94,7 +94,7 @@ class CaseReader:
     def grid_block(self, box, *, labels: bool = True):
         """(float32 image, labels or None) of ``box`` of the resampled grid, as stored."""
         if self.resampling is None:
-            image = np.asarray(self.read_image(box), np.float32)
+            image = np.array(self.read_image(box), np.float32)  # our own copy (normalised in place)
             return image, (np.asarray(self.read_labels(box)) if labels else None)
         from data_tools.preprocess import resample_block
 
@@ -113,14 +113,16 @@ class CaseReader:
     def is_ct(self) -> bool:
         return is_ct_from(self.modality, self.source_format, lambda: (self._info()["min"], self._info()["max"]))
 
-    def normalise(self, raw: np.ndarray) -> np.ndarray:
-        """The model input of raw (resampled) voxels of this case, with whole-case statistics."""
+    def normalise(self, raw: np.ndarray, *, in_place: bool = False) -> np.ndarray:
+        """The model input of raw (resampled) voxels of this case, with whole-case statistics
+        (``in_place``: overwriting ``raw``, a float32 array of ours; the same values)."""
         from data_tools.preprocess import zscore
 
+        in_place = in_place and raw.dtype == np.float32 and raw.flags.writeable
         if self.is_ct:
-            return ct_input(raw)
+            return ct_input(raw, in_place=in_place)
         info = self._info()
-        return zscore(np.asarray(raw, np.float32), mean=info["mean"], std=info["std"])
+        return zscore(np.asarray(raw, np.float32), mean=info["mean"], std=info["std"], in_place=in_place)
 
     def block(self, box):
         """(f32 model input, labels) of ``box`` of the padded case: only that box is read
@@ -128,14 +130,14 @@ class CaseReader:
         inner = tuple((min(lo, n), min(hi, n)) for (lo, hi), n in zip(box, self.grid))
         size = tuple(hi - lo for lo, hi in box)
         if inner == tuple(box):
-            image, labels = self.grid_block(box)
-            return self.normalise(image), labels.astype(self.labels_dtype, copy=False)
+            image, labels = self.grid_block(box)  # fresh arrays: normalised in place
+            return self.normalise(image, in_place=True), labels.astype(self.labels_dtype, copy=False)
         pad = self.normalise(np.full((1, 1, 1), self._info()["min"], np.float32))[0, 0, 0]
         image, labels = np.full(size, pad, np.float32), np.zeros(size, self.labels_dtype)
         if all(hi > lo for lo, hi in inner):
             raw, lab = self.grid_block(inner)
             part = tuple(slice(0, hi - lo) for lo, hi in inner)
-            image[part], labels[part] = self.normalise(raw), lab
+            image[part], labels[part] = self.normalise(raw, in_place=True), lab
         return image, labels
 
 
