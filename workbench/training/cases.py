@@ -81,6 +81,10 @@ class CaseReader:
     label_error: Callable | None = None
     labels_dtype: object = np.uint8
     stats: dict | None = field(default=None, repr=False)
+    #: a box read decompresses the file from its start (a compressed ``.npz`` member, a
+    #: ``.nii.gz``): a process's blocks are then made by one read of the box they tile
+    #: (:func:`workbench.training.data.batch_blocks`) rather than one per device block
+    sequential: bool = False
 
     def __post_init__(self):
         self.raw_shape = tuple(int(n) for n in self.raw_shape)
@@ -261,6 +265,7 @@ def volume_reader(item, name: str, resolution, target=None):
     from data_tools.preprocess import resample_grid
     from workbench.training.cases import CaseReader
 
+    sequential = False
     if hasattr(item, "array"):
         if item.labels is None:
             raise _no_labels(name)
@@ -295,6 +300,10 @@ def volume_reader(item, name: str, resolution, target=None):
             if "labels" not in members:
                 raise _no_labels(name)
             dtype = members["labels"][1]
+            import zipfile
+
+            with zipfile.ZipFile(path) as z:
+                sequential = any(i.compress_type != zipfile.ZIP_STORED for i in z.infolist())
             if "class_names" in members:
                 with np.load(path, allow_pickle=False) as npz:
                     names = tuple(str(n) for n in npz["class_names"])
@@ -314,7 +323,7 @@ def volume_reader(item, name: str, resolution, target=None):
         target = resolution
     resampling = None if target is None else resample_grid(shape, spacing, shape=target)
     reader = CaseReader(name, shape, read_image, read_labels, modality=modality, source_format=fmt,
-                        resampling=resampling)  # fmt: skip
+                        resampling=resampling, sequential=sequential)  # fmt: skip
     reader.spacing = (
         tuple(float(v) for v in spacing)
         if resampling is None

@@ -255,6 +255,9 @@ class VolumeSource(Source):
     def case_block(self, step: int, index: int, box):
         return self._reader(step, index).block(box)
 
+    def sequential_reads(self, step: int, index: int) -> bool:
+        return self._reader(step, index).sequential
+
     def eval_cases(self, n: int) -> list[Case]:
         return [whole_case(r) for r in self.held_out[:n]]
 
@@ -368,10 +371,12 @@ def batch_blocks(source, step: int, batch: int, keys, *, seed: int, augment_data
     A key is ``((b0, b1), (z0, z1), (y0, y1), (x0, x1))``: a range of the batch and a box of
     the padded volume, what one device holds. Returns one (images f32[b, z, y, x, 1],
     labels i32[b, z, y, x]) per key, equal to that slice of the whole padded batch, made from
-    the blocks' own data when the source can (:meth:`Source.train_block`). Blocks of one
-    volume that tile a box (this process's part) are made by one call for that box and
-    sliced: a block equals the slice of any larger block, and a compressed file is decoded
-    once per step rather than once per device.
+    the blocks' own data when the source can (:meth:`Source.train_block`). Where a box read
+    decompresses the file from its start (``source.sequential_reads(step, b)``: a compressed
+    ``.npz``, a ``.nii.gz``), blocks of one volume that tile a box (this process's part) are
+    made by one call for that box and sliced (a block equals the slice of any larger
+    block): the file is decompressed once per step rather than once per device block, at
+    the cost of that box's transients; elsewhere each block is read alone.
     """
     whole = None
     out, parts = [], []
@@ -383,8 +388,9 @@ def batch_blocks(source, step: int, batch: int, keys, *, seed: int, augment_data
     # volume by volume, so a source that loads whole cases loads each once per step
     for b in sorted({b for b0, b1, _ in parts for b in range(b0, b1)}):
         mine = [v for b0, b1, v in parts if b0 <= b < b1 and all(hi > lo for lo, hi in v)]
-        joint = _tiled_box(mine) if hasattr(source, "train_block") and len(set(mine)) > 1 else None
-        if joint is not None:  # one read of the box they tile (a compressed file is decoded once)
+        sequential = getattr(source, "sequential_reads", lambda s, i: False)(step, b)
+        joint = _tiled_box(mine) if sequential and hasattr(source, "train_block") and len(set(mine)) > 1 else None
+        if joint is not None:  # one read of the box they tile: the file is decompressed once
             tile = source.train_block(step, b, joint, seed=seed, augment_data=augment_data)
         for (images, labels), (b0, b1, valid) in zip(out, parts):
             if not (b0 <= b < b1 and all(hi > lo for lo, hi in valid)):

@@ -287,6 +287,7 @@ class DatasetSource(Source):
             modality=self.dataset.channel_names[0], source_format=info.source_format, resampling=resampling,
             shape=tuple(max(a, b) for a, b in zip(grid, plan.shape)), num_classes=k, label_error=label_error,
             labels_dtype=np.uint8 if k <= 256 else np.int32,
+            sequential=any(str(f).endswith(".gz") for f in (*files.images, files.label)),
         )  # fmt: skip
 
     def _pick(self, step: int, index: int) -> int:
@@ -300,6 +301,9 @@ class DatasetSource(Source):
     def case_block(self, step: int, index: int, box):
         """Only ``box`` of the prepared case (its source box plus the resampling margin is read)."""
         return self.readers[self._pick(step, index)].block(box)
+
+    def sequential_reads(self, step: int, index: int) -> bool:
+        return self.readers[self._pick(step, index)].sequential
 
     def eval_cases(self, n: int):
         """The first ``n`` validation cases, each read and prepared whole when iterated (one
