@@ -19,7 +19,8 @@ and uncompressed ``.nii`` are memory-mapped; ``.nii.gz`` is streamed up to the b
 of the z range; DICOM reads only the slice files of the z range; ``phantom:`` specs
 generate only the block; an ``.npz`` member (the image, or ``member="labels"``) is
 memory-mapped when stored uncompressed and otherwise decompressed as a stream up to the
-block, keeping only its z slab. ``mni`` specs read the whole image, then slice.
+block, keeping only its z slab. ``mni`` specs read this process's memory-mapped copy of the
+native template (:func:`~data_tools.samples.mni_native_files`), resampled by block for ``mni:N``.
 
 Every writer is atomic: it writes a hidden temporary sibling and renames it, so a
 failure leaves nothing behind.
@@ -198,10 +199,18 @@ def read_box(path: str | os.PathLike, box: Box, *, series: str | None = None, me
     if spec is not None and spec[0] == "phantom":
         _, shape, seed = spec
         return make_phantom_block(shape, box, seed=seed)[0]
-    if spec is not None:
-        vol = load_input(str(path))
-        box = check_box(path, box, vol.shape)
-        return np.ascontiguousarray(vol.array[tuple(slice(a, b) for a, b in box)])
+    if spec is not None:  # mni / mni:N: this process's memory-mapped copy of the native template
+        from .preprocess import resample_block, resample_grid
+        from .samples import mni_native_files
+
+        image = mni_native_files()[0]
+        native = volume_info(image).shape
+        target = spec[1] if spec[1] is not None and tuple(spec[1]) != tuple(native) else None
+        if target is None:
+            return read_box(image, check_box(path, box, native))
+        grid, scale, offset = resample_grid(native, (1.0, 1.0, 1.0), shape=target)
+        box = check_box(path, box, grid)
+        return resample_block(lambda b: read_box(image, b), native, scale, offset, box, 1)
     info = volume_info(path, series=series)
     box = check_box(path, box, info.shape)
     return format_module(info.source_format).read_box(Path(path), box, series=series)

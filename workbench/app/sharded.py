@@ -8,7 +8,8 @@ In a multi-process run (``workbench launch -- infer``, or one process per host w
    (:func:`data_tools.read_box`: the chunks of a zarr store, memory-mapped ``.npy`` and
    ``.nii``, the z-slices of TIFF and DICOM, phantom blocks rendered alone; ``.nii.gz`` is
    streamed up to the block; an ``.npz`` image is memory-mapped when stored and streamed
-   up to the block when compressed; ``mni`` is read whole and sliced). The
+   up to the block when compressed; ``mni`` / ``mni:N`` from a memory-mapped copy of the
+   native template, resampled by block). The
    statistics the model input needs (min and max for the CT test, mean and variance for
    the z-score) are reduced over the shards of every process in shard order, so the
    image equals :func:`workbench.training.data.model_input` of the whole volume.
