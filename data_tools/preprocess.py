@@ -302,8 +302,13 @@ def block_moments(block: np.ndarray) -> tuple[float, float, float, float, float]
     values = np.asarray(block)
     if not values.size:
         return (0.0, 0.0, 0.0, np.inf, -np.inf)
+    values = values.reshape(1) if values.ndim == 0 else values
     mean = float(values.sum(dtype=np.float64)) / values.size
-    m2 = float(np.square(values.astype(np.float64) - mean).sum())
+    # the squared deviations in float64 a slab of leading rows at a time (no float64 copy of the block)
+    step = max(1, (1 << 16) // max(1, values[0].size))
+    m2 = sum(
+        float(np.square(values[i : i + step].astype(np.float64) - mean).sum()) for i in range(0, len(values), step)
+    )
     return (float(values.size), mean, m2, float(values.min()), float(values.max()))
 
 

@@ -112,27 +112,18 @@ class _Normaliser:
 
 
 def _moments_row(raw: np.ndarray) -> list[float]:
-    """[1, count, mean, sum of squared deviations, min, max] of a block, in float64, slab by
-    slab (no float64 copy of the block)."""
-    count = raw.size
-    mean = float(raw.sum(dtype=np.float64)) / count
-    step = max(1, (1 << 16) // max(1, raw[0].size))
-    m2 = sum(float(np.square(raw[z : z + step].astype(np.float64) - mean).sum()) for z in range(0, len(raw), step))
-    return [1.0, float(count), mean, m2, float(raw.min()), float(raw.max())]
+    """[1 (present), count, mean, sum of squared deviations, min, max] of a block, in float64
+    (:func:`data_tools.preprocess.block_moments`)."""
+    from data_tools.preprocess import block_moments
+
+    return [1.0, *block_moments(raw)]
 
 
 def _combine(rows: np.ndarray) -> dict:
-    """Whole-volume moments from per-shard rows (Chan et al.'s pairwise update, in shard order)."""
-    count = mean = m2 = 0.0
-    low, high = math.inf, -math.inf
-    for _, n, m, q, lo, hi in rows:
-        delta = m - mean
-        total = count + n
-        mean += delta * n / total
-        m2 += q + delta * delta * count * n / total
-        count = total
-        low, high = min(low, lo), max(high, hi)
-    return {"mean": mean, "std": math.sqrt(m2 / count), "min": low, "max": high}
+    """Whole-volume moments from per-shard rows, in shard order (:func:`data_tools.preprocess.combine_moments`)."""
+    from data_tools.preprocess import combine_moments
+
+    return combine_moments(row[1:] for row in rows)
 
 
 def _key(index, shape) -> tuple:
