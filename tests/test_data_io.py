@@ -177,17 +177,22 @@ def test_read_box_equals_full_read_sliced(tmp_path, sample, name):
         read_box(path, ((0, 10), (0, 12), (0, 14)))
 
 
+def _traced_peak(fn, *args, **kwargs):
+    """(``fn(*args, **kwargs)``, the peak bytes it allocated, by tracemalloc)."""
+    tracemalloc.start()
+    try:
+        out = fn(*args, **kwargs)
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 @pytest.mark.parametrize("name", ["big.npy", "big.nii", "big.zarr"])
 def test_read_box_reads_only_the_box(tmp_path, name):
     vol = Volume(np.arange(160**3, dtype=np.float32).reshape((160,) * 3))  # 16 MiB
     path = write_volume(vol, tmp_path / name)
     box = ((64, 96), (32, 64), (100, 132))  # 32³ floats = 128 KiB
-    tracemalloc.start()
-    try:
-        got = read_box(path, box)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    got, peak = _traced_peak(read_box, path, box)
     np.testing.assert_array_equal(got, vol.array[64:96, 32:64, 100:132])
     assert peak < 4 * 2**20, f"{name}: peak {peak / 2**20:.1f} MiB for a 0.125 MiB box"
 
@@ -203,12 +208,7 @@ def test_read_box_of_the_mni_spec_reads_only_the_box(spec):
     whole = load_input(spec).array
     native = np.load(mni_native_files()[0], mmap_mode="r")  # built once per process, before the trace
     for box in (((3, 17), (5, 30), (20, 40)), tuple((0, n) for n in whole.shape)):
-        tracemalloc.start()
-        try:
-            got = read_box(spec, box)
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
+        got, peak = _traced_peak(read_box, spec, box)
         np.testing.assert_array_equal(got, whole[tuple(slice(a, b) for a, b in box)])
         if box[0] == (3, 17):
             assert peak < native.nbytes / 3, (spec, peak, native.nbytes)
@@ -321,12 +321,7 @@ def test_npz_member_box_reads_only_the_box(tmp_path, compressed):
         assert np.array_equal(read_box(path, box), image[sl])
         assert np.array_equal(read_box(path, box, member="labels"), labels[sl])
     assert volume_info(path).shape == image.shape
-    tracemalloc.start()
-    try:
-        block = read_box(path, ((100, 104), (0, 64), (0, 64)))
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    block, peak = _traced_peak(read_box, path, ((100, 104), (0, 64), (0, 64)))
     assert np.array_equal(block, image[100:104])
     assert peak < image.nbytes / 4, peak
     with pytest.raises(DataError, match="holds no array named 'weights'"):
