@@ -657,6 +657,22 @@ def _snapshot(tmp: Path) -> dict:
     return {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
 
 
+@contextlib.contextmanager
+def _as_a_fresh_process():
+    """Logging as a fresh ``workbench`` process has it: no handler on the root logger (pytest
+    installs its capturing ones), so a library's log record that is not held by the CLI
+    would reach stderr through logging's last resort, and the case would see it."""
+    import logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers[:] = []
+    try:
+        yield
+    finally:
+        root.handlers[:] = saved
+
+
 def run_case(c: Case, tmp: Path) -> Outcome:
     """Build ``c``'s input in ``tmp`` and run it; checks nothing (the test does)."""
     from workbench.errors import USER_ERRORS, one_line
@@ -675,7 +691,7 @@ def run_case(c: Case, tmp: Path) -> Outcome:
         from workbench.cli import main
 
         err = io.StringIO()
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        with _as_a_fresh_process(), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             try:
                 status = main([_fill(a, tmp) for a in c.argv])
             except SystemExit as stop:  # argparse

@@ -382,5 +382,6 @@ def test_screenshot_falls_back_to_matplotlib_without_display(real_panel, monkeyp
 
     monkeypatch.setattr(viewer, "display_available", lambda: (False, "no display (DISPLAY is unset)"))
     path, how = real_panel.screenshot(tmp_path / "shards.png")
-    assert how == "matplotlib (no display (DISPLAY is unset))"
+    assert how == "matplotlib"
+    assert real_panel.controls.status.value.endswith("saved shards.png (matplotlib)")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -6,12 +6,19 @@ its fix) ends with exit status 2 and one line on stderr; output folders are writ
 temporary sibling and renamed at the end, so nothing partial is left behind. Anything
 else is a bug: one "internal error" line, exit status 1, and the traceback kept in a file
 the line names (``--debug`` prints it instead).
+
+Third-party log records and Python warnings (tifffile, orbax, absl, jax) never reach the
+user's terminal between a command's output and its one error line: they are held while
+the command runs and written into the internal-error file, or printed with ``--debug``.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import importlib
+import logging
 import os
 import sys
 import tempfile
@@ -49,9 +56,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _internal_error(err: BaseException, debug: bool) -> int:
-    """A bug: keep the traceback (printed with --debug, else in a file the message names)."""
+class _HeldLog(logging.Handler):
+    """Log records (WARNING and above) and Python warnings of one command, kept for the
+    internal-error file instead of printed."""
+
+    def __init__(self, limit: int = 1000):
+        super().__init__(logging.WARNING)
+        self.lines: collections.deque[str] = collections.deque(maxlen=limit)
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.append(self.format(record))
+        except Exception:  # noqa: BLE001 - logging's own contract: a bad record never raises
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _third_party_output(debug: bool):
+    """Route every log record and warning to one handler for the command's duration: printed
+    on stderr with ``debug``, else held (:class:`_HeldLog`). Restored afterwards, since
+    ``main`` also runs inside other programs (tests, notebooks)."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    if debug:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        handler = _HeldLog()
+    root.handlers[:] = [handler]  # also replaces absl's handler, which writes to stderr
+    root.setLevel(logging.WARNING)
+    logging.captureWarnings(True)
+    try:
+        yield handler
+    finally:
+        logging.captureWarnings(False)
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+
+
+def _internal_error(err: BaseException, debug: bool, held: logging.Handler | None = None) -> int:
+    """A bug: keep the traceback (printed with --debug, else in a file the message names),
+    with the log records held while the command ran."""
     text = "".join(traceback.format_exception(err))
+    if isinstance(held, _HeldLog) and held.lines:
+        text = "log records and warnings before the error:\n" + "\n".join(held.lines) + "\n\n" + text
     if debug:
         sys.stderr.write(text)
         print(
@@ -71,11 +120,16 @@ def _internal_error(err: BaseException, debug: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from workbench.errors import USER_ERRORS, one_line
-
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("WORKBENCH_DEBUG", "") not in ("", "0")
     module = _command_module(args.command)
+    with _third_party_output(debug) as held:
+        return _run(module, args, debug, held)
+
+
+def _run(module, args, debug: bool, held: logging.Handler) -> int:
+    from workbench.errors import USER_ERRORS, one_line
+
     try:
         from workbench.execute.distributed import initialize_from_env
 
@@ -91,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as err:  # the system refused a file operation the user asked for (permissions, space)
         if err.filename is None:
-            return _internal_error(err, debug)
+            return _internal_error(err, debug, held)
         print(
             f"workbench: error: {err.strerror or type(err).__name__}: {err.filename}; check the path, "
             "its permissions and the free space",
@@ -102,4 +156,4 @@ def main(argv: list[str] | None = None) -> int:
         print("workbench: interrupted; no output folder was written", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - a bug: reported with its traceback kept
-        return _internal_error(err, debug)
+        return _internal_error(err, debug, held)

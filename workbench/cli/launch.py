@@ -153,7 +153,7 @@ def launch(
     if not 0 <= port <= 65535:
         raise UserError(f"--port {port} is not a TCP port; use 1..65535 or 0 for a free one")
     port = port or _free_port()
-    from workbench.execute.distributed import ENV
+    from workbench.execute.distributed import ENV, NATIVE_STDOUT_ENV
 
     base = {k: v for k, v in os.environ.items() if k not in ENV.values()}  # this launch sets them
     base.update(env or {})
@@ -168,6 +168,8 @@ def launch(
             "WORKBENCH_LOCAL_DEVICES": str(devices_per_process),
             "PYTHONUNBUFFERED": "1",
         }
+        if verbose:  # gloo's own connection log, which each process otherwise discards
+            proc_env[NATIVE_STDOUT_ENV] = "keep"
         proc = subprocess.Popen(
             [*program, *argv], env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )

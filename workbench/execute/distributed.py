@@ -30,6 +30,14 @@ leaves block by block, so no process needs the whole volume:
 
 Only process 0 writes shared files (:func:`is_main`); every process writes its own blocks
 of zarr outputs and takes part in checkpoints.
+
+Output: only process 0 prints to stdout; every process writes warnings and errors to
+stderr (``workbench launch`` prefixes each line with its process). With gloo (the CPU
+collectives of ``workbench launch``), native code's writes to the process's stdout are
+discarded: gloo logs each connection there from several threads, a line in several
+pieces, so pieces of it would interleave into lines of their own. Python's ``print``
+still reaches the real stdout; ``WORKBENCH_NATIVE_STDOUT=keep`` (``launch --verbose``)
+keeps the native output.
 """
 
 from __future__ import annotations
@@ -70,6 +78,7 @@ ENV = {
 # changes it.
 HEARTBEAT_SECONDS = 30
 HEARTBEAT_ENV = "WORKBENCH_HEARTBEAT_SECONDS"
+NATIVE_STDOUT_ENV = "WORKBENCH_NATIVE_STDOUT"
 
 _STATE = {"initialized": False}
 
@@ -115,6 +124,26 @@ def settings_from_env(environ=None) -> dict | None:
     return settings
 
 
+def _discard_native_stdout() -> None:
+    """Point file descriptor 1 at /dev/null and Python's ``sys.stdout`` at a duplicate of
+    the original: native code's stdout is dropped, ``print`` is not."""
+    import io
+    import sys
+
+    sys.stdout.flush()
+    kept = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    sys.stdout = io.TextIOWrapper(
+        io.FileIO(kept, "w"),
+        encoding=sys.stdout.encoding,
+        errors=sys.stdout.errors,
+        line_buffering=True,
+        write_through=True,
+    )
+
+
 def initialize(settings: dict) -> None:
     """Start ``jax.distributed`` for ``settings`` (from :func:`settings_from_env`). Idempotent."""
     if _STATE["initialized"]:
@@ -130,6 +159,8 @@ def initialize(settings: dict) -> None:
         # Simulated CPU devices per process, and CPU collectives between processes; an
         # accelerator backend (if any) ignores both and uses its own interconnect.
         configure_cpu_devices(settings["local_devices"])
+        if os.environ.get(NATIVE_STDOUT_ENV, "").strip().lower() != "keep":
+            _discard_native_stdout()
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             settings["coordinator"],

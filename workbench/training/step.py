@@ -126,7 +126,7 @@ def _build_train_step(config, tc, layout, backend, class_weights, devices) -> Tr
         metrics = {
             "loss": loss,
             **parts,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "inter": counts[0],
             "pred": counts[1],
             "true": counts[2],

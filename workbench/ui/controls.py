@@ -73,7 +73,7 @@ class Controls:
             options=PLAN_BACKENDS, value=backend, description="backend", style=style, layout=layout
         )
         self.steps = W.BoundedIntText(
-            value=steps, min=1, max=100_000, description="steps", layout=W.Layout(width="140px")
+            value=steps, min=1, max=100_000, description="steps", layout=W.Layout(width="140px", flex="0 0 auto")
         )
         for name, label, icon in BUTTONS:
             setattr(
@@ -82,7 +82,8 @@ class Controls:
                 W.Button(
                     description=label,
                     icon=icon,
-                    layout=W.Layout(width="auto"),
+                    # never narrower than its label: the row wraps instead of cutting it
+                    layout=W.Layout(width="auto", min_width="fit-content", flex="0 0 auto"),
                     button_style="primary" if name == "run_button" else "",
                 ),
             )
@@ -102,6 +103,9 @@ class Controls:
         memory_row = W.VBox(
             [W.HTML("<b>Per-device memory</b>"), W.HBox([memory.plan_for, memory.budget]), memory.label]
         )
+        # Rows wrap at narrow widths (a JupyterLab notebook beside its side panels) instead of
+        # shrinking their children: no button or column is ever cut.
+        wrap = W.Layout(flex_flow="row wrap", align_items="center", grid_gap="4px")
         actions = W.HBox(
             [
                 self.run_button,
@@ -111,8 +115,8 @@ class Controls:
                 self.view_button,
                 self.napari_button,
                 self.memory_button,
-            ]
+            ],
+            layout=wrap,
         )
-        return W.VBox(
-            [W.HTML(title), W.HBox([mesh_col, res_col, model_col]), memory_row, actions, self.status, self.output]
-        )
+        columns = W.HBox([mesh_col, res_col, model_col], layout=W.Layout(flex_flow="row wrap"))
+        return W.VBox([W.HTML(title), columns, memory_row, actions, self.status, self.output])

@@ -25,6 +25,7 @@ Nothing here imports JAX or napari at module level: the panel imports them when 
 from __future__ import annotations
 
 import html
+from pathlib import Path
 
 import ipywidgets as W
 import numpy as np
@@ -423,7 +424,8 @@ class WorkbenchPanel:
 
     def screenshot(self, path, *, ndisplay: int = 3):
         """Save a picture of the shards to ``path``: a napari screenshot where a display
-        exists, else matplotlib slices. Returns (path, how)."""
+        exists, else matplotlib slices. Returns (path, how): ``"napari"`` or ``"matplotlib"``
+        (:func:`workbench.ui.napari.view.display_available` says why napari could not)."""
         from workbench.ui.napari import view
 
         layers = self.layers()
@@ -436,8 +438,8 @@ class WorkbenchPanel:
             fig = plot_slices(self.inference.loaded.image, self.inference.labels, self.result.layout, error=error)
             fig.savefig(path, dpi=100)
             _pyplot().close(fig)
-            how = f"matplotlib ({reason})"
-        self.display.show_status(f"saved {path} with {how}")
+            how = "matplotlib"
+        self.display.show_status(f"saved {Path(path).name} ({how})")
         return path, how
 
     def memory_vs_devices(self, counts=None) -> list[dict]:
