@@ -67,7 +67,12 @@ class Controls:
         self.dtype = W.Dropdown(
             options=["float32", "bfloat16"], value=dtype, description="dtype", style=style, layout=layout
         )
-        self.remat = W.Checkbox(value=False, description="rematerialise (less memory, more compute)", indent=False)
+        self.remat = W.Checkbox(
+            value=False,
+            description="rematerialise (less memory, more compute)",
+            indent=False,
+            layout=W.Layout(width="auto"),  # ipywidgets' default 300 px cuts the label
+        )
         self.halo = W.Dropdown(options=halo_choices, value=halo, description="halo", style=style, layout=layout)
         self.backend = W.Dropdown(
             options=PLAN_BACKENDS, value=backend, description="backend", style=style, layout=layout
