@@ -15,7 +15,7 @@ DEBIAN_PKGS := xvfb xauth libgl1-mesa-dri libegl1 libxkbcommon-x11-0 libxcb-curs
 	libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 \
 	libxcb-xkb1 libdbus-1-3 libfontconfig1 chromium chromium-driver
 
-.PHONY: install system-deps demo test lint format bench lab clean
+.PHONY: install system-deps demo test test-quick lint format bench lab clean
 
 install: $(STAMP) $(GPU_PLAN_STAMP)
 
@@ -51,10 +51,21 @@ demo: install
 
 # napari tests need a real (virtual) display: the whole suite runs under xvfb-run.
 # JAX's compilation cache (per checkout) spares recompiling the same programs across
-# tests, notebooks and runs.
+# tests, notebooks and runs. Two pytest-xdist workers, a whole file each (module fixtures,
+# the bad-input catalogue and each notebook stay in one process): a serial run leaves a
+# core idle while XLA compiles on one thread. PYTEST_WORKERS=0 runs serially.
+PYTEST_WORKERS ?= 2
+PYTEST_XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
+TEST_ENV = JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.cache/jax
 test: install lint
-	JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.cache/jax xvfb-run -a -s "-screen 0 1280x1024x24" \
-		$(BIN)/python -m pytest -q
+	$(TEST_ENV) xvfb-run -a -s "-screen 0 1280x1024x24" \
+		$(BIN)/python -m pytest -q $(PYTEST_XDIST) --durations=20
+
+# The development tier: unit and exactness tests without several processes or the slow
+# planner compiles (a few minutes); `make test` and CI run everything.
+QUICK_TIER = (unit or exactness) and not multiprocess and not slow
+test-quick: install
+	$(TEST_ENV) $(BIN)/python -m pytest -q $(PYTEST_XDIST) -m "$(QUICK_TIER)" tests
 
 # ruff: lint and format check (configured in pyproject.toml); `make format` applies both.
 lint: install

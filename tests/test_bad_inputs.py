@@ -5,7 +5,7 @@ behind; valid edge cases (prime sizes, one voxel thick) run. docs/errors.md is u
 from pathlib import Path
 
 import pytest
-from bad_inputs import CASES, RUNS, _snapshot, markdown, run_case, shown
+from bad_inputs import CASES, RUNS, _as_a_fresh_process, _snapshot, markdown, run_case, shown
 
 from workbench.errors import USER_ERRORS
 
@@ -75,3 +75,34 @@ def test_docs_errors_md_is_up_to_date(tmp_path_factory):
             tmp = tmp_path_factory.mktemp(c.id)
             SEEN[c.id] = "" if c.expect == RUNS else shown(run_case(c, tmp).message, tmp)
     assert DOC.read_text() == markdown(SEEN), "run: python -m tests.bad_inputs --write docs/errors.md"
+
+
+def test_library_output_is_held_for_the_internal_error_file(tmp_path, monkeypatch, capsys):
+    """A library's log record or warning never reaches the terminal between a command's output
+    and its one line: it is kept in the internal-error file (or printed with --debug)."""
+    import logging
+    import re
+    import tempfile
+    import warnings
+
+    from workbench.cli import infer, main
+
+    def run(args):
+        logging.getLogger("tifffile").warning("a library's own line")
+        warnings.warn("a library's warning", UserWarning, stacklevel=1)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(infer, "run", run)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    argv = ["infer", "phantom:16", "--mesh", "2x2x2", "--out", str(tmp_path / "out")]
+    with _as_a_fresh_process():
+        assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a library's" not in err, err
+    kept = Path(re.search(r"traceback written to (\S+);", err).group(1)).read_text()
+    assert "WARNING tifffile: a library's own line" in kept and "a library's warning" in kept
+    assert "RuntimeError: boom" in kept
+    with _as_a_fresh_process():
+        assert main(["--debug", *argv]) == 1
+    err = capsys.readouterr().err
+    assert "WARNING tifffile: a library's own line" in err and "Traceback" in err

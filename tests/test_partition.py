@@ -66,13 +66,26 @@ def test_small_preset_parameter_count(model, make_model):
     assert paper.num_params == 5_602_595  # counted by hand: convs, norms, up-convs, head
 
 
+@pytest.fixture(scope="module")
+def forward_reference(model):
+    """``(input, reference logits)`` per (shape, batch), computed once for every mesh and backend."""
+    cache = {}
+
+    def reference(shape, batch):
+        if (shape, batch) not in cache:
+            x = _volume(shape, batch)
+            cache[shape, batch] = (x, apply(model, x, backend="reference"))
+        return cache[shape, batch]
+
+    return reference
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("mesh", MESHES)
 @pytest.mark.parametrize("backend", ["explicit", "gspmd"])
-def test_forward_equals_reference(model, mesh, shape, backend):
+def test_forward_equals_reference(model, mesh, shape, backend, forward_reference):
     batch = parse_mesh(mesh).data
-    x = _volume(shape, batch)
-    ref = apply(model, x, backend="reference")
+    x, ref = forward_reference(shape, batch)
     out = apply(model, x, mesh, backend=backend)
     assert out.shape == (batch, *shape, 3)
     assert np.abs(ref).max() > 0.1  # the comparison is not between zeros
@@ -203,6 +216,26 @@ def test_training_forward_gradients_and_statistics(train_setup, backend, mesh):
     )
 
 
+# The float64 checks use a smaller volume than the float32 ones: their tolerance does not
+# depend on size (float64 rounding is ~1e-12 of GRAD_RTOL and flips no max-pool winner), and
+# z = 24 still leaves 8x1x1 uneven (3 voxels a shard, padded to 4 and masked at every layer).
+F64_SHAPE = (24, 32, 24)
+_F64_CASES: dict = {}
+
+
+def _f64_case(batch: int, *, model_seed: int, x_seed: int, rng_seed: int, **config):
+    """(model, input, rng, reference outputs) of a float64 small model: built and run on one
+    device once per case, shared by the meshes tested against it."""
+    key = (batch, model_seed, x_seed, rng_seed, tuple(sorted(config.items())))
+    if key not in _F64_CASES:
+        with jax.enable_x64(True):
+            model = perturbed(Model.init(UNetConfig.preset("small", dtype="float64", **config), seed=model_seed))
+            x = _volume(F64_SHAPE, batch, seed=x_seed)
+            rng = jax.random.key(rng_seed)
+            _F64_CASES[key] = (model, x, rng, _train_step_outputs(model, x, "1x1x1", "reference", rng))
+    return _F64_CASES[key]
+
+
 @pytest.mark.parametrize(
     "backend, mesh",
     [
@@ -214,30 +247,23 @@ def test_training_forward_gradients_and_statistics(train_setup, backend, mesh):
 )
 def test_gradients_float64(backend, mesh):
     """With float64 compute, rounding no longer flips max-pool winners: 1e-4 holds."""
+    batch = parse_mesh(mesh).data
+    model, x, rng, ref = _f64_case(batch, model_seed=3, x_seed=2, rng_seed=5, norm="batch", dropout=0.1)
     with jax.enable_x64(True):
-        config = UNetConfig.preset("small", norm="batch", dropout=0.1, dtype="float64")
-        model = perturbed(Model.init(config, seed=3))  # float64: not the float32 cache
-        x = _volume((40, 56, 48), parse_mesh(mesh).data, seed=2)
-        rng = jax.random.key(5)
-        ref = _train_step_outputs(model, x, "1x1x1", "reference", rng)
         out = _train_step_outputs(model, x, mesh, backend, rng)
-        assert out[1].dtype == np.float64
-        _assert_gradients_match(out[2], ref[2], rtol=GRAD_RTOL)
+    assert out[1].dtype == np.float64
+    _assert_gradients_match(out[2], ref[2], rtol=GRAD_RTOL)
 
 
 @pytest.mark.parametrize("norm", ["group", "instance"])
 def test_other_normalisations_gradients_float64(norm):
     """Group and instance norm: gradient exactness pinned in float64 too (their float32
     check compares the pool-routed leaves in norm only, see POOL_ROUTED_NORM_RTOL_F32)."""
+    model, x, rng, ref = _f64_case(2, model_seed=4, x_seed=3, rng_seed=0, norm=norm, groups=4)
     with jax.enable_x64(True):
-        config = UNetConfig.preset("small", norm=norm, groups=4, dtype="float64")
-        model = perturbed(Model.init(config, seed=4))
-        x = _volume((40, 56, 48), 2, seed=3)
-        rng = jax.random.key(0)
-        ref = _train_step_outputs(model, x, "1x1x1", "reference", rng)
         out = _train_step_outputs(model, x, "data=2,z=2,y=1,x=2", "explicit", rng)
-        assert out[1].dtype == np.float64
-        _assert_gradients_match(out[2], ref[2], rtol=GRAD_RTOL)
+    assert out[1].dtype == np.float64
+    _assert_gradients_match(out[2], ref[2], rtol=GRAD_RTOL)
 
 
 @pytest.mark.parametrize("backend, mesh", [("explicit", "8x1x1"), ("gspmd", "1x2x4")])
