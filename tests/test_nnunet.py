@@ -6,16 +6,24 @@ No torch here: everything is read from the fixture's .json and .npz files.
 """
 
 import json
+import shutil
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 from workbench.errors import UserError
-from workbench.model.spec import NetworkSpec, conv_halo, from_nnunet_plans
+from workbench.model.nnunet import NNUNet, load_nnunet_folder, load_nnunet_weights
+from workbench.model.spec import NetworkSpec, conv_halo, from_nnunet_arch, from_nnunet_plans
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nnunet"
 NETWORKS = json.loads((FIXTURE / "networks.json").read_text())["networks"]
 BY_FILE = {n["plans_file"]: n for n in NETWORKS}
+
+
+GOLDENS = ("plain_thick_mri", "resenc_aniso_ct")
+RESULTS = FIXTURE / "results" / "Dataset903_ThickMRI" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
 
 
 def _plans_spec(entry) -> NetworkSpec:
@@ -144,3 +152,106 @@ def test_mesh_that_cannot_split_a_stride_level_is_one_user_error():
         r"cumulative stride 2; use blocks that are multiples of 8 along z \(e\.g\. 8\)",
     ):
         spec.check_blocks((12, 32, 32), (4, 1, 1))
+
+
+# -- 2. nnU-Net's weights and logits -------------------------------------------------------------
+
+
+class Golden:
+    """One golden network: its spec (from nnU-Net's own builder call), weights, input and outputs."""
+
+    def __init__(self, name):
+        folder = FIXTURE / "golden" / name
+        self.meta = json.loads((folder / "network.json").read_text())
+        call = self.meta["builder_call"]
+        self.spec = from_nnunet_arch(
+            call["arch_class_name"], call["arch_kwargs"], call["input_channels"], call["output_channels"]
+        )
+        with np.load(folder / "weights.npz") as data:
+            self.weights = {k: data[k] for k in data.files}
+        with np.load(folder / "io.npz") as data:
+            self.io = {k: data[k] for k in data.files}
+        self.x = self.io["input"].transpose(0, 2, 3, 4, 1)  # NCDHW -> NDHWC
+        self.params = load_nnunet_weights(self.spec, self.weights)
+
+    def expected(self, i, dtype):
+        return self.io[f"output_{i}_{dtype}"].transpose(0, 2, 3, 4, 1)
+
+
+@pytest.fixture(scope="module")
+def goldens():
+    return {name: Golden(name) for name in GOLDENS}
+
+
+def _cast(tree, dtype):
+    return jax.tree.map(lambda a: np.asarray(a, dtype), tree)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", GOLDENS)
+def test_imported_weights_reproduce_nnunet_logits(goldens, name, dtype):
+    """Every deep-supervision output, against nnU-Net's own (torch) outputs."""
+    golden = goldens[name]
+    assert golden.spec.num_params == golden.meta["total_params"]
+    with jax.enable_x64(dtype == "float64"):
+        outputs = jax.jit(NNUNet(golden.spec, dtype=dtype).apply)(
+            {"params": _cast(golden.params, dtype)}, golden.x.astype(dtype)
+        )
+        outputs = [np.asarray(o) for o in outputs]
+    assert [list(o.transpose(0, 4, 1, 2, 3).shape) for o in outputs] == golden.meta["output_shapes"]
+    bound = 1e-4 if dtype == "float32" else 1e-9
+    for i, out in enumerate(outputs):
+        expected = golden.expected(i, dtype)
+        error = float(np.abs(out - expected).max()) / float(np.abs(expected).max())
+        print(f"{name} {dtype} output {i}: max error / scale = {error:.1e}")
+        assert error <= bound, (i, error)
+
+
+def test_training_folder_loads_and_reproduces_its_golden(goldens):
+    """nnU-Net's results folder (plans.json, dataset.json, fold_0): the weights are read without
+    torch (the .npz beside the .pth) and give the golden's full-resolution logits."""
+    golden = goldens["plain_thick_mri"]
+    model = load_nnunet_folder(RESULTS, fold=0, use_torch=False)
+    assert model.spec.output_kind == "sigmoid" and model.spec.output_names == ("whole", "core")
+    assert model.spec.stages == golden.spec.stages and model.num_params == golden.meta["total_params"]
+    assert model.source.endswith("checkpoint_final_network_weights.npz")
+    jax.tree.map(np.testing.assert_array_equal, model.variables["params"], golden.params)
+    logits = jax.jit(model.module(deep_supervision=False).apply)(model.variables, golden.x)
+    expected = golden.expected(0, "float32")
+    assert float(np.abs(np.asarray(logits) - expected).max()) <= 1e-4 * float(np.abs(expected).max())
+
+
+def test_checkpoint_without_torch_or_npz_is_one_user_error(tmp_path):
+    folder = tmp_path / RESULTS.name
+    shutil.copytree(RESULTS, folder, ignore=shutil.ignore_patterns("*.npz"))
+    with pytest.raises(
+        UserError,
+        match=r"reading .*fold_0/checkpoint_final\.pth needs torch, which is not installed \(or use_torch=False\); "
+        r"install torch, or save the checkpoint's network_weights as numpy arrays in .*checkpoint_final_network_weights\.npz",
+    ):
+        load_nnunet_folder(folder, use_torch=False)
+    with pytest.raises(UserError, match=r"has no fold_3; use one of \['fold_0'\]"):
+        load_nnunet_folder(folder, fold=3, use_torch=False)
+
+
+def test_weights_that_do_not_match_the_plan_are_one_user_error(goldens):
+    golden = goldens["resenc_aniso_ct"]
+    key = "encoder.stages.1.blocks.0.conv1.conv.weight"
+    wrong = {**golden.weights, key: np.zeros((8, 4, 1, 3, 3), np.float32)}
+    with pytest.raises(
+        UserError,
+        match=r"tensor 'encoder\.stages\.1\.blocks\.0\.conv1\.conv\.weight' has shape \(8, 4, 1, 3, 3\) but the "
+        r"network planned by ResidualEncoderUNet needs \(8, 4, 3, 3, 3\)",
+    ):
+        load_nnunet_weights(golden.spec, wrong)
+    extra = {**golden.weights, "decoder.seg_layers.3.weight": np.zeros((3, 4, 1, 1, 1), np.float32)}
+    with pytest.raises(
+        UserError, match=r"tensor 'decoder\.seg_layers\.3\.weight' of the weights is not in the network"
+    ):
+        load_nnunet_weights(golden.spec, extra)
+    missing = {k: v for k, v in golden.weights.items() if k != "decoder.transpconvs.1.bias"}
+    with pytest.raises(UserError, match=r"the weights lack tensor 'decoder\.transpconvs\.1\.bias' \(8,\)"):
+        load_nnunet_weights(golden.spec, missing)
+    # aliases (.all_modules.0, decoder.encoder.) and DDP's "module." prefix are accepted
+    aliased = {"module." + k.replace(".conv.", ".all_modules.0."): v for k, v in golden.weights.items()}
+    jax.tree.map(np.testing.assert_array_equal, load_nnunet_weights(golden.spec, aliased), golden.params)

@@ -47,6 +47,7 @@ __all__ = [
     "NetworkSpec",
     "conv_halo",
     "from_nnunet_plans",
+    "from_nnunet_arch",
     "NETWORK_CLASSES",
     "PLANNERS",
 ]
@@ -546,23 +547,7 @@ def from_nnunet_plans(plans_json, dataset_json, configuration: str = "3d_fullres
     config = _configuration(plans, configuration, where)
     arch = config.get("architecture") or {}
     class_name = arch.get("network_class_name")
-    if class_name not in NETWORK_CLASSES:
-        raise UserError(
-            f"{where} ({configuration}) plans network class {class_name!r}, which is not supported; "
-            f"supported: {', '.join(NETWORK_CLASSES)}"
-        )
     kw = arch.get("arch_kwargs") or {}
-    for key, allowed in _SUPPORTED_OPS.items():
-        if kw.get(key) not in allowed:
-            raise UserError(
-                f"{where} ({configuration}) uses {key}={kw.get(key)!r}; only {allowed[0]!r} is supported "
-                "(3D convolutions, InstanceNorm3d, LeakyReLU, no dropout)"
-            )
-    norm = kw.get("norm_op_kwargs") or {}
-    nonlin = kw.get("nonlin_kwargs") or {}
-    if not norm.get("affine", False):
-        raise UserError(f"{where} ({configuration}): InstanceNorm3d without affine parameters is not supported")
-
     channel_names = dataset.get("channel_names", dataset.get("modality"))
     if not isinstance(channel_names, dict) or not channel_names:
         raise UserError("dataset.json has no 'channel_names'; pass the dataset.json the plans were made with")
@@ -575,27 +560,65 @@ def from_nnunet_plans(plans_json, dataset_json, configuration: str = "3d_fullres
         )
     heads, kind, names, order = _labels(dataset, "dataset.json")
 
-    common = dict(
-        in_channels=len(channel_names),
-        num_outputs=heads,
-        kernels=kw.get("kernel_sizes"),
-        strides=kw.get("strides"),
-        features=kw.get("features_per_stage"),
-        decoder_convs=kw.get("n_conv_per_stage_decoder"),
-        conv_bias=bool(kw.get("conv_bias", True)),
-        norm_eps=float(norm.get("eps", 1e-5)),
-        negative_slope=float(nonlin.get("negative_slope", 0.01)),
+    return from_nnunet_arch(
+        class_name,
+        kw,
+        len(channel_names),
+        heads,
+        where=f"{where} ({configuration})",
         output_kind=kind,
         output_names=names,
         regions_class_order=order,
         source=f"{plans.get('plans_name', where)} / {configuration}",
     )
-    blocks = kw.get("n_conv_per_stage" if NETWORK_CLASSES[class_name] == "PlainConvUNet" else "n_blocks_per_stage")
-    if any(v is None for v in (common["kernels"], common["strides"], common["features"], blocks)):
+
+
+def from_nnunet_arch(
+    network_class_name: str,
+    arch_kwargs: dict,
+    input_channels: int,
+    output_channels: int,
+    *,
+    where: str = "the plans",
+    **fields,
+) -> NetworkSpec:
+    """The network of nnU-Net's ``get_network_from_plans(network_class_name, arch_kwargs, …,
+    input_channels, output_channels)``: the plans' ``architecture`` section with the channel
+    counts. ``fields`` go to :class:`NetworkSpec` (output kind and names, source)."""
+    if network_class_name not in NETWORK_CLASSES:
         raise UserError(
-            f"{where} ({configuration}): arch_kwargs lacks kernel_sizes, strides, features_per_stage or the "
-            "blocks per stage; pass a plans file written by nnU-Net"
+            f"{where} plans network class {network_class_name!r}, which is not supported; "
+            f"supported: {', '.join(NETWORK_CLASSES)}"
         )
-    if NETWORK_CLASSES[class_name] == "PlainConvUNet":
-        return NetworkSpec.plain(blocks=blocks, **common)
-    return NetworkSpec.residual(blocks=blocks, **common)
+    kw = arch_kwargs
+    for key, allowed in _SUPPORTED_OPS.items():
+        if kw.get(key) not in allowed:
+            raise UserError(
+                f"{where} uses {key}={kw.get(key)!r}; only {allowed[0]!r} is supported "
+                "(3D convolutions, InstanceNorm3d, LeakyReLU, no dropout)"
+            )
+    norm = kw.get("norm_op_kwargs") or {}
+    nonlin = kw.get("nonlin_kwargs") or {}
+    if not norm.get("affine", False):
+        raise UserError(f"{where}: InstanceNorm3d without affine parameters is not supported")
+    plain = NETWORK_CLASSES[network_class_name] == "PlainConvUNet"
+    blocks = kw.get("n_conv_per_stage" if plain else "n_blocks_per_stage")
+    common = dict(
+        in_channels=int(input_channels),
+        num_outputs=int(output_channels),
+        kernels=kw.get("kernel_sizes"),
+        strides=kw.get("strides"),
+        features=kw.get("features_per_stage"),
+        blocks=blocks,
+        decoder_convs=kw.get("n_conv_per_stage_decoder"),
+        conv_bias=bool(kw.get("conv_bias", True)),
+        norm_eps=float(norm.get("eps", 1e-5)),
+        negative_slope=float(nonlin.get("negative_slope", 0.01)),
+        **fields,
+    )
+    if any(common[k] is None for k in ("kernels", "strides", "features", "blocks")):
+        raise UserError(
+            f"{where}: arch_kwargs lacks kernel_sizes, strides, features_per_stage or the blocks per stage; "
+            "pass a plans file written by nnU-Net"
+        )
+    return NetworkSpec.plain(**common) if plain else NetworkSpec.residual(**common)
