@@ -10,12 +10,18 @@ import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from workbench.errors import UserError
-from workbench.model.nnunet import NNUNet, load_nnunet_folder, load_nnunet_weights
-from workbench.model.spec import NetworkSpec, conv_halo, from_nnunet_arch, from_nnunet_plans
+from workbench.execute.nnunet import apply_nnunet, crop_heads, make_nnunet_forward, nnunet_layout
+from workbench.mesh import ACTIVATION_SPEC, build_mesh, parse_mesh
+from workbench.model.halo import halo_pad
+from workbench.model.nnunet import NNUNet, NNUNetModel, load_nnunet_folder, load_nnunet_weights
+from workbench.model.nnunet_plans import from_nnunet_arch, from_nnunet_plans
+from workbench.model.spec import NetworkSpec, conv_halo
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nnunet"
 NETWORKS = json.loads((FIXTURE / "networks.json").read_text())["networks"]
@@ -255,3 +261,216 @@ def test_weights_that_do_not_match_the_plan_are_one_user_error(goldens):
     # aliases (.all_modules.0, decoder.encoder.) and DDP's "module." prefix are accepted
     aliased = {"module." + k.replace(".conv.", ".all_modules.0."): v for k, v in golden.weights.items()}
     jax.tree.map(np.testing.assert_array_equal, load_nnunet_weights(golden.spec, aliased), golden.params)
+
+
+# -- 3. partitioned, exact -----------------------------------------------------------------------
+
+
+def _window_blocks(global_x, mesh_shape, widths):
+    """What halo_pad must give each shard: its block grown by (lo, hi) per axis, cut from the
+    globally zero-padded array, laid out as shard_map's output (blocks side by side)."""
+    padded = jnp.pad(global_x, [(0, 0), *widths, (0, 0)])
+    block = [s // m for s, m in zip(global_x.shape[1:4], mesh_shape)]
+    grown = [b + lo + hi for b, (lo, hi) in zip(block, widths)]
+    rows = []
+    for axis in range(3):
+        rows.append(
+            [slice(c * b, c * b + g) for c, (b, g) in enumerate([(block[axis], grown[axis])] * mesh_shape[axis])]
+        )
+    out = jnp.concatenate(
+        [
+            jnp.concatenate(
+                [jnp.concatenate([padded[:, sz, sy, sx] for sx in rows[2]], axis=3) for sy in rows[1]], axis=2
+            )
+            for sz in rows[0]
+        ],
+        axis=1,
+    )
+    return out
+
+
+@pytest.mark.parametrize(
+    "mesh_text, widths",
+    [
+        ("2x2x2", ((1, 0), (0, 1), (1, 1))),  # strided (1, 0), a zero side, symmetric
+        ("1x2x4", ((0, 0), (1, 0), (2, 1))),
+        ("8x1x1", ((3, 0), (0, 0), (1, 0))),  # 3 voxels over blocks of 2: two hops
+    ],
+)
+def test_asymmetric_halo_pad_and_its_adjoint(mesh_text, widths):
+    """Per-axis (lo, hi) halos equal the global zero-padded neighbourhood, and their hand-written
+    gradient equals the gradient of that global cut (edges, corners, multi-hop, outer faces)."""
+    spec = parse_mesh(mesh_text)
+    shape = (1, 16, 8, 8, 2)
+    global_x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
+    act = P(*ACTIVATION_SPEC)
+    fn = jax.shard_map(
+        lambda x: halo_pad(x, width=widths, mesh_shape=spec.spatial), mesh=build_mesh(spec), in_specs=act, out_specs=act
+    )
+    expected, vjp_expected = jax.vjp(lambda x: _window_blocks(x, spec.spatial, widths), global_x)
+    got, vjp_got = jax.vjp(jax.jit(fn), global_x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(expected.shape), jnp.float32)
+    np.testing.assert_allclose(np.asarray(vjp_got(cotangent)[0]), np.asarray(vjp_expected(cotangent)[0]), atol=1e-6)
+
+
+def _random_model(spec, seed):
+    """Random weights with no identity norm and no zero bias."""
+    model = NNUNetModel.init(spec, seed=seed)
+    rng = np.random.default_rng(seed)
+
+    def jitter(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name and "scale" in name:
+            return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
+        if "bias" in name:
+            return jnp.asarray(rng.normal(0, 0.1, leaf.shape), leaf.dtype)
+        return leaf
+
+    return NNUNetModel(spec, jax.tree_util.tree_map_with_path(jitter, model.variables))
+
+
+# An anisotropic 3-stage PlainConvUNet (features <= 8) with two region outputs (sigmoid).
+ANISO3 = NetworkSpec.plain(
+    in_channels=1,
+    num_outputs=2,
+    kernels=[(1, 3, 3), (1, 3, 3), (3, 3, 3)],
+    strides=[(1, 1, 1), (1, 2, 2), (2, 2, 2)],
+    features=[4, 8, 8],
+    blocks=[2, 2, 2],
+    output_kind="sigmoid",
+    output_names=("whole", "core"),
+    regions_class_order=(1, 2),
+)
+# A 3-stage ResidualEncoderUNet whose strided blocks have both skips: avg-pool + 1x1 conv (4 -> 8)
+# and avg-pool alone (8 -> 8).
+RESENC3 = NetworkSpec.residual(
+    in_channels=2,
+    num_outputs=3,
+    kernels=[(1, 3, 3), (3, 3, 3), (3, 3, 3)],
+    strides=[(1, 1, 1), (1, 2, 2), (2, 2, 2)],
+    features=[4, 8, 8],
+    blocks=[1, 2, 1],
+)
+
+
+@pytest.fixture(scope="module")
+def models(goldens):
+    out = {name: NNUNetModel(g.spec, {"params": g.params}) for name, g in goldens.items()}
+    out["aniso3"] = _random_model(ANISO3, 3)
+    out["resenc3"] = _random_model(RESENC3, 4)
+    return out
+
+
+_REFERENCES: dict = {}
+
+
+def _input(spec, shape, batch=2, seed=0):
+    return np.random.default_rng(seed).standard_normal((batch, *shape, spec.in_channels)).astype(np.float32)
+
+
+EVEN, UNEVEN = (8, 32, 32), (11, 37, 29)
+FORWARD_CASES = [
+    # network, mesh, volume shape, backend: every network on several meshes, even and uneven shapes.
+    # The float64 gradient cases below run 2x2x2 (uneven) and data=2,z=2,y=2,x=1 too.
+    ("plain_thick_mri", "2x2x2", UNEVEN, "explicit"),
+    ("plain_thick_mri", "data=2,z=2,y=2,x=1", EVEN, "explicit"),
+    ("resenc_aniso_ct", "8x1x1", UNEVEN, "explicit"),
+    ("resenc_aniso_ct", "1x2x4", EVEN, "explicit"),
+    ("resenc_aniso_ct", "1x2x4", UNEVEN, "gspmd"),
+    ("aniso3", "1x2x4", UNEVEN, "explicit"),
+    ("aniso3", "8x1x1", (16, 16, 24), "explicit"),
+]
+
+
+@pytest.mark.parametrize("name, mesh, shape, backend", FORWARD_CASES)
+def test_partitioned_forward_equals_reference(models, name, mesh, shape, backend):
+    """Every deep-supervision head, within 1e-5 × max(1, |logit|) in float32."""
+    model = models[name]
+    x = _input(model.spec, shape)
+    key = (name, shape)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = apply_nnunet(model, x, backend="reference", deep_supervision=True)
+    reference = _REFERENCES[key]
+    heads = apply_nnunet(model, x, mesh, backend=backend, deep_supervision=True)
+    for i, (head, ref) in enumerate(zip(heads, reference)):
+        assert head.shape == ref.shape
+        error = float(np.abs(head - ref).max())
+        bound = 1e-5 * max(1.0, float(np.abs(ref).max()))
+        print(f"{name} {mesh} {shape} {backend} head {i}: max |diff| = {error:.1e} (bound {bound:.1e})")
+        assert error <= bound, (i, error, bound)
+
+
+def _loss(spec, heads, target):
+    """nnU-Net's deep-supervision loss shape: per head (weights 1/2^i, the lowest 0, normalised)
+    CE + soft Dice (softmax), or BCE + soft Dice per region (sigmoid)."""
+    weights = np.array([0.5**i for i in range(len(heads))])
+    weights[-1] = 0
+    weights = weights / weights.sum()
+    total = 0.0
+    for w, head, layer in zip(weights, heads, spec.outputs):
+        sz, sy, sx = layer.scale
+        t = target[:, ::sz, ::sy, ::sx][:, : head.shape[1], : head.shape[2], : head.shape[3]]
+        if spec.output_kind == "sigmoid":
+            regions = jnp.stack([t >= r for r in (spec.regions_class_order or range(1, spec.num_outputs + 1))], -1)
+            y = regions.astype(head.dtype)
+            prob = jax.nn.sigmoid(head)
+            data = jnp.mean(jnp.maximum(head, 0) - head * y + jnp.log1p(jnp.exp(-jnp.abs(head))))
+        else:
+            y = jax.nn.one_hot(t, spec.num_outputs, dtype=head.dtype)
+            prob = jax.nn.softmax(head, axis=-1)
+            data = -jnp.mean(jnp.sum(y * jax.nn.log_softmax(head, axis=-1), axis=-1))
+        axes = (0, 1, 2, 3)
+        dice = (2 * jnp.sum(prob * y, axes) + 1e-5) / (jnp.sum(prob, axes) + jnp.sum(y, axes) + 1e-5)
+        total = total + w * (data + 1 - jnp.mean(dice))
+    return total
+
+
+def _gradient(model, x, target, mesh, backend):
+    spec = model.spec
+    layout = nnunet_layout(spec, x.shape[1:4], mesh)
+    shape = layout.reference_shape if backend == "reference" else layout.padded_shape
+    fn, *_ = make_nnunet_forward(spec, layout, backend=backend, dtype="float64", jit=False)
+    padded = np.pad(x, [(0, 0), *((0, t - s) for t, s in zip(shape, x.shape[1:4])), (0, 0)])
+
+    def loss(params):
+        heads = crop_heads(spec, fn({"params": params}, padded), layout.volume_shape)
+        return _loss(spec, heads, target)
+
+    params = _cast(model.variables["params"], np.float64)
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+GRADIENT_CASES = [
+    ("resenc3", "2x2x2", UNEVEN),
+    ("aniso3", "data=2,z=2,y=2,x=1", (8, 24, 40)),
+]
+
+
+@pytest.mark.parametrize("name, mesh, shape", GRADIENT_CASES)
+def test_partitioned_float64_gradients_equal_reference(models, name, mesh, shape):
+    """Gradients of a deep-supervision Dice + CE (BCE for regions) loss w.r.t. every parameter."""
+    model = models[name]
+    x = _input(model.spec, shape, seed=5).astype(np.float64)
+    target = np.random.default_rng(6).integers(0, 3, (2, *shape))
+    with jax.enable_x64(True):
+        ref_loss, ref_grad = _gradient(model, x, target, "1x1x1", "reference")
+        loss, grad = _gradient(model, x, target, mesh, "explicit")
+        ref_grad, grad = jax.tree.map(np.asarray, ref_grad), jax.tree.map(np.asarray, grad)
+    assert abs(float(loss) - float(ref_loss)) <= 1e-9 * abs(float(ref_loss))
+    leaves = jax.tree_util.tree_leaves_with_path(ref_grad)
+    scale = max(float(np.abs(g).max()) for _, g in leaves)
+    worst = 0.0
+    for (path, r), g in zip(leaves, jax.tree.leaves(grad)):
+        error = float(np.abs(g - r).max()) / scale
+        worst = max(worst, error)
+        assert error <= 1e-6, (jax.tree_util.keystr(path), error)
+    print(f"{name} {mesh} {shape}: max |grad diff| / max |grad| = {worst:.1e}")
+
+
+def test_input_channels_must_match_channel_names(models):
+    model = models["plain_thick_mri"]  # 2 channels (T2, ADC)
+    with pytest.raises(
+        UserError, match=r"input has 1 channels but the network .* expects 2 \(dataset\.json's channel_names\)"
+    ):
+        apply_nnunet(model, np.zeros((1, 8, 32, 32, 1), np.float32), "2x2x2")

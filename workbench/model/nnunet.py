@@ -44,7 +44,8 @@ from jax import lax
 
 from workbench.errors import InputNotFoundError, UserError
 from workbench.model.layers import Norm, Partition, he_normal
-from workbench.model.spec import INPUT, Layer, NetworkSpec, from_nnunet_plans
+from workbench.model.nnunet_plans import from_nnunet_plans
+from workbench.model.spec import INPUT, Layer, NetworkSpec
 
 __all__ = [
     "NNUNet",

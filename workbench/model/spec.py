@@ -13,6 +13,8 @@ and derives from them, once, everything that depends on the architecture:
 * :attr:`NetworkSpec.num_params` and :meth:`NetworkSpec.state_dict`: nnU-Net's tensor
   names and shapes, aliases included, in nnU-Net's own order.
 
+:mod:`workbench.model.nnunet_plans` builds specs from nnU-Net's plans files.
+
 The halo rule. A convolution with kernel k, stride s, dilation 1 and padding p reads,
 for output i, the inputs ``[s·i − p, s·i − p + k − 1]``. On a block whose first voxel
 is a multiple of s (and whose size is a multiple of s) the first output reads p voxels
@@ -33,42 +35,18 @@ Example
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from workbench.errors import InputNotFoundError, UserError
+from workbench.errors import UserError
 
-__all__ = [
-    "Stage",
-    "Layer",
-    "NetworkSpec",
-    "conv_halo",
-    "from_nnunet_plans",
-    "from_nnunet_arch",
-    "NETWORK_CLASSES",
-    "PLANNERS",
-]
+__all__ = ["Stage", "Layer", "NetworkSpec", "conv_halo", "INPUT", "NETWORK_CLASSES"]
 
 Triple = tuple[int, int, int]
 Pairs = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
-# nnU-Net's class names (plans: architecture.network_class_name) -> our short names.
-NETWORK_CLASSES = {
-    "dynamic_network_architectures.architectures.unet.PlainConvUNet": "PlainConvUNet",
-    "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet": "ResidualEncoderUNet",
-}
-# The planners whose plans we have checked against nnU-Net's builder (plans: experiment_planner_used).
-PLANNERS = ("ExperimentPlanner", "nnUNetPlannerResEncM", "nnUNetPlannerResEncL", "nnUNetPlannerResEncXL")
-# The operations the plans may name; anything else is refused (arch_kwargs).
-_SUPPORTED_OPS = {
-    "conv_op": ("torch.nn.modules.conv.Conv3d",),
-    "norm_op": ("torch.nn.modules.instancenorm.InstanceNorm3d",),
-    "nonlin": ("torch.nn.LeakyReLU", "torch.nn.modules.activation.LeakyReLU"),
-    "dropout_op": (None,),
-}
+NETWORK_CLASSES = ("PlainConvUNet", "ResidualEncoderUNet")
 INPUT = "input"  # the name a layer uses for the network's input
 
 
@@ -174,10 +152,8 @@ class NetworkSpec:
     source: str = field(default="", compare=False)
 
     def __post_init__(self):
-        if self.network_class not in NETWORK_CLASSES.values():
-            raise UserError(
-                f"network class {self.network_class!r} is not supported; use one of {sorted(NETWORK_CLASSES.values())}"
-            )
+        if self.network_class not in NETWORK_CLASSES:
+            raise UserError(f"network class {self.network_class!r} is not supported; use one of {NETWORK_CLASSES}")
         if len(self.stages) < 2:
             raise UserError(f"a U-Net needs at least 2 stages, got {len(self.stages)}")
         if len(self.decoder_convs) != len(self.stages) - 1 or min(self.decoder_convs) < 1:
@@ -465,160 +441,3 @@ class _Builder:
                 h = self.conv(f"decoder.stages.{s}.convs.{c}", h, stage.features, stage.kernel)
             self.add(f"decoder.seg_layers.{s}", "conv", (h,), spec.num_outputs, bias=True, output=k)
             low = h
-
-
-# -- nnU-Net plans ---------------------------------------------------------------------------------
-
-
-def _read_json(source, what: str) -> dict:
-    if isinstance(source, Mapping):
-        return dict(source)
-    path = os.fspath(source)
-    if not os.path.exists(path):
-        raise InputNotFoundError(f"{what} {path!r} does not exist; pass the path of nnU-Net's {what}")
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read {what} {path!r} as JSON ({err}); pass nnU-Net's {what}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{what} {path!r} holds a {type(data).__name__}, not a JSON object; pass nnU-Net's {what}")
-    return data
-
-
-def _configuration(plans: dict, name: str, where: str) -> dict:
-    """The configuration with its ``inherits_from`` chain resolved (nnU-Net's rule: the child's keys win)."""
-    configs = plans.get("configurations")
-    if not isinstance(configs, dict):
-        raise UserError(f"{where} has no 'configurations'; pass an nnU-Net plans file (nnUNetPlans.json)")
-    if name not in configs:
-        raise UserError(f"{where} has no configuration {name!r}; use one of {sorted(configs)}")
-    config, seen = dict(configs[name]), {name}
-    while "inherits_from" in config:
-        parent = config.pop("inherits_from")
-        if parent in seen or parent not in configs:
-            raise UserError(f"{where}: configuration {name!r} inherits from {parent!r}, which is missing or a cycle")
-        seen.add(parent)
-        config = {**configs[parent], **config}
-    return config
-
-
-def _labels(dataset: dict, where: str) -> tuple[int, str, tuple[str, ...], tuple[int, ...] | None]:
-    """(heads, output kind, output names, regions_class_order) as nnU-Net's LabelManager counts them."""
-    labels = dataset.get("labels")
-    if not isinstance(labels, dict) or not labels:
-        raise UserError(f"{where} has no 'labels'; pass the dataset.json the plans were made with")
-    labels = {k: v for k, v in labels.items() if k != "ignore"}
-    regions = any(isinstance(v, (list, tuple)) and len(v) > 1 for v in labels.values())
-    if not regions:
-        by_value = {}
-        for name, value in labels.items():
-            by_value.setdefault(int(value[0] if isinstance(value, (list, tuple)) else value), name)
-        values = sorted(by_value)
-        return len(values), "softmax", tuple(by_value[v] for v in values), None
-    foreground = [
-        k for k, v in labels.items() if set(v if isinstance(v, (list, tuple)) else [v]) != {0} and k != "background"
-    ]
-    order = dataset.get("regions_class_order")
-    if not isinstance(order, list) or len(order) != len(foreground):
-        raise UserError(
-            f"{where} has {len(foreground)} region labels ({', '.join(foreground)}) but regions_class_order "
-            f"is {order!r}; give one integer per region, as nnU-Net requires"
-        )
-    return len(foreground), "sigmoid", tuple(foreground), tuple(int(v) for v in order)
-
-
-def from_nnunet_plans(plans_json, dataset_json, configuration: str = "3d_fullres") -> NetworkSpec:
-    """The network nnU-Net builds from a plans file (``nnUNetPlans.json``, ``nnUNetResEncUNet{M,L,XL}Plans.json``)
-    and its ``dataset.json``: paths or already-loaded dicts.
-
-    Input channels come from ``channel_names``; outputs from ``labels`` (one per label with
-    softmax, or one per foreground region with sigmoid when labels are regions).
-    """
-    where = plans_json if isinstance(plans_json, (str, os.PathLike)) else "the plans"
-    plans = _read_json(plans_json, "plans file")
-    dataset = _read_json(dataset_json, "dataset.json")
-    planner = plans.get("experiment_planner_used")
-    if planner not in PLANNERS:
-        raise UserError(
-            f"{where} was made by planner {planner!r}, which is not supported; use plans from one of "
-            f"{', '.join(PLANNERS)} (nnU-Net's default and ResEnc M/L/XL presets)"
-        )
-    config = _configuration(plans, configuration, where)
-    arch = config.get("architecture") or {}
-    class_name = arch.get("network_class_name")
-    kw = arch.get("arch_kwargs") or {}
-    channel_names = dataset.get("channel_names", dataset.get("modality"))
-    if not isinstance(channel_names, dict) or not channel_names:
-        raise UserError("dataset.json has no 'channel_names'; pass the dataset.json the plans were made with")
-    schemes = config.get("normalization_schemes")
-    if isinstance(schemes, list) and len(schemes) != len(channel_names):
-        raise UserError(
-            f"dataset.json's channel_names lists {len(channel_names)} channels ({', '.join(map(str, channel_names.values()))}) "
-            f"but {where} ({configuration}) normalises {len(schemes)} ({', '.join(schemes)}); "
-            "pass the dataset.json the plans were made with"
-        )
-    heads, kind, names, order = _labels(dataset, "dataset.json")
-
-    return from_nnunet_arch(
-        class_name,
-        kw,
-        len(channel_names),
-        heads,
-        where=f"{where} ({configuration})",
-        output_kind=kind,
-        output_names=names,
-        regions_class_order=order,
-        source=f"{plans.get('plans_name', where)} / {configuration}",
-    )
-
-
-def from_nnunet_arch(
-    network_class_name: str,
-    arch_kwargs: dict,
-    input_channels: int,
-    output_channels: int,
-    *,
-    where: str = "the plans",
-    **fields,
-) -> NetworkSpec:
-    """The network of nnU-Net's ``get_network_from_plans(network_class_name, arch_kwargs, …,
-    input_channels, output_channels)``: the plans' ``architecture`` section with the channel
-    counts. ``fields`` go to :class:`NetworkSpec` (output kind and names, source)."""
-    if network_class_name not in NETWORK_CLASSES:
-        raise UserError(
-            f"{where} plans network class {network_class_name!r}, which is not supported; "
-            f"supported: {', '.join(NETWORK_CLASSES)}"
-        )
-    kw = arch_kwargs
-    for key, allowed in _SUPPORTED_OPS.items():
-        if kw.get(key) not in allowed:
-            raise UserError(
-                f"{where} uses {key}={kw.get(key)!r}; only {allowed[0]!r} is supported "
-                "(3D convolutions, InstanceNorm3d, LeakyReLU, no dropout)"
-            )
-    norm = kw.get("norm_op_kwargs") or {}
-    nonlin = kw.get("nonlin_kwargs") or {}
-    if not norm.get("affine", False):
-        raise UserError(f"{where}: InstanceNorm3d without affine parameters is not supported")
-    plain = NETWORK_CLASSES[network_class_name] == "PlainConvUNet"
-    blocks = kw.get("n_conv_per_stage" if plain else "n_blocks_per_stage")
-    common = dict(
-        in_channels=int(input_channels),
-        num_outputs=int(output_channels),
-        kernels=kw.get("kernel_sizes"),
-        strides=kw.get("strides"),
-        features=kw.get("features_per_stage"),
-        blocks=blocks,
-        decoder_convs=kw.get("n_conv_per_stage_decoder"),
-        conv_bias=bool(kw.get("conv_bias", True)),
-        norm_eps=float(norm.get("eps", 1e-5)),
-        negative_slope=float(nonlin.get("negative_slope", 0.01)),
-        **fields,
-    )
-    if any(common[k] is None for k in ("kernels", "strides", "features", "blocks")):
-        raise UserError(
-            f"{where}: arch_kwargs lacks kernel_sizes, strides, features_per_stage or the blocks per stage; "
-            "pass a plans file written by nnU-Net"
-        )
-    return NetworkSpec.plain(**common) if plain else NetworkSpec.residual(**common)
