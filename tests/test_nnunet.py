@@ -56,6 +56,22 @@ def test_spec_matches_nnunet_builder(entry):
     assert shapes == entry["ds_output_shapes_for_patch"]
 
 
+@pytest.mark.parametrize("entry", [n for n in NETWORKS if not n.get("same_network_as")], ids=lambda n: n["plans_file"])
+def test_flax_parameters_of_the_planned_networks(entry):
+    """The Flax module's parameters (shapes only, nothing allocated) are nnU-Net's tensors mapped by
+    load_nnunet_weights: same tree, same shapes, nnU-Net's parameter count (up to 101,858,479)."""
+    spec = _plans_spec(entry)
+    x = jax.ShapeDtypeStruct((1, *spec.multiple, spec.in_channels), jnp.float32)
+    shapes = jax.eval_shape(NNUNet(spec).init, jax.random.key(0), x)["params"]
+    fake = {key: np.broadcast_to(np.float32(0), shape) for key, shape, _ in spec.state_dict(aliases=False)}
+    mapped = load_nnunet_weights(spec, fake)
+    assert jax.tree.structure(mapped) == jax.tree.structure(shapes)
+    assert jax.tree.leaves(jax.tree.map(lambda a, b: a.shape == b.shape, mapped, shapes)) == [True] * len(
+        jax.tree.leaves(shapes)
+    )
+    assert sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(shapes)) == entry["total_params"]
+
+
 def test_spec_of_the_anisotropic_plan():
     spec = _plans_spec(BY_FILE["aniso_ct/nnUNetPlans.json"])
     assert spec.multiple == (8, 32, 32)
@@ -215,16 +231,17 @@ def test_imported_weights_reproduce_nnunet_logits(goldens, name, dtype):
 
 def test_training_folder_loads_and_reproduces_its_golden(goldens):
     """nnU-Net's results folder (plans.json, dataset.json, fold_0): the weights are read without
-    torch (the .npz beside the .pth) and give the golden's full-resolution logits."""
+    torch (the .npz beside the .pth) and give the golden's full-resolution logits, partitioned."""
     golden = goldens["plain_thick_mri"]
     model = load_nnunet_folder(RESULTS, fold=0, use_torch=False)
     assert model.spec.output_kind == "sigmoid" and model.spec.output_names == ("whole", "core")
     assert model.spec.stages == golden.spec.stages and model.num_params == golden.meta["total_params"]
     assert model.source.endswith("checkpoint_final_network_weights.npz")
     jax.tree.map(np.testing.assert_array_equal, model.variables["params"], golden.params)
-    logits = jax.jit(model.module(deep_supervision=False).apply)(model.variables, golden.x)
+    # nnU-Net's checkpoint, partitioned over 2x2x2, gives nnU-Net's full-resolution logits
+    logits = apply_nnunet(model, golden.x, "2x2x2")
     expected = golden.expected(0, "float32")
-    assert float(np.abs(np.asarray(logits) - expected).max()) <= 1e-4 * float(np.abs(expected).max())
+    assert float(np.abs(logits - expected).max()) <= 1e-4 * float(np.abs(expected).max())
 
 
 def test_checkpoint_without_torch_or_npz_is_one_user_error(tmp_path):
@@ -466,6 +483,18 @@ def test_partitioned_float64_gradients_equal_reference(models, name, mesh, shape
         worst = max(worst, error)
         assert error <= 1e-6, (jax.tree_util.keystr(path), error)
     print(f"{name} {mesh} {shape}: max |grad diff| / max |grad| = {worst:.1e}")
+
+
+def test_partitioned_forward_refuses_blocks_off_the_stride_grid(models):
+    """A layout whose blocks do not start at every stage's cumulative stride: one UserError."""
+    spec = models["resenc_aniso_ct"].spec  # z strides 1, 1, 2, 1: blocks must be even along z
+    layout = nnunet_layout(spec, (12, 32, 32), "4x1x1")
+    assert layout.padded_shape == (16, 32, 32) and spec.check_blocks(layout.padded_shape, (4, 1, 1)) == (4, 32, 32)
+    layout.padded_shape = (12, 32, 32)  # as if the caller had not padded for the mesh
+    with pytest.raises(
+        UserError, match=r"mesh 4x1x1 cannot split stage 2 along z: blocks of 3 voxels .* multiples of 2"
+    ):
+        make_nnunet_forward(spec, layout)
 
 
 def test_input_channels_must_match_channel_names(models):

@@ -126,11 +126,12 @@ def apply_nnunet(
     layout = nnunet_layout(model.spec, x.shape[1:4], mesh_spec)
     target = layout.reference_shape if backend == "reference" else layout.padded_shape
     fn, _, in_sharding, var_sharding = make_nnunet_forward(
-        model.spec, layout, backend=backend, dtype=dtype, deep_supervision=True
+        model.spec, layout, backend=backend, dtype=dtype, deep_supervision=deep_supervision
     )
     np_dtype = jnp.float64 if dtype == "float64" else jnp.float32
     padded = np.pad(x, [(0, 0), *((0, t - s) for t, s in zip(target, x.shape[1:4])), (0, 0)]).astype(np_dtype)
     variables = put_tree(jax.tree.map(lambda a: jnp.asarray(a, np_dtype), model.variables), var_sharding)
     heads = fn(variables, put(padded, in_sharding))
-    heads = crop_heads(model.spec, [to_host(h) for h in heads], layout.volume_shape)
+    heads = [to_host(h) for h in heads] if deep_supervision else [to_host(heads)]
+    heads = crop_heads(model.spec, heads, layout.volume_shape)  # gathered across processes when there are several
     return heads if deep_supervision else heads[0]

@@ -256,7 +256,7 @@ def load_nnunet_weights(spec: NetworkSpec, state_dict) -> dict:
         node = params
         for part in path[:-1]:
             node = node.setdefault(part, {})
-        node[path[-1]] = np.ascontiguousarray(array)
+        node[path[-1]] = array  # a transposed view; JAX copies it when placing it
     return params
 
 
