@@ -497,6 +497,15 @@ def test_partitioned_forward_refuses_blocks_off_the_stride_grid(models):
         make_nnunet_forward(spec, layout)
 
 
+def test_unpadded_input_is_one_user_error(models):
+    spec = models["resenc_aniso_ct"].spec  # multiple (2, 8, 8)
+    x = jax.ShapeDtypeStruct((1, 7, 32, 32, 1), jnp.float32)
+    with pytest.raises(
+        UserError, match=r"input \(block\) shape \(1, 7, 32, 32, 1\) must be .* multiples of \(2, 8, 8\)"
+    ):
+        jax.eval_shape(NNUNet(spec).init, jax.random.key(0), x)
+
+
 def test_input_channels_must_match_channel_names(models):
     model = models["plain_thick_mri"]  # 2 channels (T2, ADC)
     with pytest.raises(

@@ -140,6 +140,13 @@ class NNUNet(nn.Module):
     @nn.compact
     def __call__(self, x):
         spec, part = self.spec, self.partition
+        if self.dtype not in _DTYPES:
+            raise UserError(f"dtype={self.dtype!r}; use one of {sorted(_DTYPES)}")
+        if x.ndim != 5 or any(n % m for n, m in zip(x.shape[1:4], spec.multiple)):
+            raise UserError(
+                f"input (block) shape {x.shape} must be (N, Z, Y, X, C) with Z, Y, X multiples of {spec.multiple} "
+                "(the product of each axis's strides); pad the volume (apply_nnunet and nnunet_layout do)"
+            )
         dtype = _DTYPES[self.dtype]
         out_dtype = jnp.float64 if self.dtype == "float64" else jnp.float32
         values = {INPUT: part.mask(part.constrain(x.astype(dtype)), (1, 1, 1))}
