@@ -388,12 +388,16 @@ def _input(spec, shape, batch=2, seed=0):
 
 EVEN, UNEVEN = (8, 32, 32), (11, 37, 29)
 FORWARD_CASES = [
-    # network, mesh, volume shape, backend: every network on several meshes, even and uneven shapes.
-    # The float64 gradient cases below run 2x2x2 (uneven) and data=2,z=2,y=2,x=1 too.
+    # network, mesh, volume shape, backend: the golden networks on every mesh, even and uneven
+    # shapes (8x1x1 on the 8-slice volume pads z to 16: blocks of 2, the z stride multiple);
+    # the float64 gradient cases below run 2x2x2 (uneven) and data=2,z=2,y=2,x=1 too.
     ("plain_thick_mri", "2x2x2", UNEVEN, "explicit"),
-    ("plain_thick_mri", "data=2,z=2,y=2,x=1", EVEN, "explicit"),
+    ("plain_thick_mri", "1x2x4", EVEN, "explicit"),
+    ("plain_thick_mri", "8x1x1", EVEN, "explicit"),
+    ("plain_thick_mri", "data=2,z=2,y=2,x=1", UNEVEN, "explicit"),
+    ("resenc_aniso_ct", "2x2x2", EVEN, "explicit"),
     ("resenc_aniso_ct", "8x1x1", UNEVEN, "explicit"),
-    ("resenc_aniso_ct", "1x2x4", EVEN, "explicit"),
+    ("resenc_aniso_ct", "data=2,z=2,y=2,x=1", EVEN, "explicit"),
     ("resenc_aniso_ct", "1x2x4", UNEVEN, "gspmd"),
     ("aniso3", "1x2x4", UNEVEN, "explicit"),
     ("aniso3", "8x1x1", (16, 16, 24), "explicit"),
