@@ -331,6 +331,30 @@ def test_asymmetric_halo_pad_and_its_adjoint(mesh_text, widths):
     np.testing.assert_allclose(np.asarray(vjp_got(cotangent)[0]), np.asarray(vjp_expected(cotangent)[0]), atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["zero", "replicate"])
+def test_asymmetric_self_padding_modes(mode):
+    """The seam-showing modes pad (lo, hi) per axis from the shard's own voxels, the volume's
+    outer faces stay zero."""
+    spec = parse_mesh("2x1x1")
+    x = jnp.asarray(np.random.default_rng(2).random((1, 8, 4, 4, 1)), jnp.float32)
+    act = P(*ACTIVATION_SPEC)
+    widths = ((1, 2), (0, 1), (1, 0))
+    fn = jax.shard_map(
+        lambda b: halo_pad(b, width=widths, mesh_shape=spec.spatial, mode=mode),
+        mesh=build_mesh(spec),
+        in_specs=act,
+        out_specs=act,
+    )
+    out = np.asarray(jax.jit(fn)(x))
+    low, high = out[:, :7], out[:, 7:]  # each shard: 4 + 1 + 2 along z, 4 + 1 along y, 4 + 1 along x
+    assert low.shape == (1, 7, 5, 5, 1) and high.shape == (1, 7, 5, 5, 1)
+    assert low[:, 0].max() == 0 and high[:, -2:].max() == 0  # outer faces of the volume
+    assert out[:, :, -1].max() == 0 and out[:, :, :, 0].max() == 0  # y and x are not split: zeros
+    seam = np.asarray(x[:, 3]) if mode == "replicate" else np.zeros_like(np.asarray(x[:, 3]))
+    np.testing.assert_array_equal(low[:, 5, :4, 1:], seam)  # the low shard's high side, at the seam
+    np.testing.assert_array_equal(low[:, 6, :4, 1:], seam)
+
+
 def _random_model(spec, seed):
     """Random weights with no identity norm and no zero bias."""
     model = NNUNetModel.init(spec, seed=seed)
