@@ -82,6 +82,12 @@ def _labels(dataset: dict, where: str) -> tuple[int, str, tuple[str, ...], tuple
     if not isinstance(labels, dict) or not labels:
         raise UserError(f"{where} has no 'labels'; pass the dataset.json the plans were made with")
     labels = {k: v for k, v in labels.items() if k != "ignore"}
+    for name, value in labels.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            raise UserError(
+                f"{where} label {name!r} is {value!r}; a label is an integer >= 0, or a list of them for a region"
+            )
     regions = any(isinstance(v, (list, tuple)) and len(v) > 1 for v in labels.values())
     if not regions:
         by_value = {}
