@@ -117,6 +117,42 @@ def test_receptive_radius_is_one_walk():
     assert aniso.receptive_radius() == (0, 4, 4)
 
 
+def _forward_reach(spec, axis, q, length):
+    """Which outputs of head 0 a change of input voxel ``q`` reaches along ``axis``: the layers'
+    dependency rules run forwards on boolean arrays (the spec's walk runs backwards on intervals)."""
+    reach = {"input": np.arange(length) == q}
+    for la in spec.layers:
+        parts = [reach[name] for name in la.inputs]
+        x = np.logical_or.reduce(parts) if len(parts) > 1 else parts[0]
+        k, s = la.kernel[axis], la.stride[axis]
+        if la.op == "conv":
+            pad = la.padding[axis][0]
+            n = (len(x) + 2 * pad - k) // s + 1
+            xp = np.pad(x, (pad, pad))
+            x = np.array([xp[i * s : i * s + k].any() for i in range(n)])
+        elif la.op == "transposed_conv":
+            x = np.repeat(x, s)
+        elif la.op == "avg_pool":
+            x = x.reshape(-1, s).any(axis=1)
+        reach[la.name] = x
+    return np.flatnonzero(reach[spec.outputs[0].name])
+
+
+@pytest.mark.parametrize("name", ["resenc_aniso_ct", "plain_thick_mri"])
+def test_receptive_radius_agrees_with_a_forward_reach(name):
+    call = json.loads((FIXTURE / "golden" / name / "network.json").read_text())["builder_call"]
+    spec = from_nnunet_arch(call["arch_class_name"], call["arch_kwargs"], call["input_channels"], 1)
+    radius = spec.receptive_radius()
+    for axis in range(3):
+        length = 8 * spec.multiple[axis] * (radius[axis] // spec.multiple[axis] + 2)
+        centre = length // 2 // spec.multiple[axis] * spec.multiple[axis]
+        reach = 0
+        for q in range(centre, centre + spec.multiple[axis]):  # every alignment to the stride grid
+            hit = _forward_reach(spec, axis, q, length)
+            reach = max(reach, int(np.abs(hit - q).max()))
+        assert reach == radius[axis], (axis, reach, radius)
+
+
 def _bad_plans(tmp_path, edit, dataset_edit=None):
     plans = json.loads((FIXTURE / "aniso_ct" / "nnUNetPlans.json").read_text())
     dataset = json.loads((FIXTURE / "aniso_ct" / "dataset.json").read_text())
