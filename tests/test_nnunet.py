@@ -392,19 +392,20 @@ def test_asymmetric_self_padding_modes(mode):
 
 
 def _random_model(spec, seed):
-    """Random weights with no identity norm and no zero bias."""
-    model = NNUNetModel.init(spec, seed=seed)
+    """Random weights drawn in nnU-Net's layout and imported (no compilation): He-scaled kernels,
+    norm scales in [0.5, 1.5], biases N(0, 0.1), so no layer is an identity."""
     rng = np.random.default_rng(seed)
-
-    def jitter(path, leaf):
-        name = jax.tree_util.keystr(path)
-        if "norm" in name and "scale" in name:
-            return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
-        if "bias" in name:
-            return jnp.asarray(rng.normal(0, 0.1, leaf.shape), leaf.dtype)
-        return leaf
-
-    return NNUNetModel(spec, jax.tree_util.tree_map_with_path(jitter, model.variables))
+    weights = {}
+    for key, shape, _ in spec.state_dict(aliases=False):
+        if key.endswith("norm.weight"):
+            weights[key] = rng.uniform(0.5, 1.5, shape)
+        elif len(shape) == 1:
+            weights[key] = rng.normal(0, 0.1, shape)
+        else:
+            fan_in = np.prod(shape[1:]) if "transpconvs" not in key else shape[0]
+            weights[key] = rng.normal(0, np.sqrt(2 / fan_in), shape)
+    params = load_nnunet_weights(spec, {k: v.astype(np.float32) for k, v in weights.items()})
+    return NNUNetModel(spec, {"params": params}, f"random (seed {seed})")
 
 
 # An anisotropic 3-stage PlainConvUNet (features <= 8) with two region outputs (sigmoid).
@@ -576,3 +577,8 @@ def test_input_channels_must_match_channel_names(models):
         UserError, match=r"input has 1 channels but the network .* expects 2 \(dataset\.json's channel_names\)"
     ):
         apply_nnunet(model, np.zeros((1, 8, 32, 32, 1), np.float32), "2x2x2")
+
+
+def test_random_init_has_the_plan_s_parameters():
+    model = NNUNetModel.init(ANISO3, seed=0)
+    assert model.num_params == ANISO3.num_params == _random_model(ANISO3, 0).num_params
