@@ -348,6 +348,7 @@ def _window_blocks(global_x, mesh_shape, widths):
         ("2x2x2", ((1, 0), (0, 1), (1, 1))),  # strided (1, 0), a zero side, symmetric
         ("1x2x4", ((0, 0), (1, 0), (2, 1))),
         ("8x1x1", ((3, 0), (0, 0), (1, 0))),  # 3 voxels over blocks of 2: two hops
+        ("8x1x1", ((1, 3), (0, 1), (0, 0))),  # two hops on the high side
     ],
 )
 def test_asymmetric_halo_pad_and_its_adjoint(mesh_text, widths):
