@@ -416,20 +416,21 @@ ANISO3 = NetworkSpec.plain(
     kernels=[(1, 3, 3), (1, 3, 3), (3, 3, 3)],
     strides=[(1, 1, 1), (1, 2, 2), (2, 2, 2)],
     features=[4, 8, 8],
-    blocks=[2, 2, 2],
+    blocks=[2, 1, 1],
+    decoder_convs=[1, 1],
     output_kind="sigmoid",
     output_names=("whole", "core"),
     regions_class_order=(1, 2),
 )
 # A 3-stage ResidualEncoderUNet whose strided blocks have both skips: avg-pool + 1x1 conv (4 -> 8)
-# and avg-pool alone (8 -> 8).
+# and avg-pool alone (8 -> 8). Small layer counts: each gradient program compiles in seconds.
 RESENC3 = NetworkSpec.residual(
     in_channels=2,
     num_outputs=3,
     kernels=[(1, 3, 3), (3, 3, 3), (3, 3, 3)],
     strides=[(1, 1, 1), (1, 2, 2), (2, 2, 2)],
     features=[4, 8, 8],
-    blocks=[1, 2, 1],
+    blocks=[1, 1, 1],
 )
 
 
@@ -450,16 +451,14 @@ def _input(spec, shape, batch=2, seed=0):
 
 EVEN, UNEVEN = (8, 32, 32), (11, 37, 29)
 FORWARD_CASES = [
-    # network, mesh, volume shape, backend: the golden networks on every mesh, even and uneven
-    # shapes (8x1x1 on the 8-slice volume pads z to 16: blocks of 2, the z stride multiple);
-    # the float64 gradient cases below run 2x2x2 (uneven) and data=2,z=2,y=2,x=1 too.
+    # network, mesh, volume shape, backend: every mesh on two or more networks, even and uneven
+    # shapes, both backends (8x1x1 on an 8-slice volume pads z to 16: blocks of 2, the z stride
+    # multiple). The float64 gradient cases below run 2x2x2 (uneven) and data=2,z=2,y=2,x=1 too.
     ("plain_thick_mri", "2x2x2", UNEVEN, "explicit"),
     ("plain_thick_mri", "1x2x4", EVEN, "explicit"),
-    ("plain_thick_mri", "8x1x1", EVEN, "explicit"),
     ("plain_thick_mri", "data=2,z=2,y=2,x=1", UNEVEN, "explicit"),
     ("resenc_aniso_ct", "2x2x2", EVEN, "explicit"),
     ("resenc_aniso_ct", "8x1x1", UNEVEN, "explicit"),
-    ("resenc_aniso_ct", "data=2,z=2,y=2,x=1", EVEN, "explicit"),
     ("resenc_aniso_ct", "1x2x4", UNEVEN, "gspmd"),
     ("aniso3", "1x2x4", UNEVEN, "explicit"),
     ("aniso3", "8x1x1", (16, 16, 24), "explicit"),
