@@ -325,21 +325,18 @@ def _window_blocks(global_x, mesh_shape, widths):
     padded = jnp.pad(global_x, [(0, 0), *widths, (0, 0)])
     block = [s // m for s, m in zip(global_x.shape[1:4], mesh_shape)]
     grown = [b + lo + hi for b, (lo, hi) in zip(block, widths)]
-    rows = []
-    for axis in range(3):
-        rows.append(
-            [slice(c * b, c * b + g) for c, (b, g) in enumerate([(block[axis], grown[axis])] * mesh_shape[axis])]
-        )
-    out = jnp.concatenate(
+    # per axis, the window of each shard in the padded array: its block start, grown extent
+    windows = [[slice(c * b, c * b + g) for c in range(m)] for b, g, m in zip(block, grown, mesh_shape)]
+    return jnp.concatenate(
         [
             jnp.concatenate(
-                [jnp.concatenate([padded[:, sz, sy, sx] for sx in rows[2]], axis=3) for sy in rows[1]], axis=2
+                [jnp.concatenate([padded[:, sz, sy, sx] for sx in windows[2]], axis=3) for sy in windows[1]],
+                axis=2,
             )
-            for sz in rows[0]
+            for sz in windows[0]
         ],
         axis=1,
     )
-    return out
 
 
 @pytest.mark.parametrize(
