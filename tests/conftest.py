@@ -54,6 +54,7 @@ TIERS = {
     "test_notebook_viewer.py": ("integration",),
     "test_multiprocess.py": ("exactness", "multiprocess"),
     "test_napari_gui.py": ("integration", "gui"),
+    "test_nnunet.py": ("exactness",),
     "test_partition.py": ("exactness",),
     "test_plan.py": ("integration",),
     "test_reliability.py": ("exactness",),

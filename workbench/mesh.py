@@ -212,24 +212,34 @@ class ShardLayout:
     """Geometry of a (Z, Y, X) volume split over the spatial axes of a mesh.
 
     * ``reference_shape``: the volume zero-padded at the high end of each axis to a
-      multiple of ``multiple`` (= 2^(depth-1)), as MONAI's ``DivisiblePad`` does; the
-      single-device reference runs on this.
+      multiple of ``multiple`` (= 2^(depth-1); or per axis (z, y, x), the product of a
+      layer spec's strides), as MONAI's ``DivisiblePad`` does; the single-device
+      reference runs on this.
     * ``padded_shape``: padded further to a multiple of ``mesh_size * multiple`` so
       every shard is the same size and every U-Net level splits evenly. The extra
       padding is treated as outside the volume at every layer (see docs/design.md).
     """
 
-    def __init__(self, volume_shape: Sequence[int], mesh, *, multiple: int = 1):
+    def __init__(self, volume_shape: Sequence[int], mesh, *, multiple: int | Sequence[int] = 1):
         shape = tuple(int(s) for s in volume_shape)
         if len(shape) != 3 or min(shape) < 1:
             raise UserError(f"volume shape {tuple(volume_shape)} must be 3 positive sizes (Z, Y, X)")
-        if multiple < 1 or multiple & (multiple - 1):
-            raise UserError(f"multiple={multiple} must be a power of two (2^(depth-1))")
+        if isinstance(multiple, (int, np.integer)):
+            if multiple < 1 or multiple & (multiple - 1):
+                raise UserError(f"multiple={multiple} must be a power of two (2^(depth-1))")
+            multiples = (int(multiple),) * 3
+        else:  # per axis (z, y, x): the product of a layer spec's strides
+            multiples = tuple(int(m) for m in multiple)
+            if len(multiples) != 3 or min(multiples) < 1:
+                raise UserError(f"multiple={tuple(multiple)} must be 3 positive sizes (z, y, x)")
         self.mesh = parse_mesh(mesh)
         self.volume_shape = shape
         self.multiple = multiple
-        self.reference_shape = tuple(_round_up(s, multiple) for s in shape)
-        self.padded_shape = tuple(_round_up(r, m * multiple) for r, m in zip(self.reference_shape, self.mesh.spatial))
+        self.multiples = multiples
+        self.reference_shape = tuple(_round_up(s, m) for s, m in zip(shape, multiples))
+        self.padded_shape = tuple(
+            _round_up(r, m * k) for r, m, k in zip(self.reference_shape, self.mesh.spatial, multiples)
+        )
         self.block_shape = tuple(p // m for p, m in zip(self.padded_shape, self.mesh.spatial))
 
     def __repr__(self) -> str:

@@ -4,7 +4,8 @@ Every function here runs *inside* ``jax.shard_map`` over a mesh with the axes of
 :mod:`workbench.mesh`; blocks are (N, z, y, x, C) with the spatial dims split.
 
 ``halo_pad(x_block, width=w, mesh_shape=(mz, my, mx), mode=...)`` returns the block
-grown by ``w`` voxels on each side of each spatial axis:
+grown by ``w`` voxels on each side of each spatial axis (or, with per-axis (lo, hi)
+widths, by ``lo`` below and ``hi`` above: the halos of strided and anisotropic layers):
 
 * ``exact``: the grown faces hold the neighbours' voxels. Axis after axis (z, then
   y, then x), each exchange sends faces that already include the halos received
@@ -27,16 +28,18 @@ Only ``exact`` is exact; the others exist to show seam artifacts.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from workbench.errors import UserError
 from workbench.mesh import SPATIAL_AXES
 from workbench.options import HALO_MODES as _NAMED_HALO_MODES
 
-__all__ = ["HALO_MODES", "halo_pad", "validate_halo", "global_index"]
+__all__ = ["HALO_MODES", "halo_pad", "halo_widths", "validate_halo", "global_index"]
 
 # What each layer pads with: the named modes but "overlap" (one input halo, workbench.execute.run).
 HALO_MODES = tuple(m for m in _NAMED_HALO_MODES if m != "overlap")
@@ -62,89 +65,129 @@ def validate_halo(halo) -> str | int:
     )
 
 
-def halo_pad(x_block, *, width: int, mesh_shape: tuple[int, int, int], mode: str = "exact"):
-    """Grow a (N, z, y, x, C) block by ``width`` on both sides of each spatial axis.
+Width = int | Sequence[int | tuple[int, int]]
 
-    Call inside ``shard_map`` over a mesh whose spatial axes have sizes ``mesh_shape``.
-    Axes of size 1 are zero padded (the volume's outer faces).
+
+def halo_widths(width: Width) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """Per spatial axis (z, y, x), the (lo, hi) halo: ``w`` means ``w`` on every side; a
+    3-sequence gives one entry per axis, each ``w`` (both sides) or ``(lo, hi)``."""
+    if isinstance(width, (int, np.integer)) and not isinstance(width, bool):
+        pairs = ((int(width), int(width)),) * 3
+    else:
+        try:
+            entries = list(width)
+            pairs = tuple(
+                (int(e), int(e)) if isinstance(e, (int, np.integer)) else (int(e[0]), int(e[1])) for e in entries
+            )
+        except (TypeError, ValueError, IndexError):
+            raise UserError(f"halo width {width!r} must be an int or 3 per-axis widths or (lo, hi) pairs") from None
+        if len(pairs) != 3 or any(len(e) != 2 for e in pairs):
+            raise UserError(f"halo width {width!r} must be an int or 3 per-axis widths or (lo, hi) pairs")
+    for lo, hi in pairs:
+        if lo < 0 or hi < 0:
+            shown = width if isinstance(width, (int, np.integer)) else min(lo, hi)
+            raise UserError(f"halo width {shown} must be >= 0")
+    return pairs
+
+
+def halo_pad(x_block, *, width: Width, mesh_shape: tuple[int, int, int], mode: str = "exact"):
+    """Grow a (N, z, y, x, C) block by ``width`` on the sides of each spatial axis.
+
+    ``width``: an int (every side, as the U-Net's 3×3×3 convolutions need), or per axis a
+    width or a (lo, hi) pair (the layer spec's asymmetric halos, e.g. (1, 0) for a
+    stride-2 kernel-3 convolution). Call inside ``shard_map`` over a mesh whose spatial
+    axes have sizes ``mesh_shape``. Axes of size 1 are zero padded (the volume's outer faces).
     """
-    if width < 0:
-        raise UserError(f"halo width {width} must be >= 0")
+    widths = halo_widths(width)
     if mode not in HALO_MODES:
         raise UserError(f"unknown halo mode {mode!r}; use one of {HALO_MODES}")
-    if width == 0:
+    if not any(lo or hi for lo, hi in widths):
         return x_block
     if mode == "exact":
-        return _exact_pad(x_block, width, tuple(mesh_shape))
+        return _exact_pad(x_block, widths, tuple(mesh_shape))
     if mode == "zero":
-        return jnp.pad(x_block, _grow(width))
+        return jnp.pad(x_block, _grow(widths))
     np_mode = "reflect" if mode == "reflect" else "edge"
-    for dim, name, size in zip(_SPATIAL_DIMS, SPATIAL_AXES, mesh_shape):
-        if mode == "reflect" and x_block.shape[dim] <= width:
+    for dim, name, size, (w_lo, w_hi) in zip(_SPATIAL_DIMS, SPATIAL_AXES, mesh_shape, widths):
+        if mode == "reflect" and x_block.shape[dim] <= max(w_lo, w_hi):
             raise UserError(
-                f"halo mode 'reflect' needs shards wider than the halo ({width}) but the "
+                f"halo mode 'reflect' needs shards wider than the halo ({max(w_lo, w_hi)}) but the "
                 f"shard is {x_block.shape[dim]} voxels along {name}; use fewer devices along {name}"
             )
-        widths = [(0, 0)] * x_block.ndim
-        widths[dim] = (width, width)
+        pads = [(0, 0)] * x_block.ndim
+        pads[dim] = (w_lo, w_hi)
         if size == 1:
-            x_block = jnp.pad(x_block, widths)
+            x_block = jnp.pad(x_block, pads)
             continue
-        x_block = jnp.pad(x_block, widths, mode=np_mode)
+        x_block = jnp.pad(x_block, pads, mode=np_mode)
         # The volume's outer faces keep the convolution's zero padding.
         index = lax.axis_index(name)
         n = x_block.shape[dim]
-        lo = lax.slice_in_dim(x_block, 0, width, axis=dim)
-        hi = lax.slice_in_dim(x_block, n - width, n, axis=dim)
-        x_block = lax.dynamic_update_slice_in_dim(x_block, jnp.where(index == 0, 0, lo), 0, axis=dim)
-        x_block = lax.dynamic_update_slice_in_dim(x_block, jnp.where(index == size - 1, 0, hi), n - width, axis=dim)
+        if w_lo:
+            lo = lax.slice_in_dim(x_block, 0, w_lo, axis=dim)
+            x_block = lax.dynamic_update_slice_in_dim(x_block, jnp.where(index == 0, 0, lo), 0, axis=dim)
+        if w_hi:
+            hi = lax.slice_in_dim(x_block, n - w_hi, n, axis=dim)
+            x_block = lax.dynamic_update_slice_in_dim(x_block, jnp.where(index == size - 1, 0, hi), n - w_hi, axis=dim)
     return x_block
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _exact_pad(x_block, width: int, mesh_shape: tuple[int, int, int]):
+def _exact_pad(x_block, widths, mesh_shape: tuple[int, int, int]):
     """``exact`` halo: exchange along z, y, x; then pad once and write the slabs in.
 
-    Its gradient (:func:`_exact_pad_bwd`) is the adjoint exchange, written by hand:
-    differentiating the face assembly would pad every face's cotangent to the whole
-    block (+22 % training memory for the paper model at 256³ on 2x2x2).
+    ``widths``: (lo, hi) per spatial axis. Its gradient (:func:`_exact_pad_bwd`) is the
+    adjoint exchange, written by hand: differentiating the face assembly would pad every
+    face's cotangent to the whole block (+22 % training memory for the paper model at
+    256³ on 2x2x2).
     """
-    received = {}  # dim -> (low slab, high slab); a slab spans the grown extent of earlier axes
+    received = {}  # dim -> (low slab, high slab), None where that side's width is 0;
+    # a slab spans the grown extent of earlier axes
 
     def face(dim, start, stop):
         """Voxels [start, stop) along ``dim`` of the block grown along the earlier axes."""
         part = lax.slice_in_dim(x_block, start, stop, axis=dim)
         for prev in _SPATIAL_DIMS[: _SPATIAL_DIMS.index(dim)]:
             if prev in received:
-                lo, hi = (lax.slice_in_dim(slab, start, stop, axis=dim) for slab in received[prev])
-                part = jnp.concatenate([lo, part, hi], axis=prev)
-            else:  # an axis of size 1: the volume's zero padding
-                widths = [(0, 0)] * part.ndim
-                widths[prev] = (width, width)
-                part = jnp.pad(part, widths)
+                parts = [
+                    lax.slice_in_dim(slab, start, stop, axis=dim) if slab is not None else None
+                    for slab in received[prev]
+                ]
+                part = jnp.concatenate([p for p in (parts[0], part, parts[1]) if p is not None], axis=prev)
+            else:  # an axis of size 1 (or no halo): the volume's zero padding
+                pads = [(0, 0)] * part.ndim
+                pads[prev] = widths[prev - 1]
+                part = jnp.pad(part, pads)
         return part
 
     for dim, name, size in zip(_SPATIAL_DIMS, SPATIAL_AXES, mesh_shape):
-        if size > 1:
-            received[dim] = _exchange_axis(face, dim, name, size, width, x_block.shape[dim])
-    xp_block = jnp.pad(x_block, _grow(width))  # f32[n, z+2w, y+2w, x+2w, c]
+        if _exchanged(size, widths[dim - 1]):
+            received[dim] = _exchange_axis(face, dim, name, size, widths[dim - 1], x_block.shape[dim])
+    xp_block = jnp.pad(x_block, _grow(widths))  # f32[n, z+lo+hi, y+lo+hi, x+lo+hi, c]
     for dim, (lo, hi) in received.items():
-        xp_block = lax.dynamic_update_slice(xp_block, lo, _slab_start(dim, True, x_block.shape, width))
-        xp_block = lax.dynamic_update_slice(xp_block, hi, _slab_start(dim, False, x_block.shape, width))
+        if lo is not None:
+            xp_block = lax.dynamic_update_slice(xp_block, lo, _slab_start(dim, True, x_block.shape, widths))
+        if hi is not None:
+            xp_block = lax.dynamic_update_slice(xp_block, hi, _slab_start(dim, False, x_block.shape, widths))
     return xp_block
 
 
-def _grow(width: int):
-    """``jnp.pad`` widths that grow a (N, z, y, x, C) block by ``width`` on every spatial side."""
-    return [(0, 0), *([(width, width)] * 3), (0, 0)]
+def _exchanged(size: int, pair: tuple[int, int]) -> bool:
+    """Whether an axis exchanges halos: it is split and needs some."""
+    return size > 1 and (pair[0] > 0 or pair[1] > 0)
 
 
-def _slab_start(dim: int, low: bool, block_shape, width: int) -> list[int]:
+def _grow(widths):
+    """``jnp.pad`` widths that grow a (N, z, y, x, C) block by (lo, hi) per spatial axis."""
+    return [(0, 0), *widths, (0, 0)]
+
+
+def _slab_start(dim: int, low: bool, block_shape, widths) -> list[int]:
     """Where the slab received along ``dim`` sits in the grown block: at the grown block's
     origin along earlier axes (it spans their halos), at the block's own origin along
     later ones, and in the low or high halo along ``dim``."""
-    start = [0, *(0 if d < dim else width for d in _SPATIAL_DIMS), 0]
-    start[dim] = 0 if low else width + block_shape[dim]
+    start = [0, *(0 if d < dim else widths[d - 1][0] for d in _SPATIAL_DIMS), 0]
+    start[dim] = 0 if low else widths[dim - 1][0] + block_shape[dim]
     return start
 
 
@@ -155,11 +198,11 @@ def _hops(width: int, n: int):
         yield hop, min(n, width - (hop - 1) * n)
 
 
-def _exact_pad_fwd(x_block, width, mesh_shape):
-    return _exact_pad(x_block, width, mesh_shape), None
+def _exact_pad_fwd(x_block, widths, mesh_shape):
+    return _exact_pad(x_block, widths, mesh_shape), None
 
 
-def _exact_pad_bwd(width, mesh_shape, _, g):
+def _exact_pad_bwd(widths, mesh_shape, _, g):
     """The adjoint exchange: each halo's cotangent goes back to the shard its voxels
     came from and is added there, axes in reverse order (x, y, z), so edge and corner
     cotangents travel back along the diagonal path they came by.
@@ -169,22 +212,30 @@ def _exact_pad_bwd(width, mesh_shape, _, g):
     slab cotangents (still to be sent) and to the block's own gradient. The block's
     gradient is ``g``'s interior, made once and updated in place.
     """
-    w = width
-    n = {d: g.shape[d] - 2 * w for d in _SPATIAL_DIMS}
+    lo_w = {d: widths[d - 1][0] for d in _SPATIAL_DIMS}
+    hi_w = {d: widths[d - 1][1] for d in _SPATIAL_DIMS}
+    n = {d: g.shape[d] - lo_w[d] - hi_w[d] for d in _SPATIAL_DIMS}
     names = dict(zip(_SPATIAL_DIMS, SPATIAL_AXES))
     sizes = dict(zip(_SPATIAL_DIMS, mesh_shape))
-    exchanged = [d for d in _SPATIAL_DIMS if sizes[d] > 1]
+    exchanged = [d for d in _SPATIAL_DIMS if _exchanged(sizes[d], widths[d - 1])]
 
     block_shape = [g.shape[0], n[1], n[2], n[3], g.shape[4]]
 
-    def cut(d, lo: bool):
-        """Where the forward wrote the slab received along ``d``."""
-        start = _slab_start(d, lo, block_shape, w)
-        size = [g.shape[0], *(n[e] + 2 * w if e < d else w if e == d else n[e] for e in _SPATIAL_DIMS), g.shape[4]]
+    def cut(d, low: bool):
+        """Where the forward wrote the slab received along ``d`` (None: no halo on that side)."""
+        depth = lo_w[d] if low else hi_w[d]
+        if depth == 0:
+            return None
+        start = _slab_start(d, low, block_shape, widths)
+        size = [
+            g.shape[0],
+            *(n[e] + lo_w[e] + hi_w[e] if e < d else depth if e == d else n[e] for e in _SPATIAL_DIMS),
+            g.shape[4],
+        ]
         return lax.slice(g, start, [a + b for a, b in zip(start, size)])
 
     slabs = {d: [cut(d, True), cut(d, False)] for d in exchanged}
-    grad = g[:, w : w + n[1], w : w + n[2], w : w + n[3], :]
+    grad = g[:, lo_w[1] : lo_w[1] + n[1], lo_w[2] : lo_w[2] + n[2], lo_w[3] : lo_w[3] + n[3], :]
 
     def scatter_face(r, d, start):
         """Add the cotangent of ``face(d, start, start + seg)`` where its voxels came from."""
@@ -192,26 +243,27 @@ def _exact_pad_bwd(width, mesh_shape, _, g):
         for prev in reversed(_SPATIAL_DIMS[: _SPATIAL_DIMS.index(d)]):
             total = r.shape[prev]
             if prev in slabs:
-                lo_part, hi_part = (
-                    lax.slice_in_dim(r, 0, w, axis=prev),
-                    lax.slice_in_dim(r, total - w, total, axis=prev),
-                )
-                slabs[prev][0] = _add_in_dim(slabs[prev][0], lo_part, start, d)
-                slabs[prev][1] = _add_in_dim(slabs[prev][1], hi_part, start, d)
-            r = lax.slice_in_dim(r, w, total - w, axis=prev)
+                if lo_w[prev]:
+                    part = lax.slice_in_dim(r, 0, lo_w[prev], axis=prev)
+                    slabs[prev][0] = _add_in_dim(slabs[prev][0], part, start, d)
+                if hi_w[prev]:
+                    part = lax.slice_in_dim(r, total - hi_w[prev], total, axis=prev)
+                    slabs[prev][1] = _add_in_dim(slabs[prev][1], part, start, d)
+            r = lax.slice_in_dim(r, lo_w[prev], total - hi_w[prev], axis=prev)
         grad = _add_in_dim(grad, r, start, d)
 
     for d in reversed(exchanged):
         lo, hi = slabs[d]
         name, size = names[d], sizes[d]
-        for hop, seg in _hops(w, n[d]):
-            # My low halo's segment came from the tail of the device `hop` before,
-            # my high halo's from the head of the device `hop` after: send them back.
-            lo_end = w - (hop - 1) * n[d]
+        # My low halo's segments came from the tails of the devices before,
+        # my high halo's from the heads of the devices after: send them back.
+        for hop, seg in _hops(lo_w[d], n[d]) if lo is not None else ():
+            lo_end = lo_w[d] - (hop - 1) * n[d]
             back = lax.ppermute(
                 lax.slice_in_dim(lo, lo_end - seg, lo_end, axis=d), name, [(i + hop, i) for i in range(size - hop)]
             )
             scatter_face(back, d, n[d] - seg)
+        for hop, seg in _hops(hi_w[d], n[d]) if hi is not None else ():
             hi_start = (hop - 1) * n[d]
             back = lax.ppermute(
                 lax.slice_in_dim(hi, hi_start, hi_start + seg, axis=d), name, [(i, i + hop) for i in range(size - hop)]
@@ -229,19 +281,26 @@ def _add_in_dim(x, update, start: int, dim: int):
     return lax.dynamic_update_slice_in_dim(x, current + update, start, axis=dim)
 
 
-def _exchange_axis(face, dim: int, name: str, size: int, width: int, n: int):
-    """The low and high ``width``-deep halo slabs along ``dim``, received from neighbours.
+def _exchange_axis(face, dim: int, name: str, size: int, pair: tuple[int, int], n: int):
+    """The low and high halo slabs along ``dim`` (``pair`` = their depths), received from
+    neighbours; None for a side of depth 0.
 
     ``face(dim, start, stop)`` gives this block's voxels to send. The interior is
-    ``n`` voxels; a width wider than ``n`` takes ``ceil(width / n)`` hops.
+    ``n`` voxels; a depth greater than ``n`` takes ``ceil(depth / n)`` hops.
     """
     lows, highs = [], []
-    for hop, seg in _hops(width, n):
+    for hop, seg in _hops(pair[0], n):
         # Low halo <- the last `seg` voxels of the device `hop` places before.
         lows.insert(0, lax.ppermute(face(dim, n - seg, n), name, [(i, i + hop) for i in range(size - hop)]))
+    for hop, seg in _hops(pair[1], n):
         # High halo <- the first `seg` voxels of the device `hop` places after.
         highs.append(lax.ppermute(face(dim, 0, seg), name, [(i + hop, i) for i in range(size - hop)]))
-    join = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=dim)  # noqa: E731
+
+    def join(parts):
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=dim)
+
     return join(lows), join(highs)
 
 

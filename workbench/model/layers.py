@@ -31,6 +31,10 @@ from workbench.mesh import ACTIVATION_SPEC, DATA_AXIS, SPATIAL_AXES
 from workbench.model.halo import global_index, halo_pad
 from workbench.options import NORMS
 
+# A resolution level: the U-Net's level number (scale 2**level on every axis) or a
+# per-axis (z, y, x) cumulative stride (nnU-Net's anisotropic stages).
+Level = int | tuple[int, int, int]
+
 __all__ = ["Partition", "Conv3", "Norm", "hash_dropout", "NORMS", "he_normal"]
 
 
@@ -67,24 +71,24 @@ class Partition:
     mesh: Any = None
 
     # -- geometry ---------------------------------------------------------------
-    def _block(self, dim: int, level: int) -> int:
-        return self.global_shape[dim] // self.mesh_shape[dim] // 2**level
+    def _block(self, dim: int, level) -> int:
+        return self.global_shape[dim] // self.mesh_shape[dim] // _scale(level, dim)
 
-    def _axis_positions(self, dim: int, level: int, local: int):
+    def _axis_positions(self, dim: int, level: Level, local: int):
         """Global indices (level ``level``) of the ``local`` positions along spatial ``dim``."""
         if self.backend != "explicit":
             return jnp.arange(local, dtype=jnp.int32)
         name, size = SPATIAL_AXES[dim], self.mesh_shape[dim]
-        halo = self.overlap // 2**level
+        halo = self.overlap // _scale(level, dim)
         return global_index(self._block(dim, level), name, size, offset=-halo, length=local)
 
-    def valid_mask(self, x, level: int):
+    def valid_mask(self, x, level: Level):
         """(1, z, y, x, 1) bool mask of voxels inside the reference domain, or None."""
         if self.valid_shape is None:
             return None
         mask = None
         for dim in range(3):
-            valid = self.valid_shape[dim] // 2**level
+            valid = self.valid_shape[dim] // _scale(level, dim)
             local = x.shape[1 + dim]
             covers_all = self.overlap == 0 and self.global_shape[dim] <= self.valid_shape[dim]
             if covers_all:
@@ -97,19 +101,19 @@ class Partition:
             mask = ok if mask is None else mask & ok
         return mask
 
-    def mask(self, x, level: int):
+    def mask(self, x, level: Level):
         """Zero the voxels outside the volume (a no-op when there are none)."""
         valid = self.valid_mask(x, level)
         x = x if valid is None else jnp.where(valid, x, jnp.zeros((), x.dtype))
         return self.constrain(x)
 
-    def stats_mask(self, x, level: int):
+    def stats_mask(self, x, level: Level):
         """Voxels whose statistics count: inside the volume and (overlap mode) owned."""
         valid = self.valid_mask(x, level)
         if self.overlap == 0:
             return valid
-        halo = self.overlap // 2**level
         for dim in range(3):
+            halo = self.overlap // _scale(level, dim)
             local = x.shape[1 + dim]
             idx = jnp.arange(local)
             own = (idx >= halo) & (idx < local - halo)
@@ -126,6 +130,16 @@ class Partition:
         if self.halo == "exact" and self.mesh_shape == (1, 1, 1):
             return x, "SAME"
         return halo_pad(x, width=1, mesh_shape=self.mesh_shape, mode=self.halo), "VALID"
+
+    def padded_conv_input(self, x, level, padding, halo):
+        """Input and explicit padding for a convolution at ``level`` with per-axis ``padding``
+        ((lo, hi) per spatial axis) whose blocks need the per-axis ``halo`` (see
+        :mod:`workbench.model.spec`): the reference pads, the explicit backend exchanges halos."""
+        if self.backend != "explicit" or (self.halo == "exact" and self.mesh_shape == (1, 1, 1)):
+            return x, tuple(padding)
+        if self.overlap > 0:
+            raise UserError("overlap halos are not available for per-axis (nnU-Net) layers; use halo='exact'")
+        return halo_pad(x, width=tuple(halo), mesh_shape=self.mesh_shape, mode=self.halo), ((0, 0),) * 3
 
     def psum(self, value, *, over_batch: bool):
         """Sum a per-shard partial statistic over the whole volume (and batch)."""
@@ -147,6 +161,12 @@ class Partition:
         if self.backend == "explicit" and self.data > 1:
             return lax.axis_index(DATA_AXIS) * n_local + jnp.arange(n_local, dtype=jnp.int32)
         return jnp.arange(n_local, dtype=jnp.int32)
+
+
+def _scale(level, dim: int) -> int:
+    """The cumulative stride of ``level`` along spatial ``dim``: ``2**level`` for the U-Net's
+    levels, or a per-axis (z, y, x) scale tuple (the layer spec's ``Layer.scale``)."""
+    return level[dim] if isinstance(level, tuple) else 2**level
 
 
 def he_normal(key, shape, dtype=jnp.float32):
@@ -320,7 +340,7 @@ class Norm(nn.Module):
     """
 
     kind: str
-    level: int
+    level: Level
     partition: Partition
     groups: int = 8
     momentum: float = 0.9
