@@ -6,6 +6,9 @@ format             read (by content, not by name)      write (by suffix)
 NIfTI              ``.nii`` / ``.nii.gz`` header        ``.nii``, ``.nii.gz``
 DICOM series       folder (or one file) with ``DICM``   ``write_dicom_series``
 TIFF stack         ``II*``/``MM*`` (incl. BigTIFF)       ``.tif``, ``.tiff``
+NRRD               ``NRRD000`` (``.nrrd``, ``.nhdr``)    ``.nrrd``, ``.nhdr`` (SimpleITK)
+MetaImage          ``NDims = ...`` header (``.mha``,     ``.mha``, ``.mhd`` (SimpleITK)
+                   ``.mhd`` + ``.raw``/``.zraw``)
 zarr / OME-Zarr    folder with ``zarr.json``/``.zarray`` ``.zarr`` (OME-Zarr 0.5)
 numpy              ``\\x93NUMPY`` / zip with ``.npy``    ``.npy``, ``.npz``
 =================  ==================================  =============================
@@ -16,7 +19,9 @@ Inputs may also be the specs ``phantom:N``, ``phantom:N:SEED``, ``phantom:ZxYxX[
 :func:`read_box` reads one shard's block: zarr reads only the chunks it touches; ``.npy``
 and uncompressed ``.nii`` are memory-mapped; ``.nii.gz`` is streamed up to the block
 (memory of the block only, time of decompressing up to it); TIFF reads only the pages
-of the z range; DICOM reads only the slice files of the z range; ``phantom:`` specs
+of the z range; DICOM reads only the slice files of the z range; uncompressed MetaImage
+(``.mha``, ``.mhd``) streams only the block through SimpleITK, while NRRD and compressed
+MetaImage are read whole by ITK and cropped (see :mod:`data_tools.formats.itk`); ``phantom:`` specs
 generate only the block; an ``.npz`` member (the image, or ``member="labels"``) is
 memory-mapped when stored uncompressed and otherwise decompressed as a stream up to the
 block, keeping only its z slab. ``mni`` specs read this process's memory-mapped copy of the
@@ -59,8 +64,8 @@ __all__ = [
 ]
 
 _SUPPORTED = (
-    "supported: NIfTI (.nii, .nii.gz), DICOM series folders, TIFF stacks, zarr/OME-Zarr stores, "
-    ".npy/.npz, or the specs phantom:N and mni"
+    "supported: NIfTI (.nii, .nii.gz), DICOM series folders, TIFF stacks, NRRD (.nrrd, .nhdr), "
+    "MetaImage (.mha, .mhd), zarr/OME-Zarr stores, .npy/.npz, or the specs phantom:N and mni"
 )
 
 
@@ -243,6 +248,8 @@ def volume_info(path: str | os.PathLike, *, series: str | None = None) -> Volume
         import zarr
 
         modality = str(dict(zarr.open(str(path), mode="r").attrs).get("data_tools", {}).get("modality", ""))
+    elif fmt == "metaimage":
+        modality = format_module(fmt).modality(path)
     shape = tuple(int(s) for s in shape)
     return VolumeInfo(shape, np.dtype(dtype), spacing, affine, fmt, modality)  # type: ignore[arg-type]
 
@@ -252,15 +259,16 @@ def _writer_for(path: Path):
     module = module_for_name(path)
     if module is None:
         raise DataError(path, f"cannot tell the output format from the name {path.name!r}",
-                        "end the name with .nii.gz, .nii, .tif, .zarr, .npy or .npz")  # fmt: skip
+                        "end the name with .nii.gz, .nii, .tif, .nrrd, .mha, .zarr, .npy or .npz")  # fmt: skip
     return module
 
 
 def write_volume(volume: Volume, path: str | os.PathLike) -> Path:
     """Write ``volume`` in the format named by ``path``'s suffix, atomically.
 
-    NIfTI keeps the affine (and a source NIfTI header); TIFF and ``.npz`` keep spacing and
-    affine; zarr (``.zarr``) writes OME-Zarr with down-sampled levels and the labels;
+    NIfTI keeps the affine (and a source NIfTI header); NRRD (``.nrrd``, ``.nhdr``) and
+    MetaImage (``.mha``, ``.mhd``) keep origin, spacing and direction (gzip-compressed);
+    TIFF and ``.npz`` keep spacing and affine; zarr (``.zarr``) writes OME-Zarr with down-sampled levels and the labels;
     ``.npy`` keeps only the array. DICOM export: :func:`write_dicom_series`.
 
     Examples
@@ -332,15 +340,18 @@ def load_input(spec: str | os.PathLike, *, series: str | None = None) -> Volume:
 
 
 _FAMILY = {"nifti": ".nii.gz", "dicom": ".nii.gz", "mni": ".nii.gz", "zarr": ".zarr", "tiff": ".tif",
-           "npy": ".npy", "npz": ".npy", "phantom": ".npy", "array": ".npy"}  # fmt: skip
+           "nrrd": ".nrrd", "metaimage": ".mha", "npy": ".npy", "npz": ".npy", "phantom": ".npy",
+           "array": ".npy"}  # fmt: skip
+_KEPT = ("nifti_header", "itk_geometry")  # format metadata a prediction inherits from its input
 
 
 def write_prediction(array: np.ndarray, like: Volume, out_dir: str | os.PathLike, *, name: str = "prediction") -> Path:
     """Write a (Z, Y, X) prediction next to its input's format family; returns the path.
 
     NIfTI, DICOM and MNI inputs give ``name.nii.gz`` with the input's affine (a NIfTI
-    input's header codes are kept); zarr gives ``name.zarr`` (OME-Zarr, same spacing and
-    affine); TIFF gives ``name.tif``; npy, npz and phantoms give ``name.npy``. Atomic.
+    input's header codes are kept); NRRD gives ``name.nrrd`` and MetaImage (``.mha`` or
+    ``.mhd``) ``name.mha``, with the input's origin, spacing and direction exactly; zarr gives
+    ``name.zarr`` (OME-Zarr, same spacing and affine); TIFF gives ``name.tif``; npy, npz and phantoms give ``name.npy``. Atomic.
 
     Examples
     --------
@@ -357,7 +368,7 @@ def write_prediction(array: np.ndarray, like: Volume, out_dir: str | os.PathLike
         raise DataError("name", f"name={name!r} is not a plain file name", "pass e.g. name='prediction'")
     suffix = _FAMILY.get(like.source_format, ".npy")
     out = Path(out_dir) / f"{name}{suffix}"
-    meta = {"nifti_header": like.metadata["nifti_header"]} if "nifti_header" in like.metadata else {}
+    meta = {key: like.metadata[key] for key in _KEPT if key in like.metadata}
     pred = Volume(array, spacing=like.spacing, affine=like.affine, source_format=like.source_format,
                   path=str(out), metadata=meta)  # fmt: skip
     return write_volume(pred, out)

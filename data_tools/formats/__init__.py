@@ -12,7 +12,7 @@ Every module in :data:`MODULES` exposes the same names (:data:`INTERFACE`)::
     write(volume, path, **options) -> Path             atomic
 
 ``series`` picks a DICOM series; the other formats ignore it. The heavy libraries
-(nibabel, pydicom, tifffile, zarr) are imported only inside the functions that use
+(nibabel, pydicom, tifffile, SimpleITK, zarr) are imported only inside the functions that use
 them, so importing this table is cheap. Adding a format = one module + one table row.
 
 Examples
@@ -29,15 +29,17 @@ import os
 from pathlib import Path
 from types import ModuleType
 
-from . import dicom, nifti, numpy, tiff, zarr
+from . import dicom, itk, nifti, numpy, tiff, zarr
 
 __all__ = ["FORMATS", "INTERFACE", "MODULES", "format_module", "module_for_name"]
 
 # In detection order: magic bytes and folder metadata first, DICOM (which walks a whole
 # folder looking for DICM files) last.
-MODULES: dict[str, ModuleType] = {"nifti": nifti, "numpy": numpy, "tiff": tiff, "zarr": zarr, "dicom": dicom}
+MODULES: dict[str, ModuleType] = {
+    "nifti": nifti, "numpy": numpy, "tiff": tiff, "itk": itk, "zarr": zarr, "dicom": dicom,
+}  # fmt: skip
 INTERFACE = ("FORMATS", "SUFFIXES", "sniff", "read", "read_box", "info", "write")
-FORMATS = ("nifti", "dicom", "tiff", "zarr", "npy", "npz")
+FORMATS = ("nifti", "dicom", "tiff", "nrrd", "metaimage", "zarr", "npy", "npz")
 _BY_FORMAT = {fmt: module for module in MODULES.values() for fmt in module.FORMATS}
 assert sorted(_BY_FORMAT) == sorted(FORMATS)
 

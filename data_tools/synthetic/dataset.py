@@ -15,7 +15,7 @@ PHANTOM_SHAPES = ((20, 32, 28), (24, 36, 32), (16, 32, 32), (28, 28, 36), (24, 4
 
 
 def write_phantom_dataset(path, *, cases: int = 6, test: int = 1, shapes=None, layout: str = "msd",
-                          seed: int = 0, test_labels: bool = False):  # fmt: skip
+                          seed: int = 0, test_labels: bool = False, file_ending: str = ".nii.gz"):  # fmt: skip
     """Generate a dataset of CT phantoms (:mod:`data_tools.synthetic`) in MSD or nnU-Net v2
     layout, atomically; returns its path.
 
@@ -26,6 +26,8 @@ def write_phantom_dataset(path, *, cases: int = 6, test: int = 1, shapes=None, l
     slices whose top ones are cut, so fields of view differ; odd cases are stored with the x
     axis flipped and every case has its own origin, so each has its own affine. ``test`` more cases go to
     ``imagesTs/`` (and ``labelsTs/`` with ``test_labels``). ``shapes`` may be one int (cubes).
+    ``file_ending`` picks the file format by its suffix (``.nii.gz``, ``.nrrd``, ``.mha``, ...;
+    written in ``dataset.json``'s ``file_ending`` unless it is MSD's ``.nii.gz``).
     """
     from ..atomic import atomic_output
     from ..io import write_volume
@@ -40,7 +42,7 @@ def write_phantom_dataset(path, *, cases: int = 6, test: int = 1, shapes=None, l
     shapes = [tuple(s) for s in (shapes or PHANTOM_SHAPES)]
     names = CLASS_NAMES[:3]
     path = Path(path)
-    ending = ".nii.gz"
+    ending = str(file_ending)
     suffix = "_0000" if layout == "nnunet" else ""
     entries, test_entries = [], []
     with atomic_output(path) as tmp:
@@ -73,6 +75,8 @@ def write_phantom_dataset(path, *, cases: int = 6, test: int = 1, shapes=None, l
         if layout == "msd":
             spec.update(modality={"0": "CT"}, labels={str(k): n for k, n in enumerate(names)}, numTraining=cases,
                         numTest=test, training=entries, test=test_entries)  # fmt: skip
+            if ending != ".nii.gz":
+                spec["file_ending"] = ending
         else:
             spec.update(channel_names={"0": "CT"}, labels={n: k for k, n in enumerate(names)}, numTraining=cases,
                         file_ending=ending)  # fmt: skip
