@@ -36,6 +36,7 @@ TIERS = {
     "test_cli.py": ("integration",),
     "test_data_errors.py": ("unit",),
     "test_data_formats.py": ("unit",),
+    "test_data_itk.py": ("unit",),
     "test_data_io.py": ("unit",),
     "test_data_phantoms.py": ("unit",),
     "test_data_preprocess.py": ("unit",),

@@ -161,14 +161,18 @@ def _failure(path: Path, fmt: str, exc: RuntimeError, held: str, *, header: bool
     name = _NAMES[fmt]
     data = _data_file(path)
     if data is not None and not (path.parent / data).is_file():
-        return DataError(path, f"the {name} header names the data file {data!r}, which does not exist "
-                         f"beside it", "keep the header and its data file together in one folder")  # fmt: skip
+        return _missing_data(path, fmt, data)
     if header:
         detail = _detail(text)
         return DataError(path, f"the {name} header is incomplete or damaged{detail}", _REDOWNLOAD)
     if re.search(r"gzip|zlib|compress|inflate|bzip", text, re.I):
         return DataError(path, f"the compressed {name} data are truncated or damaged", _REDOWNLOAD)
     return DataError(path, "the file is shorter than its header says (truncated or damaged)", _REDOWNLOAD)
+
+
+def _missing_data(path: Path, fmt: str, data: str) -> DataError:
+    return DataError(path, f"the {_NAMES[fmt]} header names the data file {data!r}, which does not exist beside it",
+                     "keep the header and its data file together in one folder")  # fmt: skip
 
 
 def _detail(text: str) -> str:
@@ -187,6 +191,9 @@ def _reader(path: Path, fmt: str | None = None):
     reader.SetImageIO(_IO[fmt])
     reader.SetFileName(str(path))
     _call(path, fmt, reader.ReadImageInformation, header=True)
+    data = _data_file(path)
+    if data is not None and not (path.parent / data).is_file():
+        raise _missing_data(path, fmt, data)
     _check(path, fmt, reader)
     return reader, fmt
 
