@@ -100,6 +100,26 @@ def _tiff(array):
     return lambda path: tifffile.imwrite(path, array)
 
 
+def _itk(array, *, vector=False, series=1, compress=False):
+    """A writer of ``array`` as NRRD / MetaImage (by the path's suffix) through SimpleITK;
+    ``series`` > 1: a 4-D image of that many copies."""
+
+    def write(path):
+        import SimpleITK as sitk
+
+        image = sitk.GetImageFromArray(array, isVector=vector)
+        if series > 1:
+            image = sitk.JoinSeries([image] * series)
+        sitk.WriteImage(image, str(path), compress)
+
+    return write
+
+
+def _mhd_without_data(tmp):
+    _itk(_volume((4, 4, 4)))(tmp / "scan.mhd")
+    (tmp / "scan.raw").unlink()
+
+
 def _zarr(array, name="scan.zarr"):
     def build(tmp):
         import zarr
@@ -362,6 +382,26 @@ case("tif-corrupt", F, "random bytes after a TIFF magic", "the TIFF body is inco
      setup=_bytes("scan.tif", b"II*\x00" + np.random.default_rng(1).bytes(500)))  # fmt: skip
 case("tif-2d", F, "a single 2-D TIFF page", "expected a 3-D stack (Z, Y, X)", *INFER, "{tmp}/scan.tif",
      setup=lambda tmp: _tiff(np.zeros((16, 16), np.float32))(tmp / "scan.tif"))  # fmt: skip
+case("nrrd-empty", F, ".nrrd of 0 bytes", "the file is empty (0 bytes)", *INFER, "{tmp}/scan.nrrd",
+     setup=_bytes("scan.nrrd", b""))  # fmt: skip
+case("nrrd-truncated", F, ".nrrd cut in half", "the file is shorter than its header says (truncated or damaged)",
+     *INFER, "{tmp}/scan.nrrd", setup=_cut(_itk(_volume()), "scan.nrrd"))  # fmt: skip
+case("nrrd-gzip-truncated", F, "a gzip-encoded .nrrd cut short", "the compressed NRRD data are truncated or damaged",
+     *INFER, "{tmp}/scan.nrrd", setup=_cut(_itk(_volume(), compress=True), "scan.nrrd", keep=0.9))  # fmt: skip
+case("nrrd-header-cut", F, ".nrrd cut inside its header", "the NRRD header is incomplete or damaged", *INFER,
+     "{tmp}/scan.nrrd", setup=_cut(_itk(_volume((4, 4, 4))), "scan.nrrd", keep=0.1))  # fmt: skip
+case("nrrd-2d", F, "a 2-D NRRD", "the image has 2 dimensions (x, y) = (16, 16), expected 3", *INFER,
+     "{tmp}/scan.nrrd", setup=lambda tmp: _itk(np.zeros((16, 16), np.float32))(tmp / "scan.nrrd"))  # fmt: skip
+case("nrrd-vector", F, "a NRRD of RGB voxels", "holds 3 values per voxel (vector of 8-bit unsigned integer)", *INFER,
+     "{tmp}/scan.nrrd", setup=lambda tmp: _itk(np.zeros((8, 8, 8, 3), np.uint8), vector=True)(tmp / "scan.nrrd"))  # fmt: skip
+case("mha-truncated", F, ".mha cut in half", "the file is shorter than its header says (truncated or damaged)",
+     *INFER, "{tmp}/scan.mha", setup=_cut(_itk(_volume()), "scan.mha"))  # fmt: skip
+case("mha-header-cut", F, ".mha cut inside its header", "the MetaImage header is incomplete or damaged", *INFER,
+     "{tmp}/scan.mha", setup=_cut(_itk(_volume((4, 4, 4))), "scan.mha", keep=0.1))  # fmt: skip
+case("mha-4d", F, "a 4-D MetaImage (time series)", "the image has 4 dimensions (x, y, z, ...) = (8, 8, 8, 2)",
+     *INFER, "{tmp}/scan.mha", setup=lambda tmp: _itk(_volume((8, 8, 8)), series=2)(tmp / "scan.mha"))  # fmt: skip
+case("mhd-no-data", F, "an .mhd header whose .raw is missing", "names the data file 'scan.raw', which does not exist",
+     *INFER, "{tmp}/scan.mhd", setup=_mhd_without_data)  # fmt: skip
 case(
     "zarr-empty",
     F,

@@ -143,13 +143,13 @@ def test_zarr_without_expected_dimensions(tmp_path):
 
 
 def test_unknown_format(tmp_path):
-    (tmp_path / "scan.mha").write_bytes(b"ObjectType = Image\nNDims = 3\n")
+    (tmp_path / "scan.vtk").write_bytes(b"# vtk DataFile Version 3.0\nvolume\nBINARY\n")
     with pytest.raises(DataError) as info:
-        read_volume(tmp_path / "scan.mha")
-    msg = _one_line(info.value, tmp_path / "scan.mha")
-    assert "unknown format (file starts with b'ObjectTy'); supported: NIfTI (.nii, .nii.gz), DICOM" in msg
-    with pytest.raises(DataError, match=r"cannot tell the output format from the name 'out.mha'; end the name"):
-        write_volume(Volume(np.zeros((2, 2, 2))), tmp_path / "out.mha")
+        read_volume(tmp_path / "scan.vtk")
+    msg = _one_line(info.value, tmp_path / "scan.vtk")
+    assert "unknown format (file starts with b'# vtk Da'); supported: NIfTI (.nii, .nii.gz), DICOM" in msg
+    with pytest.raises(DataError, match=r"cannot tell the output format from the name 'out.vtk'; end the name"):
+        write_volume(Volume(np.zeros((2, 2, 2))), tmp_path / "out.vtk")
 
 
 def test_npz_without_image_key_and_pickles(tmp_path):

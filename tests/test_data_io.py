@@ -61,6 +61,8 @@ def sample():
         ("v.zarr", "float32", True, True),
         ("v.zarr", "int16", True, True),
         ("v.npz", "float32", True, True),
+        ("v.nrrd", "float32", True, False),
+        ("v.mha", "int16", True, False),
         ("v.npy", "float32", False, False),
         ("v.npy", "uint16", False, False),
     ],
@@ -77,6 +79,7 @@ def test_round_trip(tmp_path, sample, name, dtype, keeps_geometry, keeps_labels)
     np.testing.assert_array_equal(back.array, image)
     if keeps_geometry:
         tol = 1e-5 if name.startswith("v.nii") else 0  # NIfTI stores the affine as float32
+        tol = 1e-12 if name in ("v.nrrd", "v.mha") else tol  # ITK: direction x spacing, rounded
         np.testing.assert_allclose(back.affine, vol.affine, rtol=tol, atol=tol * 100)
         np.testing.assert_allclose(back.spacing, vol.spacing, rtol=max(tol, 1e-12))
     else:
@@ -165,7 +168,7 @@ def test_dicom_sagittal(tmp_path):
 
 
 # -- box reads --------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["v.zarr", "v.npy", "v.nii", "v.nii.gz", "v.tif", "v.npz"])
+@pytest.mark.parametrize("name", ["v.zarr", "v.npy", "v.nii", "v.nii.gz", "v.tif", "v.npz", "v.nrrd", "v.mha"])
 def test_read_box_equals_full_read_sliced(tmp_path, sample, name):
     path = write_volume(sample, tmp_path / name)
     full = read_volume(path).array
@@ -229,7 +232,7 @@ def test_load_input_specs():
 @pytest.mark.parametrize(
     ("source", "suffix"),
     [("nifti", ".nii.gz"), ("dicom", ".nii.gz"), ("zarr", ".zarr"), ("tiff", ".tif"), ("npy", ".npy"),
-     ("npz", ".npy"), ("phantom", ".npy"), ("mni", ".nii.gz")],
+     ("npz", ".npy"), ("phantom", ".npy"), ("mni", ".nii.gz"), ("nrrd", ".nrrd"), ("metaimage", ".mha")],
 )  # fmt: skip
 def test_write_prediction_format_family(tmp_path, sample, source, suffix):
     inputs = {
@@ -241,6 +244,8 @@ def test_write_prediction_format_family(tmp_path, sample, source, suffix):
         "npz": lambda: read_volume(write_volume(sample, tmp_path / "in.npz")),
         "phantom": lambda: load_input("phantom:24"),
         "mni": lambda: load_input("mni:24"),
+        "nrrd": lambda: read_volume(write_volume(sample, tmp_path / "in.nrrd")),
+        "metaimage": lambda: read_volume(write_volume(sample, tmp_path / "in.mhd")),
     }
     like = inputs[source]()
     pred = (np.arange(np.prod(like.shape)) % 3).reshape(like.shape).astype(np.uint8)
