@@ -171,6 +171,11 @@ def test_a_dataset_with_file_ending_nrrd_reads_like_its_nifti_twin(tmp_path):
         np.testing.assert_array_equal(a.labels, b.labels)
         np.testing.assert_allclose(a.affine, b.affine, atol=1e-5)
         assert infos[name].source_format == "nrrd" and b.metadata["modality"] == "CT"
+    from workbench.training.datasets import DatasetSource  # training reads the same batches
+
+    batches = [DatasetSource(d.root, fold=0, progress=False).train_batch(1, 1, seed=3) for d in (nifti, nrrd)]
+    np.testing.assert_allclose(batches[0][0], batches[1][0], rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(batches[0][1], batches[1][1])
     msd = open_dataset(write_phantom_dataset(tmp_path / "mha", cases=2, test=0, file_ending=".mha"))
     assert (
         msd.layout == "msd" and msd.file_ending == ".mha" and read_case(msd, "phantom_000").source_format == "metaimage"
