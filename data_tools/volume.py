@@ -9,7 +9,8 @@ to world coordinates in millimetres::
     [wx, wy, wz, 1]^T = affine @ [z, y, x, 1]^T
 
 The world frame is NIfTI's RAS+ frame (+x towards the patient's Right, +y Anterior,
-+z Superior); DICOM's LPS positions are converted by negating world x and y. Voxel
++z Superior); DICOM's LPS positions (and NRRD's / MetaImage's, read through SimpleITK)
+are converted by negating world x and y. Voxel
 indices refer to voxel centres. ``spacing`` is ``(dz, dy, dx)`` in mm, the lengths of
 the affine's first three columns.
 
@@ -99,8 +100,8 @@ class Volume:
         4x4 map from the ``(z, y, x)`` voxel index to world mm (RAS+). ``None`` means
         ``diag(spacing)`` with the origin at voxel ``(0, 0, 0)``. See the module notes.
     source_format : str
-        Where the data came from: ``"nifti"``, ``"dicom"``, ``"tiff"``, ``"zarr"``,
-        ``"npy"``, ``"npz"``, ``"phantom"``, ``"mni"`` or ``"array"``.
+        Where the data came from: ``"nifti"``, ``"dicom"``, ``"tiff"``, ``"nrrd"``,
+        ``"metaimage"``, ``"zarr"``, ``"npy"``, ``"npz"``, ``"phantom"``, ``"mni"`` or ``"array"``.
     labels : numpy.ndarray or None
         Integer label map, same shape as ``array``, values in ``0 .. len(class_names)-1``.
     class_names : tuple of str or None
