@@ -144,15 +144,18 @@ def _call(path: Path, fmt: str, step, *, header: bool):
 
 
 def _data_file(path: Path) -> str | None:
-    """The data file a detached header (``.nhdr``, ``.mhd``) names, for messages."""
+    """The one data file a detached header (``.nhdr``, ``.mhd``) names, or None (data in
+    the file itself, a list or a numbered pattern of files: left to ITK)."""
     with open(path, "rb") as f:
         head = f.read(8192)
-    m = re.search(rb"(?:^|\n)\s*(?:data file|datafile)\s*:\s*(\S+)", head) or re.search(
-        rb"(?:^|\n)\s*ElementDataFile\s*=\s*(\S+)", head
-    )
-    if m is None or m.group(1) in (b"LOCAL", b"Local", b"local", b"LIST"):
+    if head[:7] == b"NRRD000":
+        m = re.search(rb"\n(?:data file|datafile)\s*:[ \t]*([^\r\n]*)", head.split(b"\n\n", 1)[0])
+    else:
+        m = re.search(rb"(?:^|\n)\s*ElementDataFile\s*=[ \t]*([^\r\n]*)", head)
+    value = m.group(1).strip() if m else b""
+    if not value or len(value.split()) != 1 or value.upper() in (b"LOCAL", b"LIST"):
         return None
-    return m.group(1).decode("utf-8", "replace")
+    return value.decode("utf-8", "replace")
 
 
 def _failure(path: Path, fmt: str, exc: RuntimeError, held: str, *, header: bool) -> DataError:
@@ -342,7 +345,11 @@ def modality(path: Path) -> str:
 def _image(volume: Volume):
     """A SimpleITK image of ``volume`` with the input's own geometry where the affine is unchanged."""
     sitk = _sitk()
-    array = volume.array if volume.dtype != bool else volume.array.astype(np.uint8)
+    array = volume.array
+    if array.dtype == bool or array.dtype == np.float16:  # no such ITK pixel types
+        array = array.astype(np.uint8 if array.dtype == bool else np.float32)
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
     image = sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=False)
     geometry = volume.metadata.get("itk_geometry")
     if not (isinstance(geometry, dict) and _same(affine_from_itk(**geometry), volume.affine)):
