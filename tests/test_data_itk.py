@@ -86,6 +86,8 @@ def test_detached_files_and_what_a_write_leaves(tmp_path, array):
     np.testing.assert_array_equal(read_volume(tmp_path / "b.nhdr").array, array)
     itk.write(vol, tmp_path / "u.mhd", compress=False)
     assert (tmp_path / "u.raw").stat().st_size == array.nbytes
+    assert not itk.reads_whole(tmp_path / "u.mhd") and itk.reads_whole(tmp_path / "a.mhd")  # ITK streams u.raw
+    assert itk.reads_whole(tmp_path / "b.nhdr") and not itk.reads_whole(tmp_path / "x.nii")
 
 
 def test_nrrd_and_nifti_of_one_geometry_give_one_affine(tmp_path, array):
@@ -171,11 +173,20 @@ def test_a_dataset_with_file_ending_nrrd_reads_like_its_nifti_twin(tmp_path):
         np.testing.assert_array_equal(a.labels, b.labels)
         np.testing.assert_allclose(a.affine, b.affine, atol=1e-5)
         assert infos[name].source_format == "nrrd" and b.metadata["modality"] == "CT"
+    from workbench.training.data import batch_blocks
     from workbench.training.datasets import DatasetSource  # training reads the same batches
 
-    batches = [DatasetSource(d.root, fold=0, progress=False).train_batch(1, 1, seed=3) for d in (nifti, nrrd)]
+    sources = [DatasetSource(d.root, fold=0, progress=False) for d in (nifti, nrrd)]
+    batches = [source.train_batch(1, 1, seed=3) for source in sources]
     np.testing.assert_allclose(batches[0][0], batches[1][0], rtol=0, atol=1e-4)
     np.testing.assert_array_equal(batches[0][1], batches[1][1])
+    assert sources[1].sequential_reads(1, 0)  # ITK reads a NRRD whole: one read per tiled box
+    halves = [((0, n // 2), (n // 2, n)) for n in sources[1].shape]
+    keys = [((0, 1), z, y, x) for z in halves[0] for y in halves[1] for x in halves[2]]
+    for key, (image, label) in zip(keys, batch_blocks(sources[1], 1, 1, keys, seed=3)):
+        index = tuple(slice(lo, hi) for lo, hi in key)
+        np.testing.assert_array_equal(image, batches[1][0][index])
+        np.testing.assert_array_equal(label, batches[1][1][index])
     msd = open_dataset(write_phantom_dataset(tmp_path / "mha", cases=2, test=0, file_ending=".mha"))
     assert (
         msd.layout == "msd" and msd.file_ending == ".mha" and read_case(msd, "phantom_000").source_format == "metaimage"

@@ -56,7 +56,10 @@ from ..errors import DataError
 from ..geometry import Box, spacing_of
 from ..volume import Volume, ijk_affine_from_zyx, zyx_affine_from_ijk
 
-__all__ = ["FORMATS", "SUFFIXES", "sniff", "read", "read_box", "info", "write", "itk_geometry", "affine_from_itk"]
+__all__ = [
+    "FORMATS", "SUFFIXES", "sniff", "read", "read_box", "info", "write",
+    "itk_geometry", "affine_from_itk", "reads_whole", "modality",
+]  # fmt: skip
 
 FORMATS = ("nrrd", "metaimage")
 SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -333,6 +336,19 @@ def info(path: Path, *, series=None):
     x, y, z = (int(s) for s in reader.GetSize()[:3])
     affine = affine_from_itk(**_geometry_of(reader))
     return (z, y, x), _dtype(reader), spacing_of(affine), affine
+
+
+def reads_whole(path) -> bool:
+    """Whether ITK reads the whole image for any box of ``path`` (NRRD, compressed
+    MetaImage): a caller reading several boxes of it is better off reading their union once.
+    False for other files."""
+    name = str(path).lower()
+    if name.endswith((".nrrd", ".nhdr")):
+        return True
+    if not name.endswith((".mha", ".mhd")):
+        return False
+    reader, _ = _reader(Path(path))
+    return not reader.CanStreamRead()
 
 
 def modality(path: Path) -> str:

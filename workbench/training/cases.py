@@ -82,7 +82,7 @@ class CaseReader:
     labels_dtype: object = np.uint8
     stats: dict | None = field(default=None, repr=False)
     #: a box read decompresses the file from its start (a compressed ``.npz`` member, a
-    #: ``.nii.gz``): a process's blocks are then made by one read of the box they tile
+    #: ``.nii.gz``) or reads it whole (NRRD, compressed MetaImage): a process's blocks are then made by one read of the box they tile
     #: (:func:`workbench.training.data.batch_blocks`) rather than one per device block
     sequential: bool = False
 

@@ -260,6 +260,7 @@ class DatasetSource(Source):
         """The :class:`~workbench.training.cases.CaseReader` of a training case: its image and
         label files read by box, resampled as :func:`prepare_case` does, padded to the grid."""
         from data_tools.errors import DataError
+        from data_tools.formats.itk import reads_whole
         from data_tools.io import read_box
         from data_tools.preprocess import resample_grid
 
@@ -287,7 +288,7 @@ class DatasetSource(Source):
             modality=self.dataset.channel_names[0], source_format=info.source_format, resampling=resampling,
             shape=tuple(max(a, b) for a, b in zip(grid, plan.shape)), num_classes=k, label_error=label_error,
             labels_dtype=np.uint8 if k <= 256 else np.int32,
-            sequential=any(str(f).endswith(".gz") for f in (*files.images, files.label)),
+            sequential=any(str(f).endswith(".gz") or reads_whole(f) for f in (*files.images, files.label)),
         )  # fmt: skip
 
     def _pick(self, step: int, index: int) -> int:
