@@ -5,12 +5,14 @@ partitioned over a mesh, on a dataset's validation fold (the fold it was trained
 by default) or its test cases (``imagesTs/``), one case at a time: the case is read,
 resampled and normalised as in training (:class:`~workbench.training.datasets.Preprocessing`,
 stored in the checkpoint), the class probabilities are resampled back onto the case's
-original grid (:func:`data_tools.datasets.resample_onto`) and their argmax is written as
-NIfTI with the case's own affine and header. With labels it scores each case (Dice and
+original grid (:func:`data_tools.datasets.resample_onto`) and their argmax is written in
+the case's format family with its own geometry (NIfTI: affine and header; NRRD / MetaImage:
+origin, spacing and direction). With labels it scores each case (Dice and
 HD95 per class, predicted and true volume in ml). The output folder, written whole or
 not at all::
 
-    predictions/CASE.nii.gz     one label map per case, on the case's original grid
+    predictions/CASE.nii.gz     one label map per case, on the case's original grid (.nrrd, .mha, ...
+                                for such datasets)
     cases.csv                   one row per case: dice_*, hd95_mm_*, pred_ml_*, true_ml_*
     summary.json                means per class, the worst cases, what ran and how
 
