@@ -293,3 +293,24 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch, array):
         with pytest.raises(OSError, match="simulated"):
             write_volume(Volume(array), tmp_path / name)
     assert os.listdir(tmp_path) == []
+
+
+def test_concurrent_reads_share_the_stderr_hold(files, tmp_path, capfd):
+    """Reads in several threads (training's prefetch) hold stderr once and give it back."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bad = BAD["mha-header-damaged"][0](tmp_path)
+    paths = [files[".mha", False], files[".nrrd", True], bad] * 8
+
+    def one(path):
+        try:
+            return read_volume(path).shape
+        except DataError as err:
+            return str(err)
+
+    capfd.readouterr()
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(one, paths))
+    assert got[:2] == [(7, 9, 11)] * 2 and "MetaImage header is incomplete" in got[2]
+    os.write(2, b"still here\n")
+    assert capfd.readouterr().err == "still here\n"

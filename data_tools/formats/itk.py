@@ -47,6 +47,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -105,33 +106,47 @@ def _sitk():
     return sitk
 
 
+_HOLD_LOCK = threading.Lock()
+_HOLD: dict = {"depth": 0, "saved": -1, "sink": None, "drop": False}  # shared by concurrent reads
+
+
 @contextlib.contextmanager
 def _held_stderr():
     """Hold what native code writes to file descriptor 2 while the block runs (MetaIO prints
     its parse errors there); yield a dict whose ``"text"`` then holds it. The held text is
     passed on afterwards (another thread may have written it) unless the block set
-    ``"drop"`` (a failed read, whose lines the DataError replaces)."""
+    ``"drop"`` (a failed read, whose lines the DataError replaces). Reads in several threads
+    share one hold: the first redirects, the last restores."""
     held = {"text": "", "drop": False}
-    with contextlib.suppress(Exception):
-        sys.stderr.flush()  # Python's own buffered lines go out before the hold
+    with _HOLD_LOCK:
+        if _HOLD["depth"] == 0:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()  # Python's own buffered lines go out before the hold
+            saved, sink = -1, None
+            with contextlib.suppress(OSError):  # no stderr: nothing to hold
+                saved = os.dup(2)
+                sink = tempfile.TemporaryFile()
+                os.dup2(sink.fileno(), 2)
+            _HOLD.update(saved=saved, sink=sink, drop=False)
+        _HOLD["depth"] += 1
     try:
-        saved = os.dup(2)
-    except OSError:  # no stderr to hold
         yield held
-        return
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield held
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            text = sink.read()
-            held["text"] = text.decode("utf-8", "replace")
-            if text and not held["drop"]:
-                with contextlib.suppress(OSError):
-                    os.write(2, text)
+    finally:
+        with _HOLD_LOCK:
+            sink = _HOLD["sink"]
+            if sink is not None:  # pread: the offset stays where native writers append
+                data = os.pread(sink.fileno(), os.fstat(sink.fileno()).st_size, 0)
+                held["text"] = data.decode("utf-8", "replace")
+            _HOLD["drop"] = _HOLD["drop"] or held["drop"]
+            _HOLD["depth"] -= 1
+            if _HOLD["depth"] == 0 and sink is not None:
+                os.dup2(_HOLD["saved"], 2)
+                os.close(_HOLD["saved"])
+                if data and not _HOLD["drop"]:
+                    with contextlib.suppress(OSError):
+                        os.write(2, data)
+                sink.close()
+                _HOLD.update(saved=-1, sink=None, drop=False)
 
 
 def _call(path: Path, fmt: str, step, *, header: bool):
