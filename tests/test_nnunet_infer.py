@@ -190,3 +190,29 @@ def test_folders_that_are_not_a_complete_training_folder(tmp_path):
         open_nnunet_folder(partial)
     with pytest.raises(UserError, match="has no fold_4; use --fold with one of 0"):
         open_nnunet_folder(RESULTS, fold=4)
+
+
+def test_transpose_and_resampling_are_undone_on_the_input_grid():
+    """A plan that transposes (z, y, x) → (x, z, y) and a spacing that needs resampling: the
+    segmentation comes back on the input's grid, equal to the rule applied there directly."""
+    import dataclasses
+
+    folder = open_nnunet_folder(RESULTS)
+    plans = {**folder.plans, "transpose_forward": [2, 0, 1], "transpose_backward": [1, 2, 0]}
+    config = {**folder.config, "spacing": [0.6, 4.0, 0.6], "normalization_schemes": ["NoNormalization"] * 2}
+    moved = dataclasses.replace(folder, plans=plans, config=config)
+    rng = np.random.default_rng(5)
+    data = rng.normal(0, 1, (2, 3, 5, 7)).astype(np.float32)
+    data[data == 0] = 1  # no zeros: no crop
+    pre = preprocess(data, (4.0, 0.6, 0.6), moved)
+    assert pre.data.shape == (2, 7, 3, 5) and not pre.resampled
+    from workbench.app.nnunet import postprocess
+
+    class Spec:
+        output_kind, regions_class_order = "sigmoid", (1, 2)
+
+    seg = postprocess(np.moveaxis(pre.data, 0, -1), pre, Spec)
+    np.testing.assert_array_equal(seg, logits_to_segmentation(data, "sigmoid", (1, 2)))
+    coarse = preprocess(data, (4.0, 1.2, 0.6), moved)  # y twice as coarse as the plan: resampled to 10
+    assert coarse.resampled and coarse.data.shape == (2, 7, 3, 10)
+    assert postprocess(np.moveaxis(coarse.data, 0, -1), coarse, Spec).shape == data.shape[1:]
