@@ -75,12 +75,13 @@ def even_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def uneven_run(tmp_path_factory):
-    """The command on an uneven case (5×19×27, named by its case id) on 1x2x4, with --reference."""
+    """The command on an uneven case (5×19×27, named by its case id) on 1x2x4, with --reference
+    and --mirror (nnU-Net's test-time mirroring, the reference mirrored too)."""
     tmp = tmp_path_factory.mktemp("uneven")
     files = _write_case(tmp / "imagesTs", "case_002", _case((5, 19, 27), seed=1))
     out = tmp / "out"
     argv = [tmp / "imagesTs" / "case_002", "--checkpoint", RESULTS, "--fold", "0", "--mesh", "1x2x4"]
-    assert _infer([*argv, "--out", out, "--reference", "--save-logits"]) == 0
+    assert _infer([*argv, "--out", out, "--reference", "--save-logits", "--mirror"]) == 0
     return files, out
 
 
@@ -107,7 +108,19 @@ def test_the_command_equals_the_single_device_reference(which, request):
 def test_the_python_api_gives_the_commands_labels(uneven_run):
     """predict_nnunet on the reference backend (1x1x1) equals the command's partitioned file."""
     files, out = uneven_run
-    run = predict_nnunet(RESULTS, files, "1x1x1", backend="reference")
+    run = predict_nnunet(RESULTS, files, "1x1x1", backend="reference", mirror=True)
+    plain = predict_nnunet(RESULTS, files, "1x1x1", backend="reference")
+    assert run.report["nnunet"]["mirror_axes"] == [0, 1, 2] and plain.report["nnunet"]["mirror_axes"] is None
+    assert not np.allclose(run.logits, plain.logits)  # mirroring changes the logits (and was applied)
+    from workbench.app.nnunet import _run
+    from workbench.mesh import MeshSpec
+
+    x, ref = np.moveaxis(plain.preprocessed.data, 0, -1), MeshSpec()
+    by_hand = (
+        _run(plain.model, x, ref, "reference").output
+        + np.flip(_run(plain.model, x[:, ::-1], ref, "reference").output, 1)
+    ) / 2
+    np.testing.assert_allclose(_run(plain.model, x, ref, "reference", (1,)).output, by_hand, rtol=0, atol=1e-6)
     written = np.asarray(read_volume(out / "prediction.nii.gz").array)
     np.testing.assert_array_equal(run.segmentation, written)
     assert np.load(out / "logits.npy").shape == (*run.preprocessed.data.shape[1:], 2)

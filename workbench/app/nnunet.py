@@ -51,6 +51,7 @@ __all__ = [
     "preprocess",
     "logits_to_segmentation",
     "check_nnunet_mesh",
+    "MIRROR_AXES",
     "predict_nnunet",
     "write_nnunet_result",
 ]
@@ -58,6 +59,8 @@ __all__ = [
 #: nnU-Net's normalisation schemes this module applies (others are refused by name).
 NORMALISATIONS = ("ZScoreNormalization", "CTNormalization", "NoNormalization", "RescaleTo01Normalization")
 _FOLDER_FILES = ("plans.json", "dataset.json")
+#: the axes ``mirror=True`` flips: nnU-Net's default ``inference_allowed_mirroring_axes`` for 3D
+MIRROR_AXES = (0, 1, 2)
 _CHANNEL_FILE = re.compile(r"(.+)_(\d{4})(\.[A-Za-z0-9][A-Za-z0-9.]*)$")
 _MODELS: dict = {}  # the last loaded model, keyed by its folder, fold and files' stamps
 _CACHE: dict = {}  # compiled forwards, keyed by (spec, shape, mesh, backend, devices)
@@ -437,8 +440,14 @@ def _compiled(model, shape, mesh_spec, backend):
     return _CACHE[key][:5]
 
 
-def _run(model, x: np.ndarray, mesh_spec, backend: str):
-    """A :class:`~workbench.execute.run.RunResult` of the full-resolution logits (Z, Y, X, K)."""
+def _run(model, x: np.ndarray, mesh_spec, backend: str, mirror=()):
+    """A :class:`~workbench.execute.run.RunResult` of the full-resolution logits (Z, Y, X, K).
+
+    ``mirror`` (axes of the network grid): nnU-Net's test-time mirroring, the logits of every
+    flipped input flipped back and averaged with the plain ones (sum in nnU-Net's order:
+    plain, then each combination of the axes, then divided by the count)."""
+    import itertools
+
     import jax
 
     from workbench.execute.distributed import put, to_host
@@ -446,12 +455,20 @@ def _run(model, x: np.ndarray, mesh_spec, backend: str):
 
     layout, compiled, in_sharding, variables, compile_seconds = _compiled(model, x.shape[:3], mesh_spec, backend)
     target = layout.reference_shape if backend == "reference" else layout.padded_shape
-    padded = np.pad(x, [*((0, t - s) for t, s in zip(target, x.shape[:3])), (0, 0)])[None]
-    t0 = time.perf_counter()
-    y = to_host(jax.block_until_ready(compiled(variables, put(padded, in_sharding))))
-    seconds = time.perf_counter() - t0
     z, h, w = x.shape[:3]
-    return RunResult(y[0, :z, :h, :w], backend, "exact", layout, seconds, compile_seconds, memory_stats(compiled))
+    flips = [()] + [c for i in range(1, len(mirror) + 1) for c in itertools.combinations(mirror, i)]
+    total = None
+    t0 = time.perf_counter()
+    for axes in flips:
+        xi = np.flip(x, axes) if axes else x
+        padded = np.pad(xi, [*((0, t - s) for t, s in zip(target, x.shape[:3])), (0, 0)])[None]
+        y = to_host(jax.block_until_ready(compiled(variables, put(padded, in_sharding))))[0, :z, :h, :w]
+        y = np.flip(y, axes) if axes else y
+        total = np.array(y, np.float32) if total is None else total + y
+    if len(flips) > 1:
+        total /= np.float32(len(flips))
+    seconds = time.perf_counter() - t0
+    return RunResult(total, backend, "exact", layout, seconds, compile_seconds, memory_stats(compiled))
 
 
 # -- the whole prediction --------------------------------------------------------------------------
@@ -526,6 +543,7 @@ def predict_nnunet(
     configuration: str | None = None,
     spacing=None,
     tolerance: float = 1e-5,
+    mirror: bool = False,
     on_stage=None,
     model=None,
 ) -> NNUNetPrediction:
@@ -536,6 +554,8 @@ def predict_nnunet(
     (``imagesTs/CASE``), ``data_tools.Volume`` objects, or a (C, Z, Y, X) array (then
     ``spacing`` (z, y, x), default the plan's). With ``reference``, the single-device reference
     runs too; the report then holds the comparison of the logits and ``label_agreement``.
+    ``mirror``: nnU-Net's test-time mirroring over the three axes of the network grid (nnU-Net's
+    default for 3D trainers; 8 forward passes, the reference mirrored too).
     ``model``: an already loaded :class:`~workbench.model.nnunet.NNUNetModel` of the folder.
     """
     from workbench.analysis.compare import compare
@@ -557,18 +577,20 @@ def predict_nnunet(
     mesh_spec = check_nnunet_mesh(spec, pre.data.shape[1:], mesh, backend)
     x = np.ascontiguousarray(np.moveaxis(pre.data, 0, -1))
     stage(f"compile and run ({backend})")
-    result = _run(model, x, mesh_spec, backend)
+    axes = MIRROR_AXES if mirror else ()
+    result = _run(model, x, mesh_spec, backend, axes)
     segmentation = postprocess(result.output, pre, spec)
     ref = ref_seg = comparison = None
     if reference:
         from workbench.mesh import MeshSpec
 
         stage("single-device reference")
-        ref = _run(model, x, MeshSpec(), "reference")
+        ref = _run(model, x, MeshSpec(), "reference", axes)
         ref_seg = postprocess(ref.output, pre, spec)
         stage("compare")
         comparison = compare(result.output, ref.output, result.layout, keep_error=False, tol=tolerance)
     report = _report(result, model, folder, pre, files, ref, comparison, segmentation, ref_seg, volume)
+    report["nnunet"]["mirror_axes"] = list(axes) or None
     return NNUNetPrediction(segmentation, result, pre, folder, model, report, volume, ref, ref_seg, comparison, files)
 
 

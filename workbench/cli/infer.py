@@ -42,6 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--force", action="store_true", help="run even if the memory estimate says it will not fit")
     p.add_argument(
+        "--mirror",
+        action="store_true",
+        help="with an nnU-Net training folder: nnU-Net's test-time mirroring (8 passes, all axes flipped)",
+    )
+    p.add_argument(
         "--fold", default=None, help="with an nnU-Net training folder as --checkpoint: the fold to use (default 0)"
     )
     add_common(p)
@@ -56,6 +61,8 @@ def run(args) -> int:
 
     if is_nnunet_folder(args.checkpoint):
         return _nnunet(args)
+    if args.mirror:
+        raise UserError("--mirror applies to an nnU-Net training folder as --checkpoint; drop it")
     if args.fold is not None:
         raise UserError("--fold applies to an nnU-Net training folder as --checkpoint; drop it")
     if len(args.input) > 1:
@@ -162,7 +169,13 @@ def _nnunet(args) -> int:
     check_nnunet_mesh(None, None, args.mesh, args.backend)
     check_output_folder(args.out, overwrite=args.overwrite)
     prediction = predict_nnunet(
-        folder.path, args.input, args.mesh, fold=folder.fold, backend=args.backend, reference=args.reference
+        folder.path,
+        args.input,
+        args.mesh,
+        fold=folder.fold,
+        backend=args.backend,
+        reference=args.reference,
+        mirror=args.mirror,
     )
     report = write_nnunet_result(
         args.out, prediction, overwrite=args.overwrite, input_name=" ".join(args.input), save_logits=args.save_logits
