@@ -102,6 +102,7 @@ def test_the_command_equals_the_single_device_reference(which, request):
     for key in ("mesh", "backend", "input_shape", "output_shape", "seconds", "peak_bytes_per_device", "per_shard"):
         assert report[key] is not None, key
     assert report["input_shape"] == list(source.shape) and report["nnunet"]["fold"] == "0"
+    assert report["class_names"] == ["background", "whole", "core"]  # the value each region paints
     assert report["nnunet"]["preprocessing"]["resampled"] is False
 
 

@@ -357,7 +357,7 @@ def postprocess(logits: np.ndarray, pre: Preprocessed, spec) -> np.ndarray:
     seg = logits_to_segmentation(logits, spec.output_kind, spec.regions_class_order)
     full = np.zeros(pre.shape_before_cropping, seg.dtype)
     full[tuple(slice(lo, hi) for lo, hi in pre.box)] = seg
-    return full.transpose(pre.transpose_backward)
+    return np.ascontiguousarray(full.transpose(pre.transpose_backward))
 
 
 # -- the mesh and the forward --------------------------------------------------------------------------
@@ -614,7 +614,13 @@ def _report(result, model, folder, pre, files, ref, comparison, segmentation, re
         weights=f"nnU-Net {folder.path} fold_{folder.fold} ({model.source})",
     )
     spec = model.spec
-    report["class_names"] = list(spec.output_names)
+    if spec.output_kind == "sigmoid":  # region i paints the value regions_class_order[i]
+        names = ["background"] + [""] * max(spec.regions_class_order)
+        for name, value in zip(spec.output_names, spec.regions_class_order):
+            names[value] = name
+        report["class_names"] = names
+    else:
+        report["class_names"] = list(spec.output_names)
     report["output_shape"] = list(segmentation.shape)
     report["input_shape"] = list(segmentation.shape)
     report["network_shape"] = list(pre.data.shape[1:])
