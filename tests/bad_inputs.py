@@ -663,6 +663,51 @@ case("napari-reader-prediction", "napari", "napari reader: a corrupt prediction.
      setup=lambda tmp: (_result(tmp), (tmp / "result" / "prediction.npy").write_bytes(b"\x93NUMPY")),
      call=_napari_read)  # fmt: skip
 
+# -- nnU-Net training folders: workbench infer CASE_0000 CASE_0001 --checkpoint FOLDER ---------------
+NNUNET_RESULTS = (Path(__file__).parent / "fixtures" / "nnunet" / "results" / "Dataset903_ThickMRI"
+                  / "nnUNetTrainer__nnUNetPlans__3d_fullres")  # fmt: skip
+NN = "{tmp}/Dataset903_ThickMRI/nnUNetTrainer__nnUNetPlans__3d_fullres"
+NN_CASE = ("{tmp}/imagesTs/case_0000.nii.gz", "{tmp}/imagesTs/case_0001.nii.gz")
+
+
+def _nnunet(tmp, *, shape=(6, 24, 32), network_class=None, keep=None):
+    """The fixture's training folder copied into ``tmp`` (plans edited, or only ``keep`` kept),
+    and a 2-channel case of ``shape`` at the plan's spacing in ``tmp/imagesTs``."""
+    from data_tools import Volume, write_volume
+
+    folder = Path(_fill(NN, tmp))
+    shutil.copytree(NNUNET_RESULTS, folder)
+    if network_class is not None:
+        plans = json.loads((folder / "plans.json").read_text())
+        plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"] = network_class
+        (folder / "plans.json").write_text(json.dumps(plans))
+    if keep is not None:
+        for item in folder.iterdir():
+            if item.name not in keep:
+                item.unlink() if item.is_file() else shutil.rmtree(item)
+    (tmp / "imagesTs").mkdir()
+    for c in range(2):
+        image = np.random.default_rng(c).normal(300 + 600 * c, 50, shape).astype(np.float32)
+        write_volume(Volume(image, spacing=(4.0, 0.6, 0.6)), tmp / "imagesTs" / f"case_{c:04d}.nii.gz")
+
+
+N = "nnU-Net"
+NNI = ("infer", *NN_CASE, "--mesh", "2x2x2", "--out", "{tmp}/out", "--checkpoint", NN)
+case("nnunet-not-a-training-folder", N, "--checkpoint: a Trainer__Plans__Configuration folder without plans.json and dataset.json",
+     "is not an nnU-Net training folder: it lacks plans.json and dataset.json", *NNI,
+     setup=lambda tmp: _nnunet(tmp, keep={"fold_0"}))  # fmt: skip
+case("nnunet-missing-fold", N, "--fold 3 of a folder trained on fold 0 only", "has no fold_3; use --fold with one of 0",
+     *NNI, "--fold", "3", setup=_nnunet)  # fmt: skip
+case("nnunet-unknown-network", N, "plans.json of a network class the workbench does not build",
+     "plans network class 'dynamic_network_architectures.architectures.unet.ResidualDecoderUNet', which is not supported",
+     *NNI, setup=lambda tmp: _nnunet(tmp, network_class="dynamic_network_architectures.architectures.unet.ResidualDecoderUNet"))  # fmt: skip
+case("nnunet-channel-count", N, "one channel file for a 2-channel network",
+     "1 input channel file(s) given (case_0000.nii.gz) but the network expects 2 (dataset.json's channel_names: 0 T2, 1 ADC)",
+     "infer", NN_CASE[0], *NNI[3:], setup=_nnunet)  # fmt: skip
+case("nnunet-mesh-split", N, "a mesh with more shards on x than the volume has voxels at the coarsest stride",
+     "mesh x=8 cannot split the x axis", "infer", *NN_CASE, "--mesh", "1x1x8", *NNI[5:],
+     setup=lambda tmp: _nnunet(tmp, shape=(6, 24, 16)))  # fmt: skip
+
 # -- multi-process settings ---------------------------------------------------------------------
 M = "multi-process"
 MP = ("infer", "phantom:8", "--mesh", "1x1x1", "--out", "{tmp}/out")

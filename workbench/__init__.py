@@ -37,6 +37,8 @@ _EXPORTS = {
     "write_result": "workbench.app",
     "train": "workbench.app",
     "TrainConfig": "workbench.app",
+    "predict_nnunet": "workbench.app",
+    "write_nnunet_result": "workbench.app",
     "viewer": "workbench.ui.notebook_viewer",
 }
 __all__ = sorted(_EXPORTS)

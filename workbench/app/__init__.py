@@ -11,6 +11,8 @@ benchmarks and the notebooks call.
 * :class:`MemoryEstimator`, :func:`plan_bytes`, :func:`memory_table`
   (:mod:`~workbench.app.planning`): per-device memory before anything runs.
 * :func:`train` and :class:`TrainConfig`: training runs (:mod:`workbench.training`).
+* :func:`predict_nnunet`, :func:`write_nnunet_result` (:mod:`~workbench.app.nnunet`): an
+  nnU-Net training folder's model on one case, with nnU-Net's pre- and post-processing.
 * :func:`evaluate_dataset`, :func:`dataset_cases` (:mod:`~workbench.app.evaluation`): a
   model scored on a dataset folder's validation fold or test cases.
 
@@ -55,6 +57,9 @@ _EXPORTS = {
     "evaluate_dataset": "evaluation",
     "dataset_cases": "evaluation",
     "TrainConfig": "training",
+    "predict_nnunet": "nnunet",
+    "write_nnunet_result": "nnunet",
+    "NNUNetPrediction": "nnunet",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,5 +1,9 @@
 """``workbench infer INPUT --mesh ZxYxX --out DIR``: partitioned inference on a volume.
 
+With ``--checkpoint`` naming an nnU-Net training folder (``…/Trainer__Plans__3d_fullres``)
+and ``--fold K``, INPUT is the case's channel files (``CASE_0000.nii.gz CASE_0001.nii.gz``)
+or its case id inside its images folder (``imagesTs/CASE``): :func:`workbench.app.nnunet.predict_nnunet`.
+
 In one process the volume is read whole and the result folder written by that process.
 As one of several (``workbench launch -- infer``, or ``WORKBENCH_DISTRIBUTED=auto``),
 each process reads, runs and writes only its own shards (:mod:`workbench.app.sharded`):
@@ -18,7 +22,12 @@ HELP = "partitioned inference on a volume"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", help="a .npy/.npz/NIfTI/DICOM/TIFF/zarr path, phantom:N or mni")
+    p.add_argument(
+        "input",
+        nargs="+",
+        help="a .npy/.npz/NIfTI/DICOM/TIFF/zarr path, phantom:N or mni; with an nnU-Net --checkpoint: "
+        "the case's channel files (CASE_0000.nii.gz CASE_0001.nii.gz …) or imagesTs/CASE",
+    )
     p.add_argument("--mesh", required=True, help="ZxYxX, data=D,z=Z,y=Y,x=X or auto")
     p.add_argument("--backend", default="explicit", help=" | ".join(BACKENDS))
     p.add_argument("--halo", default="exact", help=f"{' | '.join(HALO_MODES)} | WIDTH (default exact)")
@@ -32,12 +41,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--save-logits", action="store_true", help="also write logits.npy (logits.zarr in several processes)"
     )
     p.add_argument("--force", action="store_true", help="run even if the memory estimate says it will not fit")
+    p.add_argument(
+        "--mirror",
+        action="store_true",
+        help="with an nnU-Net training folder: nnU-Net's test-time mirroring (8 passes, all axes flipped)",
+    )
+    p.add_argument(
+        "--fold", default=None, help="with an nnU-Net training folder as --checkpoint: the fold to use (default 0)"
+    )
     add_common(p)
 
 
 def run(args) -> int:
     """``workbench infer``: check every option, read, run, write prediction + report.json."""
     import jax
+
+    from workbench.app.nnunet import is_nnunet_folder
+    from workbench.errors import UserError
+
+    if is_nnunet_folder(args.checkpoint):
+        return _nnunet(args)
+    if args.mirror:
+        raise UserError("--mirror applies to an nnU-Net training folder as --checkpoint; drop it")
+    if args.fold is not None:
+        raise UserError("--fold applies to an nnU-Net training folder as --checkpoint; drop it")
+    if len(args.input) > 1:
+        raise UserError(
+            f"{len(args.input)} inputs given; infer takes one volume (several channel files only with an "
+            "nnU-Net training folder as --checkpoint)"
+        )
+    args.input = args.input[0]
 
     from workbench.app import (
         check_output_folder,
@@ -113,4 +146,41 @@ def _per_process(args, halo) -> int:
     if report is not None:
         print(summary_line(report))
         print(f"wrote {Path(args.out) / report['prediction']} and {Path(args.out) / 'report.json'}")
+    return 0
+
+
+def _nnunet(args) -> int:
+    """An nnU-Net training folder as ``--checkpoint``: its fold's model on one case."""
+    import jax
+
+    from workbench.app import check_output_folder
+    from workbench.app.nnunet import check_nnunet_mesh, open_nnunet_folder, predict_nnunet, write_nnunet_result
+    from workbench.app.results import summary_line
+    from workbench.errors import UserError
+
+    if jax.process_count() > 1:
+        raise UserError("nnU-Net models run in one process so far; drop workbench launch / WORKBENCH_DISTRIBUTED")
+    for flag, given in (("--model", args.model), ("--random-weights", args.random_weights), ("--series", args.series)):
+        if given:
+            raise UserError(f"{flag} does not apply to an nnU-Net training folder as --checkpoint; drop it")
+    if str(args.halo) != "exact":
+        raise UserError(f"--halo {args.halo}: nnU-Net networks run with exact halos only; drop --halo")
+    folder = open_nnunet_folder(args.checkpoint, fold=0 if args.fold is None else args.fold)
+    check_nnunet_mesh(None, None, args.mesh, args.backend)
+    check_output_folder(args.out, overwrite=args.overwrite)
+    prediction = predict_nnunet(
+        folder.path,
+        args.input,
+        args.mesh,
+        fold=folder.fold,
+        backend=args.backend,
+        reference=args.reference,
+        mirror=args.mirror,
+    )
+    report = write_nnunet_result(
+        args.out, prediction, overwrite=args.overwrite, input_name=" ".join(args.input), save_logits=args.save_logits
+    )
+    agreement = report["label_agreement"]
+    print(summary_line(report) + ("" if agreement is None else f", labels equal on {agreement:.2%} of voxels"))
+    print(f"wrote {Path(args.out) / report['prediction']} and {Path(args.out) / 'report.json'}")
     return 0
