@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_LOG_FORMAT = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+
+
 class _HeldLog(logging.Handler):
     """Log records (WARNING and above) and Python warnings of one command, kept for the
     internal-error file instead of printed."""
@@ -63,7 +66,6 @@ class _HeldLog(logging.Handler):
     def __init__(self, limit: int = 1000):
         super().__init__(logging.WARNING)
         self.lines: collections.deque[str] = collections.deque(maxlen=limit)
-        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -79,11 +81,8 @@ def _third_party_output(debug: bool):
     ``main`` also runs inside other programs (tests, notebooks)."""
     root = logging.getLogger()
     saved = root.handlers[:], root.level
-    if debug:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    else:
-        handler = _HeldLog()
+    handler = logging.StreamHandler(sys.stderr) if debug else _HeldLog()
+    handler.setFormatter(_LOG_FORMAT)
     root.handlers[:] = [handler]  # also replaces absl's handler, which writes to stderr
     root.setLevel(logging.WARNING)
     logging.captureWarnings(True)
