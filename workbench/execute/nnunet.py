@@ -21,7 +21,8 @@ from jax.sharding import PartitionSpec as P
 
 from workbench.errors import UserError
 from workbench.execute.distributed import put, put_tree, to_host
-from workbench.mesh import ACTIVATION_SPEC, MeshSpec, ShardLayout, build_mesh, parse_mesh
+from workbench.execute.run import run_mesh
+from workbench.mesh import ACTIVATION_SPEC, ShardLayout, build_mesh
 from workbench.model.layers import Partition
 from workbench.model.nnunet import NNUNet, NNUNetModel
 from workbench.model.spec import NetworkSpec
@@ -110,14 +111,7 @@ def apply_nnunet(
     resolution head, or with ``deep_supervision`` every head (highest resolution first)."""
     x = np.asarray(volume)
     check_input(model.spec, x)
-    n_devices = len(jax.devices())
-    if backend == "reference":
-        mesh_spec = MeshSpec()
-    else:
-        auto = mesh is None or (isinstance(mesh, str) and mesh.strip().lower() == "auto")
-        mesh_spec = parse_mesh("auto" if auto else mesh, n_devices=n_devices if auto else None)
-        if mesh_spec.n_devices > n_devices:
-            parse_mesh(mesh_spec, n_devices=n_devices)  # raises the helpful error
+    mesh_spec = run_mesh(mesh, backend)
     if x.shape[0] % mesh_spec.data:
         raise UserError(
             f"batch of {x.shape[0]} does not split over data={mesh_spec.data}; use a batch that is a multiple of "

@@ -34,6 +34,7 @@ from workbench.options import BACKENDS
 __all__ = [
     "BACKENDS",
     "apply",
+    "run_mesh",
     "run",
     "RunResult",
     "Compiled",
@@ -288,19 +289,12 @@ def run(model: Model, volume, mesh=None, *, backend: str = "explicit", halo="exa
     validate_halo(halo)
     squeeze = np.ndim(volume) == 3
     x = as_batch(volume, model.config.in_channels)
-    n_devices = len(jax.devices())
-    if backend == "reference":
-        spec = MeshSpec()
-    else:
-        auto = mesh is None or (isinstance(mesh, str) and mesh.strip().lower() == "auto")
-        spec = parse_mesh("auto" if auto else mesh, n_devices=n_devices if auto else None)
-        if spec.n_devices > n_devices:
-            parse_mesh(spec, n_devices=n_devices)  # raises the helpful error
+    spec = run_mesh(mesh, backend)
     spatial = x.shape[1:4]
     layout = ShardLayout(spatial, spec, multiple=model.config.multiple)
     t0 = time.perf_counter()
     halo_key = halo if backend != "reference" else "exact"
-    compiled = _cached_compile(model.config, spatial, spec, backend, halo_key, x.shape[0], n_devices)
+    compiled = _cached_compile(model.config, spatial, spec, backend, halo_key, x.shape[0], len(jax.devices()))
     compile_seconds = time.perf_counter() - t0
 
     padded = np.pad(
@@ -322,6 +316,20 @@ def run(model: Model, volume, mesh=None, *, backend: str = "explicit", halo="exa
     if squeeze:
         out = out[0]
     return RunResult(out, backend, halo, layout, seconds, compile_seconds, compiled.memory)
+
+
+def run_mesh(mesh, backend: str) -> MeshSpec:
+    """The mesh a run on ``backend`` uses: one device for the reference, else ``mesh``
+    (``None`` or ``"auto"``: the most cube-like over every device), refused with the helpful
+    error when it needs more devices than there are."""
+    if backend == "reference":
+        return MeshSpec()
+    n_devices = len(jax.devices())
+    auto = mesh is None or (isinstance(mesh, str) and mesh.strip().lower() == "auto")
+    spec = parse_mesh("auto" if auto else mesh, n_devices=n_devices if auto else None)
+    if spec.n_devices > n_devices:
+        parse_mesh(spec, n_devices=n_devices)  # raises the helpful error
+    return spec
 
 
 def apply(model: Model, volume, mesh=None, *, backend: str = "explicit", halo="exact") -> np.ndarray:
