@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from workbench.errors import UserError
+from workbench.errors import InputNotFoundError, UserError
 from workbench.execute.nnunet import apply_nnunet, crop_heads, make_nnunet_forward, nnunet_layout
 from workbench.mesh import ACTIVATION_SPEC, build_mesh, parse_mesh
 from workbench.model.halo import halo_pad
 from workbench.model.nnunet import NNUNet, NNUNetModel, load_nnunet_folder, load_nnunet_weights
-from workbench.model.nnunet_plans import from_nnunet_arch, from_nnunet_plans
+from workbench.model.nnunet_plans import from_nnunet_arch, from_nnunet_plans, load_plans_file
 from workbench.model.spec import NetworkSpec, conv_halo
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nnunet"
@@ -199,6 +199,22 @@ def test_unknown_configuration_is_one_user_error():
     entry = BY_FILE["iso_ct/nnUNetPlans.json"]
     with pytest.raises(UserError, match=r"has no configuration '3d_lowres'; use one of \['2d', '3d_fullres'\]"):
         from_nnunet_plans(FIXTURE / entry["plans_file"], FIXTURE / "iso_ct" / "dataset.json", "3d_lowres")
+
+
+def test_a_plans_file_finds_its_dataset_json_beside_it_or_inside_it(tmp_path):
+    entry = BY_FILE["thick_mri/nnUNetResEncUNetLPlans.json"]
+    beside = load_plans_file(FIXTURE / entry["plans_file"])
+    assert beside.spec == _plans_spec(entry) and beside.workbench == {}
+    assert beside.configuration["patch_size"] == [20, 192, 192]
+    plans = json.loads((FIXTURE / entry["plans_file"]).read_text())
+    plans["workbench"] = {"dataset": json.loads((FIXTURE / "thick_mri" / "dataset.json").read_text())}
+    (tmp_path / "alone.json").write_text(json.dumps(plans))
+    assert load_plans_file(tmp_path / "alone.json").spec == beside.spec
+    (tmp_path / "bare.json").write_text((FIXTURE / entry["plans_file"]).read_text())
+    with pytest.raises(
+        InputNotFoundError, match=r"has no dataset\.json beside it .* and none inside it; put the dataset\.json"
+    ):
+        load_plans_file(tmp_path / "bare.json")
 
 
 def test_mesh_that_cannot_split_a_stride_level_is_one_user_error():

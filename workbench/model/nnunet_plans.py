@@ -21,11 +21,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
 from workbench.errors import InputNotFoundError, UserError
 from workbench.model.spec import NetworkSpec
 
-__all__ = ["from_nnunet_plans", "from_nnunet_arch", "PLANNED_CLASSES", "PLANNERS"]
+__all__ = ["from_nnunet_plans", "from_nnunet_arch", "load_plans_file", "PlansFile", "PLANNED_CLASSES", "PLANNERS"]
 
 # nnU-Net's class names (plans: architecture.network_class_name) -> our short names.
 PLANNED_CLASSES = {
@@ -201,3 +203,53 @@ def from_nnunet_arch(
             "pass a plans file written by nnU-Net"
         )
     return NetworkSpec.plain(**common) if plain else NetworkSpec.residual(**common)
+
+
+@dataclass(frozen=True)
+class PlansFile:
+    """A plans file and what it describes: the network, the plans, the dataset.json, the
+    configuration (``inherits_from`` resolved) and the workbench's own block (``{}`` for
+    nnU-Net's plans files; ``workbench plan --data`` writes one)."""
+
+    path: str
+    spec: NetworkSpec
+    plans: dict
+    dataset: dict
+    configuration: dict
+    configuration_name: str
+    workbench: dict
+
+
+def load_plans_file(path, configuration: str = "3d_fullres") -> PlansFile:
+    """A plans file given on the command line (``--plans FILE``): nnU-Net's own
+    (``nnUNet_preprocessed/DatasetXXX/nnUNetPlans.json``, its ``dataset.json`` beside it) or
+    one written by ``workbench plan --data`` (the dataset.json inside it, under
+    ``workbench.dataset``). One :class:`UserError` when the dataset.json is in neither place.
+    """
+    path = os.fspath(path)
+    plans = _read_json(path, "plans file")
+    block = plans.get("workbench") or {}
+    if not isinstance(block, dict):
+        raise UserError(
+            f"plans file {path!r}: 'workbench' is a {type(block).__name__}, not an object; rewrite it with workbench plan --data"
+        )
+    dataset = block.get("dataset")
+    if dataset is None:
+        sibling = Path(path).with_name("dataset.json")
+        if not sibling.is_file():
+            raise InputNotFoundError(
+                f"plans file {path!r} has no dataset.json beside it ({sibling}) and none inside it; "
+                "put the dataset.json the plans were made with next to the plans file "
+                "(as in nnUNet_preprocessed/DatasetXXX/)"
+            )
+        dataset = _read_json(sibling, "dataset.json")
+    spec = from_nnunet_plans(plans, dataset, configuration)
+    return PlansFile(
+        path=path,
+        spec=spec,
+        plans=plans,
+        dataset=dict(dataset),
+        configuration=_configuration(plans, configuration, path),
+        configuration_name=configuration,
+        workbench=dict(block),
+    )
