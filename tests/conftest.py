@@ -64,6 +64,7 @@ TIERS = {
     "test_resolution.py": ("integration",),
     "test_scaling.py": ("unit",),
     "test_train.py": ("exactness",),
+    "test_train_nnunet.py": ("exactness",),
     "test_viewer.py": ("integration",),
     "test_widgets.py": ("integration",),
 }
