@@ -8,35 +8,36 @@ __all__ = ["evaluate", "evaluate_blocks", "held_out_blocks"]
 
 
 def evaluate(model, cases, mesh="1x1x1", *, backend: str = "explicit", class_names=None, hd95: bool = True) -> dict:
-    """Dice per class per case and pooled, accuracy and HD95 (mm) of ``model`` on ``cases``.
+    """Dice per class (per region for an nnU-Net region model) per case and pooled, accuracy
+    and HD95 (mm) of ``model`` on ``cases``.
 
     Runs the partitioned inference (running batch-norm statistics) at each case's full
     resolution on the spatial part of ``mesh``.
     """
-    from workbench.execute.run import run
     from workbench.mesh import MeshSpec, parse_mesh
-    from workbench.training.losses import accuracy, dice_per_class, hausdorff95
+    from workbench.training.losses import hausdorff95
 
     spec = parse_mesh(mesh)
     spatial = MeshSpec(spec.z, spec.y, spec.x) if backend != "reference" else None
     k = model.config.num_classes
     names = tuple(class_names or [f"class{i}" for i in range(k)])
+    first = 0 if _regions(model) is not None else 1  # HD95 of the foreground classes, or of every region
     per_case, inter, psum, tsum, accs, hds, case_names = [], np.zeros(k), np.zeros(k), np.zeros(k), [], [], []
     for case in cases:  # may be read lazily (a dataset's validation cases): iterated once
         case_names.append(case.name)
-        logits = run(model, case.image, spatial, backend=backend).output
-        pred = logits.argmax(-1)
-        truth = case.labels
-        per_case.append(dice_per_class(pred, truth, k))
-        for c in range(k):
-            p, t = pred == c, truth == c
+        pairs, correct = _output_masks(model, case, spatial, backend)
+        dice = np.full(k, np.nan)
+        for c, (p, t) in enumerate(pairs):
             inter[c] += np.sum(p & t)
             psum[c] += p.sum()
             tsum[c] += t.sum()
-        accs.append(accuracy(pred, truth))
+            if p.any() or t.any():
+                dice[c] = 2.0 * int((p & t).sum()) / (int(p.sum()) + int(t.sum()))
+        per_case.append(dice)
+        accs.append(correct)
         if hd95:
-            hds.append([hausdorff95(pred == c, truth == c, case.spacing) for c in range(1, k)])
-        del case, logits, pred, truth  # before the next case is read
+            hds.append([hausdorff95(p, t, case.spacing) for p, t in pairs[first:]])
+        del case, pairs  # before the next case is read
     per_case = np.asarray(per_case)
     with np.errstate(invalid="ignore", divide="ignore"):
         pooled = np.where(psum + tsum > 0, 2 * inter / (psum + tsum), np.nan)
@@ -49,8 +50,37 @@ def evaluate(model, cases, mesh="1x1x1", *, backend: str = "explicit", class_nam
     }
     if hd95 and hds:
         hds = np.asarray(hds)
-        out["hd95_mm"] = {n: _nanmean(hds[:, i - 1]) for i, n in enumerate(names) if i > 0}
+        out["hd95_mm"] = {n: _nanmean(hds[:, i - first]) for i, n in enumerate(names) if i >= first}
     return out
+
+
+def _regions(model):
+    config = model.config
+    return getattr(config, "regions", None) if getattr(config, "spec", None) is not None else None
+
+
+def _output_masks(model, case, spatial, backend):
+    """([(predicted, true) boolean masks per output], accuracy) of one case: classes by argmax,
+    or (nnU-Net region models) each region by sigmoid > 0.5 against ``isin(labels, region)``."""
+    truth = case.labels
+    if getattr(model.config, "spec", None) is None:  # the paper U-Net
+        from workbench.execute.run import run
+
+        pred = run(model, case.image, spatial, backend=backend).output.argmax(-1)
+        pairs = [(pred == c, truth == c) for c in range(model.config.num_classes)]
+        return pairs, float(np.mean(pred == truth))
+    from workbench.execute.nnunet import apply_nnunet
+
+    image = case.image if case.image.ndim == 4 else case.image[..., None]
+    logits = apply_nnunet(model, image[None], spatial, backend=backend)[0]
+    regions = _regions(model)
+    if regions is None:
+        pred = logits.argmax(-1)
+        pairs = [(pred == c, truth == c) for c in range(logits.shape[-1])]
+        return pairs, float(np.mean(pred == truth))
+    pairs = [(logits[..., r] > 0, np.isin(truth, region)) for r, region in enumerate(regions)]
+    right = np.logical_and.reduce([p == t for p, t in pairs])
+    return pairs, float(np.mean(right))
 
 
 def finite_or_none(v) -> float | None:

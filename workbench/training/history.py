@@ -13,8 +13,9 @@ from workbench.training.evaluation import finite_or_none
 __all__ = ["train_row", "eval_row", "write_history", "plot_history", "training_curves"]
 
 
-def train_row(step: int, metrics: dict, class_names, seconds: float, lr: float) -> dict:
-    """The history row of one step's metrics (loss parts, gradient norm, batch Dice)."""
+def train_row(step: int, metrics: dict, class_names, seconds: float, lr: float, *, first: int = 1) -> dict:
+    """The history row of one step's metrics (loss parts, gradient norm, batch Dice of the
+    outputs from ``first`` on: 1 leaves the background out, 0 for region outputs)."""
     from workbench.training.losses import dice_from_counts
 
     dice = dice_from_counts(metrics["inter"], metrics["pred"], metrics["true"])["pooled"]
@@ -28,7 +29,7 @@ def train_row(step: int, metrics: dict, class_names, seconds: float, lr: float) 
         "seconds": seconds,
     }
     for i, n in enumerate(class_names):
-        if i:
+        if i >= first:
             row[f"dice_{n}"] = finite_or_none(dice[i])
     return row
 
