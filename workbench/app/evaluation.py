@@ -46,6 +46,10 @@ def _model_and_meta(checkpoint, preset: str | None, random_weights: bool, seed: 
 
     if checkpoint:
         model, meta = load_model(checkpoint, log=log)
+        if preset is not None and getattr(model.config, "spec", None) is not None:
+            raise UserError(
+                f"--model {preset} names a paper U-Net preset but {checkpoint} holds an nnU-Net network; drop --model"
+            )
         if preset is not None:  # named as well: it must be the checkpoint's architecture
             check_preset_matches(preset, model.config, checkpoint)
         step = meta.get("step")
@@ -70,15 +74,26 @@ def _plan(meta: dict, infos, spacing, resolution):
     return plan_preprocessing(infos)
 
 
-def _prediction(logits: np.ndarray, meta: dict) -> np.ndarray:
+def _prediction(logits: np.ndarray, meta: dict, order=None) -> np.ndarray:
     """uint8 labels on the case's original grid from logits on its resampled grid (``meta``:
     a prepared case's metadata): the softmax probabilities resampled (linear) onto the
-    original grid, then argmax."""
+    original grid, then argmax. Region outputs (``order``: nnU-Net's regions_class_order):
+    each region's sigmoid resampled, then painted in order where > 0.5 (later regions win)."""
     from data_tools.datasets import resample_onto
 
     grid = tuple(meta["grid_shape"])
     logits = logits[: grid[0], : grid[1], : grid[2]]
     same = grid == tuple(meta["original_shape"]) and np.allclose(meta["grid_affine"], meta["original_affine"])
+    if order is not None:
+        seg = None
+        for i, label in enumerate(order):
+            prob = (1.0 / (1.0 + np.exp(-logits[..., i]))).astype(np.float32)
+            if not same:
+                prob = resample_onto(np.ascontiguousarray(prob), meta["grid_affine"], meta["original_shape"],
+                                     meta["original_affine"], order=1)  # fmt: skip
+            seg = np.zeros(prob.shape, np.uint8) if seg is None else seg
+            seg[prob > 0.5] = label
+        return seg
     if same:
         return logits.argmax(-1).astype(np.uint8)
     shifted = logits - logits.max(-1, keepdims=True)
@@ -97,15 +112,24 @@ def _prediction(logits: np.ndarray, meta: dict) -> np.ndarray:
     return labels
 
 
-def _score(pred, truth, spacing, class_names) -> dict:
-    from workbench.training.losses import dice_per_class, hausdorff95
+def _outputs(model, class_names) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, label values) of each scored output: the foreground classes, or (an nnU-Net
+    region model) every region with its labels, scored on the painted map as nnU-Net does."""
+    config = model.config
+    if getattr(config, "regions", None):
+        return list(zip(config.output_names, config.regions))
+    return [(name, (k,)) for k, name in enumerate(class_names) if k]
+
+
+def _score(pred, truth, spacing, outputs) -> dict:
+    from workbench.training.losses import hausdorff95
 
     ml = float(np.prod(spacing)) / 1000.0
-    dice = dice_per_class(pred, truth, len(class_names))
     row = {}
-    for k, name in enumerate(class_names[1:], start=1):
-        p, t = pred == k, truth == k
-        row[f"dice_{name}"] = _finite(dice[k])
+    for name, values in outputs:
+        p, t = np.isin(pred, values), np.isin(truth, values)
+        s = int(p.sum()) + int(t.sum())
+        row[f"dice_{name}"] = 2.0 * int((p & t).sum()) / s if s else None
         row[f"hd95_mm_{name}"] = _finite(hausdorff95(p, t, spacing))
         row[f"pred_ml_{name}"] = float(p.sum()) * ml
         row[f"true_ml_{name}"] = float(t.sum()) * ml
@@ -121,8 +145,7 @@ def _mean(values):
     return float(np.mean(values)) if values else None
 
 
-def _summary(rows: list[dict], class_names, worst: int = 3) -> dict:
-    fg = class_names[1:]
+def _summary(rows: list[dict], fg, worst: int = 3) -> dict:
     out = {
         "mean_dice": {n: _mean([r.get(f"dice_{n}") for r in rows]) for n in fg},
         "mean_hd95_mm": {n: _mean([r.get(f"hd95_mm_{n}") for r in rows]) for n in fg},
@@ -184,13 +207,14 @@ def evaluate_dataset(
     from data_tools.io import write_prediction
     from workbench.app.inference import check_run_options
     from workbench.app.results import check_output_folder, staged_output
-    from workbench.execute.run import run
     from workbench.training.datasets import prepare_case
 
     dataset = open_dataset(data)
     choice, meta = _model_and_meta(checkpoint, model, random_weights, seed, log)
     k = choice.config.num_classes
-    if k != len(dataset.class_names):
+    regions = getattr(choice.config, "regions", None)
+    order = choice.config.spec.regions_class_order if regions else None
+    if not regions and k != len(dataset.class_names):
         raise UserError(
             f"the model predicts {k} classes but {dataset.root} declares {len(dataset.class_names)} "
             f"{list(dataset.class_names)}; pass --checkpoint of a model trained on this dataset"
@@ -215,6 +239,8 @@ def evaluate_dataset(
     infos = check_dataset(dataset, cases, progress=progress)
     plan = _plan(meta, infos.values(), spacing, resolution)
     names = dataset.class_names
+    outputs = _outputs(choice.model, names)
+    scored = [name for name, _ in outputs]
     rows: list[dict] = []
     t_start = time.perf_counter()
     with staged_output(out, overwrite=overwrite, marker="summary.json") as tmp:
@@ -223,20 +249,20 @@ def evaluate_dataset(
             t0 = time.perf_counter()
             volume = read_case(dataset, files, check=False)
             case = prepare_case(volume, plan, name=files.name)
-            logits = run(choice.model, case.image, spec, backend=backend).output
+            logits = _logits(choice.model, case.image, spec, backend)
             grid = case.metadata
             del case  # the model input is not needed any more
-            pred = _prediction(logits, grid)
+            pred = _prediction(logits, grid, order)
             del logits
             written = write_prediction(pred, volume, tmp / "predictions", name=files.name)
             row = {"case": files.name, "shape": "x".join(map(str, volume.shape)),
                    "spacing_mm": "x".join(f"{s:.4g}" for s in volume.spacing)}  # fmt: skip
             if volume.labels is not None:
-                row.update(_score(pred, volume.labels, volume.spacing, names))
-                row["mean_dice"] = _mean([row[f"dice_{n}"] for n in names[1:]])
+                row.update(_score(pred, volume.labels, volume.spacing, outputs))
+                row["mean_dice"] = _mean([row[f"dice_{n}"] for n in scored])
             else:
                 ml = float(np.prod(volume.spacing)) / 1000.0
-                row.update({f"pred_ml_{n}": float((pred == c).sum()) * ml for c, n in enumerate(names) if c})
+                row.update({f"pred_ml_{n}": float(np.isin(pred, v).sum()) * ml for n, v in outputs})
             row["prediction"] = f"predictions/{Path(written).name}"
             row["seconds"] = round(time.perf_counter() - t0, 3)
             rows.append(row)
@@ -247,17 +273,31 @@ def evaluate_dataset(
             "cases": len(rows),
             "labelled": sum(1 for r in rows if "mean_dice" in r),
             "class_names": list(names),
+            **({"regions": {n: list(v) for n, v in outputs}} if regions else {}),
             "weights": choice.description,
             "mesh": spec.as_dict() if spec is not None else None,
             "backend": backend,
             "preprocessing": plan.as_dict(),
-            **_summary(rows, names),
+            **_summary(rows, scored),
             "seconds": round(time.perf_counter() - t_start, 3),
             "files": {"cases": "cases.csv", "predictions": "predictions/"},
         }
         _write_csv(tmp / "cases.csv", rows)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return {**summary, "rows": rows, "out": str(out)}
+
+
+def _logits(model, image, spec, backend: str) -> np.ndarray:
+    """(Z, Y, X, K) logits of one prepared case: the paper U-Net's run, or an nnU-Net network's
+    full-resolution head (channels last; a (Z, Y, X) image is one channel)."""
+    if getattr(model.config, "spec", None) is None:
+        from workbench.execute.run import run
+
+        return run(model, image, spec, backend=backend).output
+    from workbench.execute.nnunet import apply_nnunet
+
+    image = image if image.ndim == 4 else image[..., None]
+    return apply_nnunet(model, image[None], spec, backend=backend)[0]
 
 
 def dataset_cases(data, fold: int | None = None) -> list[dict]:

@@ -57,7 +57,8 @@ def make_optimizer(tc: TrainConfig, config=None):
 
     if isinstance(config, NNUNetConfig):
         from workbench.model.nnunet import param_name
-  # every convolution there feeds an InstanceNorm but the heads
+
+        # every convolution there feeds an InstanceNorm but the heads
         normed = frozenset(param_name(la.name) for la in config.spec.layers if la.op == "conv" and la.norm)
         return optax.multi_transform(
             {"train": opt, "frozen": optax.set_to_zero()}, lambda params: _frozen_spec_labels(params, normed)

@@ -104,7 +104,6 @@ def _build_train_step(config, tc, layout, backend, class_weights, devices) -> Tr
             loss, parts, counts = objective(logits, labels)
             return loss, (updates, parts, counts)
 
-
         (loss, (updates, parts, counts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         deltas, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new = {
