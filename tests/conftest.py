@@ -65,6 +65,7 @@ TIERS = {
     "test_scaling.py": ("unit",),
     "test_train.py": ("exactness",),
     "test_train_nnunet.py": ("exactness",),
+    "test_train_nnunet_config.py": ("integration",),
     "test_viewer.py": ("integration",),
     "test_widgets.py": ("integration",),
 }

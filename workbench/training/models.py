@@ -232,7 +232,7 @@ def check_same_model(saved: dict, expected, *, where: str) -> None:
     if config == expected:
         return
     if type(config) is not type(expected):
-        text = f"a {_kind(config)} vs requested a {_kind(expected)}"
+        text = f"{_kind(config)} vs requested {_kind(expected)}"
     else:
         a, b = describe_model(config), describe_model(expected)
         a = a.get("config", a.get("spec", {})) | {k: v for k, v in a.items() if k in ("dtype", "regions", "batch_dice")}
@@ -246,7 +246,7 @@ def check_same_model(saved: dict, expected, *, where: str) -> None:
 
 
 def _kind(config) -> str:
-    return "nnU-Net network" if isinstance(config, NNUNetConfig) else "paper U-Net"
+    return "an nnU-Net network" if isinstance(config, NNUNetConfig) else "a paper U-Net"
 
 
 # -- models ------------------------------------------------------------------------------------------
