@@ -2,7 +2,10 @@
 reference (float64 gradients within 1e-6), on uneven shapes and anisotropic strides, plain and
 residual-encoder networks, softmax and region outputs, deep supervision on, both backends."""
 
+from pathlib import Path
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -83,3 +86,47 @@ def test_partitioned_step_equals_reference_float64(case):
         for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
             err = float(np.max(np.abs(np.asarray(g) - np.asarray(r))))
             assert err <= 1e-6, f"{backend} {mesh} {jax.tree_util.keystr(path)}: {err:.2e}"
+
+
+FOLDER = (
+    Path(__file__).parent
+    / "fixtures"
+    / "nnunet"
+    / "results"
+    / "Dataset903_ThickMRI"
+    / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+)
+
+
+def test_finetune_step_starts_from_the_imported_nnunet_weights_and_changes_them():
+    """``--checkpoint NNUNET_FOLDER``: the first step's loss is nnU-Net's loss of the imported model
+    (its logits are nnU-Net's, tests/test_nnunet.py), and the step moves its weights."""
+    from workbench.execute.nnunet import apply_nnunet
+    from workbench.model.nnunet import load_nnunet_folder
+    from workbench.training.config import model_config
+    from workbench.training.nnunet_losses import nnunet_loss
+    from workbench.training.nnunet_train import nnunet_weights
+
+    tc = TrainConfig(init_checkpoint=str(FOLDER), steps=1, mesh="2x1x1", backend="gspmd", learning_rate=1e-3)
+    config = model_config(tc, 3)
+    assert config.spec.in_channels == 2 and config.regions == ((1, 2), (2,)) and config.batch_dice is False
+    imported = load_nnunet_folder(FOLDER)
+    volume = (6, 24, 16)  # multiples of the plan's (2, 8, 8); 2x1x1 pads z to 8
+    rng = np.random.default_rng(5)
+    images = rng.normal(0, 1, (1, *volume, 2)).astype(np.float32)
+    labels = rng.integers(0, 3, (1, *volume)).astype(np.int32)
+    heads = apply_nnunet(imported, images, backend="reference", deep_supervision=True)
+    expected = float(nnunet_loss([jnp.asarray(h) for h in heads], jnp.asarray(labels), volume, config.loss_spec())[0])
+    layout = ShardLayout(volume, parse_mesh("2x1x1"), multiple=config.multiple)
+    ts = build_train_step(config, tc, layout)
+    start = nnunet_weights(tc, config)
+    state = jax.device_put(create_train_state(config, tc, variables=start), ts.state_sharding)
+    new, metrics = ts.fn(state, *put_batch(ts, images, labels))
+    assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)
+    for a, b in zip(jax.tree.leaves(start["params"]), jax.tree.leaves(imported.variables["params"])):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    moved = [
+        float(np.max(np.abs(np.asarray(a) - b)))
+        for a, b in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(start["params"]))
+    ]
+    assert max(moved) > 1e-4  # Adam at 1e-3: about 1e-3 per trained leaf
