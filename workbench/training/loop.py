@@ -95,9 +95,9 @@ def train_and_evaluate(
     cfg = model_config(tc, source.num_classes)
     initial_variables = None
     if isinstance(cfg, NNUNetConfig):
-        check_source(cfg, source, several)
-        if tc.init_checkpoint:
+        if tc.init_checkpoint:  # before the data is checked: a folder whose weights are not its plans'
             initial_variables = nnunet_weights(tc, cfg)
+        check_source(cfg, source, several)
     weights = tc.class_weights
     if isinstance(cfg, NNUNetConfig):
         weights = (1.0,) * source.num_classes  # not used: nnU-Net's loss has no class weights
