@@ -134,9 +134,9 @@ def test_cli_trains_resumes_and_evaluates_a_plans_network(tmp_path, capsys):
     """``workbench train --data DIR --fold 0 --plans PLANS`` (nnU-Net's iso_ct plans, shrunk to 3
     anisotropic stages) on a phantom dataset folder: history, checkpoints with the spec inside,
     resume, held-out evaluation; then ``workbench evaluate`` of the run (Dice per class, HD95)."""
-    from data_tools.synthetic.dataset import write_phantom_dataset
     from nnunet_plans_helpers import tiny_plans
 
+    from data_tools.synthetic.dataset import write_phantom_dataset
     from workbench.cli import main
 
     data = write_phantom_dataset(tmp_path / "Task01_Phantom", cases=5, test=0, shapes=16)
