@@ -32,7 +32,14 @@ import numpy as np
 from data_tools.atomic import write_bytes_atomic
 from workbench.errors import InputNotFoundError, UserError
 from workbench.training.config import TrainConfig
-from workbench.training.models import check_same_model, describe_model, init_model, model_with, parse_model
+from workbench.training.models import (
+    CheckpointMismatchError,
+    check_same_model,
+    describe_model,
+    init_model,
+    model_with,
+    parse_model,
+)
 from workbench.training.state import abstract_train_state, variables_of
 
 __all__ = [
@@ -50,10 +57,6 @@ __all__ = [
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "model" / "weights"
 PRETRAINED = {"phantom": "phantom_small.msgpack", "mni": "mni_small.msgpack"}
-
-
-class CheckpointMismatchError(UserError):
-    """A checkpoint was written for another model configuration."""
 
 
 class Checkpoints:

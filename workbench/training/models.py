@@ -28,6 +28,7 @@ from workbench.errors import UserError
 
 __all__ = [
     "MODEL_SCHEMA",
+    "CheckpointMismatchError",
     "NNUNetConfig",
     "nnunet_config",
     "describe_model",
@@ -41,6 +42,10 @@ __all__ = [
 ]
 
 MODEL_SCHEMA = 2  # 1: the UNetConfig fields alone (no schema key)
+
+
+class CheckpointMismatchError(UserError):
+    """A checkpoint was written for another model configuration."""
 
 
 @dataclass(frozen=True)
@@ -224,10 +229,8 @@ def parse_model(entry: dict, *, where: str = "the checkpoint"):
 
 
 def check_same_model(saved: dict, expected, *, where: str) -> None:
-    """Raise :class:`~workbench.training.checkpoint.CheckpointMismatchError` when the checkpoint's
-    model (an entry of any schema) is not ``expected`` (a config), naming the differing fields."""
-    from workbench.training.checkpoint import CheckpointMismatchError
-
+    """Raise :class:`CheckpointMismatchError` when the checkpoint's model (an entry of any
+    schema) is not ``expected`` (a config), naming the differing fields."""
     config = parse_model(saved, where=where)
     if config == expected:
         return
