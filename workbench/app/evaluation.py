@@ -13,7 +13,8 @@ not at all::
 
     predictions/CASE.nii.gz     one label map per case, on the case's original grid (.nrrd, .mha, ...
                                 for such datasets)
-    cases.csv                   one row per case: dice_*, hd95_mm_*, pred_ml_*, true_ml_*
+    cases.csv                   one row per case: dice_*, hd95_mm_*, pred_ml_*, true_ml_* (and
+                                region_dice_* for a dataset with nnU-Net's region labels)
     summary.json                means per class, the worst cases, what ran and how
 
 Example
@@ -46,7 +47,7 @@ def _model_and_meta(checkpoint, preset: str | None, random_weights: bool, seed: 
 
     if checkpoint:
         model, meta = load_model(checkpoint, log=log)
-        if preset is not None and getattr(model.config, "spec", None) is not None:
+        if preset is not None and getattr(model, "spec", None) is not None:
             raise UserError(
                 f"--model {preset} names a paper U-Net preset but {checkpoint} holds an nnU-Net network; drop --model"
             )
@@ -72,6 +73,32 @@ def _plan(meta: dict, infos, spacing, resolution):
     if trained:
         return plan_preprocessing(infos, resolution=int(trained))
     return plan_preprocessing(infos)
+
+
+def _with_normalisation(plan, meta: dict, dataset):
+    """``plan`` with nnU-Net's per-channel normalisation where the model was trained with it
+    (the checkpoint's numbers) or the dataset has several channels (schemes from the channel
+    names; a CT channel needs the training set's numbers, so a checkpoint)."""
+    import dataclasses
+
+    trained = (meta.get("preprocessing") or {}).get("normalisation")
+    if trained:
+        from workbench.training.datasets import Preprocessing
+
+        norm = Preprocessing.from_dict({"shape": [1, 1, 1], "normalisation": trained}).normalisation
+    elif len(dataset.channel_names) > 1:
+        from workbench.model.nnunet_rules import normalisation_scheme
+
+        norm = tuple((normalisation_scheme(n), None) for n in dataset.channel_names)
+        if any(s == "CTNormalization" for s, _ in norm):
+            raise UserError(f"{dataset.root} has a CT channel, normalised with the training set's foreground "
+                            "numbers; pass --checkpoint of a model trained on this dataset (they are in it)")  # fmt: skip
+    else:
+        return plan
+    if len(norm) != len(dataset.channel_names):
+        raise UserError(f"the model was trained on {len(norm)} channel(s) but {dataset.root} has "
+                        f"{len(dataset.channel_names)} {list(dataset.channel_names)}; evaluate it on its own dataset")  # fmt: skip
+    return dataclasses.replace(plan, normalisation=norm)
 
 
 def _prediction(logits: np.ndarray, meta: dict, order=None) -> np.ndarray:
@@ -112,24 +139,15 @@ def _prediction(logits: np.ndarray, meta: dict, order=None) -> np.ndarray:
     return labels
 
 
-def _outputs(model, class_names) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, label values) of each scored output: the foreground classes, or (an nnU-Net
-    region model) every region with its labels, scored on the painted map as nnU-Net does."""
-    config = model.config
-    if getattr(config, "regions", None):
-        return list(zip(config.output_names, config.regions))
-    return [(name, (k,)) for k, name in enumerate(class_names) if k]
-
-
-def _score(pred, truth, spacing, outputs) -> dict:
-    from workbench.training.losses import hausdorff95
+def _score(pred, truth, spacing, class_names) -> dict:
+    from workbench.training.losses import dice_per_class, hausdorff95
 
     ml = float(np.prod(spacing)) / 1000.0
+    dice = dice_per_class(pred, truth, len(class_names))
     row = {}
-    for name, values in outputs:
-        p, t = np.isin(pred, values), np.isin(truth, values)
-        s = int(p.sum()) + int(t.sum())
-        row[f"dice_{name}"] = 2.0 * int((p & t).sum()) / s if s else None
+    for k, name in enumerate(class_names[1:], start=1):
+        p, t = pred == k, truth == k
+        row[f"dice_{name}"] = _finite(dice[k])
         row[f"hd95_mm_{name}"] = _finite(hausdorff95(p, t, spacing))
         row[f"pred_ml_{name}"] = float(p.sum()) * ml
         row[f"true_ml_{name}"] = float(t.sum()) * ml
@@ -145,7 +163,8 @@ def _mean(values):
     return float(np.mean(values)) if values else None
 
 
-def _summary(rows: list[dict], fg, worst: int = 3) -> dict:
+def _summary(rows: list[dict], class_names, worst: int = 3) -> dict:
+    fg = class_names[1:]
     out = {
         "mean_dice": {n: _mean([r.get(f"dice_{n}") for r in rows]) for n in fg},
         "mean_hd95_mm": {n: _mean([r.get(f"hd95_mm_{n}") for r in rows]) for n in fg},
@@ -202,22 +221,34 @@ def evaluate_dataset(
     """
     from tqdm.auto import tqdm
 
-    from data_tools.datasets import check_dataset, open_dataset, read_case
+    from data_tools.datasets import check_dataset, open_dataset, read_case_channels
     from data_tools.errors import DataError
     from data_tools.io import write_prediction
     from workbench.app.inference import check_run_options
     from workbench.app.results import check_output_folder, staged_output
     from workbench.training.datasets import prepare_case
+    from workbench.training.evaluation import model_logits, region_dice
 
     dataset = open_dataset(data)
     choice, meta = _model_and_meta(checkpoint, model, random_weights, seed, log)
     k = choice.config.num_classes
-    regions = getattr(choice.config, "regions", None)
-    order = choice.config.spec.regions_class_order if regions else None
-    if not regions and k != len(dataset.class_names):
+    spec_net = getattr(choice.model, "spec", None)
+    order = spec_net.regions_class_order if spec_net is not None and spec_net.output_kind == "sigmoid" else None
+    if order is not None and not dataset.regions:
+        raise UserError(
+            f"the model predicts regions ({', '.join(spec_net.output_names)}) but {dataset.root} has no region labels; "
+            "pass --checkpoint of a model trained on this dataset"
+        )
+    if order is None and k != len(dataset.class_names):
         raise UserError(
             f"the model predicts {k} classes but {dataset.root} declares {len(dataset.class_names)} "
             f"{list(dataset.class_names)}; pass --checkpoint of a model trained on this dataset"
+        )
+    channels = getattr(choice.config, "in_channels", 1)
+    if channels != len(dataset.channel_names):
+        raise UserError(
+            f"the model takes {channels} input channel(s) but {dataset.root} has {len(dataset.channel_names)} "
+            f"{list(dataset.channel_names)} (channel_names); pass --checkpoint of a model trained on this dataset"
         )
     _, spec = check_run_options(choice.config, backend, "exact", mesh)
     check_output_folder(out, overwrite=overwrite)
@@ -237,19 +268,19 @@ def evaluate_dataset(
         if trained_fold is not None and fold != trained_fold:
             log(f"note: the model was trained on fold {trained_fold}'s training cases, which include fold {fold}")
     infos = check_dataset(dataset, cases, progress=progress)
-    plan = _plan(meta, infos.values(), spacing, resolution)
+    plan = _with_normalisation(_plan(meta, infos.values(), spacing, resolution), meta, dataset)
     names = dataset.class_names
-    outputs = _outputs(choice.model, names)
-    scored = [name for name, _ in outputs]
     rows: list[dict] = []
     t_start = time.perf_counter()
     with staged_output(out, overwrite=overwrite, marker="summary.json") as tmp:
         (tmp / "predictions").mkdir()
         for files in tqdm(cases, desc=f"evaluate {dataset.name} {split}", unit="case", disable=not progress):
             t0 = time.perf_counter()
-            volume = read_case(dataset, files, check=False)
-            case = prepare_case(volume, plan, name=files.name)
-            logits = _logits(choice.model, case.image, spec, backend)
+            volumes = read_case_channels(dataset, files, check=False)  # every channel (the first with the labels)
+            volume = volumes[0]
+            case = prepare_case(volumes if len(volumes) > 1 else volume, plan, name=files.name)
+            del volumes
+            logits = model_logits(choice.model, case.image, spec, backend)
             grid = case.metadata
             del case  # the model input is not needed any more
             pred = _prediction(logits, grid, order)
@@ -258,11 +289,14 @@ def evaluate_dataset(
             row = {"case": files.name, "shape": "x".join(map(str, volume.shape)),
                    "spacing_mm": "x".join(f"{s:.4g}" for s in volume.spacing)}  # fmt: skip
             if volume.labels is not None:
-                row.update(_score(pred, volume.labels, volume.spacing, outputs))
-                row["mean_dice"] = _mean([row[f"dice_{n}"] for n in scored])
+                row.update(_score(pred, volume.labels, volume.spacing, names))
+                row["mean_dice"] = _mean([row[f"dice_{n}"] for n in names[1:]])
+                if dataset.regions:  # nnU-Net's regions: Dice of isin(seg, values) per region
+                    dice = region_dice(pred, volume.labels, dataset.regions)
+                    row.update({f"region_dice_{n}": _finite(d) for (n, _), d in zip(dataset.regions, dice)})
             else:
                 ml = float(np.prod(volume.spacing)) / 1000.0
-                row.update({f"pred_ml_{n}": float(np.isin(pred, v).sum()) * ml for n, v in outputs})
+                row.update({f"pred_ml_{n}": float((pred == c).sum()) * ml for c, n in enumerate(names) if c})
             row["prediction"] = f"predictions/{Path(written).name}"
             row["seconds"] = round(time.perf_counter() - t0, 3)
             rows.append(row)
@@ -273,31 +307,22 @@ def evaluate_dataset(
             "cases": len(rows),
             "labelled": sum(1 for r in rows if "mean_dice" in r),
             "class_names": list(names),
-            **({"regions": {n: list(v) for n, v in outputs}} if regions else {}),
             "weights": choice.description,
             "mesh": spec.as_dict() if spec is not None else None,
             "backend": backend,
             "preprocessing": plan.as_dict(),
-            **_summary(rows, scored),
+            **_summary(rows, names),
+            **(
+                {"mean_region_dice": {n: _mean([r.get(f"region_dice_{n}") for r in rows]) for n, _ in dataset.regions}}
+                if dataset.regions
+                else {}
+            ),  # fmt: skip
             "seconds": round(time.perf_counter() - t_start, 3),
             "files": {"cases": "cases.csv", "predictions": "predictions/"},
         }
         _write_csv(tmp / "cases.csv", rows)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return {**summary, "rows": rows, "out": str(out)}
-
-
-def _logits(model, image, spec, backend: str) -> np.ndarray:
-    """(Z, Y, X, K) logits of one prepared case: the paper U-Net's run, or an nnU-Net network's
-    full-resolution head (channels last; a (Z, Y, X) image is one channel)."""
-    if getattr(model.config, "spec", None) is None:
-        from workbench.execute.run import run
-
-        return run(model, image, spec, backend=backend).output
-    from workbench.execute.nnunet import apply_nnunet
-
-    image = image if image.ndim == 4 else image[..., None]
-    return apply_nnunet(model, image[None], spec, backend=backend)[0]
 
 
 def dataset_cases(data, fold: int | None = None) -> list[dict]:

@@ -43,6 +43,8 @@ def eval_row(step: int, result: dict) -> dict:
         row[f"pooled_dice_{n}"] = v
     for n, v in result.get("hd95_mm", {}).items():
         row[f"hd95_{n}"] = v
+    for n, v in result.get("region_dice", {}).items():
+        row[f"region_dice_{n}"] = v
     return row
 
 

@@ -128,7 +128,11 @@ def train_and_evaluate(
         "data": source.description,
         **(getattr(source, "meta", None) or {}),  # a dataset's split and preprocessing
     }
-    first = 0 if getattr(cfg, "spec", None) is not None and cfg.spec.output_kind == "sigmoid" else 1  # scored outputs
+    region_model = isinstance(cfg, NNUNetConfig) and cfg.spec.output_kind == "sigmoid"
+    first = 0 if region_model else 1  # the outputs a step's Dice is logged for
+    # held-out evaluation: a region model is scored on its painted label map (the data's classes) and per region
+    eval_names = tuple(source.class_names) if region_model else names
+    regions = tuple(getattr(source, "regions", None) or ())
     # -- checkpoints: fresh or resume ---------------------------------------------------------
     ckpt_dir = workdir / "checkpoints"
     existing = []
@@ -183,9 +187,9 @@ def train_and_evaluate(
         model = model_with(cfg, variables_of(state))
         if several:  # each process evaluates its own blocks: no process holds a whole held-out case
             result = evaluate_blocks(model, eval_cases, tc.eval_cases, spec, backend=tc.backend,
-                                     class_names=names)  # fmt: skip
+                                     class_names=eval_names, regions=regions)  # fmt: skip
         else:
-            result = evaluate(model, eval_cases, spec, backend=tc.backend, class_names=names)
+            result = evaluate(model, eval_cases, spec, backend=tc.backend, class_names=eval_names, regions=regions)
         history["eval"].append(eval_row(step, result))
         return result
 

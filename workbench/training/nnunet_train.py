@@ -44,11 +44,23 @@ def check_source(config: NNUNetConfig, source, several: bool) -> None:
             f"the network planned by {where} predicts {spec.num_outputs} ({', '.join(config.output_names)}); "
             "train with the plans made for this dataset"
         )
+    if config.regions is not None:
+        theirs = tuple(tuple(int(v) for v in values) for _, values in (getattr(source, "regions", None) or ()))
+        if theirs != config.regions:
+            raise UserError(
+                f"the network planned by {where} predicts the regions {_regions_text(config.output_names, config.regions)} "
+                f"but the data {source.description} has {_regions_text([n for n, _ in source.regions], theirs) if theirs else 'none'}; "
+                "train with the plans made for this dataset"
+            )
     if several:
         raise UserError(
             "training an nnU-Net network runs in one process for now (its held-out evaluation reads whole "
             "cases); run workbench train without launch / WORKBENCH_DISTRIBUTED"
         )
+
+
+def _regions_text(names, regions) -> str:
+    return ", ".join(f"{n} {list(r)}" for n, r in zip(names, regions))
 
 
 def nnunet_weights(tc, config: NNUNetConfig) -> dict:
