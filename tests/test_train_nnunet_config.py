@@ -170,3 +170,37 @@ def test_cli_trains_resumes_and_evaluates_a_plans_network(tmp_path, capsys):
     assert summary["split"] == "fold 0" and set(summary["mean_dice"]) == {"organ", "lesion"}
     assert all(0.0 <= v <= 1.0 for v in summary["mean_dice"].values() if v is not None)
     assert "dice_organ" in (tmp_path / "ev" / "cases.csv").read_text().splitlines()[0]
+
+
+def test_cli_trains_and_evaluates_the_two_channel_region_dataset(tmp_path, capsys):
+    """The 2-channel tumour phantom (T2 + ADC, regions whole = {1, 2} and core = {2}) through
+    ``workbench train --data DIR --fold 0 --plans P`` (the plans of nnU-Net's fixture model),
+    ``workbench evaluate`` (class Dice on the painted map, region Dice) and a fine-tune of
+    nnU-Net's trained model (``--checkpoint NNUNET_FOLDER``)."""
+    from data_tools.synthetic.dataset import write_phantom_dataset
+    from workbench.cli import main
+
+    folder = Path(__file__).parent / "fixtures" / "nnunet" / "results" / "Dataset903_ThickMRI"
+    folder = folder / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    data = write_phantom_dataset(tmp_path / "tumour", cases=5, test=0, shapes=16, task="tumour", layout="nnunet")
+    common = ["--data", str(data), "--fold", "0", "--steps", "1", "--mesh", "2x2x1", "--eval-cases", "1",
+              "--no-progress", "--lr", "1e-4"]  # fmt: skip
+    assert main(["train", *common, "--plans", str(folder / "plans.json"), "--checkpoint-dir", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "held-out region Dice: whole" in out
+    history = json.loads((tmp_path / "a" / "history.json").read_text())
+    assert {"dice_whole", "dice_core"} <= set(history["train"][0])  # a step's Dice per region
+    assert {"region_dice_whole", "region_dice_core"} <= set(history["eval"][0])
+    meta = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert meta["model"]["regions"] == [[1, 2], [2]] and meta["model"]["spec"]["in_channels"] == 2
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "a"), "--data", str(data), "--mesh", "2x2x1",
+                 "--out", str(tmp_path / "ev"), "--no-progress"]) == 0  # fmt: skip
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert set(summary["mean_region_dice"]) == {"whole", "core"}
+    assert all(v is None or 0.0 <= v <= 1.0 for v in summary["mean_region_dice"].values())
+    assert "region_dice_whole" in (tmp_path / "ev" / "cases.csv").read_text().splitlines()[0]
+    # fine-tuning nnU-Net's trained model: its plans and fold 0's weights (the step compiled above is reused)
+    ft = ["train", *common, "--checkpoint", str(folder), "--weights-fold", "0", "--force", "--checkpoint-dir"]
+    assert main([*ft, str(tmp_path / "b")]) == 0
+    tuned, meta = load_model(tmp_path / "b", log=lambda m: None)
+    assert meta["step"] == 1 and tuned.spec.num_outputs == 2
