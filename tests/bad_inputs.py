@@ -165,7 +165,9 @@ def _relabelled_weights(tmp):
 
     _weights(tmp)
     payload = serialization.msgpack_restore((tmp / "weights.msgpack").read_bytes())
-    payload["config"] = json.dumps({**json.loads(payload["config"]), "depth": 3})
+    entry = json.loads(payload["config"])  # {"schema", "kind": "unet", "config": UNetConfig fields}
+    entry["config"]["depth"] = 3
+    payload["config"] = json.dumps(entry)
     (tmp / "weights.msgpack").write_bytes(serialization.msgpack_serialize(payload))
 
 
