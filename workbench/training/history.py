@@ -73,11 +73,11 @@ def plot_history(history: dict, path) -> Path:
     import matplotlib.pyplot as plt
 
     rows, evals = history["train"], history["eval"]
-    names = history.get("class_names", [])[1:]
+    names = history.get("scored_names") or history.get("class_names", [])[1:]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     steps = [r["step"] for r in rows]
     ax1.plot(steps, [r["loss"] for r in rows], lw=0.8, label="loss")
-    ax1.set_yscale("log")
+    ax1.set_yscale("log" if all(r["loss"] > 0 for r in rows) else "symlog")  # nnU-Net's loss may be < 0
     ax1.set_xlabel("step")
     ax1.set_title("training loss (CE + w·Dice)")
     for n in names:

@@ -119,20 +119,21 @@ def train_and_evaluate(
     layout = ShardLayout(source.shape, spec, multiple=cfg.multiple)
     if memory_check is not None:
         memory_check(cfg, layout, tc)
-    names = output_names(cfg, source)
-    meta = {
-        "model": describe_model(cfg),
-        "train": tc.as_dict(),
-        "class_names": list(names),
-        "class_weights": list(weights),
-        "data": source.description,
-        **(getattr(source, "meta", None) or {}),  # a dataset's split and preprocessing
-    }
+    names = output_names(cfg, source)  # classes, or an nnU-Net region model's regions
     region_model = isinstance(cfg, NNUNetConfig) and cfg.spec.output_kind == "sigmoid"
     first = 0 if region_model else 1  # the outputs a step's Dice is logged for
     # held-out evaluation: a region model is scored on its painted label map (the data's classes) and per region
     eval_names = tuple(source.class_names) if region_model else names
     regions = tuple(getattr(source, "regions", None) or ())
+    meta = {
+        "model": describe_model(cfg),
+        "train": tc.as_dict(),
+        "class_names": list(eval_names),  # the classes of the label maps the model predicts
+        **({"region_names": list(names)} if region_model else {}),
+        "class_weights": list(weights),
+        "data": source.description,
+        **(getattr(source, "meta", None) or {}),  # a dataset's split and preprocessing
+    }
     # -- checkpoints: fresh or resume ---------------------------------------------------------
     ckpt_dir = workdir / "checkpoints"
     existing = []
@@ -153,7 +154,8 @@ def train_and_evaluate(
     history = {
         "config": tc.as_dict(),
         "model": describe_model(cfg),
-        "class_names": list(names),
+        "class_names": list(eval_names),
+        "scored_names": list(names[first:]),  # the dice_* of each step's row
         "data": source.description,
         "train": [],
         "eval": [],
