@@ -107,17 +107,17 @@ def test_finetune_step_starts_from_the_imported_nnunet_weights_and_changes_them(
     from workbench.training.nnunet_losses import nnunet_loss
     from workbench.training.nnunet_train import nnunet_weights
 
-    tc = TrainConfig(init_checkpoint=str(FOLDER), steps=1, mesh="2x1x1", backend="gspmd", learning_rate=1e-3)
+    tc = TrainConfig(init_checkpoint=str(FOLDER), steps=1, mesh="1x1x1", backend="reference", learning_rate=1e-3)
     config = model_config(tc, 3)
     assert config.spec.in_channels == 2 and config.regions == ((1, 2), (2,)) and config.batch_dice is False
     imported = load_nnunet_folder(FOLDER)
-    volume = (6, 24, 16)  # multiples of the plan's (2, 8, 8); 2x1x1 pads z to 8
+    volume = (6, 24, 16)  # multiples of the plan's (2, 8, 8) (partitioned steps: the tests above)
     rng = np.random.default_rng(5)
     images = rng.normal(0, 1, (1, *volume, 2)).astype(np.float32)
     labels = rng.integers(0, 3, (1, *volume)).astype(np.int32)
     heads = apply_nnunet(imported, images, backend="reference", deep_supervision=True)
     expected = float(nnunet_loss([jnp.asarray(h) for h in heads], jnp.asarray(labels), volume, config.loss_spec())[0])
-    layout = ShardLayout(volume, parse_mesh("2x1x1"), multiple=config.multiple)
+    layout = ShardLayout(volume, parse_mesh("1x1x1"), multiple=config.multiple)
     ts = build_train_step(config, tc, layout)
     start = nnunet_weights(tc, config)
     state = jax.device_put(create_train_state(config, tc, variables=start), ts.state_sharding)

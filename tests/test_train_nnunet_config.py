@@ -144,7 +144,7 @@ def test_cli_trains_resumes_and_evaluates_a_plans_network(tmp_path, capsys):
     run = tmp_path / "run"
     argv = ["train", "--data", str(data), "--fold", "0", "--plans", str(plans), "--resolution", "16", "--mesh", "2x2x1",
             "--eval-cases", "1", "--checkpoint-every", "1", "--keep", "1", "--no-progress", "--checkpoint-dir", str(run)]  # fmt: skip
-    assert main([*argv, "--steps", "1"]) == 0
+    assert main([*argv, "--steps", "1", "--force"]) == 0  # the compiled memory check: the region test below
     meta = json.loads((run / "config.json").read_text())
     assert meta["model"]["kind"] == "nnunet" and meta["model"]["spec"]["kernels"][0] == [1, 3, 3]
     assert meta["model"]["plans"]["configuration"] == "3d_fullres" and meta["class_names"] == [
@@ -152,7 +152,7 @@ def test_cli_trains_resumes_and_evaluates_a_plans_network(tmp_path, capsys):
         "organ",
         "lesion",
     ]
-    assert main([*argv, "--steps", "2", "--resume", "--force"]) == 0  # the memory check compiled the step above
+    assert main([*argv, "--steps", "2", "--resume", "--force"]) == 0
     out = capsys.readouterr().out
     assert "resumed from" in out and "held-out Dice: background" in out
     history = json.loads((run / "history.json").read_text())
