@@ -37,8 +37,8 @@ REGIONS = NNUNetConfig(
 )
 # (backend, mesh): uneven splits (3 over z, data=2), anisotropic strides, both partitioned backends
 CASES = {
-    "plain": [("explicit", "data=2,z=3,y=1,x=1")],
-    "regions": [("explicit", "2x2x2"), ("gspmd", "data=2,z=1,y=2,x=2")],
+    "plain": [("gspmd", "data=2,z=3,y=1,x=1")],
+    "regions": [("explicit", "data=2,z=1,y=2,x=2")],
 }
 TC = TrainConfig(steps=1, batch=2, optimizer="sgd", learning_rate=1.0, clip_norm=0.0)
 
