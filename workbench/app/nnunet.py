@@ -335,6 +335,7 @@ class NNUNetPrediction:
     reference_segmentation: np.ndarray | None = None
     comparison: Any = None
     files: list = field(default_factory=list)
+    channels: np.ndarray | None = None  # (C, Z, Y, X) the input channels as read (what the viewers show)
 
     @property
     def logits(self) -> np.ndarray:
@@ -439,14 +440,8 @@ def predict_nnunet(
         comparison = compare(result.output, ref.output, result.layout, keep_error=False, tol=tolerance)
     report = _report(result, model, folder, pre, files, ref, comparison, segmentation, ref_seg, volume)
     report["nnunet"]["mirror_axes"] = list(axes) or None
-    return NNUNetPrediction(segmentation, result, pre, folder, model, report, volume, ref, ref_seg, comparison, files)
-
-
-class _SpecConfig:
-    """What :func:`~workbench.app.results.build_report` reads of a model's config."""
-
-    def __init__(self, spec):
-        self.as_dict = spec.describe
+    return NNUNetPrediction(segmentation, result, pre, folder, model, report, volume, ref, ref_seg, comparison, files,
+                            data)  # fmt: skip
 
 
 def _report(result, model, folder, pre, files, ref, comparison, segmentation, ref_seg, volume) -> dict:
@@ -456,7 +451,7 @@ def _report(result, model, folder, pre, files, ref, comparison, segmentation, re
 
     report = build_report(
         result,
-        model=SimpleNamespace(config=_SpecConfig(model.spec)),
+        model=SimpleNamespace(config=SimpleNamespace(as_dict=model.spec.describe)),  # what build_report reads
         reference=ref,
         comparison=comparison,
         weights=f"nnU-Net {folder.path} fold_{folder.fold} ({model.source})",
@@ -486,15 +481,18 @@ def _report(result, model, folder, pre, files, ref, comparison, segmentation, re
         "preprocessing": pre.describe(),
         "labels_present": sorted(int(v) for v in np.unique(segmentation)),
     }
+    report["channel_names"], labels = list(folder.channel_names), folder.dataset.get("labels") or {}
+    if spec.output_kind == "sigmoid":  # what each region covers in the painted prediction (dataset.json)
+        report["regions"] = [[n, list(np.atleast_1d(labels[n]).astype(int).tolist())] for n in spec.output_names]
     return report
 
 
-def write_nnunet_result(
-    out, prediction: NNUNetPrediction, *, overwrite: bool = False, input_name=None, save_logits: bool = False
-) -> dict:
+def write_nnunet_result(out, prediction: NNUNetPrediction, *, overwrite: bool = False, input_name=None,
+                        save_logits: bool = False, images: bool | None = None) -> dict:  # fmt: skip
     """The result folder of a prediction (staged, renamed when complete): ``prediction.<ext>``
     in the input's format family with its geometry (``.npy`` for arrays), ``report.json``,
-    with a reference ``reference_prediction.npy``, and on request ``logits.npy`` (network grid)."""
+    with a reference ``reference_prediction.npy``, and on request ``logits.npy`` (network grid).
+    ``images`` (default: with a reference) adds ``image.npy``, the input channels (Z, Y, X, C)."""
     from data_tools.io import write_prediction
     from workbench.app.results import staged_output, write_report
     from workbench.execute.devices import device_summary
@@ -509,6 +507,8 @@ def write_nnunet_result(
             np.save(tmp / "reference_prediction.npy", prediction.reference_segmentation)
         if save_logits:
             np.save(tmp / "logits.npy", prediction.logits)
+        if prediction.channels is not None and (images if images is not None else prediction.reference is not None):
+            np.save(tmp / "image.npy", np.ascontiguousarray(np.moveaxis(prediction.channels, 0, -1), np.float32))
         report = dict(prediction.report)
         report.update(input=input_name, prediction=written, machine=device_summary())
         write_report(tmp, report)
