@@ -19,9 +19,9 @@ from workbench.errors import InputNotFoundError, UserError
 from workbench.execute.nnunet import apply_nnunet, crop_heads, make_nnunet_forward, nnunet_layout
 from workbench.mesh import ACTIVATION_SPEC, build_mesh, parse_mesh
 from workbench.model.halo import halo_pad
+from workbench.model.layers import CONV3_HALO, CONV3_KERNEL
 from workbench.model.nnunet import NNUNet, NNUNetModel, load_nnunet_folder, load_nnunet_weights
 from workbench.model.nnunet_plans import from_nnunet_arch, from_nnunet_plans, load_plans_file
-from workbench.model.layers import CONV3_HALO, CONV3_KERNEL
 from workbench.model.spec import NetworkSpec, conv_halo
 from workbench.model.unet import PRESETS, UNet3D, UNetConfig
 

@@ -42,6 +42,7 @@ __all__ = ["Partition", "Conv3", "Norm", "hash_dropout", "NORMS", "he_normal"]
 CONV3_KERNEL = (3, 3, 3)
 CONV3_HALO = 1  # (1, 1) on every axis: SAME padding of a 3-wide kernel
 
+
 @dataclass(frozen=True)
 class Partition:
     """Static description of how a model is partitioned (hashable: a Flax attribute).
