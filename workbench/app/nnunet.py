@@ -490,12 +490,15 @@ def _report(result, model, folder, pre, files, ref, comparison, segmentation, re
 
 
 def write_nnunet_result(
-    out, prediction: NNUNetPrediction, *, overwrite: bool = False, input_name=None, save_logits: bool = False
-) -> dict:
+    out, prediction: NNUNetPrediction, *, overwrite: bool = False, input_name=None, save_logits: bool = False,
+    compare_with: np.ndarray | None = None,
+) -> dict:  # fmt: skip
     """The result folder of a prediction (staged, renamed when complete): ``prediction.<ext>``
     in the input's format family with its geometry (``.npy`` for arrays), ``report.json``,
-    with a reference ``reference_prediction.npy``, and on request ``logits.npy`` (network grid)."""
+    with a reference ``reference_prediction.npy``, and on request ``logits.npy`` (network grid);
+    ``compare_with``: other labels of the case (:func:`~workbench.app.nnunet_compare.write_comparison`)."""
     from data_tools.io import write_prediction
+    from workbench.app.nnunet_compare import write_comparison
     from workbench.app.results import staged_output, write_report
     from workbench.execute.devices import device_summary
 
@@ -509,6 +512,8 @@ def write_nnunet_result(
             np.save(tmp / "reference_prediction.npy", prediction.reference_segmentation)
         if save_logits:
             np.save(tmp / "logits.npy", prediction.logits)
+        if compare_with is not None:
+            write_comparison(tmp, prediction, compare_with)
         report = dict(prediction.report)
         report.update(input=input_name, prediction=written, machine=device_summary())
         write_report(tmp, report)
