@@ -264,14 +264,24 @@ def whole_volume_segmentation(predictor, data, props, mirror: bool = False):
 
 
 # -- 3. nnU-Net's predictions (nnU-Net's venv) -----------------------------------------------------
+N_CASES = [len(TEST_SEEDS)]  # --cases: the first N test cases (a quick run)
+N_MIRROR = [2]  # --mirror-cases: with mirroring (8 passes per tile or volume) the first N of those
+
+
 def test_cases(work: Path) -> list[str]:
-    return [f"phantom_{seed:03d}" for seed in TEST_SEEDS]
+    return [f"phantom_{seed:03d}" for seed in TEST_SEEDS[: N_CASES[0]]]
+
+
+def cases_for(work: Path, mirror: bool) -> list[str]:
+    """The test cases of a setting: with mirroring (8 passes) the first ``--mirror-cases``."""
+    cases = test_cases(work)
+    return cases[: N_MIRROR[0]] if mirror else cases
 
 
 def torch_predict(work: Path, mirror: bool) -> None:
-    """Per test case: nnU-Net's sliding window (as nnU-Net runs it: fp16 accumulation of the
-    Gaussian-weighted tiles), the same with fp32 accumulation, and nnU-Net's network on the whole
-    volume at once (fp32, no tiles); seconds and peak memory of the sliding window."""
+    """Per test case: nnU-Net's sliding window as nnU-Net runs it (timed; its peak memory over
+    all cases), then, untimed: without mirroring the same sliding window with its accumulators in
+    float32 instead of nnU-Net's float16, and nnU-Net's network on the whole volume at once."""
     import torch
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.inference import predict_from_raw_data as pfr
@@ -285,38 +295,43 @@ def torch_predict(work: Path, mirror: bool) -> None:
                                     allow_tqdm=False)  # fmt: skip
     predictor.initialize_from_trained_model_folder(str(model_folder(work)), use_folds=(0,))
     raw = work / "raw" / DATASET / "imagesTs"
-    rows = {}
     io = SimpleITKIO()
-    for i, case in enumerate([test_cases(work)[0]] + test_cases(work)):
-        data, props = io.read_images([str(raw / f"{case}_0000.nii.gz")])
-        with PeakRSS() as mem:
+    inputs = {case: io.read_images([str(raw / f"{case}_0000.nii.gz")]) for case in cases_for(work, mirror)}
+    rows = {}
+    with PeakRSS() as total:
+        first = next(iter(inputs.values()))
+        predictor.use_mirroring = False  # a warm-up call (no mirroring: eager torch compiles nothing)
+        predictor.predict_single_npy_array(*first)
+        predictor.use_mirroring = mirror
+        for case, (data, props) in inputs.items():
             t0 = time.perf_counter()
             seg = predictor.predict_single_npy_array(data, props)
-            seconds = time.perf_counter() - t0
-        if i == 0:
-            continue  # warm-up, as for the workbench (whose first call compiles)
-        np.save(out / f"{case}_sw.npy", seg.astype(np.uint8))
-        io.write_seg(seg.astype(np.uint8), str(out / f"{case}.nii.gz"), props)
-        half = torch.half
-        try:  # the same sliding window, its accumulators in float32 instead of nnU-Net's float16
-            torch.half = torch.float32
-            seg32 = predictor.predict_single_npy_array(data, props)
-        finally:
-            torch.half = half
-        np.save(out / f"{case}_sw_fp32acc.npy", seg32.astype(np.uint8))
+            rows[case] = {"seconds": time.perf_counter() - t0,
+                          "tile_starts": compute_steps_for_sliding_window(data.shape[1:], PATCH, 0.5)}  # fmt: skip
+            np.save(out / f"{case}_sw.npy", seg.astype(np.uint8))
+            io.write_seg(seg.astype(np.uint8), str(out / f"{case}.nii.gz"), props)
+    for case, (data, props) in inputs.items():
+        if not mirror:
+            half = torch.half
+            try:  # the same sliding window, its accumulators in float32 instead of nnU-Net's float16
+                torch.half = torch.float32
+                seg32 = predictor.predict_single_npy_array(data, props)
+            finally:
+                torch.half = half
+            np.save(out / f"{case}_sw_fp32acc.npy", seg32.astype(np.uint8))
         whole = whole_volume_segmentation(predictor, data, props, mirror=mirror)
         np.save(out / f"{case}_whole.npy", np.asarray(whole, np.uint8))
-        rows[case] = {"seconds": seconds, "peak_rss_mib": mem.mib,
-                      "tile_starts": compute_steps_for_sliding_window(data.shape[1:], PATCH, 0.5)}  # fmt: skip
     from importlib.metadata import version
 
-    meta = {"cases": rows, "torch_threads": torch.get_num_threads(), "mirror": mirror,
+    meta = {"cases": rows, "peak_rss_mib": total.mib, "torch_threads": torch.get_num_threads(), "mirror": mirror,
             "versions": {"torch": torch.__version__, "nnunetv2": version("nnunetv2")}}  # fmt: skip
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
 # -- 4. the workbench's predictions (project venv, 8 simulated devices) ---------------------------------
 def workbench_predict(work: Path, mirror: bool, mesh: str = "2x2x2") -> None:
+    """Per test case: predict_nnunet on the whole volume (timed), after one untimed call that
+    compiles; the peak memory over all calls, the compiling one included."""
     from benchmarks._common import start
 
     start(8)
@@ -328,21 +343,22 @@ def workbench_predict(work: Path, mirror: bool, mesh: str = "2x2x2") -> None:
     folder = open_nnunet_folder(model_folder(work), fold=0)
     model = _load_model(folder)
     raw = work / "raw" / DATASET / "imagesTs"
+    volumes = {case: load_input(raw / f"{case}_0000.nii.gz") for case in cases_for(work, mirror)}
     rows = {}
-    for i, case in enumerate([test_cases(work)[0]] + test_cases(work)):
-        volume = load_input(raw / f"{case}_0000.nii.gz")  # read outside the timing, as on nnU-Net's side
-        with PeakRSS() as mem:
+    with PeakRSS() as total:
+        t0 = time.perf_counter()
+        predict_nnunet(folder.path, next(iter(volumes.values())), mesh, mirror=mirror, model=model)
+        compile_run = time.perf_counter() - t0
+        for case, volume in volumes.items():
             t0 = time.perf_counter()
             run = predict_nnunet(folder.path, volume, mesh, mirror=mirror, model=model)
-            seconds = time.perf_counter() - t0
-        if i == 0:
-            rows["_compile_run_seconds"] = seconds
-            continue
-        np.save(out / f"{case}.npy", run.segmentation.astype(np.uint8))
-        rows[case] = {"seconds": seconds, "peak_rss_mib": mem.mib,
-                      "peak_bytes_per_device": run.report.get("peak_bytes_per_device"),
-                      "network_shape": run.report["network_shape"]}  # fmt: skip
-    (out / "meta.json").write_text(json.dumps({"cases": rows, "mesh": mesh, "mirror": mirror}, indent=1) + "\n")
+            rows[case] = {"seconds": time.perf_counter() - t0,
+                          "peak_bytes_per_device": run.report.get("peak_bytes_per_device"),
+                          "network_shape": run.report["network_shape"]}  # fmt: skip
+            np.save(out / f"{case}.npy", run.segmentation.astype(np.uint8))
+    meta = {"cases": rows, "peak_rss_mib": total.mib, "compile_run_seconds": compile_run, "mesh": mesh,
+            "mirror": mirror}  # fmt: skip
+    (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
 # -- 5. the comparison (project venv) ------------------------------------------------------------------
@@ -357,35 +373,38 @@ def compare(work: Path, out_dir: Path, train_info: dict) -> dict:
         nn_meta = json.loads((nn_dir / "meta.json").read_text())
         wb_meta = json.loads((wb_dir / "meta.json").read_text())
         cases = {}
-        for case in test_cases(work):
+        for case in cases_for(work, mirror):
             truth = np.asarray(read_volume(work / "raw" / DATASET / "labelsTs" / f"{case}.nii.gz").array, np.uint8)
             wb = np.load(wb_dir / f"{case}.npy")
             sw = np.load(nn_dir / f"{case}_sw.npy")
-            sw32 = np.load(nn_dir / f"{case}_sw_fp32acc.npy")
             whole = np.load(nn_dir / f"{case}_whole.npy")
             tiles = tile_borders(truth.shape, PATCH, 0.5)
             starts = nn_meta["cases"][case]["tile_starts"]  # nnU-Net's compute_steps_for_sliding_window
             assert sliding_window_starts(truth.shape, PATCH, 0.5) == starts, (case, starts)
-            nn_row, wb_row = nn_meta["cases"][case], wb_meta["cases"][case]
-            cases[case] = {
+            nn_s, wb_s = nn_meta["cases"][case]["seconds"], wb_meta["cases"][case]["seconds"]
+            row = {
                 "dice_vs_truth": {"nnunet_sliding_window": dice_per_class(sw, truth, CLASSES),
                                   "workbench_whole_volume": dice_per_class(wb, truth, CLASSES),
-                                  "nnunet_sliding_window_fp32_accumulation": dice_per_class(sw32, truth, CLASSES),
                                   "nnunet_network_whole_volume": dice_per_class(whole, truth, CLASSES)},
                 "workbench_vs_nnunet_sliding_window": compare_labels(wb, sw, CLASSES, tiles=tiles, band=BAND),
-                "workbench_vs_nnunet_fp32_accumulation": compare_labels(wb, sw32, CLASSES, tiles=tiles, band=BAND),
                 "workbench_vs_nnunet_network_whole_volume": compare_labels(wb, whole, CLASSES, band=BAND),
-                "nnunet_fp16_vs_fp32_accumulation": compare_labels(sw, sw32, CLASSES, tiles=tiles, band=BAND),
-                "seconds": {"nnunet": nn_row["seconds"], "workbench": wb_row["seconds"],
-                            "ratio_workbench_over_nnunet": wb_row["seconds"] / nn_row["seconds"]},
-                "peak_rss_mib": {"nnunet": nn_row["peak_rss_mib"], "workbench": wb_row["peak_rss_mib"],
-                                 "ratio_workbench_over_nnunet": wb_row["peak_rss_mib"] / max(nn_row["peak_rss_mib"], 1e-9)},
-                "workbench_peak_bytes_per_device": wb_row["peak_bytes_per_device"],
+                "seconds": {"nnunet": nn_s, "workbench": wb_s, "ratio_workbench_over_nnunet": wb_s / nn_s},
+                "workbench_peak_bytes_per_device": wb_meta["cases"][case]["peak_bytes_per_device"],
             }  # fmt: skip
-        settings["mirror" if mirror else "no_mirror"] = {"cases": cases, "mean": _means(cases),
-                                                         "workbench_compile_run_seconds": wb_meta["cases"]["_compile_run_seconds"],
-                                                         "torch_threads": nn_meta["torch_threads"],
-                                                         "versions": nn_meta["versions"]}  # fmt: skip
+            if not mirror:
+                sw32 = np.load(nn_dir / f"{case}_sw_fp32acc.npy")
+                row["dice_vs_truth"]["nnunet_sliding_window_fp32_accumulation"] = dice_per_class(sw32, truth, CLASSES)
+                row["workbench_vs_nnunet_fp32_accumulation"] = compare_labels(wb, sw32, CLASSES, tiles=tiles, band=BAND)
+                row["nnunet_fp16_vs_fp32_accumulation"] = compare_labels(sw, sw32, CLASSES, tiles=tiles, band=BAND)
+            cases[case] = row
+        nn_mib, wb_mib = nn_meta["peak_rss_mib"], wb_meta["peak_rss_mib"]
+        settings["mirror" if mirror else "no_mirror"] = {
+            "cases": cases, "mean": _means(cases),
+            "peak_rss_mib": {"nnunet": nn_mib, "workbench": wb_mib, "ratio_workbench_over_nnunet": wb_mib / nn_mib,
+                             "what": "peak resident memory above the level after loading the model, over a warm-up "
+                             "call and every case (the workbench's includes XLA's compilation)"},
+            "workbench_compile_run_seconds": wb_meta["compile_run_seconds"],
+            "torch_threads": nn_meta["torch_threads"], "versions": nn_meta["versions"]}  # fmt: skip
     from benchmarks._common import machine
 
     result = {"date": date, "command": "python benchmarks/nnunet_whole_vs_window.py all --work WORK",
@@ -529,9 +548,12 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/nnwv"), help="the datasets, model and predictions")
     p.add_argument("--train-minutes", type=float, default=36.0, help="nnU-Net's training time budget")
     p.add_argument("--mirror", type=int, default=0)
+    p.add_argument("--cases", type=int, default=len(TEST_SEEDS), help="compare the first N test cases only")
+    p.add_argument("--mirror-cases", type=int, default=2, help="with mirroring, the first N of those (default 2)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
     work = args.work.resolve()
+    N_CASES[0], N_MIRROR[0] = args.cases, args.mirror_cases
     if args.step == "_torch-fixture":
         torch_fixture()
     elif args.step == "_torch-train":
@@ -550,19 +572,21 @@ def main(argv=None) -> int:
         train(work, args.train_minutes)
         for mirror in (0, 1):
             if not (work / "pred" / f"nnunet_m{mirror}" / "meta.json").is_file():
-                _call(NNUNET_PYTHON, "_torch-predict", work, mirror)
+                _call(NNUNET_PYTHON, "_torch-predict", work, mirror, args.cases)
             if not (work / "pred" / f"workbench_m{mirror}" / "meta.json").is_file():
-                _call(sys.executable, "_workbench", work, mirror)
+                _call(sys.executable, "_workbench", work, mirror, args.cases)
         result = compare(work, args.out, training_info(work))
         viewer_folders(work)
         print_table(result)
     return 0
 
 
-def _call(python, step: str, work: Path, mirror: int) -> None:
+def _call(python, step: str, work: Path, mirror: int, cases: int) -> None:
     env = env_for(work)
     env["PYTHONPATH"] = str(ROOT)
-    subprocess.run([str(python), __file__, step, "--work", str(work), "--mirror", str(mirror)], check=True, env=env)
+    argv = [str(python), __file__, step, "--work", str(work), "--mirror", str(mirror), "--cases", str(cases),
+            "--mirror-cases", str(N_MIRROR[0])]  # fmt: skip
+    subprocess.run(argv, check=True, env=env)
 
 
 def train(work: Path, minutes: float) -> None:
@@ -616,12 +640,12 @@ def print_table(result: dict) -> None:
                          between["dice_between"]["organ"], between["dice_between"]["lesion"],
                          100 * between["differ_fraction"], None if tile["differ_fraction_within"] is None else
                          100 * tile["differ_fraction_within"], 100 * tile["volume_fraction_within"],
-                         row["seconds"]["nnunet"], row["seconds"]["workbench"],
-                         row["peak_rss_mib"]["nnunet"], row["peak_rss_mib"]["workbench"]])  # fmt: skip
+                         row["seconds"]["nnunet"], row["seconds"]["workbench"]])  # fmt: skip
         print(f"\n{name}")
         print(table(["case", "organ SW", "organ WV", "lesion SW", "lesion WV", "Dice organ", "Dice lesion",
-                     "% differ", "% near tile", "% vol near tile", "s SW", "s WV", "MiB SW", "MiB WV"], rows,
-                    ["s", ".4f", ".4f", ".4f", ".4f", ".4f", ".4f", ".3f", ".0f", ".0f", ".2f", ".2f", ".0f", ".0f"]))  # fmt: skip
+                     "% differ", "% near tile", "% vol near tile", "s SW", "s WV"], rows,
+                    ["s", ".4f", ".4f", ".4f", ".4f", ".4f", ".4f", ".3f", ".0f", ".0f", ".2f", ".2f"]))  # fmt: skip
+        print(f"peak memory above the loaded model (MiB): {setting['peak_rss_mib']}")
 
 
 if __name__ == "__main__":

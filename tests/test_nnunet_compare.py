@@ -132,3 +132,21 @@ def test_one_tile_differs_only_by_nnunets_float16_accumulation():
     assert 0 < window["differ_fraction"] <= 0.02
     assert window["where"]["tile_border"]["borders"] == [[], [], []]
     assert window["where"]["tile_border"]["differ_fraction_within"] == 0.0
+
+
+def test_a_trained_checkpoint_with_numpy_scalars_loads_through_torch(tmp_path):
+    """nnU-Net's trainer stores numpy float32 scalars in a checkpoint's ``logging`` and
+    ``_best_ema`` after a real training; torch.load(weights_only=True) refused those until they
+    were allowed (found on the model trained by benchmarks/nnunet_whole_vs_window.py)."""
+    torch = pytest.importorskip("torch")
+    from workbench.model.nnunet import read_checkpoint_weights
+
+    with np.load(RESULTS / "fold_0" / "checkpoint_final_network_weights.npz") as data:
+        weights = {k: torch.from_numpy(data[k]) for k in data.files}
+    logging = {"ema_fg_dice": [np.float32(0.25), np.float32(0.5)], "train_losses": [0.5, np.float32(0.25)]}
+    path = tmp_path / "checkpoint_final.pth"
+    torch.save({"network_weights": weights, "logging": logging, "_best_ema": np.float32(0.5)}, path)
+    read, source = read_checkpoint_weights(path)
+    assert source.endswith("(torch)") and read.keys() == weights.keys()
+    for k, v in weights.items():
+        np.testing.assert_array_equal(read[k], v.numpy())
