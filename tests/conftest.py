@@ -42,6 +42,7 @@ TIERS = {
     "test_data_preprocess.py": ("unit",),
     "test_data_samples.py": ("unit",),
     "test_data_volume.py": ("unit",),
+    "test_dataset_channels.py": ("integration",),
     "test_datasets.py": ("integration",),
     "test_distributed.py": ("exactness", "multiprocess"),
     "test_gpu_check.py": ("integration",),

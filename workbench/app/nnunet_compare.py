@@ -33,7 +33,7 @@ import numpy as np
 from workbench.errors import InputNotFoundError, UserError
 
 __all__ = ["dice_per_class", "sliding_window_starts", "tile_borders", "compare_labels", "read_comparison",
-           "comparison_for", "comparison_line", "write_comparison"]  # fmt: skip
+           "comparison_for", "comparison_line", "write_comparison", "write_extras"]  # fmt: skip
 
 
 def dice_per_class(a: np.ndarray, b: np.ndarray, names) -> dict:
@@ -220,3 +220,15 @@ def comparison_line(report: dict) -> str:
         line += (f"; {tile['differ_fraction_within']:.0%} of the differing voxels lie within "
                  f"{report['where']['band_voxels']} voxels of a tile border ({tile['volume_fraction_within']:.0%} of all)")  # fmt: skip
     return line
+
+
+def write_extras(folder: Path, prediction, *, save_logits: bool = False, compare_with=None) -> None:
+    """The optional files of an nnU-Net result folder: with a reference its labels as
+    ``reference_prediction.npy``, with ``save_logits`` ``logits.npy`` (network grid), with
+    ``compare_with`` (other labels of the case) :func:`write_comparison`'s files."""
+    if prediction.reference_segmentation is not None:
+        np.save(folder / "reference_prediction.npy", prediction.reference_segmentation)
+    if save_logits:
+        np.save(folder / "logits.npy", prediction.logits)
+    if compare_with is not None:
+        write_comparison(folder, prediction, compare_with)

@@ -190,6 +190,7 @@ def _nnunet(args) -> int:
         backend=args.backend,
         reference=args.reference,
         mirror=args.mirror,
+        force=args.force,
     )
     if other is not None:
         prediction.report["compare_with"] = comparison_for(prediction, other, args.compare_with)
