@@ -733,6 +733,31 @@ case("nnunet-mesh-split", N, "a mesh with more shards on x than the volume has v
      "mesh x=8 cannot split the x axis", "infer", *NN_CASE, "--mesh", "1x1x8", *NNI[5:],
      setup=lambda tmp: _nnunet(tmp, shape=(6, 24, 16)))  # fmt: skip
 
+
+def _nnunet_labels(tmp, shape=(6, 24, 32), dtype=np.uint8, value=1):
+    """The nnU-Net case of :func:`_nnunet` and a label file ``{tmp}/nnunet_seg.nii.gz`` of ``shape``."""
+    from data_tools import Volume, write_volume
+
+    _nnunet(tmp)
+    write_volume(Volume(np.full(shape, value, dtype), spacing=(4.0, 0.6, 0.6)), tmp / "nnunet_seg.nii.gz")
+
+
+NNC = (*NNI, "--compare-with", "{tmp}/nnunet_seg.nii.gz")
+case("nnunet-compare-missing", N, "--compare-with a file that does not exist",
+     "nnunet_seg.nii.gz does not exist; pass nnU-Net's segmentation of the case", *NNC, setup=_nnunet)  # fmt: skip
+case("nnunet-compare-shape", N, "--compare-with a segmentation of another shape than the case",
+     "has shape (6, 24, 30) but the prediction of the case has (6, 24, 32)", *NNC,
+     setup=lambda tmp: _nnunet_labels(tmp, shape=(6, 24, 30)))  # fmt: skip
+case("nnunet-compare-not-labels", N, "--compare-with a volume of non-integer values (an image, not labels)",
+     "is not a label map", *NNC, setup=lambda tmp: _nnunet_labels(tmp, dtype=np.float32, value=0.5))  # fmt: skip
+case("nnunet-compare-reference", N, "--compare-with together with --reference",
+     "--compare-with and --reference both fill the viewers' comparison; pass one of them", *NNC, "--reference",
+     setup=_nnunet_labels)  # fmt: skip
+case("compare-with-not-nnunet", "cli", "--compare-with without an nnU-Net training folder as --checkpoint",
+     "--compare-with applies to an nnU-Net training folder as --checkpoint; drop it", "infer", "phantom:8", "--mesh",
+     "1x1x1", "--out", "{tmp}/out", "--compare-with", "{tmp}/seg.nii.gz")  # fmt: skip
+
+
 # -- multi-process settings ---------------------------------------------------------------------
 M = "multi-process"
 MP = ("infer", "phantom:8", "--mesh", "1x1x1", "--out", "{tmp}/out")

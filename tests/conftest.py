@@ -57,6 +57,7 @@ TIERS = {
     "test_multiprocess.py": ("exactness", "multiprocess"),
     "test_napari_gui.py": ("integration", "gui"),
     "test_nnunet.py": ("exactness",),
+    "test_nnunet_compare.py": ("integration",),
     "test_nnunet_infer.py": ("integration",),
     "test_partition.py": ("exactness",),
     "test_plan.py": ("integration",),

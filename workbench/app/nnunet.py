@@ -492,12 +492,14 @@ def _report(result, model, folder, pre, files, ref, comparison, segmentation, re
 
 
 def write_nnunet_result(out, prediction: NNUNetPrediction, *, overwrite: bool = False, input_name=None,
-                        save_logits: bool = False, images: bool | None = None) -> dict:  # fmt: skip
+                        save_logits: bool = False, compare_with: np.ndarray | None = None,
+                        images: bool | None = None) -> dict:  # fmt: skip
     """The result folder of a prediction (staged, renamed when complete): ``prediction.<ext>``
-    in the input's format family with its geometry (``.npy`` for arrays), ``report.json``,
-    with a reference ``reference_prediction.npy``, and on request ``logits.npy`` (network grid).
-    ``images`` (default: with a reference) adds ``image.npy``, the input channels (Z, Y, X, C)."""
+    in the input's format family with its geometry (``.npy`` for arrays), ``report.json``, the
+    optional files of :func:`~workbench.app.nnunet_compare.write_extras`, and ``image.npy``, the
+    input channels (Z, Y, X, C): by default with a reference or ``compare_with``."""
     from data_tools.io import write_prediction
+    from workbench.app.nnunet_compare import write_extras
     from workbench.app.results import staged_output, write_report
     from workbench.execute.devices import device_summary
 
@@ -507,11 +509,9 @@ def write_nnunet_result(out, prediction: NNUNetPrediction, *, overwrite: bool = 
         else:
             written = "prediction.npy"
             np.save(tmp / written, prediction.segmentation)
-        if prediction.reference_segmentation is not None:
-            np.save(tmp / "reference_prediction.npy", prediction.reference_segmentation)
-        if save_logits:
-            np.save(tmp / "logits.npy", prediction.logits)
-        if prediction.channels is not None and (images if images is not None else prediction.reference is not None):
+        write_extras(tmp, prediction, save_logits=save_logits, compare_with=compare_with)
+        wanted = images if images is not None else (prediction.reference is not None or compare_with is not None)
+        if prediction.channels is not None and wanted:
             np.save(tmp / "image.npy", np.ascontiguousarray(np.moveaxis(prediction.channels, 0, -1), np.float32))
         report = dict(prediction.report)
         report.update(input=input_name, prediction=written, machine=device_summary())
