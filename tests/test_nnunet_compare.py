@@ -99,7 +99,7 @@ def test_compare_with_report_and_folder(window_run):
     assert r["patch_size"] == [8, 32, 32] and r["tile_step_size"] == 0.5
     np.testing.assert_array_equal(np.load(out / "reference_prediction.npy"), theirs)
     np.testing.assert_array_equal(np.load(out / "disagreement.npy"), differ.astype(np.uint8))
-    assert np.load(out / "image.npy").shape == ours.shape
+    assert np.load(out / "image.npy").shape == (*ours.shape, 2)  # every input channel, (Z, Y, X, C)
 
     from workbench.app.results import load_result
 

@@ -203,12 +203,10 @@ def comparison_for(prediction, other: np.ndarray, path, *, step: float = 0.5) ->
 
 
 def write_comparison(folder: Path, prediction, other: np.ndarray) -> None:
-    """``reference_prediction.npy`` (the other labels, as the viewers' comparison),
-    ``disagreement.npy`` and, when the input was a file, ``image.npy`` (channel 0)."""
+    """``reference_prediction.npy`` (the other labels, as the viewers' comparison) and
+    ``disagreement.npy`` (the input channels go to ``image.npy``, see ``write_nnunet_result``)."""
     np.save(folder / "reference_prediction.npy", other)
     np.save(folder / "disagreement.npy", (np.asarray(prediction.segmentation) != other).astype(np.uint8))
-    if prediction.volume is not None:
-        np.save(folder / "image.npy", np.asarray(prediction.volume.array, np.float32))
 
 
 def comparison_line(report: dict) -> str:
