@@ -126,7 +126,9 @@ def format_table(rows) -> str:
         cells = []
         for budget in BUDGETS:
             f = r[f"fits_{budget}"]
-            cells.append("none" if f["mesh"] is None else f"{f['mesh']} ({f['devices']}): {_gib(f['bytes_per_device'])}")
+            cells.append(
+                "none" if f["mesh"] is None else f"{f['mesh']} ({f['devices']}): {_gib(f['bytes_per_device'])}"
+            )
         lines.append(
             f"| {r['planner']} ({r['stages']} stages, {r['parameters'] / 1e6:.1f} M) | {r['geometry']} | {r['step']} | "
             f"{_gib(r['whole_volume_one_device_bytes'])} | {cells[0]} | {cells[1]} | "
@@ -165,7 +167,8 @@ def main(argv=None) -> int:
     def on_row(rows):
         result = {
             "what": "per-device memory of nnU-Net's plain and ResEnc-L networks on whole volumes (issue 23 item 8)",
-            "command": "python benchmarks/nnunet_memory.py" + (" --quick" if args.quick else "")
+            "command": "python benchmarks/nnunet_memory.py"
+            + (" --quick" if args.quick else "")
             + f" --compiler {args.compiler}",
             "compiler": f"XLA:GPU for {args.compiler.upper()} (deviceless)" if args.compiler != "cpu" else "XLA:CPU",
             "jax": jax.__version__,

@@ -183,7 +183,10 @@ def test_fingerprint_equals_nnunets(fixture_raw_datasets, geometry):
     theirs = _load(geometry, "dataset_fingerprint")
     for key in ("shapes_after_crop", "spacings", "median_relative_size_after_cropping"):
         assert ours[key] == theirs[key], key
-    stats, expected = ours["foreground_intensity_properties_per_channel"], theirs["foreground_intensity_properties_per_channel"]
+    stats, expected = (
+        ours["foreground_intensity_properties_per_channel"],
+        theirs["foreground_intensity_properties_per_channel"],
+    )
     assert stats.keys() == expected.keys()
     for channel, values in expected.items():
         for name, value in values.items():

@@ -159,7 +159,9 @@ def compile_nnunet(spec: NetworkSpec, layout: ShardLayout, *, train: bool, dtype
         fn, _, in_sharding, var_sharding = make_nnunet_forward(
             spec, layout, backend=backend, dtype=dtype, deep_supervision=False
         )
-        variables = {"params": jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=var_sharding), params)}
+        variables = {
+            "params": jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=var_sharding), params)
+        }
         images = jax.ShapeDtypeStruct((batch, *target, spec.in_channels), jnp.float32, sharding=in_sharding)
         return jax.jit(fn).lower(variables, images).compile()
     step, optimizer, image_sharding, label_sharding, replicated = _train_fn(spec, layout, backend, dtype)

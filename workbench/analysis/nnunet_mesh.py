@@ -114,7 +114,12 @@ def smallest_mesh(
                 i += 1
                 results[counts[i]] = measure(counts[i])
     tried = [
-        {"mesh": r["mesh"], "devices": n, "bytes_per_device": r["bytes_per_device"], "fits": r["bytes_per_device"] <= budget}
+        {
+            "mesh": r["mesh"],
+            "devices": n,
+            "bytes_per_device": r["bytes_per_device"],
+            "fits": r["bytes_per_device"] <= budget,
+        }
         for n, r in sorted(results.items())
     ]
     fitting = [n for n, r in results.items() if r["bytes_per_device"] <= budget]

@@ -220,7 +220,9 @@ def plan_dataset(
     plans = {
         "dataset_name": dataset.name,
         "plans_name": f"{plan.plans_name}_workbench",
-        "original_median_spacing_after_transp": [float(v) for v in np.median(fingerprint["spacings"], 0)[list(forward)]],
+        "original_median_spacing_after_transp": [
+            float(v) for v in np.median(fingerprint["spacings"], 0)[list(forward)]
+        ],
         "original_median_shape_after_transp": [
             int(round(v)) for v in np.median(fingerprint["shapes_after_crop"], 0)[list(forward)]
         ],
@@ -280,12 +282,18 @@ def format_dataset_plan(plans: dict) -> str:
         ("planner", f"{wb['planner']} ({plans['experiment_planner_used']} rules, whole volume)"),
         ("target spacing (mm)", " x ".join(f"{s:.4g}" for s in config["spacing"])),
         ("median volume", "x".join(map(str, wb["median_shape"]))),
-        ("network", f"{config['architecture']['network_class_name'].rsplit('.', 1)[-1]}, {arch['n_stages']} stages, "
-                    f"{wb['parameters']:,} parameters"),  # fmt: skip
+        (
+            "network",
+            f"{config['architecture']['network_class_name'].rsplit('.', 1)[-1]}, {arch['n_stages']} stages, "
+            f"{wb['parameters']:,} parameters",
+        ),  # fmt: skip
         ("strides", " ".join("".join(map(str, s)) for s in arch["strides"])),
         ("step", f"{'training (Adam, deep supervision)' if wb['train'] else 'inference'}, {wb['dtype']}, batch 1"),
-        ("smallest mesh", f"{wb['mesh']} ({wb['devices']} devices): {wb['bytes_per_device'] / gib:.2f} GiB/device "
-                          f"within {wb['budget_gib']:g} GiB ({wb['compiler']} compiler)"),  # fmt: skip
+        (
+            "smallest mesh",
+            f"{wb['mesh']} ({wb['devices']} devices): {wb['bytes_per_device'] / gib:.2f} GiB/device "
+            f"within {wb['budget_gib']:g} GiB ({wb['compiler']} compiler)",
+        ),  # fmt: skip
         ("meshes compiled", ", ".join(f"{t['mesh']} {t['bytes_per_device'] / gib:.2f}" for t in wb["tried"])),
         ("nnU-Net's own patch", f"{'x'.join(map(str, wb['nnunet_patch_size']))}, batch {wb['nnunet_batch_size']}"),
     ]

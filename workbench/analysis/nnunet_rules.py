@@ -83,7 +83,9 @@ _RES_BLOCKS = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6)
 PLANNERS = {
     "nnunet": Planner("ExperimentPlanner", "nnUNetPlans", _PLAIN, (2,) * 14, (2,) * 13, 560e6, 8, 0.05),
     "resenc-m": Planner("nnUNetPlannerResEncM", "nnUNetResEncUNetMPlans", _RESENC, _RES_BLOCKS, (1,) * 12, 680e6, 8, 1),
-    "resenc-l": Planner("nnUNetPlannerResEncL", "nnUNetResEncUNetLPlans", _RESENC, _RES_BLOCKS, (1,) * 12, 2.1e9, 24, 1),
+    "resenc-l": Planner(
+        "nnUNetPlannerResEncL", "nnUNetResEncUNetLPlans", _RESENC, _RES_BLOCKS, (1,) * 12, 2.1e9, 24, 1
+    ),
     "resenc-xl": Planner(
         "nnUNetPlannerResEncXL", "nnUNetResEncUNetXLPlans", _RESENC, _RES_BLOCKS, (1,) * 12, 3.6e9, 40, 1
     ),

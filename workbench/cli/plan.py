@@ -86,9 +86,9 @@ def run(args) -> int:
     import sys
 
     from workbench.analysis.plan import _budget_bytes, format_plan, plan, plan_layout, recommend
+    from workbench.cli.plan_nnunet import nnunet_mode, run_nnunet
     from workbench.execute.devices import configure_cpu_devices, has_cuda_plugin, use_gpu_target, validate_compiler
     from workbench.mesh import MeshSpec, parse_mesh, parse_resolution
-    from workbench.cli.plan_nnunet import nnunet_mode, run_nnunet
     from workbench.model.halo import validate_halo
 
     if nnunet_mode(args):

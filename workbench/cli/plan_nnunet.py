@@ -15,7 +15,6 @@ import json
 import os
 import sys
 
-from workbench.cli.args import positive_int
 from workbench.errors import UserError
 
 __all__ = ["add_nnunet_arguments", "nnunet_mode", "run_nnunet"]
@@ -42,7 +41,11 @@ def nnunet_mode(args) -> bool:
 def _check(args) -> tuple[bool, str]:
     if args.plans is not None and args.data is not None:
         raise UserError("--plans FILE and --data DIR are two ways to plan; pass one of them")
-    for flag, value in (("--model", args.model), ("--model-config", args.model_config), ("--resolution", args.resolution)):
+    for flag, value in (
+        ("--model", args.model),
+        ("--model-config", args.model_config),
+        ("--resolution", args.resolution),
+    ):
         if value is not None:
             raise UserError(f"{flag} names the workbench's own U-Net; nnU-Net plans (--data/--plans) take --shape")
     if args.train and args.infer:
@@ -93,7 +96,6 @@ def run_nnunet(args) -> int:
 
 def _plan_data(args, budget, train, dtype, max_devices, log) -> int:
     from data_tools.atomic import atomic_output
-
     from workbench.analysis.nnunet_planning import format_dataset_plan, plan_dataset
     from workbench.analysis.nnunet_rules import planner
 
