@@ -87,7 +87,10 @@ def run_nnunet(args) -> int:
     else:
         from workbench.execute.devices import configure_cpu_devices
 
-        configure_cpu_devices(max(min(devices, CPU_DEVICES_IN_PROCESS), args.plan_cpu_devices or 1))
+        try:
+            configure_cpu_devices(max(min(devices, CPU_DEVICES_IN_PROCESS), args.plan_cpu_devices or 1))
+        except UserError:  # JAX already runs (a notebook, a test): meshes beyond its devices go to a subprocess
+            pass
     log = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
     if args.data is not None:
         return _plan_data(args, budget, train, dtype, devices, log)
