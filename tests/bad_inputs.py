@@ -708,6 +708,25 @@ case("nnunet-mesh-split", N, "a mesh with more shards on x than the volume has v
      "mesh x=8 cannot split the x axis", "infer", *NN_CASE, "--mesh", "1x1x8", *NNI[5:],
      setup=lambda tmp: _nnunet(tmp, shape=(6, 24, 16)))  # fmt: skip
 
+
+def _tiny_dataset(tmp):
+    from data_tools.synthetic.dataset import write_phantom_dataset
+
+    write_phantom_dataset(tmp / "Dataset002_Tiny", cases=3, test=0, layout="nnunet", shapes=[(12, 16, 16)])
+
+
+NP = ("plan", "--out", "{tmp}/out/plans.json")
+case("nnunet-plan-not-a-dataset", N, "plan --data: a folder without dataset.json",
+     "has no dataset.json (the MSD / nnU-Net description of the dataset)", *NP, "--data", "{tmp}")  # fmt: skip
+case("nnunet-plan-planner", N, "plan --data --planner resenc-xxl", "--planner 'resenc-xxl' is unknown; use one of nnunet",
+     *NP, "--data", "{tmp}", "--planner", "resenc-xxl")  # fmt: skip
+case("nnunet-plan-nothing-fits", N, "plan --data with a budget no mesh up to --max-devices meets",
+     "no mesh up to 1 devices fits 0.0001 GiB/device: the smallest need found is", *NP, "--data", "{tmp}/Dataset002_Tiny",
+     "--budget-gib", "0.0001", "--max-devices", "1", "--infer", "--dtype", "float32", setup=_tiny_dataset)  # fmt: skip
+case("nnunet-plan-plans-mesh", N, "plan --plans FILE without --mesh", "--plans FILE needs --mesh M", "plan", "--plans",
+     "{tmp}/plans.json")  # fmt: skip
+
+
 # -- multi-process settings ---------------------------------------------------------------------
 M = "multi-process"
 MP = ("infer", "phantom:8", "--mesh", "1x1x1", "--out", "{tmp}/out")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 
 from workbench.cli.args import positive_int
+from workbench.cli.plan_nnunet import NOTICE as _NOTICE  # the CUDA plugin's notices
 from workbench.errors import UserError
 from workbench.options import DTYPES, PLAN_BACKENDS, PRESETS
 
@@ -182,10 +182,6 @@ def model_config_from_args(args):
         return UNetConfig.from_dict(fields)
     except (TypeError, ValueError) as err:
         raise UserError(f"--model-config: {err}") from None
-
-
-# The CUDA plugin's notices when it loads on a machine without a GPU driver.
-_NOTICE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog|[IW]\d{4} .*cudart_stub)")
 
 
 def _delegate(args, n_devices: int) -> int:

@@ -13,15 +13,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 from workbench.errors import UserError
 
-__all__ = ["add_nnunet_arguments", "nnunet_mode", "run_nnunet"]
+__all__ = ["add_nnunet_arguments", "nnunet_mode", "run_nnunet", "NOTICE"]
 
 PLANNER_NAMES = ("nnunet", "resenc-m", "resenc-l", "resenc-xl")
 DEFAULT_BUDGET_GIB = 80.0
 CPU_DEVICES_IN_PROCESS = 64  # XLA:CPU meshes beyond this are compiled in a subprocess
+# The CUDA plugin's notices when it loads on a machine without a GPU driver.
+NOTICE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog|[IW]\d{4} .*cudart_stub)")
 
 
 def add_nnunet_arguments(p: argparse.ArgumentParser) -> None:
@@ -154,7 +157,6 @@ def _delegate(args, devices: int) -> int:
     import subprocess
 
     from workbench.analysis.plan import plan_command
-    from workbench.cli.plan import _NOTICE
 
     argv = []
     for flag, value in (
@@ -176,7 +178,7 @@ def _delegate(args, devices: int) -> int:
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     err_lines = []
     for line in proc.stderr:  # progress as it comes
-        if not _NOTICE.match(line):
+        if not NOTICE.match(line):
             err_lines.append(line)
             if not line.startswith("workbench: error:"):
                 sys.stderr.write(line)
