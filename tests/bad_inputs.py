@@ -720,9 +720,10 @@ case("nnunet-plan-not-a-dataset", N, "plan --data: a folder without dataset.json
      "has no dataset.json (the MSD / nnU-Net description of the dataset)", *NP, "--data", "{tmp}")  # fmt: skip
 case("nnunet-plan-planner", N, "plan --data --planner resenc-xxl", "--planner 'resenc-xxl' is unknown; use one of nnunet",
      *NP, "--data", "{tmp}", "--planner", "resenc-xxl")  # fmt: skip
-case("nnunet-plan-nothing-fits", N, "plan --data with a budget no mesh up to --max-devices meets",
-     "no mesh up to 1 devices fits 0.0001 GiB/device: the smallest need found is", *NP, "--data", "{tmp}/Dataset002_Tiny",
-     "--budget-gib", "0.0001", "--max-devices", "1", "--infer", "--dtype", "float32", setup=_tiny_dataset)  # fmt: skip
+case("nnunet-plan-nothing-fits", N, "plan --data with a budget no mesh up to --max-devices meets (--json: no progress lines)",
+     "no mesh up to 1 device fits 0.0001 GiB/device: the smallest need found is", *NP, "--data", "{tmp}/Dataset002_Tiny",
+     "--budget-gib", "0.0001", "--max-devices", "1", "--infer", "--dtype", "float32", "--json",
+     setup=_tiny_dataset)  # fmt: skip
 case("nnunet-plan-plans-mesh", N, "plan --plans FILE without --mesh", "--plans FILE needs --mesh M", "plan", "--plans",
      "{tmp}/plans.json")  # fmt: skip
 

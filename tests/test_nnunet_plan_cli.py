@@ -100,8 +100,8 @@ def test_nothing_fits_names_the_smallest_need_and_writes_nothing(one_device, dat
     need = one_device["workbench"]["bytes_per_device"] / GIB
     assert code == 2 and not out.exists()
     lines = err.strip().splitlines()
-    assert lines[-1].startswith("workbench: error: no mesh up to 1 devices fits 0.001 GiB/device")
-    assert f"the smallest need found is {need:.2f} GiB/device on 1x1x1" in lines[-1]
+    assert lines[-1].startswith("workbench: error: no mesh up to 1 device fits 0.001 GiB/device")
+    assert f"the smallest need found is {need:.2f} GiB/device on 1x1x1 (1 device)" in lines[-1]
 
 
 @pytest.mark.parametrize(

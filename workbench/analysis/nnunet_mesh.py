@@ -27,6 +27,10 @@ class NothingFits(UserError):
     """No mesh up to the largest device count fits the budget (names the smallest need)."""
 
 
+def _devices(n: int) -> str:
+    return f"{n} device" if n == 1 else f"{n} devices"
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -89,7 +93,7 @@ def smallest_mesh(
         key = (spec, tuple(shape), str(mesh), train, dtype, compiler)
         if key not in measured:
             if log:
-                log(f"  compiling the {'training step' if train else 'inference'} on {mesh} ({n} devices)...")
+                log(f"  compiling the {'training step' if train else 'inference'} on {mesh} ({_devices(n)})...")
             measured[key] = spec_memory(spec, shape, mesh, train=train, dtype=dtype, compiler=compiler)
             r = measured[key]
             if log:
@@ -126,8 +130,8 @@ def smallest_mesh(
     if not fitting:
         least = min(results.values(), key=lambda r: r["bytes_per_device"])
         raise NothingFits(
-            f"no mesh up to {counts[-1]} devices fits {budget_gib:g} GiB/device: the smallest need found is "
-            f"{least['bytes_per_device'] / GIB:.2f} GiB/device on {least['mesh']} ({least['devices']} devices); "
+            f"no mesh up to {_devices(counts[-1])} fits {budget_gib:g} GiB/device: the smallest need found is "
+            f"{least['bytes_per_device'] / GIB:.2f} GiB/device on {least['mesh']} ({_devices(least['devices'])}); "
             f"raise --budget-gib to {least['bytes_per_device'] / GIB:.2f} or allow more devices (--max-devices)"
         )
     best = results[min(fitting)]

@@ -114,6 +114,8 @@ def dataset_fingerprint(path, *, samples: float = FOREGROUND_SAMPLES, log=None) 
     from data_tools.io import read_volume
 
     dataset = open_dataset(path)
+    if log:
+        log(f"fingerprint of {dataset.root} (nnU-Net's rules):")
     cases = sorted(dataset.training, key=lambda c: c.name)
     per_case = int(samples // len(cases))
     shapes, spacings, relative = [], [], []
@@ -188,8 +190,6 @@ def plan_dataset(
     from workbench.model.nnunet_plans import from_nnunet_plans
 
     plan = rules.planner(planner)
-    if log:
-        log(f"fingerprint of {path} (nnU-Net's rules):")
     fingerprint, dataset = dataset_fingerprint(path, samples=samples, log=log)
     dataset_json = _dataset_json(dataset)
     spacing = rules.target_spacing(fingerprint["spacings"], fingerprint["shapes_after_crop"])
