@@ -78,6 +78,7 @@ def smallest_mesh(
     ``max_devices`` fits. ``measured`` (a dict) caches compiled figures across calls (e.g. the
     same network for two budgets)."""
     from workbench.analysis.nnunet_memory import spec_memory
+    from workbench.analysis.plan import _size
 
     if isinstance(budget_gib, bool) or not isinstance(budget_gib, (int, float)) or not budget_gib > 0:
         raise UserError(f"--budget-gib {budget_gib!r} must be a positive number of GiB per device (e.g. 80)")
@@ -97,7 +98,7 @@ def smallest_mesh(
             measured[key] = spec_memory(spec, shape, mesh, train=train, dtype=dtype, compiler=compiler)
             r = measured[key]
             if log:
-                log(f"    {r['bytes_per_device'] / GIB:.2f} GiB/device ({r['compile_seconds']:.0f} s to compile)")
+                log(f"    {_size(r['bytes_per_device'])}/device ({r['compile_seconds']:.0f} s to compile)")
         return measured[key]
 
     results: dict[int, dict] = {}

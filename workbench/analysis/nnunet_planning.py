@@ -273,10 +273,12 @@ def plan_dataset(
 
 def format_dataset_plan(plans: dict) -> str:
     """The short table ``workbench plan --data`` prints."""
+    from workbench.analysis.plan import _size
+
     wb = plans["workbench"]
     config = plans["configurations"]["3d_fullres"]
     arch = config["architecture"]["arch_kwargs"]
-    gib = 2**30
+    devices = f"{wb['devices']} device{'s' if wb['devices'] != 1 else ''}"
     rows = [
         ("dataset", f"{plans['dataset_name']} ({wb['dataset']['numTraining']} cases)"),
         ("planner", f"{wb['planner']} ({plans['experiment_planner_used']} rules, whole volume)"),
@@ -286,15 +288,15 @@ def format_dataset_plan(plans: dict) -> str:
             "network",
             f"{config['architecture']['network_class_name'].rsplit('.', 1)[-1]}, {arch['n_stages']} stages, "
             f"{wb['parameters']:,} parameters",
-        ),  # fmt: skip
+        ),
         ("strides", " ".join("".join(map(str, s)) for s in arch["strides"])),
         ("step", f"{'training (Adam, deep supervision)' if wb['train'] else 'inference'}, {wb['dtype']}, batch 1"),
         (
             "smallest mesh",
-            f"{wb['mesh']} ({wb['devices']} devices): {wb['bytes_per_device'] / gib:.2f} GiB/device "
+            f"{wb['mesh']} ({devices}): {_size(wb['bytes_per_device'])}/device "
             f"within {wb['budget_gib']:g} GiB ({wb['compiler']} compiler)",
-        ),  # fmt: skip
-        ("meshes compiled", ", ".join(f"{t['mesh']} {t['bytes_per_device'] / gib:.2f}" for t in wb["tried"])),
+        ),
+        ("meshes compiled", ", ".join(f"{t['mesh']} {_size(t['bytes_per_device'])}" for t in wb["tried"])),
         ("nnU-Net's own patch", f"{'x'.join(map(str, wb['nnunet_patch_size']))}, batch {wb['nnunet_batch_size']}"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -79,7 +79,7 @@ def run_nnunet(args) -> int:
         from workbench.mesh import parse_mesh
 
         devices = parse_mesh(args.mesh).n_devices
-    if compiler != "cpu":
+    if compiler != "cpu" and args.data is None:
         if not has_cuda_plugin():
             if os.environ.get("WORKBENCH_GPU_PLAN_CHILD"):
                 raise UserError(f"{sys.executable} has no CUDA plugin for JAX, so it cannot plan for {compiler}")
@@ -87,7 +87,8 @@ def run_nnunet(args) -> int:
         from workbench.execute.devices import use_gpu_target
 
         use_gpu_target(max(devices, args.plan_cpu_devices or 1), compiler)
-    else:
+    else:  # --data reads the dataset here (the GPU planning venv has no image readers); each mesh
+        # for another compiler is compiled in a subprocess (spec_memory)
         from workbench.execute.devices import configure_cpu_devices
 
         try:
@@ -109,7 +110,14 @@ def _plan_data(args, budget, train, dtype, max_devices, log) -> int:
     if os.path.isdir(out):
         raise UserError(f"--out {out!r} is a folder; name the plans file to write (e.g. {out}/plans.json)")
     plans = plan_dataset(
-        args.data, planner=args.planner, budget_gib=budget, dtype=dtype, train=train, max_devices=max_devices, log=log
+        args.data,
+        planner=args.planner,
+        budget_gib=budget,
+        dtype=dtype,
+        train=train,
+        compiler=args.compiler,
+        max_devices=max_devices,
+        log=log,
     )
     with atomic_output(out) as tmp:
         tmp.write_text(json.dumps(plans, indent=2))
