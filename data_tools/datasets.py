@@ -60,6 +60,7 @@ __all__ = [
     "check_case",
     "check_dataset",
     "read_case",
+    "read_case_channels",
     "resample_onto",
     "write_phantom_dataset",
 ]
@@ -95,6 +96,10 @@ class Dataset:
     file_ending: str
     training: tuple[CaseFiles, ...]
     test: tuple[CaseFiles, ...] = ()
+    #: region-based labels: (name, label values) per foreground region, in ``labels``' order
+    regions: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    #: the label value each region paints, in order (nnU-Net's ``regions_class_order``)
+    regions_class_order: tuple[int, ...] | None = None
 
     @property
     def names(self) -> list[str]:
@@ -195,24 +200,46 @@ def _ordered(where, mapping, what: str) -> tuple[str, ...]:
     return tuple(v for _, v in items)
 
 
-def _class_names(where: Path, labels) -> tuple[str, ...]:
+def _class_names(where: Path, labels, order=None):
+    """(class names by label value, regions, regions_class_order) of ``"labels"``.
+
+    Regions (nnU-Net's region-based labels, ``{"background": 0, "whole": [1, 2], "core": 2}``):
+    the label values are the union of the regions' values (0..n-1); a value gets the name of
+    the entry that is exactly that value, else ``labelV``; the regions are the foreground
+    entries in ``labels``' order, each with its values, painted back in ``order``."""
     if not isinstance(labels, dict) or not labels:
         raise DataError(where, 'has no "labels"', _EXAMPLE_JSON)
     if all(str(k).strip().isdigit() for k in labels):  # MSD: {"0": "background", ...}
-        return _ordered(where, labels, '"labels"')
-    regions = [k for k, v in labels.items() if isinstance(v, (list, tuple))]
-    if regions:
-        raise DataError(where, f"declares region-based labels {regions} (nnU-Net regions)",
-                        "give each class one integer value; the workbench trains one class per voxel")  # fmt: skip
+        return _ordered(where, labels, '"labels"'), (), None
+    is_region = any(isinstance(v, (list, tuple)) for v in labels.values())
     try:
-        by_value = {int(v): str(k) for k, v in labels.items()}
+        values = {str(k): tuple(int(x) for x in v) if isinstance(v, (list, tuple)) else (int(v),)
+                  for k, v in labels.items()}  # fmt: skip
     except (TypeError, ValueError):
         raise DataError(where, f'"labels" {labels} are neither {{"0": "background"}} nor {{"background": 0}}',
                         _EXAMPLE_JSON) from None  # fmt: skip
-    if sorted(by_value) != list(range(len(labels))):
+    used = sorted({x for v in values.values() for x in v})
+    if used != list(range(len(used))) or (not is_region and len(used) != len(labels)):
         raise DataError(where, f'"labels" {labels} are not the consecutive values 0..{len(labels) - 1}',
                         "renumber the label maps and dataset.json to 0..n-1 (0 = background)")  # fmt: skip
-    return tuple(by_value[v] for v in range(len(labels)))
+    by_value = {v[0]: k for k, v in reversed(values.items()) if len(v) == 1}
+    names = tuple(by_value.get(v, f"label{v}") for v in used)
+    if not is_region:
+        return names, (), None
+    regions = tuple((k, v) for k, v in values.items() if v != (0,))
+    example = f'"regions_class_order": {[max(v) for _, v in regions]}'
+    if not isinstance(order, (list, tuple)) or len(order) != len(regions):
+        raise DataError(where, f"declares region-based labels {[k for k, _ in regions]} but \"regions_class_order\" "
+                        f"is {order!r} (one label value per region is needed)", f"add e.g. {example}, the value "
+                        "each region paints, in order (later regions overwrite earlier ones)")  # fmt: skip
+    try:
+        order = tuple(int(v) for v in order)
+    except (TypeError, ValueError):
+        raise DataError(where, f'"regions_class_order" {order} holds non-integers', f"write e.g. {example}") from None
+    if not all(0 < v < len(used) for v in order):
+        raise DataError(where, f'"regions_class_order" {list(order)} names values outside the labels 1..'
+                        f"{len(used) - 1}", f"write e.g. {example}")  # fmt: skip
+    return names, regions, order
 
 
 def _strip(name: str, ending: str) -> str | None:
@@ -235,6 +262,11 @@ def _channel_files(root: Path, listed: Path, n_channels: int, ending: str, case:
     files = tuple(listed.with_name(f"{stem}_{c:04d}{ending}") for c in range(n_channels))
     if all(f.is_file() for f in files):
         return files
+    if listed.is_file() and n_channels > 1:
+        raise DataError(root, f"case {case}: one image file {os.path.relpath(listed, root)} for the {n_channels} "
+                        "channels dataset.json declares", f"split it into {stem}_0000{ending} .. "
+                        f"{stem}_{n_channels - 1:04d}{ending}, one 3-D file per channel (a 4-D MSD image: one "
+                        "file per volume of its last axis)")  # fmt: skip
     if listed.is_file():
         return (listed,)
     raise MissingDataError(root, f"case {case}: image {os.path.relpath(listed, root)} does not exist",
@@ -279,6 +311,11 @@ def _scanned_cases(root: Path, images_dir: str, labels_dir: str, channels, endin
         raise DataError(root / images_dir, f"{unsuffixed[0]}{ending} has no channel suffix _0000 (nnU-Net v2 "
                         "names images CASE_0000" + ending + ")", "rename the images or list them in dataset.json "
                         '"training" (MSD style)')  # fmt: skip
+    extra = sorted(n for n in images if n[-5] == "_" and n[-4:].isdigit() and int(n[-4:]) >= len(channels))
+    if extra:
+        raise DataError(root, f"{images_dir}/{extra[0]}{ending} is channel {int(extra[0][-4:])} but dataset.json "
+                        f"declares {len(channels)} channel(s) {list(channels)} (channel_names)", "add the channel to "
+                        "channel_names or move its files out of " + images_dir)  # fmt: skip
     out = []
     for name in names:
         files = tuple(root / images_dir / f"{name}_{c:04d}{ending}" for c in range(len(channels)))
@@ -323,7 +360,7 @@ def open_dataset(path) -> Dataset:
         raise DataError(where, f"is not valid JSON ({err})", "fix the file") from None
     if not isinstance(spec, dict):
         raise DataError(where, "does not hold a JSON object", _EXAMPLE_JSON)
-    class_names = _class_names(where, spec.get("labels"))
+    class_names, regions, order = _class_names(where, spec.get("labels"), spec.get("regions_class_order"))
     nnunet = "channel_names" in spec
     channels = _ordered(where, spec.get("channel_names" if nnunet else "modality"),
                         '"channel_names"' if nnunet else '"modality"')  # fmt: skip
@@ -360,7 +397,7 @@ def open_dataset(path) -> Dataset:
     ]  # fmt: skip
     name = str(spec.get("name") or root.name)
     return Dataset(root, name, "nnunet" if nnunet else "msd", channels, class_names, ending,
-                   tuple(training), tuple(test))  # fmt: skip
+                   tuple(training), tuple(test), regions, order)  # fmt: skip
 
 
 # -- checking and reading cases --------------------------------------------------------------
@@ -380,6 +417,10 @@ def check_case(dataset: Dataset, case: CaseFiles, *, labels: bool = True):
         others.append((case.label, volume_info(case.label)))
     for path, info in others:
         rel = os.path.relpath(path, dataset.root)
+        if info.shape != first.shape and path != case.label:
+            raise DataError(dataset.root, f"case {case.name}: channel file {rel} has shape {info.shape} (z, y, x) "
+                            f"but channel 0 ({os.path.relpath(case.images[0], dataset.root)}) has {first.shape}",
+                            "write every channel of a case on one grid (resample the channels onto channel 0's)")  # fmt: skip
         if info.shape != first.shape:
             raise DataError(dataset.root, f"case {case.name}: {rel} has shape {info.shape} (z, y, x) but the "
                             f"image has {first.shape}", "resample the label map onto the image grid (nearest "
@@ -443,6 +484,19 @@ def read_case(dataset: Dataset, case: CaseFiles | str, *, check: bool = True):
     labels = None if case.label is None else _label_values(dataset, case)
     return volume.replace(labels=labels, class_names=dataset.class_names if labels is not None else None,
                           metadata=meta)  # fmt: skip
+
+
+def read_case_channels(dataset: Dataset, case: CaseFiles | str, *, check: bool = True) -> list:
+    """Every channel of a case, one :class:`~data_tools.volume.Volume` each in
+    ``channel_names``' order: the first is :func:`read_case`'s (with the labels), each one's
+    ``metadata["modality"]`` its channel name (checked: one grid for all)."""
+    from .io import read_volume
+
+    case = dataset.case(case) if isinstance(case, str) else case
+    first = read_case(dataset, case, check=check)
+    others = [read_volume(p) for p in case.images[1:]]
+    return [first] + [v.replace(metadata={**v.metadata, "modality": n, "case": case.name})
+                      for v, n in zip(others, dataset.channel_names[1:])]  # fmt: skip
 
 
 def resample_onto(array: np.ndarray, affine, shape, target_affine, *, order: int = 1) -> np.ndarray:

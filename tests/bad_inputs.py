@@ -636,6 +636,31 @@ for problem in ("no dataset.json", "image without its label", "shapes differ", "
          "train", "--data", "{tmp}/Task01_Phantom", "--steps", "1", "--checkpoint-dir", "{tmp}/out",
          setup=_dataset(problem))  # fmt: skip
 
+
+def _channels_dataset(problem):
+    """The two-channel tumour phantom dataset broken as tests/test_dataset_channels.py's BAD[problem]."""
+
+    def build(tmp):
+        from test_dataset_channels import BAD as CHANNELS_BAD
+
+        from data_tools.datasets import write_phantom_dataset
+
+        ds = write_phantom_dataset(tmp / "Dataset002_Tumour", task="tumour", layout="nnunet", cases=5, test=0)
+        CHANNELS_BAD[problem][0](ds)
+
+    return build
+
+
+for problem, expect in (
+    ("missing channel", "case tumour_002: channel file imagesTr/tumour_002_0001.nii.gz is missing"),
+    ("extra channel", "imagesTr/tumour_002_0002.nii.gz is channel 2 but dataset.json declares 2 channel(s)"),
+    ("channel shapes differ", "case tumour_001: channel file imagesTr/tumour_001_0001.nii.gz has shape (32, 36, 32)"),
+    ("regions without order", "declares region-based labels ['whole', 'core'] but \"regions_class_order\" is None"),
+):
+    case(f"dataset-{problem.replace(' ', '-')}", "dataset", f"2-channel dataset folder: {problem}", expect,
+         "train", "--data", "{tmp}/Dataset002_Tumour", "--steps", "1", "--checkpoint-dir", "{tmp}/out",
+         setup=_channels_dataset(problem))  # fmt: skip
+
 # -- widget values: the notebook panel shows one red line ----------------------------------------
 case("panel-resolution-words", "panel", "resolution box: 'big'", "resolution 'big' is not a size",
      call=_panel(resolution="big"))  # fmt: skip

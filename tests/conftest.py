@@ -42,6 +42,7 @@ TIERS = {
     "test_data_preprocess.py": ("unit",),
     "test_data_samples.py": ("unit",),
     "test_data_volume.py": ("unit",),
+    "test_dataset_channels.py": ("integration",),
     "test_datasets.py": ("integration",),
     "test_distributed.py": ("exactness", "multiprocess"),
     "test_gpu_check.py": ("integration",),
@@ -66,6 +67,7 @@ TIERS = {
     "test_scaling.py": ("unit",),
     "test_train.py": ("exactness",),
     "test_viewer.py": ("integration",),
+    "test_viewer_channels.py": ("integration",),
     "test_widgets.py": ("integration",),
 }
 
@@ -127,6 +129,15 @@ def make_model():
         return _MODELS[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def nnunet_view_result(tmp_path_factory):
+    """(channel files, result folder) of the fixture's 2-channel region nnU-Net model inferred
+    with --reference (tests/test_viewer_channels.py), shared by the viewer and napari tests."""
+    from test_viewer_channels import write_nnunet_result_folder
+
+    return write_nnunet_result_folder(tmp_path_factory.mktemp("nnunet-view"))
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,8 @@ not at all::
 
     predictions/CASE.nii.gz     one label map per case, on the case's original grid (.nrrd, .mha, ...
                                 for such datasets)
-    cases.csv                   one row per case: dice_*, hd95_mm_*, pred_ml_*, true_ml_*
+    cases.csv                   one row per case: dice_*, hd95_mm_*, pred_ml_*, true_ml_* (and
+                                region_dice_* for a dataset with nnU-Net's region labels)
     summary.json                means per class, the worst cases, what ran and how
 
 Example
@@ -68,6 +69,32 @@ def _plan(meta: dict, infos, spacing, resolution):
     if trained:
         return plan_preprocessing(infos, resolution=int(trained))
     return plan_preprocessing(infos)
+
+
+def _with_normalisation(plan, meta: dict, dataset):
+    """``plan`` with nnU-Net's per-channel normalisation where the model was trained with it
+    (the checkpoint's numbers) or the dataset has several channels (schemes from the channel
+    names; a CT channel needs the training set's numbers, so a checkpoint)."""
+    import dataclasses
+
+    trained = (meta.get("preprocessing") or {}).get("normalisation")
+    if trained:
+        from workbench.training.datasets import Preprocessing
+
+        norm = Preprocessing.from_dict({"shape": [1, 1, 1], "normalisation": trained}).normalisation
+    elif len(dataset.channel_names) > 1:
+        from workbench.model.nnunet_rules import normalisation_scheme
+
+        norm = tuple((normalisation_scheme(n), None) for n in dataset.channel_names)
+        if any(s == "CTNormalization" for s, _ in norm):
+            raise UserError(f"{dataset.root} has a CT channel, normalised with the training set's foreground "
+                            "numbers; pass --checkpoint of a model trained on this dataset (they are in it)")  # fmt: skip
+    else:
+        return plan
+    if len(norm) != len(dataset.channel_names):
+        raise UserError(f"the model was trained on {len(norm)} channel(s) but {dataset.root} has "
+                        f"{len(dataset.channel_names)} {list(dataset.channel_names)}; evaluate it on its own dataset")  # fmt: skip
+    return dataclasses.replace(plan, normalisation=norm)
 
 
 def _prediction(logits: np.ndarray, meta: dict) -> np.ndarray:
@@ -179,13 +206,15 @@ def evaluate_dataset(
     """
     from tqdm.auto import tqdm
 
-    from data_tools.datasets import check_dataset, open_dataset, read_case
+    from data_tools.datasets import check_dataset, open_dataset, read_case_channels
     from data_tools.errors import DataError
     from data_tools.io import write_prediction
     from workbench.app.inference import check_run_options
     from workbench.app.results import check_output_folder, staged_output
     from workbench.execute.run import run
+    from workbench.training.data import model_batch
     from workbench.training.datasets import prepare_case
+    from workbench.training.evaluation import region_dice
 
     dataset = open_dataset(data)
     choice, meta = _model_and_meta(checkpoint, model, random_weights, seed, log)
@@ -194,6 +223,12 @@ def evaluate_dataset(
         raise UserError(
             f"the model predicts {k} classes but {dataset.root} declares {len(dataset.class_names)} "
             f"{list(dataset.class_names)}; pass --checkpoint of a model trained on this dataset"
+        )
+    channels = getattr(choice.config, "in_channels", 1)
+    if channels != len(dataset.channel_names):
+        raise UserError(
+            f"the model takes {channels} input channel(s) but {dataset.root} has {len(dataset.channel_names)} "
+            f"{list(dataset.channel_names)} (channel_names); pass --checkpoint of a model trained on this dataset"
         )
     _, spec = check_run_options(choice.config, backend, "exact", mesh)
     check_output_folder(out, overwrite=overwrite)
@@ -213,7 +248,7 @@ def evaluate_dataset(
         if trained_fold is not None and fold != trained_fold:
             log(f"note: the model was trained on fold {trained_fold}'s training cases, which include fold {fold}")
     infos = check_dataset(dataset, cases, progress=progress)
-    plan = _plan(meta, infos.values(), spacing, resolution)
+    plan = _with_normalisation(_plan(meta, infos.values(), spacing, resolution), meta, dataset)
     names = dataset.class_names
     rows: list[dict] = []
     t_start = time.perf_counter()
@@ -221,9 +256,11 @@ def evaluate_dataset(
         (tmp / "predictions").mkdir()
         for files in tqdm(cases, desc=f"evaluate {dataset.name} {split}", unit="case", disable=not progress):
             t0 = time.perf_counter()
-            volume = read_case(dataset, files, check=False)
-            case = prepare_case(volume, plan, name=files.name)
-            logits = run(choice.model, case.image, spec, backend=backend).output
+            volumes = read_case_channels(dataset, files, check=False)  # every channel (the first with the labels)
+            volume = volumes[0]
+            case = prepare_case(volumes if len(volumes) > 1 else volume, plan, name=files.name)
+            del volumes
+            logits = run(choice.model, model_batch(case.image), spec, backend=backend).output[0]
             grid = case.metadata
             del case  # the model input is not needed any more
             pred = _prediction(logits, grid)
@@ -234,6 +271,9 @@ def evaluate_dataset(
             if volume.labels is not None:
                 row.update(_score(pred, volume.labels, volume.spacing, names))
                 row["mean_dice"] = _mean([row[f"dice_{n}"] for n in names[1:]])
+                if dataset.regions:  # nnU-Net's regions: Dice of isin(seg, values) per region
+                    dice = region_dice(pred, volume.labels, dataset.regions)
+                    row.update({f"region_dice_{n}": _finite(d) for (n, _), d in zip(dataset.regions, dice)})
             else:
                 ml = float(np.prod(volume.spacing)) / 1000.0
                 row.update({f"pred_ml_{n}": float((pred == c).sum()) * ml for c, n in enumerate(names) if c})
@@ -252,6 +292,11 @@ def evaluate_dataset(
             "backend": backend,
             "preprocessing": plan.as_dict(),
             **_summary(rows, names),
+            **(
+                {"mean_region_dice": {n: _mean([r.get(f"region_dice_{n}") for r in rows]) for n, _ in dataset.regions}}
+                if dataset.regions
+                else {}
+            ),  # fmt: skip
             "seconds": round(time.perf_counter() - t_start, 3),
             "files": {"cases": "cases.csv", "predictions": "predictions/"},
         }

@@ -3,7 +3,9 @@
 :func:`preprocess` does what nnU-Net 2.x's ``DefaultPreprocessor`` does to one case for a
 configuration (transpose, crop to the non-zero region, per-channel normalisation from the
 plans, resampling to the plan's spacing); :func:`postprocess` undoes it on the logits and
-applies nnU-Net's segmentation rule (:func:`logits_to_segmentation`). What differs from
+applies nnU-Net's segmentation rule (:func:`logits_to_segmentation`). The per-channel
+normalisation and the segmentation rule live in :mod:`workbench.model.nnunet_rules` (the
+training data and evaluation use them too) and are re-exported here. What differs from
 nnU-Net's own code is listed in docs/nnunet.md.
 """
 
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from workbench.errors import UserError
+from workbench.model.nnunet_rules import NORMALISATIONS, logits_to_segmentation, normalisation_scheme, normalise_channel
 
 if TYPE_CHECKING:
     from workbench.app.nnunet import NNUNetFolder
@@ -22,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "NORMALISATIONS",
     "Preprocessed",
+    "normalisation_scheme",
     "normalise_channel",
     "crop_to_nonzero",
     "compute_new_shape",
@@ -29,49 +33,6 @@ __all__ = [
     "logits_to_segmentation",
     "postprocess",
 ]
-
-#: nnU-Net's normalisation schemes this module applies (others are refused by name).
-NORMALISATIONS = ("ZScoreNormalization", "CTNormalization", "NoNormalization", "RescaleTo01Normalization")
-
-
-# -- preprocessing (nnU-Net's DefaultPreprocessor, numpy) -------------------------------------------
-def normalise_channel(image: np.ndarray, scheme: str, *, properties: dict | None = None, use_mask=False, mask=None):
-    """One channel as nnU-Net's normalisation ``scheme`` computes it (float32).
-
-    ``CTNormalization``: clip to the plans' ``percentile_00_5`` / ``percentile_99_5`` of the
-    foreground, then ``(x - mean) / max(std, 1e-8)`` with the plans' mean and std.
-    ``ZScoreNormalization``: the image's own mean and std (numpy float32, as nnU-Net), or with
-    ``use_mask`` (the plans' ``use_mask_for_norm``) those over ``mask`` (the non-zero region,
-    nnU-Net's ``seg >= 0``), only the voxels inside changed. ``RescaleTo01Normalization``:
-    ``(x - min) / max(max - min, 1e-8)``. ``NoNormalization``: float32 only.
-    """
-    image = np.array(image, dtype=np.float32)  # a copy: nnU-Net normalises its own copy in place
-    if scheme == "CTNormalization":
-        if not properties:
-            raise UserError("CTNormalization needs the plans' foreground_intensity_properties_per_channel")
-        np.clip(image, properties["percentile_00_5"], properties["percentile_99_5"], out=image)
-        image -= properties["mean"]
-        image /= max(properties["std"], 1e-8)
-        return image
-    if scheme == "ZScoreNormalization":
-        if use_mask and mask is not None:
-            mask = np.asarray(mask, bool)
-            values = image[mask]
-            mean, std = values.mean(), values.std()
-            image[mask] = (values - mean) / max(std, 1e-8)
-            return image
-        mean, std = image.mean(), image.std()
-        image -= mean
-        image /= max(std, 1e-8)
-        return image
-    if scheme == "RescaleTo01Normalization":
-        lo, hi = image.min(), image.max()
-        image -= lo
-        image /= max(hi - lo, 1e-8)
-        return image
-    if scheme == "NoNormalization":
-        return image
-    raise UserError(f"normalisation {scheme!r} is not supported; supported: {', '.join(NORMALISATIONS)}")
 
 
 def crop_to_nonzero(data: np.ndarray):
@@ -154,31 +115,6 @@ def preprocess(data: np.ndarray, spacing, folder: NNUNetFolder) -> Preprocessed:
             raise UserError(f"resampling {shape_after} from spacing {spacing} to {target} leaves an empty axis")
         out = np.stack([resample_array(ch, new_shape, order=3) for ch in out]).astype(np.float32, copy=False)
     return Preprocessed(out, shape_before, box, shape_after, spacing, target, forward, backward)
-
-
-# -- the segmentation (nnU-Net's LabelManager) -------------------------------------------------------
-def logits_to_segmentation(logits: np.ndarray, output_kind: str, regions_class_order=None) -> np.ndarray:
-    """nnU-Net's ``LabelManager.convert_logits_to_segmentation`` on (K, Z, Y, X) logits.
-
-    Softmax outputs: the argmax of the probabilities. Region (sigmoid) outputs: a zero map on
-    which each region ``i`` paints ``regions_class_order[i]`` where ``sigmoid > 0.5``, in
-    order, so later regions overwrite earlier ones. uint8 (uint16 from 255 labels on).
-    """
-    logits = np.asarray(logits, np.float32)
-    if output_kind == "sigmoid":
-        order = list(regions_class_order or [])
-        if len(order) != logits.shape[0]:
-            raise UserError(f"{logits.shape[0]} region outputs but regions_class_order has {len(order)} entries")
-        dtype = np.uint8 if max(order, default=0) < 255 else np.uint16
-        seg = np.zeros(logits.shape[1:], dtype)
-        for i, label in enumerate(order):
-            prob = np.float32(1) / (np.float32(1) + np.exp(-logits[i]))
-            seg[prob > 0.5] = label
-        return seg
-    shifted = logits - logits.max(0, keepdims=True)
-    probs = np.exp(shifted)
-    probs /= probs.sum(0, keepdims=True)
-    return probs.argmax(0).astype(np.uint8 if logits.shape[0] <= 255 else np.uint16)
 
 
 def postprocess(logits: np.ndarray, pre: Preprocessed, spec) -> np.ndarray:

@@ -44,6 +44,7 @@ class Augmentation:
 
     def apply(self, image: np.ndarray, labels: np.ndarray, box, shape):
         """Augment the block read at :meth:`source_box`; the result is ``box`` of the augmented volume.
+        ``image`` is (Z, Y, X) or (Z, Y, X, C) (the same scale and shift, each channel its own noise).
 
         Written into one new float32 array, the noise added a slab at a time, so the
         transient memory is the block plus a bounded slab (not several block-sized
@@ -60,7 +61,12 @@ class Augmentation:
         rows = max(1, _SLAB_VOXELS // max(1, (y1 - y0) * (x1 - x0)))
         for z in range(z0, z1, rows):
             slab = ((z, min(z + rows, z1)), (y0, y1), (x0, x1))
-            out[z - z0 : slab[0][1] - z0] += np.float32(self.sigma) * hashed_noise(shape, slab, self.noise_key)
+            if out.ndim == 3:
+                out[z - z0 : slab[0][1] - z0] += np.float32(self.sigma) * hashed_noise(shape, slab, self.noise_key)
+                continue
+            for c in range(out.shape[-1]):  # channels (last axis): noise of their own, channel 0's as one channel's
+                noise = hashed_noise(shape[:3], slab, self.noise_key + c)
+                out[z - z0 : slab[0][1] - z0, ..., c] += np.float32(self.sigma) * noise
         return out, np.ascontiguousarray(labels)
 
 

@@ -18,6 +18,12 @@ before any batch is made) and combined in slab order, so every process count get
 same floats. A case not yet surveyed is surveyed alone on first use (one process: the
 same rows, the same result). Each slab reads its own box; a ``.nii.gz`` is decompressed
 up to the slab's end, so a case costs up to ``SLABS / 2`` decompressions in all.
+
+Several channels: ``read_image`` is then a tuple of readers, one per channel; blocks are
+(Z, Y, X, C) and ``normalisation`` gives each channel nnU-Net's scheme and properties
+(:func:`workbench.model.nnunet_rules.normalise_channel`, with the channel's surveyed
+whole-case statistics). :func:`foreground_properties` is the training set's foreground
+intensities per channel (nnU-Net's ``CTNormalization`` numbers), surveyed the same way.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ __all__ = [
     "SLABS",
     "CaseReader",
     "survey",
+    "foreground_properties",
+    "slab_statistics",
     "slab_boxes",
     "volume_reader",
     "labels_error",
@@ -63,10 +71,13 @@ def _slice(box):
 class CaseReader:
     """One labelled case read by boxes (see the module notes).
 
-    ``read_image(box)`` / ``read_labels(box)``: the stored voxels of a box of ``raw_shape``;
+    ``read_image(box)`` / ``read_labels(box)``: the stored voxels of a box of ``raw_shape``
+    (``read_image`` a tuple of readers: one per channel, blocks (Z, Y, X, C));
     ``resampling``: ``(grid_shape, scale, offset)`` or None; ``shape``: the padded shape
     (default the grid); ``num_classes``: the declared classes (None: any value >= 0);
-    ``label_error(lo, hi, bad, non_integer)``: the exception for bad label values.
+    ``label_error(lo, hi, bad, non_integer)``: the exception for bad label values;
+    ``normalisation``: None (the workbench's rule, :func:`~workbench.training.data.model_input`)
+    or nnU-Net's ``(scheme, properties)`` per channel.
     """
 
     name: str
@@ -85,6 +96,7 @@ class CaseReader:
     #: ``.nii.gz``) or reads it whole (NRRD, compressed MetaImage): a process's blocks are then made by one read of the box they tile
     #: (:func:`workbench.training.data.batch_blocks`) rather than one per device block
     sequential: bool = False
+    normalisation: tuple | None = None
 
     def __post_init__(self):
         self.raw_shape = tuple(int(n) for n in self.raw_shape)
@@ -95,18 +107,36 @@ class CaseReader:
         """The shape after resampling (before padding)."""
         return tuple(int(n) for n in self.resampling[0]) if self.resampling else self.raw_shape
 
-    def grid_block(self, box, *, labels: bool = True):
-        """(float32 image, labels or None) of ``box`` of the resampled grid, as stored."""
+    @property
+    def channels(self) -> int:
+        """Input channels (1 for a single ``read_image``)."""
+        return len(self.read_image) if isinstance(self.read_image, (tuple, list)) else 1
+
+    def grid_channel(self, box, channel: int = 0) -> np.ndarray:
+        """float32 voxels of one channel in ``box`` of the resampled grid (our own copy)."""
+        read = self.read_image[channel] if isinstance(self.read_image, (tuple, list)) else self.read_image
         if self.resampling is None:
-            image = np.array(self.read_image(box), np.float32)  # our own copy (normalised in place)
-            return image, (np.asarray(self.read_labels(box)) if labels else None)
+            return np.array(read(box), np.float32)
         from data_tools.preprocess import resample_block
 
         _, scale, offset = self.resampling
-        image = resample_block(lambda b: np.asarray(self.read_image(b), np.float32), self.raw_shape, scale, offset,
-                               box, 1)  # fmt: skip
-        lab = resample_block(self.read_labels, self.raw_shape, scale, offset, box, 0) if labels else None
-        return image, lab
+        return resample_block(lambda b: np.asarray(read(b), np.float32), self.raw_shape, scale, offset, box, 1)
+
+    def grid_block(self, box, *, labels: bool = True):
+        """(float32 image, labels or None) of ``box`` of the resampled grid, as stored
+        (image (Z, Y, X), or (Z, Y, X, C) for a tuple of channel readers)."""
+        if isinstance(self.read_image, (tuple, list)):
+            image = np.stack([self.grid_channel(box, c) for c in range(self.channels)], axis=-1)
+        else:
+            image = self.grid_channel(box)
+        if not labels:
+            return image, None
+        if self.resampling is None:
+            return image, np.asarray(self.read_labels(box))
+        from data_tools.preprocess import resample_block
+
+        _, scale, offset = self.resampling
+        return image, resample_block(self.read_labels, self.raw_shape, scale, offset, box, 0)
 
     def _info(self) -> dict:
         if self.stats is None:
@@ -122,6 +152,8 @@ class CaseReader:
         (``in_place``: overwriting ``raw``, a float32 array of ours; the same values)."""
         from data_tools.preprocess import zscore
 
+        if self.normalisation is not None:
+            return normalise_channels(raw, self.normalisation, self._info()["channels"])
         in_place = in_place and raw.dtype == np.float32 and raw.flags.writeable
         if self.is_ct:
             return ct_input(raw, in_place=in_place)
@@ -136,8 +168,13 @@ class CaseReader:
         if inner == tuple(box):
             image, labels = self.grid_block(box)  # fresh arrays: normalised in place
             return self.normalise(image, in_place=True), labels.astype(self.labels_dtype, copy=False)
-        pad = self.normalise(np.full((1, 1, 1), self._info()["min"], np.float32))[0, 0, 0]
-        image, labels = np.full(size, pad, np.float32), np.zeros(size, self.labels_dtype)
+        if isinstance(self.read_image, (tuple, list)):  # each channel padded with its normalised minimum
+            lows = np.array([c["min"] for c in self._info()["channels"]], np.float32)
+            pad = self.normalise(lows.reshape(1, 1, 1, -1))[0, 0, 0]
+            size = (*size, len(lows))
+        else:
+            pad = self.normalise(np.full((1, 1, 1), self._info()["min"], np.float32))[0, 0, 0]
+        image, labels = np.full(size, pad, np.float32), np.zeros(size[:3], self.labels_dtype)
         if all(hi > lo for lo, hi in inner):
             raw, lab = self.grid_block(inner)
             part = tuple(slice(0, hi - lo) for lo, hi in inner)
@@ -145,10 +182,33 @@ class CaseReader:
         return image, labels
 
 
-def _image_row(case: CaseReader, box) -> list:
+def normalise_channels(raw: np.ndarray, normalisation, stats) -> np.ndarray:
+    """nnU-Net's normalisation of each channel of ``raw`` (Z, Y, X, C), or (Z, Y, X) for one
+    channel: ``normalisation`` (scheme, properties) and ``stats`` (the whole case's moments)
+    per channel (:func:`workbench.model.nnunet_rules.normalise_channel`)."""
+    from workbench.model.nnunet_rules import normalise_channel
+
+    if raw.ndim == 3:
+        ((scheme, props),) = normalisation
+        return normalise_channel(raw, scheme, properties=props, stats=stats[0])
+    out = np.empty(raw.shape, np.float32)
+    for c, ((scheme, props), st) in enumerate(zip(normalisation, stats)):
+        out[..., c] = normalise_channel(raw[..., c], scheme, properties=props, stats=st)
+    return out
+
+
+def slab_statistics(array: np.ndarray) -> dict:
+    """:func:`data_tools.preprocess.combine_moments` of a whole (Z, Y, X) array's
+    :func:`slab_boxes`, combined as :func:`survey` combines them: the same floats."""
+    from data_tools.preprocess import block_moments, combine_moments
+
+    return combine_moments([block_moments(array[_slice(b)]) for b in slab_boxes(array.shape)])
+
+
+def _image_row(case: CaseReader, box, channel: int = 0) -> list:
     from data_tools.preprocess import block_moments
 
-    raw, _ = case.grid_block(box, labels=False)
+    raw = case.grid_channel(box, channel)
     if not np.isfinite(raw).all():
         raise UserError(f"{case.name} holds NaN/inf voxels; replace them (e.g. np.nan_to_num) before training")
     return list(block_moments(raw))
@@ -189,15 +249,16 @@ def survey(cases, *, gather: bool = True) -> None:
 def survey_rows(cases, index: int, count: int):
     """The survey's jobs (case, "image" or "labels", slab box) and this process's rows
     (process ``index`` of ``count`` fills rows ``index, index + count, …``; NaN elsewhere)."""
-    jobs = [(c, kind, box) for c in cases for kind, shape in (("labels", c.raw_shape), ("image", c.grid))
+    jobs = [(c, kind, box) for c in cases
+            for kind, shape in (("labels", c.raw_shape), *((ch, c.grid) for ch in range(c.channels)))
             for box in slab_boxes(shape)]  # fmt: skip
     rows = np.full((len(jobs), 5 + 4 + _BAD), np.nan)
     for k in range(index, len(jobs), count):
         case, kind, box = jobs[k]
-        if kind == "image":
-            rows[k, :5] = _image_row(case, box)
-        else:
+        if kind == "labels":
             rows[k, 5:] = _label_row(case, box)
+        else:
+            rows[k, :5] = _image_row(case, box, kind)
     return jobs, rows
 
 
@@ -211,8 +272,75 @@ def _finish(jobs, rows) -> None:
         bad = sorted({float(v) for v in labels[:, 4:].ravel() if not np.isnan(v)})[:_BAD]
         if non_integer or bad:
             raise case.label_error(lo, hi, [int(b) for b in bad], non_integer)
-        stats = combine_moments([tuple(row[:5]) for kind, row in mine if kind == "image"])
-        case.stats = {**stats, "label_min": int(lo), "label_max": int(hi)}
+        channels = [combine_moments([tuple(row[:5]) for kind, row in mine if kind == c]) for c in range(case.channels)]
+        case.stats = {**channels[0], "label_min": int(lo), "label_max": int(hi), "channels": channels}
+
+
+#: foreground voxels sampled per slab and channel by :func:`foreground_properties`
+#: (nnU-Net samples 10,000 per case; here up to ``SLABS`` × 1250)
+FOREGROUND_SAMPLES = 1250
+
+
+def foreground_properties(cases, channels, *, gather: bool = True) -> dict:
+    """nnU-Net's ``foreground_intensity_properties_per_channel`` of the training ``cases``
+    for the channel indices ``channels``: ``{str(c): {mean, std, min, max, percentile_00_5,
+    percentile_99_5}}`` of the voxels whose label is > 0, on the stored grid.
+
+    Mean, SD, min and max are those of every foreground voxel (moments combined in slab
+    order); the percentiles are of up to :data:`FOREGROUND_SAMPLES` voxels per slab, drawn
+    with a seed of (case, job index, channel). Slabs are shared among the processes as in
+    :func:`survey` (``gather``), so every process count gets the same numbers."""
+    index, count = 0, 1
+    if gather and cases:
+        import jax
+
+        index, count = jax.process_index(), jax.process_count()
+    jobs, rows = foreground_rows(cases, channels, index, count)
+    if count > 1:
+        from workbench.execute.distributed import allgather
+
+        gathered = allgather(rows)
+        rows = np.stack([gathered[k % count, k] for k in range(len(jobs))])
+    return foreground_finish(jobs, rows, channels)
+
+
+def foreground_rows(cases, channels, index: int, count: int):
+    """:func:`foreground_properties`' jobs (case index, channel, slab box) and this process's
+    rows (process ``index`` of ``count`` fills rows ``index, index + count, …``)."""
+    from data_tools.preprocess import block_moments
+
+    jobs = [(i, c, box) for i, case in enumerate(cases) for c in channels for box in slab_boxes(case.raw_shape)]
+    rows = np.full((len(jobs), 5 + FOREGROUND_SAMPLES), np.nan)
+    for k in range(index, len(jobs), count):
+        i, c, box = jobs[k]
+        case = cases[i]
+        read = case.read_image[c] if isinstance(case.read_image, (tuple, list)) else case.read_image
+        values = np.asarray(read(box), np.float32)[np.asarray(case.read_labels(box)) > 0]
+        rows[k, :5] = block_moments(values)
+        rng = np.random.default_rng([i, k, c])
+        picked = values if values.size <= FOREGROUND_SAMPLES else rng.choice(values, FOREGROUND_SAMPLES, replace=False)
+        rows[k, 5 : 5 + picked.size] = picked
+    return jobs, rows
+
+
+def foreground_finish(jobs, rows, channels) -> dict:
+    """The properties from every process's rows (see :func:`foreground_properties`)."""
+    from data_tools.preprocess import combine_moments
+
+    out = {}
+    for c in channels:
+        mine = [row for (_, ch, _), row in zip(jobs, rows) if ch == c]
+        moments = combine_moments([tuple(row[:5]) for row in mine])
+        samples = np.concatenate([row[5:][~np.isnan(row[5:])] for row in mine]) if mine else np.zeros(0)
+        if not samples.size:
+            raise UserError(
+                f"channel {c} has no foreground voxel (label > 0) in the training cases, so its CT "
+                "normalisation has no statistics; label some foreground or rename the channel"
+            )
+        low, high = np.percentile(samples, (0.5, 99.5))
+        out[str(c)] = {"mean": moments["mean"], "std": moments["std"], "min": moments["min"], "max": moments["max"],
+                       "percentile_00_5": float(low), "percentile_99_5": float(high)}  # fmt: skip
+    return out
 
 
 def is_ct_from(modality, source_format: str, value_range) -> bool:

@@ -74,6 +74,8 @@ __all__ = [
     "is_ct",
     "is_ct_from",
     "whole_case",
+    "channels_last",
+    "model_batch",
     "CT_WINDOW",
 ]
 
@@ -107,7 +109,8 @@ def model_input(volume) -> np.ndarray:
 
 @dataclass
 class Case:
-    """One normalised volume: image (Z,Y,X) float32, labels (Z,Y,X) uint8, spacing, name."""
+    """One normalised volume: image (Z,Y,X) float32 ((Z,Y,X,C) with several channels),
+    labels (Z,Y,X) uint8, spacing, name."""
 
     image: np.ndarray
     labels: np.ndarray
@@ -141,6 +144,8 @@ class Source:
     class_names: tuple[str, ...]
     shape: tuple[int, int, int]
     description: str
+    #: input channels: blocks are (Z, Y, X) for 1, (Z, Y, X, C) for more; batches always (N, Z, Y, X, C)
+    channels: int = 1
 
     def train_case(self, step: int, index: int) -> Case:  # pragma: no cover - interface
         raise NotImplementedError
@@ -152,10 +157,10 @@ class Source:
         raise NotImplementedError
 
     def train_batch(self, step: int, batch: int, *, seed: int = 0, augment_data: bool = True):
-        """(images f32[B, Z, Y, X, 1], labels i32[B, Z, Y, X]) for ``step``, deterministic."""
+        """(images f32[B, Z, Y, X, C], labels i32[B, Z, Y, X]) for ``step``, deterministic."""
         whole = tuple((0, n) for n in self.shape)
         blocks = [self.train_block(step, i, whole, seed=seed, augment_data=augment_data) for i in range(batch)]
-        images = np.stack([b[0] for b in blocks])[..., None].astype(np.float32)
+        images = np.stack([channels_last(b[0]) for b in blocks]).astype(np.float32)
         return images, np.stack([b[1] for b in blocks]).astype(np.int32)
 
     def train_block(self, step: int, index: int, box, *, seed: int = 0, augment_data: bool = True):
@@ -268,6 +273,16 @@ class VolumeSource(Source):
         return self.held_out[i].name
 
 
+def channels_last(image: np.ndarray) -> np.ndarray:
+    """A block (Z, Y, X) of a one-channel source as (Z, Y, X, 1); (Z, Y, X, C) unchanged."""
+    return image[..., None] if image.ndim == 3 else image
+
+
+def model_batch(image: np.ndarray) -> np.ndarray:
+    """A prepared case's image, (Z, Y, X) or (Z, Y, X, C), as the batch (1, Z, Y, X, C) a model runs on."""
+    return channels_last(np.asarray(image))[None]
+
+
 def whole_case(reader) -> Case:
     """The whole prepared :class:`Case` of a :class:`~workbench.training.cases.CaseReader`
     (for evaluation: this reads the whole volume)."""
@@ -371,7 +386,8 @@ def batch_blocks(source, step: int, batch: int, keys, *, seed: int, augment_data
     A key is ``((b0, b1), (z0, z1), (y0, y1), (x0, x1))``: a range of the batch and a box of
     the padded volume, what one device holds. Returns one (images f32[b, z, y, x, 1],
     labels i32[b, z, y, x]) per key, equal to that slice of the whole padded batch, made from
-    the blocks' own data when the source can (:meth:`Source.train_block`). Where a box read
+    the blocks' own data when the source can (:meth:`Source.train_block`); with
+    ``source.channels`` C > 1 the images are f32[b, z, y, x, C]. Where a box read
     decompresses the file from its start (``source.sequential_reads(step, b)``: a compressed
     ``.npz``, a ``.nii.gz``), blocks of one volume that tile a box (this process's part) are
     made by one call for that box and sliced (a block equals the slice of any larger
@@ -380,10 +396,11 @@ def batch_blocks(source, step: int, batch: int, keys, *, seed: int, augment_data
     """
     whole = None
     out, parts = [], []
+    channels = getattr(source, "channels", 1)
     for (b0, b1), *box in keys:
         valid = tuple((min(lo, n), min(hi, n)) for (lo, hi), n in zip(box, source.shape))
         size = tuple(hi - lo for lo, hi in box)
-        out.append((np.zeros((b1 - b0, *size, 1), np.float32), np.zeros((b1 - b0, *size), np.int32)))
+        out.append((np.zeros((b1 - b0, *size, channels), np.float32), np.zeros((b1 - b0, *size), np.int32)))
         parts.append((b0, b1, valid))
     # volume by volume, so a source that loads whole cases loads each once per step
     for b in sorted({b for b0, b1, _ in parts for b in range(b0, b1)}):
@@ -404,9 +421,9 @@ def batch_blocks(source, step: int, batch: int, keys, *, seed: int, augment_data
                 if whole is None:
                     whole = source.train_batch(step, batch, seed=seed, augment_data=augment_data)
                 sl = tuple(slice(lo, hi) for lo, hi in valid)
-                image, label = whole[0][(b, *sl, 0)], whole[1][(b, *sl)]
+                image, label = whole[0][(b, *sl)], whole[1][(b, *sl)]
             inner = tuple(slice(0, hi - lo) for lo, hi in valid)
-            images[(b - b0, *inner, 0)] = image
+            images[(b - b0, *inner)] = channels_last(image)
             labels[(b - b0, *inner)] = label
     if getattr(source, "_cached", None) is not None:
         source._cached = None  # the last whole case (see Source.case_block): released with the batch

@@ -24,10 +24,20 @@ window) and padded at the high end up to the training grid (the largest resample
 Each :class:`~workbench.training.data.Case` keeps the grid it was resampled to and its
 original shape and affine in ``metadata``, so a prediction goes back onto the original grid
 (:func:`data_tools.datasets.resample_onto`).
+
+Several channels (``channel_names`` with C > 1; or ``normalisation="nnunet"``): images are
+(Z, Y, X, C) float32 and each channel is normalised as nnU-Net does for the scheme its
+planner picks from the channel's name (:func:`workbench.model.nnunet_rules.normalisation_scheme`:
+``CT`` → ``CTNormalization`` with the training cases' foreground mean, SD and 0.5 / 99.5
+percentiles, :func:`~workbench.training.cases.foreground_properties`; anything else a z-score
+over the case). The schemes and numbers are part of :class:`Preprocessing` (so of the
+checkpoint), and evaluation applies the training set's numbers. A one-channel dataset keeps
+the workbench's rule unless ``normalisation="nnunet"``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import weakref
@@ -37,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from workbench.errors import UserError
-from workbench.training.cases import CaseReader, survey
+from workbench.training.cases import CaseReader, foreground_properties, normalise_channels, slab_statistics, survey
 from workbench.training.data import Case, Source, model_input
 
 __all__ = [
@@ -86,19 +96,30 @@ class Preprocessing:
     spacing: tuple[float, float, float] | None
     resolution: int | None
     shape: tuple[int, int, int]
+    #: nnU-Net's normalisation: (scheme, properties or None) per channel; () the workbench's rule
+    normalisation: tuple = ()
 
     def as_dict(self) -> dict:
-        return {
+        out = {
             "spacing": None if self.spacing is None else list(self.spacing),
             "resolution": self.resolution,
             "shape": list(self.shape),
         }
+        if self.normalisation:
+            out["normalisation"] = [{"scheme": s, "properties": p} for s, p in self.normalisation]
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
         spacing = d.get("spacing")
+        norm = tuple((str(n["scheme"]), n.get("properties")) for n in d.get("normalisation") or ())
         return cls(None if spacing is None else tuple(float(s) for s in spacing), d.get("resolution"),
-                   tuple(int(s) for s in d["shape"]))  # fmt: skip
+                   tuple(int(s) for s in d["shape"]), norm)  # fmt: skip
+
+    @property
+    def channels(self) -> int | None:
+        """Input channels of nnU-Net's normalisation (None: the workbench's one-channel rule)."""
+        return len(self.normalisation) or None
 
     def grid_shape(self, shape, spacing) -> tuple[int, int, int]:
         """The shape a case of ``shape`` / ``spacing`` is resampled to (as
@@ -159,26 +180,55 @@ def plan_preprocessing(infos, *, spacing=None, resolution: int | None = None) ->
     return Preprocessing(target, None, shape)  # type: ignore[arg-type]
 
 
+def _resampled(volume, plan: Preprocessing):
+    from data_tools.preprocess import resample
+
+    if plan.resolution is not None and volume.shape != plan.shape:
+        return resample(volume, shape=plan.resolution)
+    if plan.spacing is not None and not np.allclose(volume.spacing, plan.spacing, rtol=1e-6):
+        return resample(volume, spacing=plan.spacing)
+    return volume
+
+
 def prepare_case(volume, plan: Preprocessing, *, name: str | None = None, shape=None) -> Case:
     """``volume`` resampled, normalised and padded (high end) to ``shape`` (default the
     training shape; never smaller than the resampled case), as a tracked :class:`Case`.
 
+    ``volume``: one ``Volume``, or a list of them, one per channel (the first with the
+    labels; :func:`data_tools.datasets.read_case_channels`): the image is then (Z, Y, X, C),
+    normalised per channel by ``plan.normalisation`` with the case's statistics combined as
+    :func:`~workbench.training.cases.survey` combines them (the blocks of
+    :class:`DatasetSource` equal its slices).
+
     ``metadata``: ``grid_shape`` / ``grid_affine`` (the resampled case before padding) and
     ``original_shape`` / ``original_affine``.
     """
-    from data_tools.preprocess import resample
-
+    channels = list(volume) if isinstance(volume, (list, tuple)) else None
+    if channels is not None and len(channels) != (plan.channels or 1):
+        raise UserError(f"the case has {len(channels)} channel(s) but the preprocessing normalises "
+                        f"{plan.channels or 1}; evaluate with the dataset the model was trained on")  # fmt: skip
+    volume = channels[0] if channels else volume
     original_shape, original_affine = tuple(volume.shape), np.array(volume.affine)
-    if plan.resolution is not None and volume.shape != plan.shape:
-        volume = resample(volume, shape=plan.resolution)
-    elif plan.spacing is not None and not np.allclose(volume.spacing, plan.spacing, rtol=1e-6):
-        volume = resample(volume, spacing=plan.spacing)
+    volume = _resampled(volume, plan)
     grid = tuple(volume.shape)
     target = tuple(max(a, b) for a, b in zip(grid, shape or plan.shape))
-    image = model_input(volume)
     pads = [(0, t - g) for t, g in zip(target, grid)]
-    if any(p for _, p in pads):
-        image = np.pad(image, pads, constant_values=float(image.min()))
+    if plan.normalisation:
+        arrays = [np.asarray(volume.array, np.float32)] + [np.asarray(_resampled(v, plan).array, np.float32)
+                                                           for v in (channels or [])[1:]]  # fmt: skip
+        stats = [slab_statistics(a) for a in arrays]
+        image = normalise_channels(np.stack(arrays, axis=-1), plan.normalisation, stats)
+        lows = np.array([st["min"] for st in stats], np.float32).reshape(1, 1, 1, -1)
+        low = normalise_channels(lows, plan.normalisation, stats)[0, 0, 0]
+        if any(p for _, p in pads):
+            image = np.concatenate([np.pad(image[..., c : c + 1], pads + [(0, 0)], constant_values=float(low[c]))
+                                    for c in range(image.shape[-1])], axis=-1)  # fmt: skip
+        if not channels:
+            image = image[..., 0]
+    else:
+        image = model_input(volume)
+        if any(p for _, p in pads):
+            image = np.pad(image, pads, constant_values=float(image.min()))
     labels = None if volume.labels is None else np.pad(np.asarray(volume.labels, np.uint8), pads)
     meta = {
         "case": name,
@@ -215,17 +265,19 @@ class DatasetSource(Source):
     # trained on and the next being read, at most two cases are in host memory.
     prefetch_workers = 1
 
-    def __init__(self, path, *, fold: int = 0, spacing=None, resolution: int | None = None, progress: bool = True):
+    def __init__(self, path, *, fold: int = 0, spacing=None, resolution: int | None = None, progress: bool = True,
+                 normalisation: str = "auto"):  # fmt: skip
         from data_tools.datasets import check_dataset, open_dataset
 
         dataset = open_dataset(path)
-        if len(dataset.channel_names) != 1:
-            raise UserError(
-                f"{dataset.root} has {len(dataset.channel_names)} channels {list(dataset.channel_names)}; the "
-                "workbench trains single-channel models: keep one channel (the CASE_0000 files and one "
-                "channel_names entry) in a copy of the dataset"
-            )
+        if normalisation not in ("auto", "nnunet", "workbench"):
+            raise UserError(f"normalisation={normalisation!r}: use auto, nnunet or workbench")
+        if normalisation == "workbench" and len(dataset.channel_names) > 1:
+            raise UserError(f"{dataset.root} has {len(dataset.channel_names)} channels {list(dataset.channel_names)}; "
+                            "the workbench's normalisation is for one channel: use nnU-Net's (normalisation='nnunet')")  # fmt: skip
+        nnunet = normalisation == "nnunet" or (normalisation == "auto" and len(dataset.channel_names) > 1)
         self.dataset, self.fold = dataset, int(fold)
+        self.channels = len(dataset.channel_names)
         self.train_files, self.val_files = dataset.split(fold)
         # headers and grids of every case; the label values of the training cases are
         # checked block by block below (validation cases: whole, as they are evaluated)
@@ -237,8 +289,19 @@ class DatasetSource(Source):
         self._infos = infos
         self._val_readers: dict = {}
         survey(self.readers)
+        if nnunet:  # nnU-Net's scheme per channel name; CT's numbers from the training cases' foreground
+            from workbench.model.nnunet_rules import normalisation_scheme
+
+            schemes = [normalisation_scheme(n) for n in dataset.channel_names]
+            ct = [c for c, s in enumerate(schemes) if s == "CTNormalization"]
+            props = foreground_properties(self.readers, ct) if ct else {}
+            norm = tuple((s, props.get(str(c))) for c, s in enumerate(schemes))
+            self.plan = dataclasses.replace(self.plan, normalisation=norm)
+            for reader in self.readers:
+                reader.normalisation = norm
         self.class_names = dataset.class_names
         self.num_classes = len(self.class_names)
+        self.regions, self.regions_class_order = dataset.regions, dataset.regions_class_order
         self.description = (
             f"{dataset.name} fold {self.fold} ({len(self.train_files)} training, {len(self.val_files)} "
             f"validation cases; {self.plan.describe()})"
@@ -249,11 +312,17 @@ class DatasetSource(Source):
                         "train": [c.name for c in self.train_files], "val": [c.name for c in self.val_files]},
             "preprocessing": self.plan.as_dict(),
         }  # fmt: skip
+        if dataset.regions:  # nnU-Net's region-based labels: what a region model predicts
+            self.meta["dataset"].update(regions=[[n, list(v)] for n, v in dataset.regions],
+                                        regions_class_order=list(dataset.regions_class_order))  # fmt: skip
 
     def load(self, files) -> Case:
         """One case read, resampled, normalised and padded to the training grid."""
-        from data_tools.datasets import read_case
+        from data_tools.datasets import read_case, read_case_channels
 
+        if self.plan.normalisation:
+            volumes = read_case_channels(self.dataset, files, check=False)
+            return prepare_case(volumes if len(volumes) > 1 else volumes[0], self.plan, name=files.name)
         return prepare_case(read_case(self.dataset, files, check=False), self.plan, name=files.name)
 
     def _reader(self, files, info) -> CaseReader:
@@ -283,9 +352,11 @@ class DatasetSource(Source):
                              f"classes 0..{k - 1} {list(self.dataset.class_names)}", "remap the label map or "
                              "declare the classes in dataset.json \"labels\"")  # fmt: skip
 
+        readers = tuple((lambda b, f=f: read_box(f, b)) for f in files.images)
         return CaseReader(
-            files.name, shape, lambda b: read_box(files.images[0], b), lambda b: read_box(files.label, b),
+            files.name, shape, readers if len(readers) > 1 else readers[0], lambda b: read_box(files.label, b),
             modality=self.dataset.channel_names[0], source_format=info.source_format, resampling=resampling,
+            normalisation=self.plan.normalisation or None,
             shape=tuple(max(a, b) for a, b in zip(grid, plan.shape)), num_classes=k, label_error=label_error,
             labels_dtype=np.uint8 if k <= 256 else np.int32,
             sequential=any(str(f).endswith(".gz") or reads_whole(f) for f in (*files.images, files.label)),
@@ -333,16 +404,19 @@ class DatasetSource(Source):
         return self.val_files[i].name
 
 
-def make_source(data: str | Sequence, resolution: int | None = None, *, fold: int = 0, spacing=None) -> Source:
+def make_source(data: str | Sequence, resolution: int | None = None, *, fold: int = 0, spacing=None,
+                normalisation: str = "auto") -> Source:  # fmt: skip
     """The :class:`~workbench.training.data.Source` of ``workbench train --data``: a
-    :class:`DatasetSource` for a dataset folder (``fold``, ``spacing``), else
-    :func:`workbench.training.data.make_source` (phantoms, ``mni``, volume paths)."""
+    :class:`DatasetSource` for a dataset folder (``fold``, ``spacing``, ``normalisation``:
+    ``auto`` nnU-Net's per channel for several channels, ``nnunet`` always, ``workbench``
+    the one-channel rule), else :func:`workbench.training.data.make_source` (phantoms,
+    ``mni``, volume paths)."""
     from data_tools.datasets import is_dataset
     from workbench.training import data as sources
 
     items = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     if len(items) == 1 and isinstance(items[0], (str, os.PathLike)) and is_dataset(items[0]):
-        return DatasetSource(items[0], fold=fold, spacing=spacing, resolution=resolution)
+        return DatasetSource(items[0], fold=fold, spacing=spacing, resolution=resolution, normalisation=normalisation)
     if fold or spacing is not None:
         raise UserError(
             "--fold and --spacing apply to a dataset folder (dataset.json, imagesTr/, labelsTr/); "

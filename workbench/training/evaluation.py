@@ -1,20 +1,51 @@
-"""Held-out evaluation: Dice per class (per case and pooled), accuracy and HD95."""
+"""Held-out evaluation: Dice per class (per case and pooled), accuracy and HD95.
+
+Images may have several channels (a case's (Z, Y, X, C) image, every channel filled into
+the model's input). A model with region outputs (nnU-Net's sigmoid heads, ``model.spec``'s
+``output_kind == "sigmoid"``) is scored on its painted segmentation
+(:func:`predicted_labels`: regions painted in ``regions_class_order``); ``regions``
+((name, label values) pairs, a dataset's :attr:`~data_tools.datasets.Dataset.regions`) adds
+the Dice of each region (:func:`region_dice`: Dice of ``isin(seg, values)``).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["evaluate", "evaluate_blocks", "held_out_blocks"]
+__all__ = ["evaluate", "evaluate_blocks", "held_out_blocks", "predicted_labels", "region_dice"]
 
 
-def evaluate(model, cases, mesh="1x1x1", *, backend: str = "explicit", class_names=None, hd95: bool = True) -> dict:
-    """Dice per class per case and pooled, accuracy and HD95 (mm) of ``model`` on ``cases``.
+def predicted_labels(logits: np.ndarray, model=None) -> np.ndarray:
+    """Integer labels of channels-last ``logits`` (..., K): the argmax, or for a model with
+    region outputs nnU-Net's painting (:func:`workbench.model.nnunet_rules.logits_to_segmentation`)."""
+    spec = getattr(model, "spec", None)
+    if spec is not None and getattr(spec, "output_kind", "softmax") == "sigmoid":
+        from workbench.model.nnunet_rules import logits_to_segmentation
+
+        return logits_to_segmentation(np.moveaxis(np.asarray(logits), -1, 0), "sigmoid", spec.regions_class_order)
+    return np.asarray(logits).argmax(-1)
+
+
+def region_dice(pred: np.ndarray, truth: np.ndarray, regions) -> np.ndarray:
+    """(R,) hard Dice of each region ``(name, label values)``: of ``isin(pred, values)``
+    against ``isin(truth, values)`` (:func:`workbench.training.losses.dice_per_class` of the
+    two masks); NaN for a region absent from both."""
+    from workbench.training.losses import dice_per_class
+
+    return np.array([dice_per_class(np.isin(pred, values), np.isin(truth, values), 2)[1] for _, values in regions])
+
+
+def evaluate(model, cases, mesh="1x1x1", *, backend: str = "explicit", class_names=None, hd95: bool = True,
+             regions=()) -> dict:  # fmt: skip
+    """Dice per class per case and pooled, accuracy and HD95 (mm) of ``model`` on ``cases``
+    (and with ``regions``: ``region_dice``, ``region_dice_per_case``, ``pooled_region_dice``).
 
     Runs the partitioned inference (running batch-norm statistics) at each case's full
     resolution on the spatial part of ``mesh``.
     """
     from workbench.execute.run import run
     from workbench.mesh import MeshSpec, parse_mesh
+    from workbench.training.data import model_batch
     from workbench.training.losses import accuracy, dice_per_class, hausdorff95
 
     spec = parse_mesh(mesh)
@@ -22,12 +53,19 @@ def evaluate(model, cases, mesh="1x1x1", *, backend: str = "explicit", class_nam
     k = model.config.num_classes
     names = tuple(class_names or [f"class{i}" for i in range(k)])
     per_case, inter, psum, tsum, accs, hds, case_names = [], np.zeros(k), np.zeros(k), np.zeros(k), [], [], []
+    regions = tuple(regions or ())
+    per_region, region_counts = [], np.zeros((3, len(regions)))
     for case in cases:  # may be read lazily (a dataset's validation cases): iterated once
         case_names.append(case.name)
-        logits = run(model, case.image, spatial, backend=backend).output
-        pred = logits.argmax(-1)
+        logits = run(model, model_batch(case.image), spatial, backend=backend).output[0]
+        pred = predicted_labels(logits, model)
         truth = case.labels
         per_case.append(dice_per_class(pred, truth, k))
+        if regions:
+            per_region.append(region_dice(pred, truth, regions))
+            for r, (_, values) in enumerate(regions):
+                p, t = np.isin(pred, values), np.isin(truth, values)
+                region_counts[:, r] += (np.sum(p & t), p.sum(), t.sum())
         for c in range(k):
             p, t = pred == c, truth == c
             inter[c] += np.sum(p & t)
@@ -50,7 +88,23 @@ def evaluate(model, cases, mesh="1x1x1", *, backend: str = "explicit", class_nam
     if hd95 and hds:
         hds = np.asarray(hds)
         out["hd95_mm"] = {n: _nanmean(hds[:, i - 1]) for i, n in enumerate(names) if i > 0}
+    if regions:
+        out.update(_region_scores(regions, np.asarray(per_region).reshape(-1, len(regions)), region_counts))
     return out
+
+
+def _region_scores(regions, per_case: np.ndarray, counts: np.ndarray) -> dict:
+    """The region entries of :func:`evaluate`: ``per_case`` (cases, R) Dice, ``counts``
+    (intersection, predicted, true) × R summed over the cases."""
+    inter, psum, tsum = counts
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pooled = np.where(psum + tsum > 0, 2 * inter / (psum + tsum), np.nan)
+    names = [n for n, _ in regions]
+    return {
+        "region_dice": {n: _nanmean(per_case[:, i]) for i, n in enumerate(names)},
+        "region_dice_per_case": {n: [finite_or_none(v) for v in per_case[:, i]] for i, n in enumerate(names)},
+        "pooled_region_dice": {n: finite_or_none(pooled[i]) for i, n in enumerate(names)},
+    }
 
 
 def finite_or_none(v) -> float | None:
@@ -64,7 +118,7 @@ def _nanmean(values) -> float | None:
     return float(values.mean()) if values.size else None
 
 
-def evaluate_blocks(model, source, n: int, mesh, *, backend: str = "explicit", class_names=None) -> dict:
+def evaluate_blocks(model, source, n: int, mesh, *, backend: str = "explicit", class_names=None, regions=()) -> dict:
     """:func:`evaluate` of ``source``'s first ``n`` held-out cases, computed where the shards
     are: each process reads only its devices' blocks of each case
     (``source.eval_block(i, box)`` → (image, labels)), runs the partitioned forward pass,
@@ -75,14 +129,14 @@ def evaluate_blocks(model, source, n: int, mesh, *, backend: str = "explicit", c
     filled with empty cases that count nothing), so every device of every process takes
     part. Dice per case and pooled and accuracy equal :func:`evaluate`'s exactly (the same
     compiled program and integer counts); HD95 needs whole masks and is left out (the
-    result has no ``hd95_mm``).
+    result has no ``hd95_mm``). Every channel of a block is filled; ``regions`` as :func:`evaluate`.
     """
     import jax
-    import jax.numpy as jnp
 
     from workbench.execute.distributed import allgather, local_blocks, put_blocks, put_tree
     from workbench.execute.run import compile_forward
     from workbench.mesh import ShardLayout, parse_mesh
+    from workbench.training.data import channels_last
 
     spec = parse_mesh(mesh)
     cfg = model.config
@@ -91,10 +145,11 @@ def evaluate_blocks(model, source, n: int, mesh, *, backend: str = "explicit", c
     layout = ShardLayout(tuple(source.shape), spec, multiple=cfg.multiple)
     compiled = compile_forward(cfg, layout, backend=backend, batch=spec.data)
     shape = (spec.data, *layout.padded_shape, cfg.in_channels)
-    labels_of = jax.jit(lambda y: jnp.argmax(y, axis=-1).astype(jnp.uint8))
+    labels_of = jax.jit(_labels_fn(model))
+    regions = tuple(regions or ())
     variables = put_tree(model.variables, compiled.variables_sharding)
     # per case: intersection, predicted and true voxels of each class, and correct voxels
-    counts = np.zeros((n, 3, k), np.int64)
+    counts = np.zeros((n, 3, k + len(regions)), np.int64)
     correct = np.zeros(n, np.int64)
     for first in range(0, n, spec.data):
         truth: dict = {}
@@ -109,7 +164,7 @@ def evaluate_blocks(model, source, n: int, mesh, *, backend: str = "explicit", c
             for j in range(b0, b1):
                 if first + j < n and all(hi > lo for lo, hi in valid):
                     img, lab = source.eval_block(first + j, valid)
-                    image[(j - b0, *inner, 0)] = img
+                    image[(j - b0, *inner)] = channels_last(img)
                     labels[(j - b0, *inner)] = lab
             truth[(b0, b1, *box)] = labels
             return image
@@ -129,23 +184,53 @@ def evaluate_blocks(model, source, n: int, mesh, *, backend: str = "explicit", c
                 for c in range(k):
                     pc, tc = p == c, t == c
                     counts[first + j, :, c] += (int(np.sum(pc & tc)), int(pc.sum()), int(tc.sum()))
+                for r, (_, values) in enumerate(regions):
+                    pc, tc = np.isin(p, values), np.isin(t, values)
+                    counts[first + j, :, k + r] += (int(np.sum(pc & tc)), int(pc.sum()), int(tc.sum()))
         del x, pred, truth
         if hasattr(source, "release"):
             source.release(first + spec.data)
     totals = allgather(np.concatenate([counts.reshape(n, -1), correct[:, None]], axis=1)).sum(0)
-    counts, correct = totals[:, :-1].reshape(n, 3, k), totals[:, -1]
+    counts, correct = totals[:, :-1].reshape(n, 3, k + len(regions)), totals[:, -1]
+    counts, region_counts = counts[..., :k], counts[..., k:]
     voxels = int(np.prod(source.shape))
     with np.errstate(invalid="ignore", divide="ignore"):
         per_case = np.where(counts[:, 1] + counts[:, 2] > 0, 2.0 * counts[:, 0] / (counts[:, 1] + counts[:, 2]), np.nan)
         inter, psum, tsum = counts.sum(0)
         pooled = np.where(psum + tsum > 0, 2 * inter / (psum + tsum), np.nan)
-    return {
+    out = {
         "cases": [source.eval_name(i) for i in range(n)],
         "dice": {name: _nanmean(per_case[:, i]) for i, name in enumerate(names)},
         "dice_per_case": {name: [finite_or_none(v) for v in per_case[:, i]] for i, name in enumerate(names)},
         "pooled_dice": {name: finite_or_none(pooled[i]) for i, name in enumerate(names)},
         "accuracy": float(np.mean(correct / voxels)) if n else None,
     }
+    if regions:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            s = region_counts[:, 1] + region_counts[:, 2]
+            per_region = np.where(s > 0, 2.0 * region_counts[:, 0] / np.maximum(s, 1), np.nan)
+        out.update(_region_scores(regions, per_region, region_counts.sum(0)))
+    return out
+
+
+def _labels_fn(model):
+    """The jittable channels-last logits → uint8 labels of :func:`predicted_labels` (argmax,
+    or regions painted where ``sigmoid > 0.5``, later regions over earlier ones)."""
+    import jax.numpy as jnp
+
+    spec = getattr(model, "spec", None)
+    if spec is None or getattr(spec, "output_kind", "softmax") != "sigmoid":
+        return lambda y: jnp.argmax(y, axis=-1).astype(jnp.uint8)
+    order = tuple(int(v) for v in spec.regions_class_order)
+
+    def paint(y):
+        y = y.astype(jnp.float32)
+        seg = jnp.zeros(y.shape[:-1], jnp.uint8)
+        for i, label in enumerate(order):
+            seg = jnp.where(1.0 / (1.0 + jnp.exp(-y[..., i])) > 0.5, jnp.uint8(label), seg)
+        return seg
+
+    return paint
 
 
 def held_out_blocks(source, n: int):

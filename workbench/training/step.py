@@ -209,5 +209,6 @@ def put_batch_blocks(ts: TrainStep, batch: int, keys, blocks):
 
         return read
 
-    images = put_blocks((*shape, 1), ts.image_sharding, reader(0))
+    channels = blocks[0][0].shape[-1] if blocks else 1
+    images = put_blocks((*shape, channels), ts.image_sharding, reader(0))
     return images, put_blocks(shape, ts.label_sharding, reader(1))
