@@ -142,7 +142,7 @@ def test_mesh_for_refuses_splits_of_padding_only():
 
 @pytest.fixture(scope="module")
 def fixture_raw_datasets(tmp_path_factory):
-    """The fixture's raw CT datasets rebuilt with its own generator (numpy only), as NIfTI."""
+    """The fixture's raw datasets rebuilt with its own generator (numpy only), as NIfTI."""
     from data_tools.io import write_volume
     from data_tools.volume import Volume
 
@@ -153,8 +153,6 @@ def fixture_raw_datasets(tmp_path_factory):
         sys.path.remove(str(FIXTURE))
     out = {}
     for ds in make_fixture.DATASETS:
-        if ds["folder"] not in ("iso_ct", "aniso_ct"):  # thick_mri has region labels (data_tools refuses them)
-            continue
         root = tmp_path_factory.mktemp("raw") / ds["name"]
         (root / "imagesTr").mkdir(parents=True)
         (root / "labelsTr").mkdir()
@@ -167,12 +165,14 @@ def fixture_raw_datasets(tmp_path_factory):
                 write_volume(Volume(image, spacing=ds["spacing"]), root / "imagesTr" / f"{case}_{c:04d}.nii.gz")
             write_volume(Volume(seg, spacing=ds["spacing"]), root / "labelsTr" / f"{case}.nii.gz")
         description = {"channel_names": ds["channel_names"], "labels": ds["labels"], "numTraining": 3}
+        if "regions_class_order" in ds:
+            description["regions_class_order"] = ds["regions_class_order"]
         (root / "dataset.json").write_text(json.dumps({**description, "file_ending": ".nii.gz"}))
         out[ds["folder"]] = root
     return out
 
 
-@pytest.mark.parametrize("geometry", ["iso_ct", "aniso_ct"])
+@pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_fingerprint_equals_nnunets(fixture_raw_datasets, geometry):
     """Shapes, spacings and relative sizes exactly; the foreground statistics of the same draws
     (nnU-Net's RandomState(1234).choice, 1e6 voxels as the fixture was made): percentiles, median,

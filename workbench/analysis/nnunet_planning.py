@@ -4,7 +4,8 @@
 (read by :mod:`data_tools.datasets`): per case the shape after ``crop_to_nonzero`` and the
 spacing, and per channel the statistics of foreground voxels (label > 0) that CT
 normalisation uses. As in nnU-Net, ``10e7 // cases`` foreground voxels are drawn per case
-with replacement (``RandomState(1234).choice``, the same draws), and the statistics are those
+with replacement (``RandomState(1234).choice`` per case, the channels in turn: the same
+draws), and the statistics are those
 of the drawn sample; here the draws are counted instead of gathered, so memory stays at the
 size of the foreground.
 
@@ -52,10 +53,9 @@ _RESAMPLING = {
 
 
 # -- the fingerprint ----------------------------------------------------------------------------------
-def _draw_counts(n_voxels: int, n_samples: int) -> np.ndarray:
-    """How often each of ``n_voxels`` is drawn by ``RandomState(1234).choice(…, n_samples)``
-    (the same stream, drawn in chunks)."""
-    rs = np.random.RandomState(_SEED)
+def _draw_counts(rs: np.random.RandomState, n_voxels: int, n_samples: int) -> np.ndarray:
+    """How often each of ``n_voxels`` is drawn by ``rs.choice(…, n_samples)`` (the same
+    stream, drawn in chunks)."""
     counts = np.zeros(n_voxels, np.int64)
     chunk = 1 << 22
     for start in range(0, n_samples, chunk):
@@ -133,11 +133,12 @@ def dataset_fingerprint(path, *, samples: float = FOREGROUND_SAMPLES, log=None) 
         shapes.append([int(s.stop - s.start) for s in box])
         spacings.append([float(s) for s in info.spacing])
         relative.append(float(np.prod(shapes[-1]) / np.prod(seg.shape)))
+        rs = np.random.RandomState(_SEED)  # one stream per case, the channels drawn in turn (as nnU-Net)
         for c, image in enumerate(images):
             fg = image[box][foreground]
             if fg.size:
                 values[c].append(fg)
-                counts[c].append(_draw_counts(fg.size, per_case))
+                counts[c].append(_draw_counts(rs, fg.size, per_case))
     stats = {}
     for c in range(len(dataset.channel_names)):
         if not values[c]:
@@ -158,14 +159,20 @@ def dataset_fingerprint(path, *, samples: float = FOREGROUND_SAMPLES, log=None) 
 def _dataset_json(dataset) -> dict:
     """The dataset's description in nnU-Net v2's form (MSD's ``modality`` / ``{"0": name}`` converted)."""
     raw = json.loads((Path(dataset.root) / "dataset.json").read_text())
+    if dataset.regions:  # nnU-Net's region labels: {"background": 0, "whole": [1, 2], "core": 2}
+        labels = {"background": 0, **{n: list(v) if len(v) > 1 else v[0] for n, v in dataset.regions}}
+    else:
+        labels = {n: i for i, n in enumerate(dataset.class_names)}
     out = {
         "channel_names": {str(i): n for i, n in enumerate(dataset.channel_names)},
-        "labels": {n: i for i, n in enumerate(dataset.class_names)},
+        "labels": labels,
         "numTraining": len(dataset.training),
         "file_ending": dataset.file_ending,
         "name": dataset.name,
     }
-    for key in ("description", "regions_class_order", "overwrite_image_reader_writer"):
+    if dataset.regions:
+        out["regions_class_order"] = [int(v) for v in dataset.regions_class_order]
+    for key in ("description", "overwrite_image_reader_writer"):
         if key in raw:
             out[key] = raw[key]
     return out
