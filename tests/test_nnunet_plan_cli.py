@@ -141,3 +141,26 @@ def test_spec_plans_round_trip_for_regions():
     assert list(loss_weights(4)) == pytest.approx([4 / 7, 2 / 7, 1 / 7, 0])
     with pytest.raises(UserError, match="--dtype 'float16' is not planned"):
         spec_memory(spec, (8, 16, 16), "1x1x1", dtype="float16")
+
+
+def test_plan_data_of_a_two_channel_region_dataset(tmp_path, capsys):
+    """nnU-Net regions and two channels: the plans embed the region labels and give the
+    network one sigmoid head per region and two input channels (inference: a cheap compile)."""
+    from data_tools.synthetic.dataset import write_phantom_dataset
+
+    root = write_phantom_dataset(tmp_path / "Dataset003_Tumour", cases=3, test=0, task="tumour", layout="nnunet",
+                                 shapes=[(16, 16, 16)])  # fmt: skip
+    out = tmp_path / "p.json"
+    code, _, err = _plan(capsys, "--data", str(root), "--infer", "--budget-gib", "1", "--out", str(out))
+    assert code == 0, err
+    plans = json.loads(out.read_text())
+    dataset = plans["workbench"]["dataset"]
+    assert dataset["labels"] == {"background": 0, "whole": [1, 2], "core": 2} and dataset["regions_class_order"] == [
+        1,
+        2,
+    ]
+    assert plans["configurations"]["3d_fullres"]["normalization_schemes"] == ["ZScoreNormalization"] * 2
+    assert sorted(plans["foreground_intensity_properties_per_channel"]) == ["0", "1"]
+    spec = load_plans_file(out).spec
+    assert (spec.in_channels, spec.num_outputs, spec.output_kind) == (2, 2, "sigmoid")
+    assert spec.regions_class_order == (1, 2) and plans["workbench"]["dtype"] == "bfloat16"
