@@ -148,14 +148,16 @@ def _plan_file(args, train, dtype) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    m, gib = result["memory"], 2**30
-    spec = plans.spec
+    from workbench.analysis.plan import _size
+
+    m, spec = result["memory"], plans.spec
+    devices = f"{result['devices']} device{'s' if result['devices'] != 1 else ''}"
     print(
         f"{'training step' if train else 'inference'} of {spec.network_class} ({spec.n_stages} stages, "
         f"{spec.num_params:,} parameters, {dtype}) at {'x'.join(map(str, shape))} on mesh {result['mesh']} "
-        f"({result['devices']} devices, {result['compiler']} compiler, compiled in {result['compile_seconds']:.1f} s)\n"
-        f"  per device: {m['peak'] / gib:.3f} GiB = arguments {m['argument'] / gib:.3f} + outputs "
-        f"{m['output'] / gib:.3f} + temporaries {m['temp'] / gib:.3f} - aliased {m['alias'] / gib:.3f}"
+        f"({devices}, {result['compiler']} compiler, compiled in {result['compile_seconds']:.1f} s)\n"
+        f"  per device: {_size(m['peak'])} = arguments {_size(m['argument'])} + outputs {_size(m['output'])} "
+        f"+ temporaries {_size(m['temp'])} - aliased {_size(m['alias'])}"
     )
     return 0
 
