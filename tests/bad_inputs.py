@@ -776,6 +776,50 @@ case("train-finetune-tensors", N, "train --checkpoint NNUNET_FOLDER whose weight
      "has shape (4, 2, 1, 3, 3) but the network planned by", *NT, "--checkpoint", NN,
      setup=_finetune_mismatch)  # fmt: skip
 
+
+def _nnunet_labels(tmp, shape=(6, 24, 32), dtype=np.uint8, value=1):
+    """The nnU-Net case of :func:`_nnunet` and a label file ``{tmp}/nnunet_seg.nii.gz`` of ``shape``."""
+    from data_tools import Volume, write_volume
+
+    _nnunet(tmp)
+    write_volume(Volume(np.full(shape, value, dtype), spacing=(4.0, 0.6, 0.6)), tmp / "nnunet_seg.nii.gz")
+
+
+NNC = (*NNI, "--compare-with", "{tmp}/nnunet_seg.nii.gz")
+case("nnunet-compare-missing", N, "--compare-with a file that does not exist",
+     "nnunet_seg.nii.gz does not exist; pass nnU-Net's segmentation of the case", *NNC, setup=_nnunet)  # fmt: skip
+case("nnunet-compare-shape", N, "--compare-with a segmentation of another shape than the case",
+     "has shape (6, 24, 30) but the prediction of the case has (6, 24, 32)", *NNC,
+     setup=lambda tmp: _nnunet_labels(tmp, shape=(6, 24, 30)))  # fmt: skip
+case("nnunet-compare-not-labels", N, "--compare-with a volume of non-integer values (an image, not labels)",
+     "is not a label map", *NNC, setup=lambda tmp: _nnunet_labels(tmp, dtype=np.float32, value=0.5))  # fmt: skip
+case("nnunet-compare-reference", N, "--compare-with together with --reference",
+     "--compare-with and --reference both fill the viewers' comparison; pass one of them", *NNC, "--reference",
+     setup=_nnunet_labels)  # fmt: skip
+case("compare-with-not-nnunet", "cli", "--compare-with without an nnU-Net training folder as --checkpoint",
+     "--compare-with applies to an nnU-Net training folder as --checkpoint; drop it", "infer", "phantom:8", "--mesh",
+     "1x1x1", "--out", "{tmp}/out", "--compare-with", "{tmp}/seg.nii.gz")  # fmt: skip
+
+
+def _tiny_dataset(tmp):
+    from data_tools.synthetic.dataset import write_phantom_dataset
+
+    write_phantom_dataset(tmp / "Dataset002_Tiny", cases=3, test=0, layout="nnunet", shapes=[(12, 16, 16)])
+
+
+NP = ("plan", "--out", "{tmp}/out/plans.json")
+case("nnunet-plan-not-a-dataset", N, "plan --data: a folder without dataset.json",
+     "has no dataset.json (the MSD / nnU-Net description of the dataset)", *NP, "--data", "{tmp}")  # fmt: skip
+case("nnunet-plan-planner", N, "plan --data --planner resenc-xxl", "--planner 'resenc-xxl' is unknown; use one of nnunet",
+     *NP, "--data", "{tmp}", "--planner", "resenc-xxl")  # fmt: skip
+case("nnunet-plan-nothing-fits", N, "plan --data with a budget no mesh up to --max-devices meets (--json: no progress lines)",
+     "no mesh up to 1 device fits 0.0001 GiB/device: the smallest need found is", *NP, "--data", "{tmp}/Dataset002_Tiny",
+     "--budget-gib", "0.0001", "--max-devices", "1", "--infer", "--dtype", "float32", "--json",
+     setup=_tiny_dataset)  # fmt: skip
+case("nnunet-plan-plans-mesh", N, "plan --plans FILE without --mesh", "--plans FILE needs --mesh M", "plan", "--plans",
+     "{tmp}/plans.json")  # fmt: skip
+
+
 # -- multi-process settings ---------------------------------------------------------------------
 M = "multi-process"
 MP = ("infer", "phantom:8", "--mesh", "1x1x1", "--out", "{tmp}/out")

@@ -57,8 +57,11 @@ TIERS = {
     "test_multiprocess.py": ("exactness", "multiprocess"),
     "test_napari_gui.py": ("integration", "gui"),
     "test_nnunet.py": ("exactness",),
+    "test_nnunet_compare.py": ("integration",),
     "test_nnunet_infer.py": ("integration",),
     "test_nnunet_loss.py": ("exactness",),
+    "test_nnunet_plan_cli.py": ("integration",),
+    "test_nnunet_planning.py": ("unit",),
     "test_partition.py": ("exactness",),
     "test_plan.py": ("integration",),
     "test_reliability.py": ("exactness",),
@@ -68,6 +71,7 @@ TIERS = {
     "test_train_nnunet.py": ("exactness",),
     "test_train_nnunet_config.py": ("integration",),
     "test_viewer.py": ("integration",),
+    "test_viewer_channels.py": ("integration",),
     "test_widgets.py": ("integration",),
 }
 
@@ -129,6 +133,15 @@ def make_model():
         return _MODELS[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def nnunet_view_result(tmp_path_factory):
+    """(channel files, result folder) of the fixture's 2-channel region nnU-Net model inferred
+    with --reference (tests/test_viewer_channels.py), shared by the viewer and napari tests."""
+    from test_viewer_channels import write_nnunet_result_folder
+
+    return write_nnunet_result_folder(tmp_path_factory.mktemp("nnunet-view"))
 
 
 @pytest.fixture(scope="session")

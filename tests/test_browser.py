@@ -279,3 +279,50 @@ def test_the_notebook_viewer_draws_the_shards_and_follows_its_slider(quickstart,
         WebDriverWait(driver, 30).until(lambda d: np.abs(_picture(canvases[0]).astype(int) - before).max() > 8)
     finally:
         driver.save_screenshot(str(tmp_path / "viewer.png"))
+
+
+def test_the_notebook_viewer_selects_an_input_channel_and_shows_regions(lab, browser, nnunet_view_result):
+    """A 2-channel region model's result folder (nnU-Net fixture) in the viewer, in a tab of
+    its own: T2 is shown; ticking ADC shows ADC instead (T2 unticked, the picture changes);
+    ticking the region 'whole' overlays it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _, out = nnunet_view_result
+    source = ["from workbench.ui.notebook_viewer import viewer\n", f"viewer({str(out)!r})"]
+    notebook = {"cells": [{"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [],
+                           "source": source}],
+                "metadata": {"kernelspec": {"name": "workbench", "display_name": "workbench", "language": "python"}},
+                "nbformat": 4, "nbformat_minor": 5}  # fmt: skip
+    (lab["tmp"] / "notebooks" / "channels.ipynb").write_text(json.dumps(notebook))
+    driver = browser
+    first = driver.current_window_handle
+    driver.switch_to.new_window("tab")
+    try:
+        driver.get(f"{lab['url']}/lab/tree/channels.ipynb?token={lab['token']}")
+        WebDriverWait(driver, 120).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".jp-Notebook .jp-Cell"))
+        B.run_all_cells(driver)
+        WebDriverWait(driver, RUN_TIMEOUT).until(
+            lambda d: len(d.find_elements(By.CSS_SELECTOR, "canvas.wbv-canvas[data-geometry]")) == 3
+        )
+        canvas = driver.find_elements(By.CSS_SELECTOR, "canvas.wbv-canvas")[0]
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", canvas)
+        time.sleep(1.0)
+        boxes = {
+            e.get_attribute("data-overlay"): e for e in driver.find_elements(By.CSS_SELECTOR, "input[data-overlay]")
+        }
+        assert [n for n in boxes if n.startswith(("image", "region"))] == [
+            "image: T2", "image: ADC", "region: whole", "region: core"]  # fmt: skip
+        assert boxes["image: T2"].is_selected() and not boxes["image: ADC"].is_selected()
+        t2 = _picture(canvas).astype(int)
+        boxes["image: ADC"].click()
+        WebDriverWait(driver, 30).until(lambda d: np.abs(_picture(canvas).astype(int) - t2).max() > 8)
+        time.sleep(0.3)
+        adc = _picture(canvas).astype(int)
+        assert not boxes["image: T2"].is_selected() and boxes["image: ADC"].is_selected()  # one channel at a time
+        assert (np.abs(adc - t2).max(-1) > 8).mean() > 0.3  # another image, not a detail
+        boxes["region: whole"].click()
+        WebDriverWait(driver, 30).until(lambda d: np.abs(_picture(canvas).astype(int) - adc).max() > 8)
+    finally:
+        driver.close()
+        driver.switch_to.window(first)

@@ -207,6 +207,21 @@ def test_reader_opens_result_folder(make_napari_viewer, result_dir, tmp_path):
     )
 
 
+def test_reader_opens_an_nnunet_result_with_channels_and_regions(make_napari_viewer, nnunet_view_result):
+    """A 2-channel region model's result folder: one image layer per channel (the first shown),
+    one hidden labels layer per region, all valid napari layers."""
+    _, out = nnunet_view_result
+    viewer = make_napari_viewer(show=True)
+    layers = viewer.open(str(out), plugin=PLUGIN)
+    names = [layer.name for layer in layers]
+    assert names[:6] == ["image: T2", "image: ADC", "reference prediction", "prediction", "region: whole",
+                         "region: core"]  # fmt: skip
+    assert viewer.layers["image: T2"].visible and not viewer.layers["image: ADC"].visible
+    prediction = np.asarray(viewer.layers["prediction"].data)
+    np.testing.assert_array_equal(viewer.layers["region: core"].data, (prediction == 2).astype(np.uint8))
+    assert viewer.layers["image: ADC"].contrast_limits != viewer.layers["image: T2"].contrast_limits
+
+
 def test_view_screenshot_and_demo_view(result_dir, tmp_path):
     """`workbench view DIR --screenshot` and the demo's view step write a napari PNG with wireframes."""
     from PIL import Image

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from workbench.app.memory_guard import check_run_memory
 from workbench.app.nnunet_processing import (
     NORMALISATIONS,
     Preprocessed,
@@ -335,6 +336,7 @@ class NNUNetPrediction:
     reference_segmentation: np.ndarray | None = None
     comparison: Any = None
     files: list = field(default_factory=list)
+    channels: np.ndarray | None = None  # (C, Z, Y, X) the input channels as read (what the viewers show)
 
     @property
     def logits(self) -> np.ndarray:
@@ -394,6 +396,7 @@ def predict_nnunet(
     mirror: bool = False,
     on_stage=None,
     model=None,
+    force: bool = False,
 ) -> NNUNetPrediction:
     """Predict one case with the nnU-Net model of ``results_folder`` (a training folder,
     ``…/Trainer__Plans__3d_fullres``) and ``fold``, partitioned over ``mesh``.
@@ -404,7 +407,8 @@ def predict_nnunet(
     runs too; the report then holds the comparison of the logits and ``label_agreement``.
     ``mirror``: nnU-Net's test-time mirroring over the three axes of the network grid (nnU-Net's
     default for 3D trainers; 8 forward passes, the reference mirrored too).
-    ``model``: an already loaded :class:`~workbench.model.nnunet.NNUNetModel` of the folder.
+    ``model``: an already loaded :class:`~workbench.model.nnunet.NNUNetModel` of the folder. A run
+    that would not fit is refused once compiled (memory guard); ``force`` skips that.
     """
     from workbench.analysis.compare import compare
 
@@ -416,9 +420,7 @@ def predict_nnunet(
         model = _load_model(folder)
     spec = model.spec
     if spec.in_channels != len(folder.channel_names):  # pragma: no cover - the plans reader checks this
-        raise UserError(
-            f"the network takes {spec.in_channels} channels, dataset.json names {len(folder.channel_names)}"
-        )
+        raise UserError(f"the network takes {spec.in_channels} channels; dataset.json: {len(folder.channel_names)}")
     stage("read and preprocess")
     data, in_spacing, volume, files = _load_channels(images, folder, spacing)
     pre = preprocess(data, in_spacing, folder)
@@ -426,6 +428,9 @@ def predict_nnunet(
     x = np.ascontiguousarray(np.moveaxis(pre.data, 0, -1))
     stage(f"compile and run ({backend})")
     axes = MIRROR_AXES if mirror else ()
+    if not force:  # the memory guard, on the compiled forward itself (the run reuses it)
+        compiled = lambda key: _compiled(model, x.shape[:3], key.mesh, key.backend)[1]  # noqa: E731
+        check_run_memory(spec, x.shape[:3], mesh_spec, backend=backend, reference=reference, compiled=compiled)
     result = _run(model, x, mesh_spec, backend, axes)
     segmentation = postprocess(result.output, pre, spec)
     ref = ref_seg = comparison = None
@@ -439,14 +444,8 @@ def predict_nnunet(
         comparison = compare(result.output, ref.output, result.layout, keep_error=False, tol=tolerance)
     report = _report(result, model, folder, pre, files, ref, comparison, segmentation, ref_seg, volume)
     report["nnunet"]["mirror_axes"] = list(axes) or None
-    return NNUNetPrediction(segmentation, result, pre, folder, model, report, volume, ref, ref_seg, comparison, files)
-
-
-class _SpecConfig:
-    """What :func:`~workbench.app.results.build_report` reads of a model's config."""
-
-    def __init__(self, spec):
-        self.as_dict = spec.describe
+    return NNUNetPrediction(segmentation, result, pre, folder, model, report, volume, ref, ref_seg, comparison, files,
+                            data)  # fmt: skip
 
 
 def _report(result, model, folder, pre, files, ref, comparison, segmentation, ref_seg, volume) -> dict:
@@ -456,7 +455,7 @@ def _report(result, model, folder, pre, files, ref, comparison, segmentation, re
 
     report = build_report(
         result,
-        model=SimpleNamespace(config=_SpecConfig(model.spec)),
+        model=SimpleNamespace(config=SimpleNamespace(as_dict=model.spec.describe)),  # what build_report reads
         reference=ref,
         comparison=comparison,
         weights=f"nnU-Net {folder.path} fold_{folder.fold} ({model.source})",
@@ -486,16 +485,21 @@ def _report(result, model, folder, pre, files, ref, comparison, segmentation, re
         "preprocessing": pre.describe(),
         "labels_present": sorted(int(v) for v in np.unique(segmentation)),
     }
+    report["channel_names"], labels = list(folder.channel_names), folder.dataset.get("labels") or {}
+    if spec.output_kind == "sigmoid":  # what each region covers in the painted prediction (dataset.json)
+        report["regions"] = [[n, list(np.atleast_1d(labels[n]).astype(int).tolist())] for n in spec.output_names]
     return report
 
 
-def write_nnunet_result(
-    out, prediction: NNUNetPrediction, *, overwrite: bool = False, input_name=None, save_logits: bool = False
-) -> dict:
+def write_nnunet_result(out, prediction: NNUNetPrediction, *, overwrite: bool = False, input_name=None,
+                        save_logits: bool = False, compare_with: np.ndarray | None = None,
+                        images: bool | None = None) -> dict:  # fmt: skip
     """The result folder of a prediction (staged, renamed when complete): ``prediction.<ext>``
-    in the input's format family with its geometry (``.npy`` for arrays), ``report.json``,
-    with a reference ``reference_prediction.npy``, and on request ``logits.npy`` (network grid)."""
+    in the input's format family with its geometry (``.npy`` for arrays), ``report.json``, the
+    optional files of :func:`~workbench.app.nnunet_compare.write_extras`, and ``image.npy``, the
+    input channels (Z, Y, X, C): by default with a reference or ``compare_with``."""
     from data_tools.io import write_prediction
+    from workbench.app.nnunet_compare import write_extras
     from workbench.app.results import staged_output, write_report
     from workbench.execute.devices import device_summary
 
@@ -505,10 +509,10 @@ def write_nnunet_result(
         else:
             written = "prediction.npy"
             np.save(tmp / written, prediction.segmentation)
-        if prediction.reference_segmentation is not None:
-            np.save(tmp / "reference_prediction.npy", prediction.reference_segmentation)
-        if save_logits:
-            np.save(tmp / "logits.npy", prediction.logits)
+        write_extras(tmp, prediction, save_logits=save_logits, compare_with=compare_with)
+        wanted = images if images is not None else (prediction.reference is not None or compare_with is not None)
+        if prediction.channels is not None and wanted:
+            np.save(tmp / "image.npy", np.ascontiguousarray(np.moveaxis(prediction.channels, 0, -1), np.float32))
         report = dict(prediction.report)
         report.update(input=input_name, prediction=written, machine=device_summary())
         write_report(tmp, report)

@@ -5,7 +5,8 @@ A result folder is what ``workbench infer`` and ``workbench demo`` write (and wh
 
     report.json                  the report (schema below)
     prediction.<ext>             labels in the input's format family (NIfTI in, NIfTI out)
-    image.npy                    the input image (with a reference: what the viewers show)
+    image.npy                    the input image (with a reference: what the viewers show);
+                                 (Z, Y, X, C) for several channels, named by ``channel_names``
     reference_prediction.npy     the single-device reference's labels (with --reference)
     error.npy                    partitioned − reference per voxel, float32 (with --reference)
     ground_truth.npy             labels that came with the input (demo)
@@ -25,7 +26,12 @@ adds ``processes`` (per process: devices, boxes read, host memory) and ``referen
 ``box``, ``max_abs_diff``, ``mean_abs_diff``, ``rms_diff``, ``voxels_over_tolerance``),
 ``profile`` (the seam profile), and from the writer ``input``, ``prediction``,
 ``machine``, ``spacing``, ``class_names``. Comparison fields are ``null`` without a
-reference.
+reference. An nnU-Net model's result (:func:`workbench.app.nnunet.write_nnunet_result`)
+adds ``channel_names`` (one per input channel), ``regions`` (``[[name, [label values]],
+…]`` for region outputs: what each region covers in the painted prediction) and
+``network_shape`` (its shards split the network's grid; when that differs from the input's,
+the per-shard boxes are not checked against the input and the viewers draw the mesh over
+the input's grid).
 
 Folders are written under a temporary sibling name and renamed when complete
 (:func:`staged_output`), so a reader never sees half a result.
@@ -312,6 +318,23 @@ class ResultFolder:
     halo_band_width: int = 0
     files: dict[str, str] = field(default_factory=dict)
     stats: list[dict] | None = None  # per-shard error statistics of ``signed``
+    channel_names: list[str] | None = None  # names of ``image``'s channels (its last axis), or None: one channel
+    regions: list[tuple[str, tuple[int, ...]]] | None = None  # (name, label values) of region outputs
+
+    def channels(self) -> list[tuple[str, np.ndarray]]:
+        """(name, (Z, Y, X) array) of each input channel (none without ``image``)."""
+        if self.image is None:
+            return []
+        if np.ndim(self.image) == 3:
+            return [((self.channel_names or ["image"])[0], self.image)]
+        names = self.channel_names or [f"channel {c}" for c in range(self.image.shape[-1])]
+        return [(name, self.image[..., c]) for c, name in enumerate(names)]
+
+    def region_masks(self, labels=None) -> list[tuple[str, np.ndarray]]:
+        """(name, uint8 mask) of each region in ``labels`` (default the prediction):
+        ``isin(labels, values)``, what nnU-Net's region output covers (none without regions)."""
+        labels = self.prediction if labels is None else labels
+        return [(name, np.isin(np.asarray(labels), values).astype(np.uint8)) for name, values in self.regions or []]
 
 
 def _read_array(path: Path):
@@ -352,15 +375,17 @@ def load_result(path: str | os.PathLike) -> ResultFolder:
     if missing:
         raise DataError(report_path, f"lacks the keys {missing}", "rerun workbench infer/demo to rewrite it")
     shape = tuple(int(s) for s in report["input_shape"])
-    depth = int((report.get("model") or {}).get("depth", 1))
+    model = report.get("model") or {}
+    multiple = model.get("multiple") or 2 ** (int(model.get("depth", 1)) - 1)  # nnU-Net specs: per axis
+    network = tuple(int(s) for s in report.get("network_shape") or shape)
     try:
-        layout = ShardLayout(shape, report["mesh"], multiple=2 ** (depth - 1))
+        layout = ShardLayout(shape, report["mesh"], multiple=multiple)
     except (TypeError, ValueError) as err:
         raise DataError(
             report_path, f"has an unusable mesh/input_shape ({err})", "rerun workbench infer/demo"
         ) from None
     boxes = [[list(b) for b in s.valid_box] for s in layout.shards()]
-    if [row.get("box") for row in report["per_shard"]] != boxes:
+    if network == shape and [row.get("box") for row in report["per_shard"]] != boxes:
         raise DataError(report_path, f"per_shard boxes do not match mesh {layout.mesh} on {shape}",
                         "the report was edited or comes from another run; rerun workbench infer/demo")  # fmt: skip
 
@@ -377,7 +402,15 @@ def load_result(path: str | os.PathLike) -> ResultFolder:
     prediction, file_spacing = _read_array(pred_path)
     files["prediction"] = pred_name
 
+    channel_names = report.get("channel_names")
+
     def check(name, array):
+        if name.startswith("image.") and np.ndim(array) == 4:  # several channels, last
+            if channel_names is not None and array.shape[-1] != len(channel_names):
+                raise DataError(folder / name, f"has {array.shape[-1]} channels but report.json names "
+                                f"{len(channel_names)} {channel_names}", "rerun workbench infer into a new folder")  # fmt: skip
+            if tuple(array.shape[:3]) == shape:
+                return array
         if np.ndim(array) != 3 or tuple(array.shape) != shape:
             raise DataError(folder / name, f"has shape {tuple(np.shape(array))} but report.json says the "
                             f"volume is {shape}", "the files come from different runs; rerun workbench infer/demo")  # fmt: skip
@@ -416,7 +449,9 @@ def load_result(path: str | os.PathLike) -> ResultFolder:
             f"has spacing {report.get('spacing')!r}, not 3 positive numbers (mm)",
             "rerun workbench infer/demo to rewrite it",
         )
+    regions = [(str(n), tuple(int(v) for v in values)) for n, values in report.get("regions") or []] or None
     return ResultFolder(folder, report, layout, spacing, prediction,
                         class_names=report.get("class_names"),
                         halo_band_width=halo_width(report["halo"], model=report.get("model")),
-                        files=files, stats=stats, **optional)  # fmt: skip
+                        files=files, stats=stats, channel_names=channel_names, regions=regions,
+                        **optional)  # fmt: skip

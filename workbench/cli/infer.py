@@ -47,6 +47,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="with an nnU-Net training folder: nnU-Net's test-time mirroring (8 passes, all axes flipped)",
     )
     p.add_argument(
+        "--compare-with",
+        default=None,
+        metavar="SEG",
+        help="with an nnU-Net training folder: another segmentation of the case (e.g. nnUNetv2_predict's "
+        "sliding-window CASE.nii.gz): Dice, differing voxels and where in report.json; it becomes the viewers' "
+        "comparison (reference_prediction.npy) with disagreement.npy",
+    )
+    p.add_argument(
         "--fold", default=None, help="with an nnU-Net training folder as --checkpoint: the fold to use (default 0)"
     )
     add_common(p)
@@ -63,6 +71,8 @@ def run(args) -> int:
         return _nnunet(args)
     if args.mirror:
         raise UserError("--mirror applies to an nnU-Net training folder as --checkpoint; drop it")
+    if args.compare_with is not None:
+        raise UserError("--compare-with applies to an nnU-Net training folder as --checkpoint; drop it")
     if args.fold is not None:
         raise UserError("--fold applies to an nnU-Net training folder as --checkpoint; drop it")
     if len(args.input) > 1:
@@ -155,6 +165,7 @@ def _nnunet(args) -> int:
 
     from workbench.app import check_output_folder
     from workbench.app.nnunet import check_nnunet_mesh, open_nnunet_folder, predict_nnunet, write_nnunet_result
+    from workbench.app.nnunet_compare import comparison_for, comparison_line, read_comparison
     from workbench.app.results import summary_line
     from workbench.errors import UserError
 
@@ -165,9 +176,12 @@ def _nnunet(args) -> int:
             raise UserError(f"{flag} does not apply to an nnU-Net training folder as --checkpoint; drop it")
     if str(args.halo) != "exact":
         raise UserError(f"--halo {args.halo}: nnU-Net networks run with exact halos only; drop --halo")
+    if args.compare_with is not None and args.reference:
+        raise UserError("--compare-with and --reference both fill the viewers' comparison; pass one of them")
     folder = open_nnunet_folder(args.checkpoint, fold=0 if args.fold is None else args.fold)
     check_nnunet_mesh(None, None, args.mesh, args.backend)
     check_output_folder(args.out, overwrite=args.overwrite)
+    other = None if args.compare_with is None else read_comparison(args.compare_with)
     prediction = predict_nnunet(
         folder.path,
         args.input,
@@ -176,11 +190,21 @@ def _nnunet(args) -> int:
         backend=args.backend,
         reference=args.reference,
         mirror=args.mirror,
+        force=args.force,
     )
+    if other is not None:
+        prediction.report["compare_with"] = comparison_for(prediction, other, args.compare_with)
     report = write_nnunet_result(
-        args.out, prediction, overwrite=args.overwrite, input_name=" ".join(args.input), save_logits=args.save_logits
+        args.out,
+        prediction,
+        overwrite=args.overwrite,
+        input_name=" ".join(args.input),
+        save_logits=args.save_logits,
+        compare_with=other,
     )
     agreement = report["label_agreement"]
     print(summary_line(report) + ("" if agreement is None else f", labels equal on {agreement:.2%} of voxels"))
+    if other is not None:
+        print(comparison_line(report["compare_with"]))
     print(f"wrote {Path(args.out) / report['prediction']} and {Path(args.out) / 'report.json'}")
     return 0

@@ -287,7 +287,10 @@ def read_checkpoint_weights(path, *, use_torch: bool | None = None) -> tuple[dic
     if torch is not None:
         if not os.path.exists(path):
             raise InputNotFoundError(f"checkpoint {path!r} does not exist; pass an nnU-Net training folder")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # A trained checkpoint's logging and _best_ema hold numpy float32 scalars: allow exactly those.
+        scalars = [np._core.multiarray.scalar, np.dtype, type(np.dtype(np.float32)), type(np.dtype(np.float64))]
+        with torch.serialization.safe_globals(scalars):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         weights = checkpoint.get("network_weights") if isinstance(checkpoint, dict) else None
         if not isinstance(weights, dict):
             raise UserError(f"{path} holds no 'network_weights'; pass a checkpoint written by nnU-Net's trainer")

@@ -357,23 +357,31 @@ def build_layers(
     class_names: Sequence[str] | None = None,
     tolerance: float = 1e-5,
     stats: Sequence[dict] | None = None,
+    channel_names: Sequence[str] | None = None,
+    regions: Sequence[tuple[str, Sequence[int]]] | None = None,
 ) -> list[LayerData]:
-    """All layers of one run, bottom to top: image, ground truth, reference prediction,
-    prediction, class probabilities, error maps, halo band, shard contours, boundaries.
+    """All layers of one run, bottom to top: image (one layer per channel), ground truth,
+    reference prediction, prediction, its regions, class probabilities, error maps, halo
+    band, shard contours, boundaries.
 
+    ``image`` (Z, Y, X) or (Z, Y, X, C): C layers named ``image: NAME`` by ``channel_names``,
+    only the first visible. ``regions`` ((name, label values) of nnU-Net's region outputs):
+    one labels layer per region, ``region: NAME``, of ``isin(prediction, values)``.
     Every array must have the layout's volume shape (a clear ``ValueError`` otherwise).
     ``stats`` (from :func:`workbench.analysis.compare.shard_stats` of ``signed``) saves recomputing them.
     """
     shape = layout.volume_shape
-    for name, arr in (("image", image), ("prediction", prediction), ("ground truth", ground_truth),
+    channels = _channels(image, channel_names)
+    for name, arr in (*channels, ("prediction", prediction), ("ground truth", ground_truth),
                       ("reference prediction", reference_prediction), ("error map", signed)):  # fmt: skip
         if arr is not None:
             _check_volume(arr, name, shape)
     if logits is not None and tuple(logits.shape[:3]) != shape:
         raise UserError(f"logits have shape {tuple(logits.shape)} but the volume is {shape}")
     layers: list[LayerData] = []
-    if image is not None:
-        layers.append(image_layer(image, spacing=spacing))
+    for c, (name, channel) in enumerate(channels):
+        layers.append(image_layer(channel, spacing=spacing, name=name))
+        layers[-1][1]["visible"] = c == 0
     if ground_truth is not None:
         layers.append(labels_layer(ground_truth, spacing=spacing, name="ground truth", class_names=class_names))
     if reference_prediction is not None:
@@ -383,6 +391,12 @@ def build_layers(
         layers.append(ref)
     if prediction is not None:
         layers.append(labels_layer(prediction, spacing=spacing, name="prediction", class_names=class_names))
+        for name, values in regions or ():
+            mask = np.isin(np.asarray(prediction), list(values)).astype(np.uint8)
+            region = labels_layer(mask, spacing=spacing, name=f"region: {name}", class_names=["", name])
+            region[1]["visible"] = False
+            region[1].setdefault("metadata", {})["region_values"] = [int(v) for v in values]
+            layers.append(region)
     if logits is not None:
         layers.extend(probability_layers(logits, spacing=spacing, class_names=class_names))
     if signed is None:
@@ -396,6 +410,18 @@ def build_layers(
     layers.append(contour_layer(layout, spacing=spacing))
     layers.append(boundary_layer(layout, spacing=spacing, stats=stats))
     return layers
+
+
+def _channels(image, channel_names) -> list[tuple[str, Any]]:
+    """(layer name, (Z, Y, X) array) of each channel of ``image`` ((Z, Y, X) or (Z, Y, X, C))."""
+    if image is None:
+        return []
+    if np.ndim(image) != 4:
+        return [("image", image)]
+    names = list(channel_names or [f"channel {c}" for c in range(image.shape[-1])])
+    if len(names) != image.shape[-1]:
+        raise UserError(f"the image has {image.shape[-1]} channels but {len(names)} channel names {names}")
+    return [(f"image: {n}", image[..., c]) for c, n in enumerate(names)]
 
 
 def inference_layers(inference) -> list[LayerData]:
@@ -423,7 +449,8 @@ def result_layers(result) -> list[LayerData]:
                           ground_truth=result.ground_truth, reference_prediction=result.reference_prediction,
                           signed=result.signed, halo=result.report["halo"],
                           halo_band_width=result.halo_band_width, class_names=result.class_names,
-                          stats=result.stats)  # fmt: skip
+                          stats=result.stats, channel_names=getattr(result, "channel_names", None),
+                          regions=getattr(result, "regions", None))  # fmt: skip
     if result.signed is None and result.reference_prediction is not None:
         differ = (np.asarray(result.prediction) != np.asarray(result.reference_prediction)).astype(np.uint8)
         layers.insert(-3, (differ, dict(name="prediction ≠ reference", scale=result.spacing,

@@ -100,6 +100,19 @@ def _palette_lut(colors: Sequence, *, first: int = 1) -> np.ndarray:
     return lut
 
 
+def _input_channels(image, channel_names) -> list:
+    """(channel name, (Z, Y, X) array) of each input channel: ``image`` alone, or ``image: NAME``
+    per channel of a (Z, Y, X, C) image."""
+    if image is None:
+        return []
+    if np.ndim(image) != 4:
+        return [("image", image)]
+    names = list(channel_names or [str(c) for c in range(image.shape[-1])])
+    if len(names) != image.shape[-1]:
+        raise UserError(f"the image has {image.shape[-1]} channels but {len(names)} channel names {names}")
+    return [(f"image: {n}", image[..., c]) for c, n in enumerate(names)]
+
+
 class Scene:
     """Channels, shard boxes and colours of one partitioned run (see the module docstring).
 
@@ -108,11 +121,15 @@ class Scene:
     layout : ShardLayout
     spacing : (dz, dy, dx) in mm
     image, prediction, ground_truth, reference_prediction : (Z, Y, X) arrays, optional
+        (``image`` may be (Z, Y, X, C): one image channel per input channel, ``image: NAME``
+        by ``channel_names``, each with its own contrast; the browser shows one at a time)
     signed : (Z, Y, X) partitioned − reference, optional (the error channel)
     stats : per-shard rows of :func:`~workbench.analysis.compare.shard_stats` of ``signed``
         (the comparison's or the report's); computed when ``signed`` is given without them
     halo_width : voxels each shard receives per face at level 0 (0: no halo band channel)
-    class_names, title, tolerance
+    regions : (name, label values) of nnU-Net's region outputs: one hidden labels channel per
+        region, ``region: NAME``, of ``isin(prediction, values)`` (each its own colour)
+    class_names, channel_names, title, tolerance
     """
 
     def __init__(
@@ -130,6 +147,8 @@ class Scene:
         class_names: Sequence[str] | None = None,
         title: str = "",
         tolerance: float = 1e-5,
+        channel_names: Sequence[str] | None = None,
+        regions: Sequence[tuple[str, Sequence[int]]] | None = None,
     ):
         self.layout = layout
         self.shape = tuple(int(s) for s in layout.volume_shape)
@@ -138,7 +157,8 @@ class Scene:
         self.title = title
         self.tolerance = float(tolerance)
         self.halo_width = int(halo_width)
-        arrays = {"image": image, "prediction": prediction, "ground truth": ground_truth,
+        inputs = _input_channels(image, channel_names)
+        arrays = {**dict(inputs), "prediction": prediction, "ground truth": ground_truth,
                   "reference prediction": reference_prediction, "error map": signed}  # fmt: skip
         for what, array in arrays.items():
             if array is not None:
@@ -151,11 +171,12 @@ class Scene:
         n_shards = len(layout.shards())
         self.colors = shard_colors(n_shards)
         self.channels: list[Channel] = []
-        if image is not None:
-            self.image_limits = tuple(_percentile_limits(image))
-            gray = _ramp_lut("gray")
-            self._add("image", "image", "image", lambda a, i: quantise_image(_plane(image, a, i), self.image_limits),
-                      gray, limits=self.image_limits)  # fmt: skip
+        for k, (name, channel) in enumerate(inputs):  # several: the browser shows the one ticked
+            limits = tuple(_percentile_limits(channel))
+            if k == 0:
+                self.image_limits = limits
+            self._add(name, name, "image", self._image_reader(channel, limits), _ramp_lut("gray"), limits=limits,
+                      visible=k == 0)  # fmt: skip
         classes = _palette_lut(CLASS_COLORS)
         for name, array, visible, opacity, style in (
             ("ground truth", ground_truth, True, 0.9, "contour"),
@@ -167,6 +188,12 @@ class Scene:
                     raise UserError(f"{name} has dtype {array.dtype}, expected integer labels; use argmax(-1)")
                 self._add(name, name, "labels", self._labels_reader(array), classes, visible=visible,
                           opacity=opacity, style=style)  # fmt: skip
+        for r, (name, values) in enumerate(regions or () if prediction is not None else ()):
+            lut = np.zeros((256, 4), np.uint8)
+            lut[1, :3], lut[1, 3] = np.rint(np.asarray(CLASS_COLORS[r % len(CLASS_COLORS)]) * 255), 255
+            self._add(f"region: {name}", f"region {name} ({', '.join(map(str, values))})", "labels",
+                      self._region_reader(prediction, values), lut, visible=False, opacity=0.45, style="fill",
+                      region=[int(v) for v in values])  # fmt: skip
         self.error_limit = None
         if signed is not None:
             worst = self.max_abs_diff or 0.0
@@ -192,6 +219,15 @@ class Scene:
     # -- building ----------------------------------------------------------------------------
     def _add(self, name, label, kind, read, lut, *, visible=True, opacity=1.0, limits=None, **extra):
         self.channels.append(Channel(name, label, kind, read, lut, visible, opacity, limits, extra))
+
+    @staticmethod
+    def _image_reader(array, limits):
+        return lambda axis, index: quantise_image(_plane(array, axis, index), limits)
+
+    @staticmethod
+    def _region_reader(prediction, values):
+        values = [int(v) for v in values]
+        return lambda axis, index: np.isin(_plane(prediction, axis, index), values).astype(np.uint8)
 
     @staticmethod
     def _labels_reader(array):

@@ -31,7 +31,8 @@ def _from_folder(folder, options: dict) -> Scene:
     return Scene(folder.layout, spacing=folder.spacing, image=folder.image, prediction=folder.prediction,
                  ground_truth=folder.ground_truth, reference_prediction=folder.reference_prediction,
                  signed=folder.signed, stats=folder.stats, halo_width=folder.halo_band_width,
-                 class_names=folder.class_names, **options)  # fmt: skip
+                 class_names=folder.class_names, channel_names=folder.channel_names, regions=folder.regions,
+                 **options)  # fmt: skip
 
 
 def _from_inference(inference, options: dict) -> Scene:

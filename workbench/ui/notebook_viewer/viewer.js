@@ -91,8 +91,10 @@ function render({ model, el: root }) {
     const n = rows * cols;
     const out = new ImageData(cols, rows);
     const o = out.data;
-    const image = visible.image && planes.image ? planes.image : null;
-    const gray = luts.image;
+    // the background: the input channel ticked (one at a time; "image" for one channel)
+    const shownImage = channels.find((c) => c.kind === "image" && visible[c.name] && planes[c.name]);
+    const image = shownImage ? planes[shownImage.name] : null;
+    const gray = shownImage ? luts[shownImage.name] : null;
     for (let p = 0; p < n; p++) {
       const q = image ? image[p] * 4 : 0;
       o[4 * p] = image ? gray[q] : 0; o[4 * p + 1] = image ? gray[q + 1] : 0;
@@ -245,6 +247,7 @@ function render({ model, el: root }) {
   function valueText(c, q) {
     if (c.kind === "image") return `${c.name} ${fmt(c.limits[0] + (q / 255) * (c.limits[1] - c.limits[0]))}`;
     if (c.kind === "error") return `Δ ≈ ${fmt(((q - 128) / 127) * c.limits[1])}`;
+    if (c.kind === "labels" && c.region) return `${c.name} ${q ? "inside" : "outside"}`;
     if (c.kind === "labels") return `${c.name} ${man.class_names[q] ?? q}`;
     return q ? `halo of shard ${q - 1}` : "";
   }
@@ -273,7 +276,11 @@ function render({ model, el: root }) {
   function toggle(name, label, withOpacity) {
     const check = el("input", { type: "checkbox", "data-overlay": name });
     check.addEventListener("change", () => {
-      model.set("visible", { ...model.get("visible"), [name]: check.checked }); model.save_changes();
+      const next = { ...model.get("visible"), [name]: check.checked };
+      // input channels are a selector: ticking one unticks the others
+      if (check.checked && channels.some((c) => c.name === name && c.kind === "image"))
+        for (const c of channels) if (c.kind === "image" && c.name !== name) next[c.name] = false;
+      model.set("visible", next); model.save_changes();
       for (const v of views) request(v);
       drawAll();
     });
