@@ -5,6 +5,7 @@ import pytest
 
 from workbench.analysis.audit import audit, audit_text, format_audit
 from workbench.analysis.plan import compile_step
+from workbench.analysis.scaling import halo_messages
 from workbench.mesh import ShardLayout
 from workbench.model.unet import UNetConfig
 
@@ -47,32 +48,15 @@ def test_no_collectives():
     assert "no collectives" in format_audit(r)
 
 
-def _expected_halo_bytes(block: int, depth: int, base: int) -> int:
-    """Exact halo traffic of the explicit backend, small U-Net inference on 2x2x2.
-
-    Every conv input is padded by 1 and exchanged along z, y, x in turn, each axis
-    sending one face each way that includes the halos of the axes before it: b x b
-    along z, (b+2) x b along y, (b+2) x (b+2) along x. The decoder's first conv pads
-    the skip and the upsampled parts separately.
-    """
-    total = 0
-    for level in range(depth):
-        b, f = block // 2**level, base * 2**level
-        inputs = [1 if level == 0 else f // 2, f]  # down block: conv0 in, conv1 in
-        if level < depth - 1:
-            inputs += [f, f, f]  # dec block: skip part, upsampled part, conv1 in
-        faces = b * b + (b + 2) * b + (b + 2) ** 2
-        total += sum(2 * faces * c * 4 for c in inputs)
-    return total
-
-
 def test_explicit_halo_traffic_is_exact():
     cfg = UNetConfig.preset("small")
     compiled = compile_step(cfg, ShardLayout((32, 32, 32), "2x2x2", multiple=4), backend="explicit")
     r = audit(compiled)
     c = r["collectives"]
     assert c["collective-permute"]["count"] == 12 * 6  # 12 padded conv inputs x 3 axes x 2 directions
-    assert r["halo_bytes"] == _expected_halo_bytes(16, cfg.depth, cfg.base_filters)
+    # the layer spec's halo messages (analysis.scaling): 16³ blocks, the decoder's two parts padded apart
+    messages = halo_messages(cfg, (16, 16, 16), "2x2x2", train=False)
+    assert len(messages) == 12 * 6 and r["halo_bytes"] == sum(m["bytes"] for m in messages) == 398_880
     assert c["all-gather"]["count"] == 0 and c["all-to-all"]["count"] == 0 and r["warnings"] == []
     assert 0.2 < r["halo_ratio"] < 1.0
     one = audit(compile_step(cfg, ShardLayout((32, 32, 32), "1x1x1", multiple=4), backend="explicit"))

@@ -8,7 +8,7 @@ from workbench.analysis.figures import plot_seam_profile
 from workbench.analysis.receptive import predicted_artifact_depth, receptive_field
 from workbench.execute.run import apply, overlap_width
 from workbench.mesh import ShardLayout
-from workbench.model.unet import UNetConfig, receptive_radius
+from workbench.model.unet import UNetConfig
 
 TOL = 1e-4  # partitioned vs reference agree to ~1e-6 where no halo is wrong
 
@@ -25,7 +25,7 @@ def test_receptive_field_of_the_presets():
     assert [row["halo_level0"] for row in small["layers"]] == [1, 1, 2, 2, 4, 4, 2, 2, 1, 1]
     paper = receptive_field(UNetConfig.preset("paper"))
     assert (paper["radius"], paper["overlap_width"], paper["seam_depth"]) == (51, 56, 46)
-    assert paper["layers"][-1]["radius"] == receptive_radius(UNetConfig.preset("paper"))
+    assert paper["layers"][-1]["radius"] == max(UNetConfig.preset("paper").spec().receptive_radius()) == 51
     one_level = receptive_field(UNetConfig.preset("small", depth=1))
     assert (one_level["radius"], one_level["seam_depth"]) == (2, 2)  # two 3x3x3 convs
 

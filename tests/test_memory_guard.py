@@ -147,3 +147,42 @@ def test_reference_that_would_not_fit_one_device_is_refused_before_running(monke
     with pytest.raises(guard.MemoryRefused, match="--reference: the single-device reference"):
         infer(Model.init(model, seed=0), load_volume("phantom:32"), "2x2x2", reference=True)
     assert main(argv) == 0  # without --reference the same run goes ahead
+
+
+def test_an_architecture_outside_the_fit_is_never_passed_on_the_fitted_bounds():
+    """The presets' bounds were fitted on the presets: a one-level U-Net with 1 filter and 16
+    classes, which the fitted rule (32·V·F·4 + 256 MiB = 2.25 GiB at 256³) would pass within
+    5 GiB unchecked, is compiled instead (its logits alone are 1 GiB); with 128 classes its
+    layer spec's lower bound (image + logits, 8.1 GiB) refuses it at once."""
+    odd = UNetConfig.preset("small", depth=1, base_filters=1, convs_per_block=1, num_classes=16)
+    assert not guard.fitted(odd) and guard.fitted(UNetConfig.preset("paper", num_classes=4, dtype="float32"))
+    assert not guard.fitted(UNetConfig.preset("small", dtype="float64"))
+    assert not guard.fitted(UNetConfig.preset("small", dropout=0.1), train=True)
+    budget, voxels = 5 * 2**30, 256**3
+    assert 32 * voxels * odd.base_filters * 4 + 2**28 <= budget / 2  # what the fitted rule would have passed
+    got = guard.check_memory(odd, (256,) * 3, MeshSpec(), budget=budget)  # the real planner: compiled
+    assert got["decided_by"] == "planner" and 16 * voxels * 4 < got["bytes"] <= budget
+    with pytest.raises(guard.MemoryRefused, match="inference run needs at least 8.0"):
+        guard.check_memory(odd.replace(num_classes=128), (256,) * 3, MeshSpec(), budget=budget, planner=_no_planner)
+
+
+def test_the_layer_spec_bounds_hold_against_compiled_programs():
+    """spec_lower_bound <= XLA's peak <= spec_upper_bound - 256 MiB (the bound holds without its
+    fixed part) for networks no bound was fitted on: many classes, an nnU-Net network with
+    anisotropic strides on a mesh (its forward compiled by the guard's own planner)."""
+    from workbench.app.planning import PlanKey, plan_bytes
+    from workbench.mesh import ShardLayout
+    from workbench.model.spec import NetworkSpec
+
+    wide = UNetConfig.preset("small", depth=1, base_filters=1, convs_per_block=1, num_classes=64)
+    nnunet = NetworkSpec.plain(in_channels=2, num_outputs=3, kernels=[(1, 3, 3), 3, 3], strides=[1, (1, 2, 2), 2],
+                               features=[4, 8, 16], blocks=[2, 2, 2])  # fmt: skip
+    for net, shape, mesh in ((wide, (32,) * 3, MeshSpec()), (nnunet, (32, 64, 64), MeshSpec(2, 2, 2))):
+        stats = (plan_bytes if net is not nnunet else guard._plan_network)(PlanKey(net, shape, mesh))
+        spec = net if net is nnunet else net.spec()
+        block = ShardLayout(shape, mesh, multiple=spec.multiple).block_shape
+        assert guard.spec_lower_bound(spec, block) <= stats["peak"]
+        assert stats["peak"] <= guard.spec_upper_bound(spec, block) - 2**28, (net, stats)
+        got = guard.check_memory(net, shape, mesh, budget=2 * stats["peak"], planner=lambda key, s=stats: s)
+        assert got["decided_by"] == "planner" and got["bytes"] == stats["peak"]
+    assert guard.check_memory(nnunet, (32, 64, 64), MeshSpec(2, 2, 2), budget=2**30)["decided_by"] == "layer spec bound"

@@ -19,9 +19,11 @@ from workbench.errors import InputNotFoundError, UserError
 from workbench.execute.nnunet import apply_nnunet, crop_heads, make_nnunet_forward, nnunet_layout
 from workbench.mesh import ACTIVATION_SPEC, build_mesh, parse_mesh
 from workbench.model.halo import halo_pad
+from workbench.model.layers import CONV3_HALO, CONV3_KERNEL
 from workbench.model.nnunet import NNUNet, NNUNetModel, load_nnunet_folder, load_nnunet_weights
 from workbench.model.nnunet_plans import from_nnunet_arch, from_nnunet_plans, load_plans_file
 from workbench.model.spec import NetworkSpec, conv_halo
+from workbench.model.unet import PRESETS, UNet3D, UNetConfig
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nnunet"
 NETWORKS = json.loads((FIXTURE / "networks.json").read_text())["networks"]
@@ -132,16 +134,20 @@ def _forward_reach(spec, axis, q, length):
             x = np.array([xp[i * s : i * s + k].any() for i in range(n)])
         elif la.op == "transposed_conv":
             x = np.repeat(x, s)
-        elif la.op == "avg_pool":
+        elif la.op in ("avg_pool", "max_pool"):
             x = x.reshape(-1, s).any(axis=1)
         reach[la.name] = x
     return np.flatnonzero(reach[spec.outputs[0].name])
 
 
-@pytest.mark.parametrize("name", ["resenc_aniso_ct", "plain_thick_mri"])
+@pytest.mark.parametrize("name", ["resenc_aniso_ct", "plain_thick_mri", "paper", "small"])
 def test_receptive_radius_agrees_with_a_forward_reach(name):
-    call = json.loads((FIXTURE / "golden" / name / "network.json").read_text())["builder_call"]
-    spec = from_nnunet_arch(call["arch_class_name"], call["arch_kwargs"], call["input_channels"], 1)
+    if name in PRESETS:  # the paper U-Net's spec: 51 and 23 voxels (docs/design.md)
+        spec = UNetConfig.preset(name).spec()
+        assert spec.receptive_radius() == {"paper": (51,) * 3, "small": (23,) * 3}[name]
+    else:
+        call = json.loads((FIXTURE / "golden" / name / "network.json").read_text())["builder_call"]
+        spec = from_nnunet_arch(call["arch_class_name"], call["arch_kwargs"], call["input_channels"], 1)
     radius = spec.receptive_radius()
     for axis in range(3):
         length = 8 * spec.multiple[axis] * (radius[axis] // spec.multiple[axis] + 2)
@@ -151,6 +157,43 @@ def test_receptive_radius_agrees_with_a_forward_reach(name):
             hit = _forward_reach(spec, axis, q, length)
             reach = max(reach, int(np.abs(hit - q).max()))
         assert reach == radius[axis], (axis, reach, radius)
+
+
+@pytest.mark.parametrize("name", ["small", "paper"])
+def test_paper_spec_is_the_flax_unet(name):
+    """The paper U-Net's layer spec has the Flax model's parameters (85,355 and 5,602,595),
+    layer by layer, and the geometry its layers use: 3×3×3 kernels with a (1, 1) halo
+    (layers.CONV3_KERNEL / CONV3_HALO), 2×2×2 pooling and up-sampling, size multiple 2^(depth-1)."""
+    config = UNetConfig.preset(name)
+    spec = config.spec()
+    dummy = jax.ShapeDtypeStruct((1, *config.multiples, 1), jnp.float32)
+    params = jax.eval_shape(UNet3D(config).init, jax.random.key(0), dummy)["params"]
+    flax_count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    assert spec.num_params == flax_count == {"small": 85_355, "paper": 5_602_595}[name]
+    assert spec.multiple == (2 ** (config.depth - 1),) * 3 == config.multiples
+    weighted = [la for la in spec.layers if la.weight_shape is not None]
+    kernels = {"/".join(k.key for k in path[:-1]) for path, _ in jax.tree_util.tree_leaves_with_path(params)
+               if path[-1].key == "kernel"}  # fmt: skip
+    assert {la.name for la in weighted} == kernels
+    for la in weighted:
+        module = params
+        for key in la.name.split("/"):
+            module = module[key]
+        flax = module["kernel"].shape  # (*kernel, in, out); the head: (in, out)
+        if la.op == "transposed_conv":  # spec: nnU-Net's (in, out, *stride)
+            assert (*flax[-2:], *flax[:-2]) == la.weight_shape
+        else:  # spec: (out, in, *kernel)
+            assert (flax[-1], flax[-2], *(flax[:-2] or (1, 1, 1))) == la.weight_shape
+        assert module["bias"].shape == (la.out_channels,) and la.bias
+        if la.op == "conv" and la.name != "head":
+            assert la.kernel == CONV3_KERNEL and la.halo == ((CONV3_HALO, CONV3_HALO),) * 3
+            block, conv = la.name.split("/")
+            assert params[block][conv.replace("conv", "norm")]["scale"].shape == (la.out_channels,)
+    pools = [la for la in spec.layers if la.op == "max_pool"]
+    assert [la.stride for la in pools] == [(2, 2, 2)] * (config.depth - 1)
+    assert config.replace(norm="none").spec().num_params == spec.num_params - 2 * sum(
+        la.out_channels for la in weighted if la.norm
+    )
 
 
 def _bad_plans(tmp_path, edit, dataset_edit=None):

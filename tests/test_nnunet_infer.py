@@ -230,3 +230,20 @@ def test_transpose_and_resampling_are_undone_on_the_input_grid():
     coarse = preprocess(data, (4.0, 1.2, 0.6), moved)  # y twice as coarse as the plan: resampled to 10
     assert coarse.resampled and coarse.data.shape == (2, 7, 3, 10)
     assert postprocess(np.moveaxis(coarse.data, 0, -1), coarse, Spec).shape == data.shape[1:]
+
+
+def test_the_memory_guard_covers_nnunet_networks(even_run, monkeypatch, tmp_path, capsys):
+    """Compile-only: the guard reads the forward compiled for the run itself (no second compile);
+    too little memory: exit 2, one line, nothing written; --force runs anyway."""
+    import workbench.app.memory_guard as guard
+
+    files, _ = even_run
+    monkeypatch.setattr(guard, "available_memory", lambda n: (2**16, "a test budget of 64 KiB"))
+    out = tmp_path / "out"
+    argv = [*files, "--checkpoint", RESULTS, "--mesh", "2x2x2", "--out", out]
+    assert _infer(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "this inference run needs the planner's" in err, err
+    assert "is available (a test budget of 64 KiB)" in err and err.rstrip().endswith("or pass --force to run anyway")
+    assert not out.exists()
+    assert _infer([*argv, "--force"]) == 0 and (out / "report.json").is_file()

@@ -8,7 +8,7 @@ from conftest import perturbed
 
 from workbench.execute.run import apply, make_forward
 from workbench.mesh import ShardLayout, parse_mesh
-from workbench.model.unet import Model, UNetConfig, receptive_radius
+from workbench.model.unet import Model, UNetConfig
 
 MESHES = ["1x1x1", "2x1x1", "1x2x1", "1x1x2", "2x2x2", "1x2x4", "4x2x1", "8x1x1", "data=2,z=2,y=2,x=1"]
 SHAPES = [(40, 56, 48), (37, 53, 45)]
@@ -324,7 +324,7 @@ def _seam_error(plain_model, halo):
 
 @pytest.mark.parametrize("halo", ["zero", "reflect", "replicate", 0])
 def test_per_layer_halo_artifacts_stay_in_receptive_band(plain_model, halo):
-    radius = receptive_radius(plain_model.config)
+    radius = max(plain_model.config.spec().receptive_radius())
     assert radius == 23
     err, seam = _seam_error(plain_model, halo)
     inside = np.zeros(err.shape, bool)
@@ -335,7 +335,7 @@ def test_per_layer_halo_artifacts_stay_in_receptive_band(plain_model, halo):
 
 @pytest.mark.parametrize("width", [4, 8, 16])
 def test_narrow_overlap_halo_band(plain_model, width):
-    radius = receptive_radius(plain_model.config)
+    radius = max(plain_model.config.spec().receptive_radius())
     band = radius - width
     err, seam = _seam_error(plain_model, width)
     inside = np.zeros(err.shape, bool)

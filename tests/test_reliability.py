@@ -143,7 +143,7 @@ MESHES = [m for m in ("1x1x1", "2x1x1", "1x2x1", "1x1x2", "2x2x1", "2x1x2", "1x2
     halo=st.one_of(st.sampled_from(["exact", "overlap", "zero"]), st.integers(0, 12)),
 )
 def test_partitioned_result_is_exact_or_one_user_error(make_model, shape, mesh, halo):
-    from workbench.model.unet import UNetConfig, receptive_radius
+    from workbench.model.unet import UNetConfig
 
     model = make_model(UNetConfig.preset("small", **TINY_MODEL), perturbed_model=True)
     image = np.random.default_rng(sum(shape)).normal(size=shape).astype(np.float32)
@@ -155,7 +155,7 @@ def test_partitioned_result_is_exact_or_one_user_error(make_model, shape, mesh, 
         return
     event("ran")
     assert out.shape == (*shape, model.config.num_classes) and np.isfinite(out).all()
-    if halo in ("zero", 0) or (isinstance(halo, int) and halo < receptive_radius(model.config)):
+    if halo in ("zero", 0) or (isinstance(halo, int) and halo < max(model.config.spec().receptive_radius())):
         # each shard pads itself, or takes a halo narrower than the receptive field: seams by
         # design (README "Halo modes": exact only if WIDTH >= the receptive field), only the shape is promised
         event("seams by design")

@@ -87,3 +87,29 @@ def test_async_overlap_reads_the_schedule():
         "nothing_between": 0,
     }
     assert r["summary"]["all-reduce"]["count"] == 2 and r["summary"]["all-reduce"]["nothing_between"] == 2
+
+
+def test_halo_rule_of_a_spec_with_strided_and_anisotropic_layers():
+    """The same rule, from the layer spec, for an nnU-Net network: (1, 3, 3) kernels (no z
+    halo), strided convolutions with the asymmetric (1, 0) halo (one message per axis, not
+    two) and a decoder whose first conv pads the concatenation, against its compiled forward."""
+    import jax
+    import jax.numpy as jnp
+
+    from workbench.execute.nnunet import make_nnunet_forward, nnunet_layout
+    from workbench.model.nnunet import NNUNetModel
+    from workbench.model.spec import NetworkSpec
+
+    spec = NetworkSpec.plain(in_channels=2, num_outputs=3, kernels=[(1, 3, 3), (3, 3, 3), (3, 3, 3)],
+                             strides=[1, (1, 2, 2), 2], features=[4, 8, 8], blocks=[2, 1, 1])  # fmt: skip
+    layout = nnunet_layout(spec, (16, 32, 32), "2x2x2")  # blocks 8 x 16 x 16
+    fn, _, in_sharding, var_sharding = make_nnunet_forward(spec, layout, deep_supervision=False)
+    variables = jax.eval_shape(lambda: NNUNetModel.init(spec).variables)
+    variables = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=var_sharding), variables)
+    x = jax.ShapeDtypeStruct((1, *layout.padded_shape, 2), jnp.float32, sharding=in_sharding)
+    r = audit(fn.lower(variables, x).compile())
+    messages = halo_messages(spec, layout.block_shape, "2x2x2", train=False)
+    assert r["collectives"]["collective-permute"]["count"] == len(messages) == 31
+    assert r["halo_bytes"] == halo_bytes(spec, layout.block_shape, "2x2x2", train=False) == 97_728
+    strided = [m for m in messages if m["conv"] == "encoder.stages.1.0.convs.0"]
+    assert {(m["axis"], m["direction"]) for m in strided} == {("z", 1), ("z", -1), ("y", 1), ("x", 1)}

@@ -129,7 +129,16 @@ def test_halo_width_per_mode():
     from workbench.execute.run import overlap_width
     from workbench.model.unet import UNetConfig
 
-    assert halo_width("overlap", model=model) == overlap_width(UNetConfig(**model)) > 8
+    assert halo_width("overlap", model=model) == overlap_width(UNetConfig(**model)) == 24
+    # from the layer spec: the paper U-Net's 3×3×3 convs and an nnU-Net network's (report["model"])
+    assert halo_width("exact", model=model) == 1
+    from workbench.model.spec import NetworkSpec
+
+    nnunet = NetworkSpec.plain(in_channels=1, num_outputs=2, kernels=[(1, 3, 3), 3], strides=[1, (1, 2, 2)],
+                               features=[2, 4], blocks=[1, 1]).describe()  # fmt: skip
+    assert halo_width("exact", model=nnunet) == 1
+    with pytest.raises(ValueError, match="not available for nnU-Net networks"):
+        halo_width("overlap", model=nnunet)
     with pytest.raises(ValueError, match="halo 'overlap' needs the model config"):
         halo_width("overlap")
     with pytest.raises(ValueError, match="unknown halo mode 'wide'"):

@@ -89,6 +89,19 @@ def test_resolutions_offered_split_evenly_and_others_show_padding():
     assert padding_note((47, 58, 49), MeshSpec(2, 2, 2), 4).startswith("47×58×49 is padded to 48×64×56")
 
 
+def test_halo_choices_come_from_the_layer_spec():
+    """overlap at the spec's receptive width (23 → 24, 51 → 56), narrower widths in steps of its size multiple."""
+    from workbench.model.unet import UNetConfig
+    from workbench.ui.choices import halo_options
+
+    small = halo_options(UNetConfig.preset("small"))
+    assert small[:5] == [("exact", "exact"), ("overlap (input halo 24, exact)", "overlap"), ("zero", "zero"),
+                         ("reflect", "reflect"), ("replicate", "replicate")]  # fmt: skip
+    assert [v for _, v in small[5:]] == [4, 8, 12, 16, 20]
+    paper = halo_options(UNetConfig.preset("paper"))
+    assert paper[1][0] == "overlap (input halo 56, exact)" and [v for _, v in paper[5:]] == [8, 16, 24, 32, 40, 48]
+
+
 def test_parse_resolution_and_its_error():
     assert parse_resolution(" 64 ", allow_native=True) == (64, 64, 64)
     assert parse_resolution("Native", allow_native=True) == "native"

@@ -1,22 +1,25 @@
-"""Scaling on paper: halo messages from the model alone, and which mesh axes leave a node.
+"""Scaling on paper: halo messages from the layer spec alone, and which mesh axes leave a node.
 
-The explicit backend exchanges a width-1 halo before every 3×3×3 convolution
+The explicit backend exchanges, before every layer of the network's
+:class:`~workbench.model.spec.NetworkSpec` that needs a halo (the paper U-Net's 3×3×3
+convolutions: (1, 1) per axis), the layer's per-axis (lo, hi) halo
 (:mod:`workbench.model.halo`): axis after axis (z, then y, then x), one
 collective-permute per direction, each face including the halos received along the
-earlier axes. For a conv whose input block is ``(bz, by, bx)`` with ``C`` channels of
-``s`` bytes, one message is
+earlier axes. For a conv whose input block is ``(bz, by, bx)`` (the block at the layer's
+cumulative scale) with ``C`` channels of ``s`` bytes, one message of the paper U-Net is
 
 * along z: ``1 × by × bx × C × s``
 * along y: ``(bz + 2) × 1 × bx × C × s``
 * along x: ``(bz + 2) × (by + 2) × 1 × C × s``
 
-(a face spans the grown extent of the earlier axes whether or not they were exchanged:
-an axis of size 1 is zero padded instead). Every axis with more than one device sends
-one message each way. A training step adds the adjoint exchange (same shapes, opposite
-direction) for every conv whose input needs a gradient: all but the first, which reads
-the image. In training the decoder's first conv pads the concatenation of skip and
-up-sampled features; in inference it pads the two parts separately (same bytes, twice
-the messages).
+(a face spans the grown extent ``b + lo + hi`` of the earlier axes whether or not they
+were exchanged: an axis of size 1 is zero padded instead; the message to the next device
+is ``lo`` deep, the one to the previous device ``hi``, none where that width is 0). Every
+axis with more than one device sends one message each way. A training step adds the
+adjoint exchange (same shapes, opposite direction) for every conv whose input needs a
+gradient: all but those reading the image. In training the decoder's first conv pads the
+concatenation of skip and up-sampled features; in inference the paper U-Net pads the two
+parts separately (same bytes, twice the messages).
 
 So halo bytes scale with face area: ``(b + 2)²``-like terms, about 4× for a block twice
 as wide (exactly: 387,171,344 bytes at 256³ vs 98,252,816 at 128³ for the paper model's
@@ -32,6 +35,7 @@ order (x fastest) and each node holds consecutive devices.
 from __future__ import annotations
 
 import itertools
+import math
 
 from workbench.mesh import SPATIAL_AXES, MeshSpec, parse_mesh
 
@@ -40,58 +44,54 @@ __all__ = ["DTYPE_BYTES", "halo_messages", "halo_bytes", "busiest_device_halo_by
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float64": 8}
 
 
-def _conv_inputs(config, *, train: bool) -> list[tuple[str, int, list[int]]]:
-    """(name, level, channel parts) of every 3×3×3 conv's input, in program order."""
-    convs = []
-    base, depth = config.base_filters, config.depth
-    for level in range(depth):
-        features = base * 2**level
-        for i in range(config.convs_per_block):
-            if i == 0:
-                c_in = config.in_channels if level == 0 else features // 2
-            else:
-                c_in = features
-            convs.append((f"down{level}/conv{i}", level, [c_in]))
-    for level in reversed(range(depth - 1)):
-        features = base * 2**level
-        for i in range(config.convs_per_block):
-            # the first conv sees the skip and the up-sampled features (features each)
-            parts = ([2 * features] if train else [features, features]) if i == 0 else [features]
-            convs.append((f"dec{level}/conv{i}", level, parts))
-    return convs
+def _conv_inputs(spec, *, train: bool) -> list:
+    """(layer, channel parts, reads the image) of every layer that exchanges a halo, in program order."""
+    from workbench.analysis.receptive import halo_layers
+    from workbench.model.spec import INPUT, PAPER_UNET
+
+    split = not train and spec.network_class == PAPER_UNET  # Conv3(split_inputs=not train)
+    return [
+        (layer, list(layer.in_channels) if split else [sum(layer.in_channels)], INPUT in layer.inputs)
+        for layer in halo_layers(spec)
+    ]
 
 
-def halo_messages(config, block_shape, mesh="2x2x2", *, train: bool = True) -> list[dict]:
+def halo_messages(config, block_shape, mesh="2x2x2", *, train: bool = True, dtype: str | None = None) -> list[dict]:
     """Every halo message of one step on one device, as ``{"conv", "level", "pass",
     "axis", "direction", "bytes"}`` (``pass`` is ``forward`` or ``backward``; ``direction``
     +1 sends to the next device along ``axis``, -1 to the previous one).
 
-    ``block_shape`` is the per-device block ``(bz, by, bx)`` at full resolution (each
-    U-Net level halves it); axes of ``mesh`` with one device exchange nothing.
+    ``config``: a :class:`~workbench.model.unet.UNetConfig` (its ``spec()`` and ``dtype``) or
+    a :class:`~workbench.model.spec.NetworkSpec` (``dtype`` default float32).
+    ``block_shape`` is the per-device block ``(bz, by, bx)`` at full resolution (a layer at
+    cumulative scale ``s`` sees ``b // s``); axes of ``mesh`` with one device exchange nothing.
     """
-    spec = parse_mesh(mesh)
-    size = DTYPE_BYTES[config.dtype]
+    spec = config.spec() if hasattr(config, "spec") else config
+    size = DTYPE_BYTES[dtype or getattr(config, "dtype", "float32")]
+    sizes = parse_mesh(mesh).spatial
+    scales = list(dict.fromkeys(spec.stage_scales))
     out = []
-    passes = ["forward", "backward"] if train else ["forward"]
-    for pass_ in passes:
-        for index, (name, level, parts) in enumerate(_conv_inputs(config, train=train)):
-            if pass_ == "backward" and index == 0:
+    for pass_ in ["forward", "backward"] if train else ["forward"]:
+        for layer, parts, reads_image in _conv_inputs(spec, train=train):
+            if pass_ == "backward" and reads_image:
                 continue  # the image needs no gradient
-            bz, by, bx = (b // 2**level for b in block_shape)
-            faces = {"z": by * bx, "y": (bz + 2) * bx, "x": (bz + 2) * (by + 2)}
-            for channels in parts:
-                for axis, n in zip(SPATIAL_AXES, spec.spatial):
-                    if n == 1:
-                        continue
-                    for direction in (1, -1):
+            block = [b // s for b, s in zip(block_shape, layer.in_scale)]
+            grown = [b + lo + hi for b, (lo, hi) in zip(block, layer.halo)]
+            for channels, k in itertools.product(parts, range(3)):
+                if sizes[k] == 1:
+                    continue
+                face = math.prod(grown[:k]) * math.prod(block[k + 1 :])
+                for direction, width in ((1, layer.halo[k][0]), (-1, layer.halo[k][1])):
+                    # a halo deeper than the block takes several hops (workbench.model.halo)
+                    for seg in (min(block[k], width - h * block[k]) for h in range(-(-width // block[k]))):
                         out.append(
                             {
-                                "conv": name,
-                                "level": level,
+                                "conv": layer.name,
+                                "level": scales.index(layer.in_scale),
                                 "pass": pass_,
-                                "axis": axis,
+                                "axis": SPATIAL_AXES[k],
                                 "direction": direction,
-                                "bytes": faces[axis] * channels * size,
+                                "bytes": face * seg * channels * size,
                             }
                         )
     return out

@@ -175,7 +175,7 @@ def _check_memory(config, shape, mesh, backend, halo, *, reference: bool = False
     single-device reference, which a partitioned run that fits may still not."""
     import jax
 
-    from workbench.app.memory_guard import MemoryRefused, check_memory
+    from workbench.app.memory_guard import check_run_memory
     from workbench.mesh import MeshSpec, auto_mesh, parse_mesh
 
     if backend == "reference":
@@ -184,14 +184,4 @@ def _check_memory(config, shape, mesh, backend, halo, *, reference: bool = False
         spec = auto_mesh(len(jax.devices()))
     else:
         spec = parse_mesh(mesh)
-    check_memory(config, tuple(shape), spec, backend=backend, halo=halo)
-    if reference and spec.n_devices > 1:
-        try:
-            check_memory(config, tuple(shape), MeshSpec(), backend="reference", halo="exact")
-        except MemoryRefused as exc:
-            text = str(exc).replace("this inference run needs", "--reference: the single-device reference needs", 1)
-            raise MemoryRefused(
-                text.replace(
-                    ", or pass --force", ", or drop --reference (the partitioned run alone fits), or pass --force"
-                )
-            ) from None
+    check_run_memory(config, tuple(shape), spec, backend=backend, halo=halo, reference=reference)

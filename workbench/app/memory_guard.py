@@ -3,17 +3,25 @@
 Rule (README, Reliability): with ``V`` voxels per device (padded shards × batch per data
 slice), ``F`` the first level's filters and ``b`` bytes per value,
 
-* a run whose quick upper bound ``(32 · V·F·4 + 256 MiB)`` for inference, ``128 · V·F·4 +
-  256 MiB`` for training) is below half the memory it may use runs unchecked: no compile;
-* one whose lower bound (two full-resolution feature maps, ``2·V·F·b``; four for training)
+* a run whose quick upper bound is below half the memory it may use runs unchecked: no
+  compile. The bound is ``32 · V·F·4 + 256 MiB`` for inference, ``128 · V·F·4 + 256 MiB``
+  for training, for the architectures it was fitted on only (:func:`fitted`: the ``small``
+  and ``paper`` presets' architecture); for any other network (another depth, filters,
+  convolutions per block, input channels, more classes than filters, float64, dropout in
+  training, an nnU-Net :class:`~workbench.model.spec.NetworkSpec`) it is
+  :func:`spec_upper_bound`, summed from the network's own layer spec with no buffer
+  ever reused;
+* one whose lower bound (two full-resolution feature maps, ``2·V·F·b``; four for training;
+  for other networks the image and the logits or parameters, :func:`spec_lower_bound`)
   already exceeds it is refused at once;
 * otherwise the planner (:func:`workbench.app.planning.plan_bytes`: the same program,
-  compiled abstractly) gives the per-device peak.
+  compiled abstractly, ``compiled.memory_analysis()``) gives the per-device peak.
 
 The memory a run may use: on accelerators ``device.memory_stats()["bytes_limit"]`` per
 device; on CPU the host's available RAM (``psutil``), shared by every device the mesh
-uses. The bounds come from the planner's peaks (14× and 48× ``V·F·4`` at 32³–64³ for the
-small and paper presets). ``force=True`` (``--force``) skips the guard.
+uses. The fitted bounds come from the planner's peaks (14× and 48× ``V·F·4`` at 32³–64³ for
+the small and paper presets), so they say nothing of another architecture: an architecture
+must never pass on bounds fitted to another. ``force=True`` (``--force``) skips the guard.
 
 The guard runs before the input is generated or read: :func:`input_shape` and
 :func:`training_shape` tell the shape from the spec (``phantom:N``, ``mni:N``) or from
@@ -29,7 +37,17 @@ import re
 
 from workbench.errors import UserError
 
-__all__ = ["MemoryRefused", "available_memory", "check_memory", "input_shape", "training_shape"]
+__all__ = [
+    "MemoryRefused",
+    "available_memory",
+    "check_memory",
+    "check_run_memory",
+    "fitted",
+    "spec_upper_bound",
+    "spec_lower_bound",
+    "input_shape",
+    "training_shape",
+]
 
 _MNI = re.compile(r"mni:(\d+)(?:x(\d+)x(\d+))?")
 
@@ -57,19 +75,101 @@ def available_memory(n_used: int) -> tuple[int, str]:
     return free // max(1, n_used), f"{free / 2**30:.1f} GiB of available host RAM{share}"
 
 
-def _voxels(shape, spec, multiple: int, batch: int) -> int:
+# The fields of the presets the bounds were fitted on (depth, base_filters, convs_per_block, in_channels, norm).
+def _fitted_architectures() -> set[tuple]:
+    from workbench.model.unet import PRESETS
+
+    fields = ("depth", "base_filters", "convs_per_block", "in_channels", "norm")
+    return {tuple({"in_channels": 1, **preset}[f] for f in fields) for preset in PRESETS.values()}
+
+
+def fitted(config, *, train: bool = False) -> bool:
+    """Whether ``config`` has an architecture the analytic bounds were fitted on: a
+    :class:`~workbench.model.unet.UNetConfig` with a preset's depth, filters, convolutions
+    per block, input channels and norm, at most as many classes as first-level filters,
+    float32 or bfloat16, and (training) no dropout. Activation and remat do not add memory."""
+    from workbench.model.unet import UNetConfig
+
+    if not isinstance(config, UNetConfig):
+        return False
+    arch = (config.depth, config.base_filters, config.convs_per_block, config.in_channels, config.norm)
+    return (
+        arch in _fitted_architectures()
+        and config.num_classes <= config.base_filters
+        and config.dtype in ("float32", "bfloat16")
+        and not (train and config.dropout > 0)
+    )
+
+
+def _layer_voxels(layer, block) -> tuple[int, int]:
+    """(input voxels grown by the layer's halo, output voxels) of ``layer`` on a block."""
+    grid = [b // s for b, s in zip(block, layer.in_scale)]
+    grown = math.prod(g + lo + hi for g, (lo, hi) in zip(grid, layer.halo))
+    return grown, math.prod(b // s for b, s in zip(block, layer.scale))
+
+
+def spec_upper_bound(net, block, *, train: bool = False, batch: int = 1, item: int = 4) -> int:
+    """Bytes per device that a run of layer spec ``net`` on per-device ``block`` (Z, Y, X)
+    cannot exceed, from the spec alone, as if no buffer were ever freed or reused: per layer its
+    halo-grown input copy and its output (a convolution's three times: convolution, norm,
+    activation; a head's five times in training: logits, softmax, log-softmax, one-hot target,
+    gradient), ``item`` bytes a value (at least float32); training three times that (saved
+    activations, their gradients, the gradients of the parts), and parameters with their
+    gradient and optimiser state; all twice, plus 256 MiB."""
+    values = 0
+    for layer in net.layers:
+        grown, out = _layer_voxels(layer, block)
+        copies = 1 + (layer.op == "conv") * (layer.norm + layer.nonlin) + 4 * (train and layer.output is not None)
+        values += grown * sum(layer.in_channels) + out * layer.out_channels * copies
+    values *= batch * (3 if train else 1)
+    values += net.num_params * (5 if train else 1)
+    return 2 * values * max(item, 4) + _FIXED
+
+
+def spec_lower_bound(net, block, *, train: bool = False, batch: int = 1, item: int = 4) -> int:
+    """Bytes per device that a run of ``net`` on ``block`` needs at least: its arguments and
+    outputs, which the compiled program's peak always counts: the image (float32) and the
+    logits (``item`` bytes, at least float32), in training the image and the parameters
+    with Adam's two moments (float32)."""
+    voxels = math.prod(block) * batch
+    image = voxels * net.in_channels * 4
+    if train:
+        return image + 3 * net.num_params * 4
+    return image + voxels * net.num_outputs * max(item, 4)
+
+
+def _bounds(config, shape, spec, *, train: bool, batch: int, halo) -> tuple[int, int]:
+    """(upper, lower) bytes per device: the fitted bounds for an architecture they were fitted
+    on, else the layer spec's; on blocks grown by the ``overlap`` input halo, if any."""
     from workbench.mesh import ShardLayout
 
-    layout = ShardLayout(tuple(shape), spec, multiple=multiple)
-    return math.prod(layout.padded_shape) // max(1, spec.n_spatial) * max(1, batch // spec.data)
+    item = {"bfloat16": 2, "float64": 8}.get(str(getattr(config, "dtype", "float32")), 4)
+    net = config.spec() if hasattr(config, "spec") else config
+    per_device = max(1, batch // spec.data)
+    block = ShardLayout(tuple(shape), spec, multiple=net.multiple).block_shape
+    if hasattr(config, "spec") and spec.n_spatial > 1:
+        from workbench.execute.run import check_options
+
+        overlap = check_options(config, "explicit", halo)[1] if halo not in (None, "exact") else 0
+        block = tuple(b + 2 * overlap for b in block)
+    if fitted(config, train=train):
+        feature = math.prod(block) * per_device * config.base_filters
+        return (128 if train else 32) * feature * 4 + _FIXED, (4 if train else 2) * feature * item
+    return (
+        spec_upper_bound(net, block, train=train, batch=per_device, item=item),
+        spec_lower_bound(net, block, train=train, batch=per_device, item=item),
+    )
 
 
 def check_memory(config, shape, spec, *, train=False, batch=1, backend="explicit", halo="exact", budget=None,
                  planner=None) -> dict:  # fmt: skip
     """Raise :class:`MemoryRefused` if the run would not fit; returns how it was decided.
 
-    ``budget``: bytes per device (default :func:`available_memory`); ``planner``: a
-    :class:`~workbench.app.planning.PlanKey` → stats function (default ``plan_bytes``).
+    ``config``: a :class:`~workbench.model.unet.UNetConfig` or an nnU-Net
+    :class:`~workbench.model.spec.NetworkSpec` (inference, float32). ``budget``: bytes per
+    device (default :func:`available_memory`); ``planner``: a
+    :class:`~workbench.app.planning.PlanKey` → stats function (default ``plan_bytes``; for a
+    ``NetworkSpec`` its forward compiled abstractly).
     """
     from workbench.app.planning import PlanKey, format_bytes, plan_bytes
 
@@ -77,19 +177,16 @@ def check_memory(config, shape, spec, *, train=False, batch=1, backend="explicit
     where = "the given budget"
     if budget is None:
         budget, where = available_memory(spec.n_devices)
-    item = 2 if str(config.dtype) == "bfloat16" else 4
-    v = _voxels(shape, spec, config.multiple, batch)
-    feature = v * config.base_filters
-    upper = (128 if train else 32) * feature * 4 + _FIXED
-    lower = (4 if train else 2) * feature * item
+    upper, lower = _bounds(config, shape, spec, train=train, batch=batch, halo=halo)
     if upper <= budget / 2:
-        return {"decided_by": "upper bound", "bytes": upper, "budget": budget}
+        decided = "upper bound" if fitted(config, train=train) else "layer spec bound"
+        return {"decided_by": decided, "bytes": upper, "budget": budget}
     if lower > budget:
         need, how = lower, "at least"
     else:
-        need = planner_bytes = (planner or plan_bytes)(
-            PlanKey(config, tuple(shape), spec, backend, halo, train, batch)
-        )["peak"]
+        if planner is None:
+            planner = plan_bytes if hasattr(config, "spec") else _plan_network
+        need = planner_bytes = planner(PlanKey(config, tuple(shape), spec, backend, halo, train, batch))["peak"]
         how = "the planner's"
         if planner_bytes <= budget:
             return {"decided_by": "planner", "bytes": need, "budget": budget}
@@ -98,6 +195,50 @@ def check_memory(config, shape, spec, *, train=False, batch=1, backend="explicit
         f"but {format_bytes(budget)} is available ({where}); {_what_fits(config, shape, spec, train, need, budget)}"
         ", or pass --force to run anyway"
     )
+
+
+def check_run_memory(
+    config, shape, spec, *, backend="explicit", halo="exact", reference=False, planner=None, compiled=None
+) -> None:
+    """:func:`check_memory` for an inference run on ``spec``, then (``reference``) for the
+    whole-volume single-device reference, which a partitioned run that fits may still not.
+    ``compiled``: a PlanKey → compiled program function, read with ``memory_analysis()``
+    (a run that compiles its program anyway: the guard then costs no second compile)."""
+    from workbench.execute.run import memory_stats
+    from workbench.mesh import MeshSpec
+
+    if compiled is not None:
+        planner = lambda key: memory_stats(compiled(key))  # noqa: E731
+    check_memory(config, shape, spec, backend=backend, halo=halo, planner=planner)
+    if reference and spec.n_devices > 1:
+        try:
+            check_memory(config, shape, MeshSpec(), backend="reference", halo="exact", planner=planner)
+        except MemoryRefused as exc:
+            text = str(exc).replace("this inference run needs", "--reference: the single-device reference needs", 1)
+            raise MemoryRefused(
+                text.replace(
+                    ", or pass --force", ", or drop --reference (the partitioned run alone fits), or pass --force"
+                )
+            ) from None
+
+
+def _plan_network(key) -> dict[str, int]:
+    """The per-device memory of an nnU-Net network's forward (float32, full-resolution head),
+    compiled for abstract inputs."""
+    import jax
+    import jax.numpy as jnp
+
+    from workbench.execute.nnunet import make_nnunet_forward, nnunet_layout
+    from workbench.execute.run import memory_stats
+    from workbench.model.nnunet import NNUNetModel
+
+    net, layout = key.config, nnunet_layout(key.config, key.shape, key.mesh)
+    fn, _, in_sharding, var_sharding = make_nnunet_forward(net, layout, backend=key.backend, deep_supervision=False)
+    variables = jax.eval_shape(lambda: NNUNetModel.init(net).variables)
+    variables = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=var_sharding), variables)
+    target = layout.reference_shape if key.backend == "reference" else layout.padded_shape
+    x = jax.ShapeDtypeStruct((key.batch, *target, net.in_channels), jnp.float32, sharding=in_sharding)
+    return memory_stats(fn.lower(variables, x).compile())
 
 
 def _default_spec():
@@ -112,15 +253,16 @@ def _what_fits(config, shape, spec, train, need, budget) -> str:
 
     ratio = need / budget
     options = []
+    multiple = max(getattr(config, "multiples", None) or config.multiple)
     if jax.local_devices()[0].platform != "cpu":
         devices = spec.n_spatial * 2 ** math.ceil(math.log2(ratio))
         options.append(f"a mesh of {devices} or more devices (`workbench plan --budget-gib` names the smallest)")
-    if str(config.dtype) != "bfloat16" and ratio <= 2:
+    if str(getattr(config, "dtype", "bfloat16")) != "bfloat16" and ratio <= 2:
         options.append("--dtype bfloat16")
-    if train and not config.remat and ratio <= 2:
+    if train and not getattr(config, "remat", True) and ratio <= 2:
         options.append("--remat")
-    side = int(min(shape) / ratio ** (1 / 3)) // config.multiple * config.multiple
-    if side >= config.multiple:
+    side = int(min(shape) / ratio ** (1 / 3)) // multiple * multiple
+    if side >= multiple:
         options.append(f"a smaller volume (about {side}³)")
     return "use " + " or ".join(options) if options else "use a smaller volume or more devices"
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from workbench.app.memory_guard import check_run_memory
 from workbench.app.nnunet_processing import (
     NORMALISATIONS,
     Preprocessed,
@@ -394,6 +395,7 @@ def predict_nnunet(
     mirror: bool = False,
     on_stage=None,
     model=None,
+    force: bool = False,
 ) -> NNUNetPrediction:
     """Predict one case with the nnU-Net model of ``results_folder`` (a training folder,
     ``…/Trainer__Plans__3d_fullres``) and ``fold``, partitioned over ``mesh``.
@@ -404,7 +406,8 @@ def predict_nnunet(
     runs too; the report then holds the comparison of the logits and ``label_agreement``.
     ``mirror``: nnU-Net's test-time mirroring over the three axes of the network grid (nnU-Net's
     default for 3D trainers; 8 forward passes, the reference mirrored too).
-    ``model``: an already loaded :class:`~workbench.model.nnunet.NNUNetModel` of the folder.
+    ``model``: an already loaded :class:`~workbench.model.nnunet.NNUNetModel` of the folder. A run
+    that would not fit is refused once compiled (memory guard); ``force`` skips that.
     """
     from workbench.analysis.compare import compare
 
@@ -416,9 +419,7 @@ def predict_nnunet(
         model = _load_model(folder)
     spec = model.spec
     if spec.in_channels != len(folder.channel_names):  # pragma: no cover - the plans reader checks this
-        raise UserError(
-            f"the network takes {spec.in_channels} channels, dataset.json names {len(folder.channel_names)}"
-        )
+        raise UserError(f"the network takes {spec.in_channels} channels; dataset.json: {len(folder.channel_names)}")
     stage("read and preprocess")
     data, in_spacing, volume, files = _load_channels(images, folder, spacing)
     pre = preprocess(data, in_spacing, folder)
@@ -426,6 +427,9 @@ def predict_nnunet(
     x = np.ascontiguousarray(np.moveaxis(pre.data, 0, -1))
     stage(f"compile and run ({backend})")
     axes = MIRROR_AXES if mirror else ()
+    if not force:  # the memory guard, on the compiled forward itself (the run reuses it)
+        compiled = lambda key: _compiled(model, x.shape[:3], key.mesh, key.backend)[1]  # noqa: E731
+        check_run_memory(spec, x.shape[:3], mesh_spec, backend=backend, reference=reference, compiled=compiled)
     result = _run(model, x, mesh_spec, backend, axes)
     segmentation = postprocess(result.output, pre, spec)
     ref = ref_seg = comparison = None

@@ -176,6 +176,7 @@ def _nnunet(args) -> int:
         backend=args.backend,
         reference=args.reference,
         mirror=args.mirror,
+        force=args.force,
     )
     report = write_nnunet_result(
         args.out, prediction, overwrite=args.overwrite, input_name=" ".join(args.input), save_logits=args.save_logits

@@ -28,7 +28,7 @@ from workbench.execute.distributed import put, put_tree, to_host
 from workbench.mesh import ACTIVATION_SPEC, MeshSpec, ShardLayout, build_mesh, parse_mesh
 from workbench.model.halo import halo_pad, validate_halo
 from workbench.model.layers import Partition
-from workbench.model.unet import Model, UNet3D, UNetConfig, receptive_radius
+from workbench.model.unet import Model, UNet3D, UNetConfig
 from workbench.options import BACKENDS
 
 __all__ = [
@@ -90,9 +90,10 @@ def memory_stats(compiled) -> dict[str, int]:
 
 
 def overlap_width(config: UNetConfig) -> int:
-    """Input halo that makes overlap mode exact: the receptive radius, rounded up to 2^(depth-1)."""
-    r = receptive_radius(config)
-    return -(-r // config.multiple) * config.multiple
+    """Input halo that makes overlap mode exact: the receptive radius of the layer spec,
+    rounded up to the size multiple (2^(depth-1)), the largest over the axes."""
+    spec = config.spec()
+    return max(-(-r // m) * m for r, m in zip(spec.receptive_radius(), spec.multiple))
 
 
 @dataclass

@@ -38,6 +38,11 @@ Level = int | tuple[int, int, int]
 __all__ = ["Partition", "Conv3", "Norm", "hash_dropout", "NORMS", "he_normal"]
 
 
+# The paper U-Net's geometry, as its layer spec (NetworkSpec.paper) describes it (tests check the two agree).
+CONV3_KERNEL = (3, 3, 3)
+CONV3_HALO = 1  # (1, 1) on every axis: SAME padding of a 3-wide kernel
+
+
 @dataclass(frozen=True)
 class Partition:
     """Static description of how a model is partitioned (hashable: a Flax attribute).
@@ -129,7 +134,7 @@ class Partition:
             return x, "SAME"
         if self.halo == "exact" and self.mesh_shape == (1, 1, 1):
             return x, "SAME"
-        return halo_pad(x, width=1, mesh_shape=self.mesh_shape, mode=self.halo), "VALID"
+        return halo_pad(x, width=CONV3_HALO, mesh_shape=self.mesh_shape, mode=self.halo), "VALID"
 
     def padded_conv_input(self, x, level, padding, halo):
         """Input and explicit padding for a convolution at ``level`` with per-axis ``padding``
@@ -221,7 +226,7 @@ class Conv3(nn.Module):
     def __call__(self, x):
         parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
         channels = [p.shape[-1] for p in parts]
-        kernel = self.param("kernel", he_normal, (3, 3, 3, sum(channels), self.features), jnp.float32)
+        kernel = self.param("kernel", he_normal, (*CONV3_KERNEL, sum(channels), self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
         kernel = kernel.astype(self.dtype)
         if not self.split_inputs and len(parts) > 1:

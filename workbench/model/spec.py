@@ -1,11 +1,12 @@
 """The layer spec: a network as data (pure Python, no JAX).
 
 A :class:`NetworkSpec` describes nnU-Net's planned U-Nets (``PlainConvUNet`` and
-``ResidualEncoderUNet``) as stages (per-axis kernel, per-axis stride, features, blocks)
+``ResidualEncoderUNet``) and the workbench's own paper U-Net (``PaperUNet``, the
+``small`` / ``paper`` presets: :meth:`NetworkSpec.paper`, ``UNetConfig.spec()``) as stages (per-axis kernel, per-axis stride, features, blocks)
 and derives from them, once, everything that depends on the architecture:
 
 * :attr:`NetworkSpec.layers`: the network in execution order, one :class:`Layer` per
-  convolution, transposed convolution, average pool or residual addition, each with
+  convolution, transposed convolution, average or max pool or residual addition, each with
   its per-axis kernel, stride, padding, (lo, hi) halo, cumulative scale and channels;
 * :attr:`NetworkSpec.multiple`: per axis, the product of the strides (volume sides and
   block starts must be multiples of it);
@@ -21,8 +22,8 @@ is a multiple of s (and whose size is a multiple of s) the first output reads p 
 below the block and the last reads ``k − 1 − p − (s − 1)`` above it: the halo is
 ``(p, max(0, k − 1 − p − (s − 1)))``. nnU-Net pads ``k // 2`` on both sides, strided
 convolutions included, so its stride-2 kernel-3 convolutions need (1, 0).
-Transposed convolutions with kernel = stride and average pools with kernel = stride
-need none.
+Transposed convolutions with kernel = stride and average or max pools with kernel =
+stride need none.
 
 Example
 -------
@@ -41,12 +42,13 @@ from dataclasses import dataclass, field
 
 from workbench.errors import UserError
 
-__all__ = ["Stage", "Layer", "NetworkSpec", "conv_halo", "INPUT", "NETWORK_CLASSES"]
+__all__ = ["Stage", "Layer", "NetworkSpec", "conv_halo", "INPUT", "NETWORK_CLASSES", "PAPER_UNET"]
 
 Triple = tuple[int, int, int]
 Pairs = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
-NETWORK_CLASSES = ("PlainConvUNet", "ResidualEncoderUNet")
+NETWORK_CLASSES = ("PlainConvUNet", "ResidualEncoderUNet")  # nnU-Net's (plans files name them)
+PAPER_UNET = "PaperUNet"  # the workbench's own: workbench.model.unet.UNet3D
 INPUT = "input"  # the name a layer uses for the network's input
 
 
@@ -75,7 +77,7 @@ class Layer:
     names of the layers it reads (:data:`INPUT` for the image): several inputs are
     concatenated along channels in that order (a convolution) or summed (``add``).
     ``op``: ``conv`` (then norm and LeakyReLU if flagged), ``transposed_conv`` (kernel =
-    ``stride``, up-sampling by ``stride``), ``avg_pool`` (kernel = stride) or ``add``.
+    ``stride``, up-sampling by ``stride``), ``avg_pool`` or ``max_pool`` (kernel = stride) or ``add``.
     ``in_scale`` / ``scale``: cumulative stride per axis of the input and output grid.
     ``output``: the deep-supervision index of a segmentation head (0 = full resolution).
     """
@@ -136,7 +138,10 @@ def _triple(value, what: str) -> Triple:
 
 @dataclass(frozen=True)
 class NetworkSpec:
-    """An nnU-Net U-Net as data; hashable, so it can be a Flax module attribute."""
+    """A U-Net as data (nnU-Net's or the paper's); hashable, so it can be a Flax module attribute.
+
+    ``norm``: whether the convolutions (but the heads) are followed by a normalisation with
+    a scale and a bias (always for nnU-Net; the paper U-Net may have ``norm="none"``)."""
 
     network_class: str
     in_channels: int
@@ -149,14 +154,15 @@ class NetworkSpec:
     output_kind: str = "softmax"  # "sigmoid" for region outputs
     output_names: tuple[str, ...] = ()
     regions_class_order: tuple[int, ...] | None = None
+    norm: bool = True
     source: str = field(default="", compare=False)
 
     def __post_init__(self):
-        if self.network_class not in NETWORK_CLASSES:
+        if self.network_class not in (*NETWORK_CLASSES, PAPER_UNET):
             raise UserError(f"network class {self.network_class!r} is not supported; use one of {NETWORK_CLASSES}")
-        if len(self.stages) < 2:
+        if len(self.stages) < (1 if self.network_class == PAPER_UNET else 2):
             raise UserError(f"a U-Net needs at least 2 stages, got {len(self.stages)}")
-        if len(self.decoder_convs) != len(self.stages) - 1 or min(self.decoder_convs) < 1:
+        if len(self.decoder_convs) != len(self.stages) - 1 or min(self.decoder_convs, default=1) < 1:
             raise UserError(
                 f"decoder_convs={self.decoder_convs!r} needs one count >= 1 per decoder stage ({len(self.stages) - 1})"
             )
@@ -185,6 +191,19 @@ class NetworkSpec:
         decoder = tuple(decoder_convs) if decoder_convs is not None else (1,) * (len(stages) - 1)
         return cls("ResidualEncoderUNet", in_channels, num_outputs, stages, decoder, **kw)
 
+    @classmethod
+    def paper(cls, *, in_channels, num_outputs, depth, base_filters, convs_per_block, norm=True) -> NetworkSpec:
+        """The paper U-Net (:class:`workbench.model.unet.UNet3D`): ``depth`` levels of
+        ``convs_per_block`` 3×3×3 convolutions (bias; then a norm if ``norm``, and an activation),
+        ``base_filters · 2^level`` features, 2×2×2 max-pool down, stride-2 transposed
+        convolutions up, skip concatenation (skip first), a 1×1×1 head. Dropout and the kind of
+        norm do not change the geometry or the parameter count."""
+        stages = tuple(
+            Stage((3, 3, 3), (2, 2, 2) if level else (1, 1, 1), base_filters * 2**level, convs_per_block)
+            for level in range(depth)
+        )
+        return cls(PAPER_UNET, in_channels, num_outputs, stages, (convs_per_block,) * (depth - 1), norm=bool(norm))
+
     # -- derived -----------------------------------------------------------------------------------
     @property
     def n_stages(self) -> int:
@@ -210,6 +229,9 @@ class NetworkSpec:
         """The network in execution order (encoder, then per decoder stage: transposed conv,
         convolutions, segmentation head)."""
         builder = _Builder(self)
+        if self.network_class == PAPER_UNET:
+            builder.paper_network()
+            return tuple(builder.layers)
         skips = builder.plain_encoder() if self.network_class == "PlainConvUNet" else builder.residual_encoder()
         builder.decoder(skips)
         return tuple(builder.layers)
@@ -230,6 +252,8 @@ class NetworkSpec:
         register their conv and norm twice (``.conv`` / ``.all_modules.0``, ``.norm`` /
         ``.all_modules.1``) and the decoder holds the encoder again (``decoder.encoder.``).
         """
+        if self.network_class == PAPER_UNET:
+            raise UserError("the paper U-Net has Flax parameters, not an nnU-Net state_dict")
         encoder = [la for la in self.layers if la.name.startswith("encoder.")]
         decoder = [la for la in self.layers if la.name.startswith("decoder.")]
         group = {"stages": 0, "transpconvs": 1, "seg_layers": 2}
@@ -254,17 +278,25 @@ class NetworkSpec:
         the largest distance from an output voxel to an input it reads, over every
         alignment of the output voxel to the stride grid. One backward walk over
         :attr:`layers` with index intervals."""
-        head = self.outputs[0].name
+        return self.layer_radius(self.outputs[0].name)
+
+    def layer_radius(self, name: str) -> Triple:
+        """Per axis, the receptive radius (input voxels) of layer ``name``'s output: how far
+        from the input voxels that one of its output voxels covers it reads, worst case over
+        every alignment to the stride grid."""
+        scale = next(la.scale for la in self.layers if la.name == name)
         radius = []
-        for axis in range(3):
+        for axis, step in enumerate(scale):
             worst = 0
-            for p in range(self.multiple[axis]):
-                lo, hi = self._input_interval(head, p, axis)
-                worst = max(worst, p - lo, hi - p)
+            for q in range(max(1, self.multiple[axis] // step)):
+                lo, hi = self.input_interval(name, q, axis)
+                worst = max(worst, q * step - lo, hi - ((q + 1) * step - 1))
             radius.append(worst)
         return tuple(radius)
 
-    def _input_interval(self, name: str, p: int, axis: int) -> tuple[int, int]:
+    def input_interval(self, name: str, p: int, axis: int) -> tuple[int, int]:
+        """The input voxels [lo, hi] along ``axis`` that output voxel ``p`` of layer ``name``
+        (on that layer's grid) reads: one backward walk over :attr:`layers`."""
         need = {name: (p, p)}
         for layer in reversed(self.layers):
             if layer.name not in need:
@@ -276,7 +308,7 @@ class NetworkSpec:
                 lo, hi = lo * s - pad, hi * s - pad + k - 1
             elif layer.op == "transposed_conv":
                 lo, hi = lo // s, hi // s
-            elif layer.op == "avg_pool":
+            elif layer.op in ("avg_pool", "max_pool"):
                 lo, hi = lo * s, hi * s + s - 1
             for source in layer.inputs:
                 have = need.get(source)
@@ -388,6 +420,29 @@ class _Builder:
                 x = self.conv(f"encoder.stages.{s}.0.convs.{c}", x, stage.features, stage.kernel, stride)
             skips.append(x)
         return skips
+
+    def paper_network(self) -> None:
+        """The paper U-Net, named as its Flax modules (``down0/conv1``, ``up0``, ``head``)."""
+        spec, x, skips = self.spec, INPUT, []
+        for level, stage in enumerate(spec.stages):
+            if level:
+                x = self.add(
+                    f"pool{level}", "max_pool", (x,), self.channels[x], kernel=stage.stride, stride=stage.stride
+                )
+            for i in range(stage.blocks):
+                x = self.add(f"down{level}/conv{i}", "conv", (x,), stage.features, kernel=stage.kernel, bias=True,
+                             norm=spec.norm, nonlin=True)  # fmt: skip
+            skips.append(x)
+        for level in reversed(range(spec.n_stages - 1)):
+            stage, stride = spec.stages[level], spec.stages[level + 1].stride
+            up = self.add(
+                f"up{level}", "transposed_conv", (x,), stage.features, kernel=stride, stride=stride, bias=True
+            )
+            x = (skips[level], up)  # UNet3D: the skip first
+            for i in range(stage.blocks):
+                x = self.add(f"dec{level}/conv{i}", "conv", x if i == 0 else (x,), stage.features,
+                             kernel=stage.kernel, bias=True, norm=spec.norm, nonlin=True)  # fmt: skip
+        self.add("head", "conv", (x,), spec.num_outputs, bias=True, output=0)
 
     def residual_encoder(self) -> list[str]:
         first = self.spec.stages[0]

@@ -17,6 +17,7 @@ Example
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +28,11 @@ import numpy as np
 
 from workbench.errors import UserError
 from workbench.model.layers import Conv3, Norm, Partition, UpConv2, hash_dropout, he_normal, max_pool2
+from workbench.model.spec import NetworkSpec
 from workbench.options import DTYPES, NORMS
 from workbench.options import PRESETS as PRESET_NAMES
 
-__all__ = ["UNetConfig", "UNet3D", "Model", "PRESETS", "receptive_radius"]
+__all__ = ["UNetConfig", "UNet3D", "Model", "PRESETS"]
 
 ACTIVATIONS = ("relu", "leaky_relu")
 _PRESET_FIELDS: dict[str, dict[str, Any]] = {
@@ -103,10 +105,21 @@ class UNetConfig:
             raise UserError(f"unknown model preset {name!r}; use one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
+    def spec(self) -> NetworkSpec:
+        """This network as a layer spec (:meth:`NetworkSpec.paper`): the one description its
+        geometry (halos, size multiple, receptive field, halo messages) is derived from."""
+        return _paper_spec(self.in_channels, self.num_classes, self.depth, self.base_filters, self.convs_per_block,
+                           self.norm != "none")  # fmt: skip
+
+    @property
+    def multiples(self) -> tuple[int, int, int]:
+        """Per axis (z, y, x): volume sides must be multiples of these (the spec's stride products)."""
+        return self.spec().multiple
+
     @property
     def multiple(self) -> int:
-        """Volume sides must be multiples of this (2^(depth-1)); the reference pads to it."""
-        return 2 ** (self.depth - 1)
+        """The one size multiple of every axis (2^(depth-1): the paper U-Net is isotropic); the reference pads to it."""
+        return max(self.multiples)
 
     @property
     def compute_dtype(self):
@@ -218,34 +231,7 @@ class Model:
         return UNet3D(self.config, Partition() if partition is None else partition)
 
 
-def receptive_radius(config: UNetConfig) -> int:
-    """Exact receptive-field radius (level-0 voxels) of the U-Net along one axis.
-
-    An output voxel at position p depends on inputs in ``[p - r, p + r]`` at most,
-    for every p (the worst case over the alignment of p to the pooling grid). Found
-    by walking the network backwards with index intervals.
-    """
-    depth, convs = config.depth, config.convs_per_block
-
-    def encoder(level: int, lo: int, hi: int) -> tuple[int, int]:
-        # interval at the output of encoder block `level` -> interval at the input
-        lo, hi = lo - convs, hi + convs
-        if level == 0:
-            return lo, hi
-        return encoder(level - 1, 2 * lo, 2 * hi + 1)
-
-    def decoder(level: int, lo: int, hi: int) -> tuple[int, int]:
-        # interval at the output of decoder block `level` -> interval at the input;
-        # the bottom of the U is the deepest encoder block.
-        if level == depth - 1:
-            return encoder(level, lo, hi)
-        lo, hi = lo - convs, hi + convs
-        skip = encoder(level, lo, hi)
-        up = decoder(level + 1, lo // 2, hi // 2)  # transposed conv: i <- i // 2
-        return min(skip[0], up[0]), max(skip[1], up[1])
-
-    radius = 0
-    for p in range(config.multiple):
-        lo, hi = decoder(0, p, p)
-        radius = max(radius, p - lo, hi - p)
-    return radius
+@functools.lru_cache(maxsize=64)
+def _paper_spec(in_channels, num_classes, depth, base_filters, convs_per_block, norm) -> NetworkSpec:
+    return NetworkSpec.paper(in_channels=in_channels, num_outputs=num_classes, depth=depth,
+                             base_filters=base_filters, convs_per_block=convs_per_block, norm=norm)  # fmt: skip

@@ -118,13 +118,12 @@ def padding_note(shape, spec: MeshSpec, multiple: int) -> str:
 
 def halo_options(config) -> list[tuple[str, object]]:
     """(label, value) of every halo choice for ``config``: exact, overlap at the full
-    receptive width, the per-shard paddings, and overlaps narrower than needed."""
+    receptive width, the per-shard paddings, and overlaps narrower than needed (in steps of
+    the size multiple). Widths come from the layer spec (``config.spec()``)."""
     from workbench.execute.run import overlap_width
 
-    full = overlap_width(config)
-    narrow = [
-        (f"overlap {w} (narrower than the {full} needed)", w) for w in range(config.multiple, full, config.multiple)
-    ]
+    full, step = overlap_width(config), max(config.spec().multiple)
+    narrow = [(f"overlap {w} (narrower than the {full} needed)", w) for w in range(step, full, step)]
     return (
         [("exact", "exact"), (f"overlap (input halo {full}, exact)", "overlap")]
         + [(m, m) for m in ("zero", "reflect", "replicate")]
