@@ -165,7 +165,9 @@ def _relabelled_weights(tmp):
 
     _weights(tmp)
     payload = serialization.msgpack_restore((tmp / "weights.msgpack").read_bytes())
-    payload["config"] = json.dumps({**json.loads(payload["config"]), "depth": 3})
+    entry = json.loads(payload["config"])  # {"schema", "kind": "unet", "config": UNetConfig fields}
+    entry["config"]["depth"] = 3
+    payload["config"] = json.dumps(entry)
     (tmp / "weights.msgpack").write_bytes(serialization.msgpack_serialize(payload))
 
 
@@ -732,6 +734,47 @@ case("nnunet-channel-count", N, "one channel file for a 2-channel network",
 case("nnunet-mesh-split", N, "a mesh with more shards on x than the volume has voxels at the coarsest stride",
      "mesh x=8 cannot split the x axis", "infer", *NN_CASE, "--mesh", "1x1x8", *NNI[5:],
      setup=lambda tmp: _nnunet(tmp, shape=(6, 24, 16)))  # fmt: skip
+
+
+# -- training nnU-Net networks: workbench train --plans PLANS | --checkpoint NNUNET_FOLDER ---------------
+def _tiny_plans(tmp, dataset="iso_ct", dataset_json=None):
+    """A shrunk nnU-Net plans file of the fixture's ``dataset`` in ``tmp/plans`` (tests/nnunet_plans_helpers.py)."""
+    from importlib import import_module
+
+    package = __name__.rpartition(".")[0]
+    helpers = import_module(f"{package}.nnunet_plans_helpers" if package else "nnunet_plans_helpers")
+    helpers.tiny_plans(tmp / "plans", dataset, dataset_json=dataset_json)
+
+
+def _regions_without_order(tmp):
+    dataset = json.loads((Path(__file__).parent / "fixtures" / "nnunet" / "iso_ct" / "dataset.json").read_text())
+    dataset["labels"] = {"background": 0, "whole": [1, 2], "lesion": 2}
+    _tiny_plans(tmp, dataset_json=dataset)
+
+
+def _finetune_mismatch(tmp):
+    """The fixture's training folder, its plans.json edited to wider features than its weights."""
+    _nnunet(tmp)
+    path = Path(_fill(NN, tmp)) / "plans.json"
+    plans = json.loads(path.read_text())
+    plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"] = [6, 8, 16, 16]
+    path.write_text(json.dumps(plans))
+
+
+NT = ("train", "--data", "phantom", "--resolution", "16", "--steps", "1", "--checkpoint-dir", "{tmp}/out")
+PLANS = "{tmp}/plans/nnUNetPlans.json"
+case("train-plans-and-model", N, "train --plans with --model (both choose the network)",
+     "--model small and --plans both choose the network; pass one of them", *NT, "--plans", PLANS, "--model", "small",
+     setup=_tiny_plans)  # fmt: skip
+case("train-plans-channels", N, "train --plans of a 2-channel dataset on 1-channel data",
+     "has 1 channel(s) but the network planned by", *NT, "--plans", PLANS,
+     setup=lambda tmp: _tiny_plans(tmp, "thick_mri"))  # fmt: skip
+case("train-plans-regions-order", N, "train --plans whose dataset.json has region labels but no regions_class_order",
+     "has 2 region labels (whole, lesion) but regions_class_order is None", *NT, "--plans", PLANS,
+     setup=_regions_without_order)  # fmt: skip
+case("train-finetune-tensors", N, "train --checkpoint NNUNET_FOLDER whose weights do not match its plans",
+     "has shape (4, 2, 1, 3, 3) but the network planned by", *NT, "--checkpoint", NN,
+     setup=_finetune_mismatch)  # fmt: skip
 
 # -- multi-process settings ---------------------------------------------------------------------
 M = "multi-process"

@@ -108,7 +108,7 @@ def test_corrupt_and_partial_checkpoints_fall_back(straight, tmp_path):
     state, meta, step = ckpts.restore(abstract_train_state(cfg, CONFIG), log=logs.append)
     assert step == 3
     assert any("step 6" in m and "unreadable" in m and "previous" in m for m in logs)
-    assert meta["model"]["depth"] == 2
+    assert meta["model"]["kind"] == "unet" and meta["model"]["config"]["depth"] == 2
 
 
 def test_other_model_config_is_refused(straight, tmp_path):

@@ -172,7 +172,9 @@ def test_train_flags_are_derived_from_train_config():
         if name in FLAGLESS_FIELDS:
             assert name not in actions
             continue
-        assert actions[name].default == f.default, name
+        # --model defaults to None on the command line (the preset "small" when not given), so that
+        # --model together with --plans / --checkpoint can be refused
+        assert actions[name].default == (None if name == "model" else f.default), name
         assert actions[name].help, name
     # everything else is the model overrides (into model_overrides) or this command's own
     assert set(actions) - set(fields) == {
@@ -212,6 +214,10 @@ def test_train_flags_are_derived_from_train_config():
             "--spacing",
             "--fold",
             "--data",
+            "--plans",
+            "--configuration",
+            "--checkpoint",
+            "--weights-fold",
         )
     } == set(fields) - {"model_overrides", "warmup_steps"}
     assert "adam | adafactor | sgd (default adam)" == actions["optimizer"].help

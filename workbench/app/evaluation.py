@@ -47,6 +47,10 @@ def _model_and_meta(checkpoint, preset: str | None, random_weights: bool, seed: 
 
     if checkpoint:
         model, meta = load_model(checkpoint, log=log)
+        if preset is not None and getattr(model, "spec", None) is not None:
+            raise UserError(
+                f"--model {preset} names a paper U-Net preset but {checkpoint} holds an nnU-Net network; drop --model"
+            )
         if preset is not None:  # named as well: it must be the checkpoint's architecture
             check_preset_matches(preset, model.config, checkpoint)
         step = meta.get("step")
@@ -97,15 +101,26 @@ def _with_normalisation(plan, meta: dict, dataset):
     return dataclasses.replace(plan, normalisation=norm)
 
 
-def _prediction(logits: np.ndarray, meta: dict) -> np.ndarray:
+def _prediction(logits: np.ndarray, meta: dict, order=None) -> np.ndarray:
     """uint8 labels on the case's original grid from logits on its resampled grid (``meta``:
     a prepared case's metadata): the softmax probabilities resampled (linear) onto the
-    original grid, then argmax."""
+    original grid, then argmax. Region outputs (``order``: nnU-Net's regions_class_order):
+    each region's sigmoid resampled, then painted in order where > 0.5 (later regions win)."""
     from data_tools.datasets import resample_onto
 
     grid = tuple(meta["grid_shape"])
     logits = logits[: grid[0], : grid[1], : grid[2]]
     same = grid == tuple(meta["original_shape"]) and np.allclose(meta["grid_affine"], meta["original_affine"])
+    if order is not None:
+        seg = None
+        for i, label in enumerate(order):
+            prob = (1.0 / (1.0 + np.exp(-logits[..., i]))).astype(np.float32)
+            if not same:
+                prob = resample_onto(np.ascontiguousarray(prob), meta["grid_affine"], meta["original_shape"],
+                                     meta["original_affine"], order=1)  # fmt: skip
+            seg = np.zeros(prob.shape, np.uint8) if seg is None else seg
+            seg[prob > 0.5] = label
+        return seg
     if same:
         return logits.argmax(-1).astype(np.uint8)
     shifted = logits - logits.max(-1, keepdims=True)
@@ -211,15 +226,20 @@ def evaluate_dataset(
     from data_tools.io import write_prediction
     from workbench.app.inference import check_run_options
     from workbench.app.results import check_output_folder, staged_output
-    from workbench.execute.run import run
-    from workbench.training.data import model_batch
     from workbench.training.datasets import prepare_case
-    from workbench.training.evaluation import region_dice
+    from workbench.training.evaluation import model_logits, region_dice
 
     dataset = open_dataset(data)
     choice, meta = _model_and_meta(checkpoint, model, random_weights, seed, log)
     k = choice.config.num_classes
-    if k != len(dataset.class_names):
+    spec_net = getattr(choice.model, "spec", None)
+    order = spec_net.regions_class_order if spec_net is not None and spec_net.output_kind == "sigmoid" else None
+    if order is not None and not dataset.regions:
+        raise UserError(
+            f"the model predicts regions ({', '.join(spec_net.output_names)}) but {dataset.root} has no region labels; "
+            "pass --checkpoint of a model trained on this dataset"
+        )
+    if order is None and k != len(dataset.class_names):
         raise UserError(
             f"the model predicts {k} classes but {dataset.root} declares {len(dataset.class_names)} "
             f"{list(dataset.class_names)}; pass --checkpoint of a model trained on this dataset"
@@ -260,10 +280,10 @@ def evaluate_dataset(
             volume = volumes[0]
             case = prepare_case(volumes if len(volumes) > 1 else volume, plan, name=files.name)
             del volumes
-            logits = run(choice.model, model_batch(case.image), spec, backend=backend).output[0]
+            logits = model_logits(choice.model, case.image, spec, backend)
             grid = case.metadata
             del case  # the model input is not needed any more
-            pred = _prediction(logits, grid)
+            pred = _prediction(logits, grid, order)
             del logits
             written = write_prediction(pred, volume, tmp / "predictions", name=files.name)
             row = {"case": files.name, "shape": "x".join(map(str, volume.shape)),

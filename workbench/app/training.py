@@ -54,6 +54,8 @@ def _check_before_loading(tc):
     from workbench.errors import UserError
     from workbench.training.config import model_config
 
+    if tc.plans or tc.init_checkpoint:
+        return None  # nnU-Net networks: checked by compiling the step, once the data is known (below)
     spec = _spec(tc)
     known = training_shape(tc) if spec is not None else None
     if known is None:
@@ -75,7 +77,28 @@ def _check_before_loading(tc):
 
 def _memory_check(cfg, layout, tc, checked=None) -> None:
     from workbench.app.memory_guard import check_memory
+    from workbench.training.models import NNUNetConfig
 
+    if isinstance(cfg, NNUNetConfig):
+        return _compiled_memory_check(cfg, layout, tc)
     if checked is not None and _key(cfg, layout.volume_shape, layout.mesh, tc) == checked:
         return  # the same run was checked before loading
     check_memory(cfg, layout.volume_shape, layout.mesh, train=True, batch=tc.batch, backend=tc.backend)
+
+
+def _compiled_memory_check(cfg, layout, tc) -> None:
+    """An nnU-Net network: no analytic bound was fitted on it, so the train step is compiled
+    and its per-device peak compared with the memory available."""
+    from workbench.app.memory_guard import MemoryRefused, available_memory
+    from workbench.app.planning import PlanKey, format_bytes, plan_bytes
+
+    peak = plan_bytes(PlanKey(cfg, tuple(layout.volume_shape), layout.mesh, tc.backend, "exact", True, tc.batch))[
+        "peak"
+    ]
+    budget, where = available_memory(layout.mesh.n_devices)
+    if peak > budget:
+        raise MemoryRefused(
+            f"this training run needs {format_bytes(peak)} per device (the compiled step) but {format_bytes(budget)} "
+            f"is available ({where}); use a mesh with more devices, a smaller --resolution or --spacing, or pass "
+            "--force to run anyway"
+        )

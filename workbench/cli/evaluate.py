@@ -55,6 +55,8 @@ def run(args) -> int:
             f"  {name}: mean Dice {'-' if dice is None else f'{dice:.3f}'}, "
             f"mean HD95 {'-' if hd is None else f'{hd:.1f} mm'}"
         )
+    for name, dice in (summary.get("mean_region_dice") or {}).items():
+        print(f"  region {name}: mean Dice {'-' if dice is None else f'{dice:.3f}'}")
     if summary["worst_cases"]:
         print("worst: " + ", ".join(f"{w['case']} (mean Dice {w['mean_dice']:.3f})" for w in summary["worst_cases"]))
     print(f"wrote {args.out}/cases.csv, summary.json and {summary['cases']} prediction(s) in {args.out}/predictions/")

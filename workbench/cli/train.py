@@ -62,6 +62,19 @@ def run(args) -> int:
             + ", ".join(f"{k} {v:.3f}" for k, v in ev["dice"].items() if v is not None)
             + f"; accuracy {ev['accuracy']:.4f}"
         )
-        print(json.dumps({"eval_dice": ev["dice"], "hd95_mm": ev.get("hd95_mm")}))
+        if ev.get("region_dice"):
+            print(
+                "held-out region Dice: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in ev["region_dice"].items() if v is not None)
+            )
+        print(
+            json.dumps(
+                {
+                    "eval_dice": ev["dice"],
+                    "hd95_mm": ev.get("hd95_mm"),
+                    **({"region_dice": ev["region_dice"]} if ev.get("region_dice") else {}),
+                }
+            )
+        )
     print(f"wrote {args.checkpoint_dir}/history.json, history.csv, curves.png, model.msgpack and checkpoints/")
     return 0

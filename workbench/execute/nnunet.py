@@ -98,6 +98,9 @@ def crop_heads(spec: NetworkSpec, heads, shape):
     return tuple(out)
 
 
+_FORWARDS: dict = {}
+
+
 def apply_nnunet(
     model: NNUNetModel,
     volume,
@@ -119,9 +122,14 @@ def apply_nnunet(
         )
     layout = nnunet_layout(model.spec, x.shape[1:4], mesh_spec)
     target = layout.reference_shape if backend == "reference" else layout.padded_shape
-    fn, _, in_sharding, var_sharding = make_nnunet_forward(
-        model.spec, layout, backend=backend, dtype=dtype, deep_supervision=deep_supervision
-    )
+    key = (model.spec, layout.volume_shape, layout.mesh, backend, dtype, deep_supervision)
+    if key not in _FORWARDS:  # one compilation per network, shape and mesh (evaluation runs case after case)
+        if len(_FORWARDS) >= 8:
+            _FORWARDS.clear()
+        _FORWARDS[key] = make_nnunet_forward(
+            model.spec, layout, backend=backend, dtype=dtype, deep_supervision=deep_supervision
+        )
+    fn, _, in_sharding, var_sharding = _FORWARDS[key]
     np_dtype = jnp.float64 if dtype == "float64" else jnp.float32
     padded = np.pad(x, [(0, 0), *((0, t - s) for t, s in zip(target, x.shape[1:4])), (0, 0)]).astype(np_dtype)
     variables = put_tree(jax.tree.map(lambda a: jnp.asarray(a, np_dtype), model.variables), var_sharding)

@@ -14,6 +14,9 @@ The public names, imported on first use (so ``workbench.training.config`` stays 
 ``train_and_evaluate``                                                 :mod:`workbench.training.loop`
 ``Checkpoints``, ``restore_model``, ``load_model``, ``save_weights``,  :mod:`workbench.training.checkpoint`
 ``load_weights``, ``pretrained``
+``NNUNetConfig``, ``describe_model``, ``parse_model``,                 :mod:`workbench.training.models`
+``check_same_model``, ``MODEL_SCHEMA``
+``nnunet_loss``, ``LossSpec``, ``deep_supervision_weights``            :mod:`workbench.training.nnunet_losses`
 =====================================================================  =====================================
 """
 
@@ -36,6 +39,8 @@ _MODULES = {
     "history": ("plot_history",),
     "loop": ("train_and_evaluate",),
     "checkpoint": ("Checkpoints", "restore_model", "load_model", "save_weights", "load_weights", "pretrained"),
+    "models": ("NNUNetConfig", "describe_model", "parse_model", "check_same_model", "MODEL_SCHEMA"),
+    "nnunet_losses": ("nnunet_loss", "LossSpec", "deep_supervision_weights"),
 }
 _WHERE = {name: module for module, names in _MODULES.items() for name in names}
 

@@ -32,6 +32,14 @@ import numpy as np
 from data_tools.atomic import write_bytes_atomic
 from workbench.errors import InputNotFoundError, UserError
 from workbench.training.config import TrainConfig
+from workbench.training.models import (
+    CheckpointMismatchError,
+    check_same_model,
+    describe_model,
+    init_model,
+    model_with,
+    parse_model,
+)
 from workbench.training.state import abstract_train_state, variables_of
 
 __all__ = [
@@ -49,10 +57,6 @@ __all__ = [
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "model" / "weights"
 PRETRAINED = {"phantom": "phantom_small.msgpack", "mni": "mni_small.msgpack"}
-
-
-class CheckpointMismatchError(UserError):
-    """A checkpoint was written for another model configuration."""
 
 
 class Checkpoints:
@@ -95,12 +99,14 @@ class Checkpoints:
         ocp = self._ocp
         return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
-    def restore(self, abstract_state: Any, *, expect_model: dict | None = None, log=print):
+    def restore(self, abstract_state: Any, *, expect_model=None, log=print):
         """(state, meta, step) of the newest readable checkpoint, or None when there is none.
 
         ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with the target
         shardings. A step that cannot be read is skipped (and reported through ``log``);
-        a step written for another model config raises :class:`CheckpointMismatchError`.
+        a step written for another model config than ``expect_model`` (a config: compared as
+        configs, see :func:`workbench.training.models.check_same_model`) raises
+        :class:`CheckpointMismatchError`.
         """
         ocp = self._ocp
         failures = []
@@ -114,7 +120,7 @@ class Checkpoints:
                 )
                 continue
             if expect_model is not None:
-                check_model_config(meta.get("model", {}), expect_model, where=f"{self.directory} step {step}")
+                check_same_model(meta.get("model", {}), expect_model, where=f"{self.directory} step {step}")
             try:
                 restored = self.manager.restore(
                     step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
@@ -143,26 +149,9 @@ def _short(err: Exception) -> str:
     return f"{type(err).__name__}: {text[0][:160] if text else ''}"
 
 
-def check_model_config(saved: dict, expected: dict, *, where: str) -> None:
-    """Raise :class:`CheckpointMismatchError` naming the differing fields."""
-    diff = {
-        k: (saved.get(k), expected.get(k))
-        for k in sorted(set(saved) | set(expected))
-        if saved.get(k) != expected.get(k)
-    }
-    if diff:
-        text = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
-        raise CheckpointMismatchError(
-            f"checkpoint {where} was written for another model ({text}); use the same --model "
-            "and options, or a different --checkpoint-dir"
-        )
-
-
 def restore_model(ckpt_dir, *, log=print):
     """(Model, meta) from the newest readable orbax checkpoint in ``ckpt_dir``."""
     import jax
-
-    from workbench.model.unet import Model, UNetConfig
 
     ckpts = Checkpoints(ckpt_dir)
     steps = ckpts.steps()
@@ -177,14 +166,14 @@ def restore_model(ckpt_dir, *, log=print):
             continue
     if meta is None:
         ckpts.restore(None, log=log)  # raises the "no readable checkpoint" error
-    config = UNetConfig(**meta["model"])
+    config = parse_model(meta.get("model"), where=f"checkpoint {ckpt_dir}")
     tc = TrainConfig.from_dict(meta["train"])
     device = jax.local_devices()[0]  # this process's own copy, also in a multi-process run
     abstract = abstract_train_state(config, tc, jax.sharding.SingleDeviceSharding(device))
-    state, meta, step = ckpts.restore(abstract, expect_model=config.as_dict(), log=log)
+    state, meta, step = ckpts.restore(abstract, expect_model=config, log=log)
     ckpts.close()
     meta = {**meta, "step": step}
-    return Model(config, variables_of(state)), meta
+    return model_with(config, variables_of(state), f"checkpoint {ckpt_dir} (step {step})"), meta
 
 
 # -- shipped weights --------------------------------------------------------------------
@@ -195,7 +184,7 @@ def save_weights(path: str | os.PathLike, model, meta: dict | None = None) -> Pa
     path = Path(path)
     payload = {
         "variables": _to_numpy(model.variables),
-        "config": json.dumps(model.config.as_dict()),
+        "config": json.dumps(describe_model(model.config)),
         "meta": json.dumps(meta or {}),
     }
     return write_bytes_atomic(path, serialization.msgpack_serialize(payload))
@@ -209,14 +198,12 @@ def load_weights(path: str | os.PathLike):
     """(Model, meta) from a file written by :func:`save_weights`."""
     from flax import serialization
 
-    from workbench.model.unet import Model, UNetConfig
-
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"weights file {path} does not exist; pass a .msgpack file or a training folder")
     try:
         payload = serialization.msgpack_restore(path.read_bytes())
-        config = UNetConfig(**json.loads(payload["config"]))
+        config = parse_model(json.loads(payload["config"]), where=f"weights file {path}")
         meta = json.loads(payload["meta"])
         variables = payload["variables"]
     except Exception as err:  # noqa: BLE001 - anything unreadable is the same problem for the user
@@ -224,10 +211,10 @@ def load_weights(path: str | os.PathLike):
     import jax
     import jax.numpy as jnp
 
-    expected = _shapes(jax.eval_shape(lambda: Model.init(config).variables))
+    expected = _shapes(jax.eval_shape(lambda: init_model(config).variables))
     if _shapes(variables) != expected:
         raise UserError(f"weights file {path} does not match its own config {config}; the file is damaged")
-    return Model(config, _tree_map(jnp.asarray, variables)), meta
+    return model_with(config, _tree_map(jnp.asarray, variables), f"weights file {path}"), meta
 
 
 def _tree_map(fn, tree):

@@ -135,6 +135,19 @@ class TrainConfig:
     data_parallel: int = _option(1, "size of the data axis (default 1)", type=positive_int)
     backend: str = _option("explicit", "{choices} (default explicit)", choices=BACKENDS)
     model: str = _option("small", "model preset: {choices} (default small)", choices=PRESETS)
+    plans: str | None = _option(
+        None,
+        "train nnU-Net's planned network of this plans file instead of a preset (nnUNetPlans.json with its "
+        "dataset.json beside it, or one written by workbench plan)",
+    )
+    configuration: str = _option("3d_fullres", "the plans' configuration (default 3d_fullres)")
+    init_checkpoint: str | None = _option(
+        None,
+        "fine-tune an nnU-Net model: its training folder (…/Trainer__Plans__3d_fullres: plans, dataset.json, "
+        "fold_K/checkpoint_final.pth)",
+        flag="--checkpoint",
+    )
+    weights_fold: str = _option("0", "with --checkpoint: the fold whose weights to start from (default 0)")
     # Fields of the preset to change; set by the flags in _MODEL_OVERRIDE_FLAGS.
     model_overrides: dict = _option({}, "", flag=False)
     steps: int = _option(100, "training steps (default 100)", type=positive_int)
@@ -194,6 +207,22 @@ class TrainConfig:
         check(self.eval_every >= 0 and self.eval_cases >= 0, "eval_every and eval_cases must be >= 0")
         check(self.dice_weight >= 0 and self.clip_norm >= 0, "dice_weight and clip_norm must be >= 0")
         check(isinstance(self.fold, int) and self.fold >= 0, f"fold={self.fold!r} must be an integer >= 0")
+        nnunet = "--plans" if self.plans else "--checkpoint" if self.init_checkpoint else None
+        check(
+            not (self.plans and self.init_checkpoint),
+            "pass --plans or --checkpoint, not both: an nnU-Net training folder has its own plans",
+        )
+        if nnunet:
+            check(
+                self.model == "small" and set(self.model_overrides) <= {"dtype"},
+                f"{nnunet} chooses the network: drop --model and the preset options "
+                f"({', '.join(sorted(set(self.model_overrides) - {'dtype'})) or '--model'}), or drop {nnunet}",
+            )
+            check(
+                self.class_weights is None and self.dice_classes is None,
+                f"{nnunet} trains with nnU-Net's loss (Dice + cross-entropy, 1:1): drop --class-weights and "
+                "--dice-classes, which weigh the paper U-Net's loss",
+            )
         check(
             self.spacing is None or self.resolution is None,
             "pass spacing or resolution, not both (a target voxel size in mm, or N³ voxels)",
@@ -244,10 +273,47 @@ class TrainConfig:
 
 
 def model_config(tc: TrainConfig, num_classes: int):
-    """The :class:`~workbench.model.unet.UNetConfig` of ``tc`` for data with ``num_classes``."""
+    """The model config of ``tc`` for data with ``num_classes``: the preset's
+    :class:`~workbench.model.unet.UNetConfig`, or with ``plans`` / ``init_checkpoint`` the
+    :class:`~workbench.training.models.NNUNetConfig` of nnU-Net's plans (its outputs are the
+    plans' dataset.json's, checked against the data by the loop)."""
+    if tc.plans or tc.init_checkpoint:
+        from workbench.training.models import nnunet_config
+
+        return nnunet_config(nnunet_plans_file(tc), dtype=tc.model_overrides.get("dtype", "float32"))
     from workbench.model.unet import UNetConfig
 
     return UNetConfig.preset(tc.model, **{"num_classes": num_classes, **tc.model_overrides})
+
+
+def nnunet_plans_file(tc: TrainConfig):
+    """The :class:`~workbench.model.nnunet_plans.PlansFile` of ``--plans`` or of the
+    ``--checkpoint`` training folder (its ``plans.json`` with its ``dataset.json``)."""
+    import os
+
+    from workbench.model.nnunet_plans import load_plans_file
+
+    if tc.plans:
+        return load_plans_file(tc.plans, tc.configuration)
+    from workbench.errors import InputNotFoundError
+
+    folder = tc.init_checkpoint
+    missing = [n for n in ("plans.json", "dataset.json") if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise InputNotFoundError(
+            f"--checkpoint {folder} is not an nnU-Net training folder (it lacks {' and '.join(missing)}); pass the "
+            "folder nnU-Net trained into (…/DatasetXXX/Trainer__Plans__3d_fullres), or --plans to train from scratch"
+        )
+    return load_plans_file(os.path.join(tc.init_checkpoint, "plans.json"), _folder_configuration(tc))
+
+
+def _folder_configuration(tc: TrainConfig) -> str:
+    """An nnU-Net training folder's configuration: the last part of ``Trainer__Plans__Configuration``."""
+    import os
+    import re
+
+    match = re.fullmatch(r".+__.+__(.+)", os.path.basename(os.path.normpath(tc.init_checkpoint)))
+    return match.group(1) if match else tc.configuration
 
 
 # -- the command-line flags, derived from the fields ---------------------------------------------
@@ -286,7 +352,8 @@ def add_train_flags(parser) -> None:
         if meta.get("action"):
             kwargs["action"] = meta["action"]
         else:
-            kwargs["default"] = f.default
+            # --model: None when not given, so that --model with --plans is refused
+            kwargs["default"] = None if f.name == "model" else f.default
             for key in ("type", "nargs"):
                 if meta.get(key) is not None:
                     kwargs[key] = meta[key]
@@ -299,6 +366,14 @@ def add_train_flags(parser) -> None:
 def train_config_from_flags(args) -> TrainConfig:
     """The :class:`TrainConfig` of arguments parsed with :func:`add_train_flags`."""
     values = {name: getattr(args, name) for name in train_flags()}
+    nnunet = "--plans" if values["plans"] else "--checkpoint" if values["init_checkpoint"] else None
+    if values["model"] is None:
+        values["model"] = "small"
+    elif nnunet:
+        raise UserError(
+            f"--model {values['model']} and {nnunet} both choose the network; pass one of them "
+            f"({nnunet} trains nnU-Net's planned network, --model a paper U-Net preset)"
+        )
     data = values["data"]
     if isinstance(data, (list, tuple)):
         values["data"] = data[0] if len(data) == 1 else tuple(data)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["evaluate", "evaluate_blocks", "held_out_blocks", "predicted_labels", "region_dice"]
+__all__ = ["evaluate", "evaluate_blocks", "held_out_blocks", "predicted_labels", "region_dice", "model_logits"]
 
 
 def predicted_labels(logits: np.ndarray, model=None) -> np.ndarray:
@@ -43,22 +43,19 @@ def evaluate(model, cases, mesh="1x1x1", *, backend: str = "explicit", class_nam
     Runs the partitioned inference (running batch-norm statistics) at each case's full
     resolution on the spatial part of ``mesh``.
     """
-    from workbench.execute.run import run
     from workbench.mesh import MeshSpec, parse_mesh
-    from workbench.training.data import model_batch
     from workbench.training.losses import accuracy, dice_per_class, hausdorff95
 
     spec = parse_mesh(mesh)
     spatial = MeshSpec(spec.z, spec.y, spec.x) if backend != "reference" else None
-    k = model.config.num_classes
+    k = _label_count(model, class_names)
     names = tuple(class_names or [f"class{i}" for i in range(k)])
     per_case, inter, psum, tsum, accs, hds, case_names = [], np.zeros(k), np.zeros(k), np.zeros(k), [], [], []
     regions = tuple(regions or ())
     per_region, region_counts = [], np.zeros((3, len(regions)))
     for case in cases:  # may be read lazily (a dataset's validation cases): iterated once
         case_names.append(case.name)
-        logits = run(model, model_batch(case.image), spatial, backend=backend).output[0]
-        pred = predicted_labels(logits, model)
+        pred = predicted_labels(model_logits(model, case.image, spatial, backend), model)
         truth = case.labels
         per_case.append(dice_per_class(pred, truth, k))
         if regions:
@@ -74,7 +71,7 @@ def evaluate(model, cases, mesh="1x1x1", *, backend: str = "explicit", class_nam
         accs.append(accuracy(pred, truth))
         if hd95:
             hds.append([hausdorff95(pred == c, truth == c, case.spacing) for c in range(1, k)])
-        del case, logits, pred, truth  # before the next case is read
+        del case, pred, truth  # before the next case is read
     per_case = np.asarray(per_case)
     with np.errstate(invalid="ignore", divide="ignore"):
         pooled = np.where(psum + tsum > 0, 2 * inter / (psum + tsum), np.nan)
@@ -91,6 +88,29 @@ def evaluate(model, cases, mesh="1x1x1", *, backend: str = "explicit", class_nam
     if regions:
         out.update(_region_scores(regions, np.asarray(per_region).reshape(-1, len(regions)), region_counts))
     return out
+
+
+def _label_count(model, class_names) -> int:
+    """Classes of the label maps scored: the model's outputs, or for region outputs (scored on
+    the painted map) the dataset's labels (``class_names``, else up to the largest painted label)."""
+    spec = getattr(model, "spec", None)
+    if spec is None or spec.output_kind != "sigmoid":
+        return model.config.num_classes
+    return len(class_names) if class_names else max(spec.regions_class_order) + 1
+
+
+def model_logits(model, image, spatial, backend: str) -> np.ndarray:
+    """(Z, Y, X, K) logits of one case's image ((Z, Y, X) or (Z, Y, X, C)): the paper U-Net's
+    partitioned run, or an nnU-Net network's full-resolution head (:func:`workbench.execute.nnunet.apply_nnunet`)."""
+    from workbench.training.data import model_batch
+
+    if getattr(model, "spec", None) is None:
+        from workbench.execute.run import run
+
+        return run(model, model_batch(image), spatial, backend=backend).output[0]
+    from workbench.execute.nnunet import apply_nnunet
+
+    return apply_nnunet(model, model_batch(image), spatial, backend=backend)[0]
 
 
 def _region_scores(regions, per_case: np.ndarray, counts: np.ndarray) -> dict:

@@ -13,8 +13,9 @@ from workbench.training.evaluation import finite_or_none
 __all__ = ["train_row", "eval_row", "write_history", "plot_history", "training_curves"]
 
 
-def train_row(step: int, metrics: dict, class_names, seconds: float, lr: float) -> dict:
-    """The history row of one step's metrics (loss parts, gradient norm, batch Dice)."""
+def train_row(step: int, metrics: dict, class_names, seconds: float, lr: float, *, first: int = 1) -> dict:
+    """The history row of one step's metrics (loss parts, gradient norm, batch Dice of the
+    outputs from ``first`` on: 1 leaves the background out, 0 for region outputs)."""
     from workbench.training.losses import dice_from_counts
 
     dice = dice_from_counts(metrics["inter"], metrics["pred"], metrics["true"])["pooled"]
@@ -28,7 +29,7 @@ def train_row(step: int, metrics: dict, class_names, seconds: float, lr: float) 
         "seconds": seconds,
     }
     for i, n in enumerate(class_names):
-        if i:
+        if i >= first:
             row[f"dice_{n}"] = finite_or_none(dice[i])
     return row
 
@@ -42,6 +43,8 @@ def eval_row(step: int, result: dict) -> dict:
         row[f"pooled_dice_{n}"] = v
     for n, v in result.get("hd95_mm", {}).items():
         row[f"hd95_{n}"] = v
+    for n, v in result.get("region_dice", {}).items():
+        row[f"region_dice_{n}"] = v
     return row
 
 
@@ -70,11 +73,11 @@ def plot_history(history: dict, path) -> Path:
     import matplotlib.pyplot as plt
 
     rows, evals = history["train"], history["eval"]
-    names = history.get("class_names", [])[1:]
+    names = history.get("scored_names") or history.get("class_names", [])[1:]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     steps = [r["step"] for r in rows]
     ax1.plot(steps, [r["loss"] for r in rows], lw=0.8, label="loss")
-    ax1.set_yscale("log")
+    ax1.set_yscale("log" if all(r["loss"] > 0 for r in rows) else "symlog")  # nnU-Net's loss may be < 0
     ax1.set_xlabel("step")
     ax1.set_title("training loss (CE + w·Dice)")
     for n in names:

@@ -37,6 +37,8 @@ from workbench.training.checkpoint import Checkpoints, save_weights
 from workbench.training.config import PAPER_CLASS_WEIGHTS, NonFiniteLossError, TrainConfig, model_config
 from workbench.training.evaluation import evaluate, evaluate_blocks, held_out_blocks
 from workbench.training.history import eval_row, plot_history, train_row, write_history
+from workbench.training.models import NNUNetConfig, describe_model, model_with
+from workbench.training.nnunet_train import check_source, nnunet_weights, output_names
 from workbench.training.state import abstract_train_state, create_train_state, learning_rate_schedule, variables_of
 from workbench.training.step import batch_keys, build_train_step, put_batch_blocks
 
@@ -65,7 +67,6 @@ def train_and_evaluate(
 
     from workbench.execute.distributed import agree, put_tree
     from workbench.mesh import ShardLayout, parse_mesh
-    from workbench.model.unet import Model
     from workbench.training.data import BatchStream
     from workbench.training.datasets import make_source
 
@@ -92,8 +93,15 @@ def train_and_evaluate(
         raise UserError(f"batch {tc.batch} does not split over data={spec.data}; use a multiple of {spec.data}")
     source = source or make_source(tc.data, tc.resolution, fold=tc.fold, spacing=tc.spacing)
     cfg = model_config(tc, source.num_classes)
+    initial_variables = None
+    if isinstance(cfg, NNUNetConfig):
+        if tc.init_checkpoint:  # before the data is checked: a folder whose weights are not its plans'
+            initial_variables = nnunet_weights(tc, cfg)
+        check_source(cfg, source, several)
     weights = tc.class_weights
-    if weights is None:
+    if isinstance(cfg, NNUNetConfig):
+        weights = (1.0,) * source.num_classes  # not used: nnU-Net's loss has no class weights
+    elif weights is None:
         weights = (
             PAPER_CLASS_WEIGHTS
             if source.num_classes == 3 and "phantom" in source.description
@@ -111,10 +119,17 @@ def train_and_evaluate(
     layout = ShardLayout(source.shape, spec, multiple=cfg.multiple)
     if memory_check is not None:
         memory_check(cfg, layout, tc)
+    names = output_names(cfg, source)  # classes, or an nnU-Net region model's regions
+    region_model = isinstance(cfg, NNUNetConfig) and cfg.spec.output_kind == "sigmoid"
+    first = 0 if region_model else 1  # the outputs a step's Dice is logged for
+    # held-out evaluation: a region model is scored on its painted label map (the data's classes) and per region
+    eval_names = tuple(source.class_names) if region_model else names
+    regions = tuple(getattr(source, "regions", None) or ())
     meta = {
-        "model": cfg.as_dict(),
+        "model": describe_model(cfg),
         "train": tc.as_dict(),
-        "class_names": list(source.class_names),
+        "class_names": list(eval_names),  # the classes of the label maps the model predicts
+        **({"region_names": list(names)} if region_model else {}),
         "class_weights": list(weights),
         "data": source.description,
         **(getattr(source, "meta", None) or {}),  # a dataset's split and preprocessing
@@ -138,15 +153,16 @@ def train_and_evaluate(
     state, start = None, 0
     history = {
         "config": tc.as_dict(),
-        "model": cfg.as_dict(),
-        "class_names": list(source.class_names),
+        "model": describe_model(cfg),
+        "class_names": list(eval_names),
+        "scored_names": list(names[first:]),  # the dice_* of each step's row
         "data": source.description,
         "train": [],
         "eval": [],
     }
     if resume and existing:
         abstract = abstract_train_state(cfg, tc, ts.state_sharding)
-        state, _, start = ckpts.restore(abstract, expect_model=cfg.as_dict(), log=log)
+        state, _, start = ckpts.restore(abstract, expect_model=cfg, log=log)
         if (workdir / "history.json").is_file():
             old = json.loads((workdir / "history.json").read_text())
             history["train"] = [r for r in old.get("train", []) if r["step"] <= start]
@@ -155,7 +171,7 @@ def train_and_evaluate(
     elif resume:
         log(f"no checkpoint in {ckpt_dir} to resume; starting at step 0")
     if state is None:
-        initial = create_train_state(cfg, tc)
+        initial = create_train_state(cfg, tc, variables=initial_variables)
         state = put_tree(initial, ts.state_sharding) if several else jax.device_put(initial, ts.state_sharding)
     # -- update loop (from here on SIGINT/SIGTERM mean "checkpoint and return") -------------
     interrupted, step, last_good, final_eval = None, start, start, None
@@ -170,12 +186,12 @@ def train_and_evaluate(
         ckpts.save(step, state, meta)  # every process writes its part
 
     def run_eval(step):
-        model = Model(cfg, variables_of(state))
+        model = model_with(cfg, variables_of(state))
         if several:  # each process evaluates its own blocks: no process holds a whole held-out case
             result = evaluate_blocks(model, eval_cases, tc.eval_cases, spec, backend=tc.backend,
-                                     class_names=source.class_names)  # fmt: skip
+                                     class_names=eval_names, regions=regions)  # fmt: skip
         else:
-            result = evaluate(model, eval_cases, spec, backend=tc.backend, class_names=source.class_names)
+            result = evaluate(model, eval_cases, spec, backend=tc.backend, class_names=eval_names, regions=regions)
         history["eval"].append(eval_row(step, result))
         return result
 
@@ -215,11 +231,11 @@ def train_and_evaluate(
                         "rate or check the data, then --resume"
                     )
                 step += 1
-                row = train_row(step, metrics, source.class_names, seconds, float(schedule(step - 1)))
+                row = train_row(step, metrics, names, seconds, float(schedule(step - 1)), first=first)
                 history["train"].append(row)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(_postfix(row, source.class_names))
+                    bar.set_postfix(_postfix(row, names[first:]))
                 if tc.eval_every and step % tc.eval_every == 0 and eval_cases and step < tc.steps:
                     run_eval(step)
                 stopping = agree(stop.received is not None) if several else stop.received is not None
@@ -249,7 +265,7 @@ def train_and_evaluate(
     if eval_cases:
         final_eval = run_eval(step)
     ckpts.close()
-    model = Model(cfg, jax.device_get(variables_of(state)))
+    model = model_with(cfg, jax.device_get(variables_of(state)))
     if main:
         write_history(workdir, history)
         plot_history(history, workdir / "curves.png")
@@ -263,9 +279,9 @@ def train_and_evaluate(
     return result
 
 
-def _postfix(row: dict, class_names) -> dict:
+def _postfix(row: dict, scored) -> dict:
     out = {"loss": f"{row['loss']:.3f}"}
-    for n in class_names[1:]:
+    for n in scored:
         v = row.get(f"dice_{n}")
         out[n[:6]] = "-" if v is None else f"{v:.2f}"
     out["s/step"] = f"{row['seconds']:.2f}"

@@ -53,9 +53,30 @@ def make_optimizer(tc: TrainConfig, config=None):
         opt = optax.sgd(lr, momentum=0.9)
     if tc.clip_norm > 0:
         opt = optax.chain(optax.clip_by_global_norm(tc.clip_norm), opt)
+    from workbench.training.models import NNUNetConfig
+
+    if isinstance(config, NNUNetConfig):
+        from workbench.model.nnunet import param_name
+
+        # every convolution there feeds an InstanceNorm but the heads
+        normed = frozenset(param_name(la.name) for la in config.spec.layers if la.op == "conv" and la.norm)
+        return optax.multi_transform(
+            {"train": opt, "frozen": optax.set_to_zero()}, lambda params: _frozen_spec_labels(params, normed)
+        )
     if config is None or config.norm not in ("batch", "instance"):
         return opt
     return optax.multi_transform({"train": opt, "frozen": optax.set_to_zero()}, _frozen_labels)
+
+
+def _frozen_spec_labels(params, normed):
+    """'frozen' for the bias of a spec network's convolution followed by InstanceNorm."""
+    import jax
+
+    def label(path, _):
+        keys = [getattr(k, "key", str(k)) for k in path]
+        return "frozen" if len(keys) == 2 and keys[1] == "bias" and keys[0] in normed else "train"
+
+    return jax.tree_util.tree_map_with_path(label, params)
 
 
 def _frozen_labels(params):
@@ -80,10 +101,10 @@ def create_train_state(config, tc: TrainConfig, *, variables=None) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from workbench.model.unet import Model
+    from workbench.training.models import init_model
 
     if variables is None:
-        variables = Model.init(config, seed=tc.seed).variables
+        variables = init_model(config, seed=tc.seed).variables
     params = variables["params"]
     state = {
         "params": params,

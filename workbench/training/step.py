@@ -82,20 +82,18 @@ def _build_train_step(config, tc, layout, backend, class_weights, devices) -> Tr
     import jax
     import optax
 
-    from workbench.execute.run import make_forward
-    from workbench.training.losses import confusion_counts, segmentation_loss
+    from workbench.training.models import NNUNetConfig
 
-    fn, mesh, image_sharding, state_sharding = make_forward(
-        config, layout, backend=backend, train=True, devices=devices
-    )
+    if isinstance(config, NNUNetConfig):
+        fn, mesh, image_sharding, state_sharding, objective = _nnunet_parts(config, layout, backend, devices)
+    else:
+        fn, mesh, image_sharding, state_sharding, objective = _unet_parts(
+            config, tc, layout, backend, class_weights, devices
+        )
     label_sharding = image_sharding
     if backend != "reference":
         label_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*image_sharding.spec[:4]))
     tx = make_optimizer(tc, config)
-    volume_shape = layout.volume_shape
-    weights = tuple(float(w) for w in (class_weights or (1.0,) * config.num_classes))
-    if len(weights) != config.num_classes:
-        raise UserError(f"class_weights {weights} must have one weight per class ({config.num_classes})")
 
     def step(state, images, labels):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
@@ -103,15 +101,8 @@ def _build_train_step(config, tc, layout, backend, class_weights, devices) -> Tr
         def loss_fn(params):
             variables = {**variables_of(state), "params": params}
             logits, updates = fn(variables, images, rng)
-            loss, parts = segmentation_loss(
-                logits,
-                labels,
-                volume_shape,
-                class_weights=weights,
-                dice_weight=tc.dice_weight,
-                dice_classes=tc.dice_classes,
-            )
-            return loss, (updates, parts, confusion_counts(logits, labels, volume_shape))
+            loss, parts, counts = objective(logits, labels)
+            return loss, (updates, parts, counts)
 
         (loss, (updates, parts, counts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         deltas, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -140,6 +131,56 @@ def _build_train_step(config, tc, layout, backend, class_weights, devices) -> Tr
         donate_argnums=0,
     )
     return TrainStep(jitted, layout, backend, mesh, state_sharding, image_sharding, label_sharding)
+
+
+def _unet_parts(config, tc, layout, backend, class_weights, devices):
+    """The paper U-Net's forward (``fn(variables, images, rng) -> (logits, updates)``), its
+    shardings, and its objective ``(logits, labels) -> (loss, parts, counts)``."""
+    from workbench.execute.run import make_forward
+    from workbench.training.losses import confusion_counts, segmentation_loss
+
+    fn, mesh, image_sharding, state_sharding = make_forward(
+        config, layout, backend=backend, train=True, devices=devices
+    )
+    volume_shape = layout.volume_shape
+    weights = tuple(float(w) for w in (class_weights or (1.0,) * config.num_classes))
+    if len(weights) != config.num_classes:
+        raise UserError(f"class_weights {weights} must have one weight per class ({config.num_classes})")
+
+    def objective(logits, labels):
+        loss, parts = segmentation_loss(
+            logits,
+            labels,
+            volume_shape,
+            class_weights=weights,
+            dice_weight=tc.dice_weight,
+            dice_classes=tc.dice_classes,
+        )
+        return loss, parts, confusion_counts(logits, labels, volume_shape)
+
+    return fn, mesh, image_sharding, state_sharding, objective
+
+
+def _nnunet_parts(config, layout, backend, devices):
+    """An nnU-Net network's forward (every deep-supervision head; InstanceNorm, so no state to
+    update), its shardings, and nnU-Net's loss (:mod:`workbench.training.nnunet_losses`)."""
+    from workbench.execute.nnunet import make_nnunet_forward
+    from workbench.training.nnunet_losses import nnunet_confusion_counts, nnunet_loss
+
+    forward, mesh, image_sharding, state_sharding = make_nnunet_forward(
+        config.spec, layout, backend=backend, dtype=config.dtype, deep_supervision=True, devices=devices, jit=False
+    )
+    volume_shape = layout.volume_shape
+    loss_spec = config.loss_spec()
+
+    def fn(variables, images, rng):
+        return forward({"params": variables["params"]}, images), {}
+
+    def objective(heads, labels):
+        loss, parts = nnunet_loss(heads, labels, volume_shape, loss_spec)
+        return loss, parts, nnunet_confusion_counts(heads[0], labels, volume_shape, loss_spec)
+
+    return fn, mesh, image_sharding, state_sharding, objective
 
 
 def compile_train_step(
