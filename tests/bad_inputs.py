@@ -776,6 +776,25 @@ case("train-finetune-tensors", N, "train --checkpoint NNUNET_FOLDER whose weight
      "has shape (4, 2, 1, 3, 3) but the network planned by", *NT, "--checkpoint", NN,
      setup=_finetune_mismatch)  # fmt: skip
 
+def _tiny_dataset(tmp):
+    from data_tools.synthetic.dataset import write_phantom_dataset
+
+    write_phantom_dataset(tmp / "Dataset002_Tiny", cases=3, test=0, layout="nnunet", shapes=[(12, 16, 16)])
+
+
+NP = ("plan", "--out", "{tmp}/out/plans.json")
+case("nnunet-plan-not-a-dataset", N, "plan --data: a folder without dataset.json",
+     "has no dataset.json (the MSD / nnU-Net description of the dataset)", *NP, "--data", "{tmp}")  # fmt: skip
+case("nnunet-plan-planner", N, "plan --data --planner resenc-xxl", "--planner 'resenc-xxl' is unknown; use one of nnunet",
+     *NP, "--data", "{tmp}", "--planner", "resenc-xxl")  # fmt: skip
+case("nnunet-plan-nothing-fits", N, "plan --data with a budget no mesh up to --max-devices meets (--json: no progress lines)",
+     "no mesh up to 1 device fits 0.0001 GiB/device: the smallest need found is", *NP, "--data", "{tmp}/Dataset002_Tiny",
+     "--budget-gib", "0.0001", "--max-devices", "1", "--infer", "--dtype", "float32", "--json",
+     setup=_tiny_dataset)  # fmt: skip
+case("nnunet-plan-plans-mesh", N, "plan --plans FILE without --mesh", "--plans FILE needs --mesh M", "plan", "--plans",
+     "{tmp}/plans.json")  # fmt: skip
+
+
 # -- multi-process settings ---------------------------------------------------------------------
 M = "multi-process"
 MP = ("infer", "phantom:8", "--mesh", "1x1x1", "--out", "{tmp}/out")

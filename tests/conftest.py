@@ -59,6 +59,8 @@ TIERS = {
     "test_nnunet.py": ("exactness",),
     "test_nnunet_infer.py": ("integration",),
     "test_nnunet_loss.py": ("exactness",),
+    "test_nnunet_plan_cli.py": ("integration",),
+    "test_nnunet_planning.py": ("unit",),
     "test_partition.py": ("exactness",),
     "test_plan.py": ("integration",),
     "test_reliability.py": ("exactness",),

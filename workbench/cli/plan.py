@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 
 from workbench.cli.args import positive_int
+from workbench.cli.plan_nnunet import NOTICE as _NOTICE  # the CUDA plugin's notices
 from workbench.errors import UserError
 from workbench.options import DTYPES, PLAN_BACKENDS, PRESETS
 
@@ -14,9 +14,18 @@ HELP = "per-device memory and communication of a step at any resolution and mesh
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--resolution", required=True, help="volume side N, or ZxYxX (e.g. 512 or 256x512x512)")
-    p.add_argument("--mesh", required=True, help="ZxYxX or data=D,z=Z,y=Y,x=X")
-    p.add_argument("--data", type=positive_int, default=None, help="data-parallel size (overrides the mesh's)")
+    p.add_argument("--resolution", default=None, help="volume side N, or ZxYxX (e.g. 512 or 256x512x512)")
+    p.add_argument("--mesh", default=None, help="ZxYxX or data=D,z=Z,y=Y,x=X")
+    from workbench.cli.plan_nnunet import add_nnunet_arguments
+
+    add_nnunet_arguments(p)
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="N|DIR",
+        help="a number: the data-parallel size (overrides the mesh's); a dataset folder (MSD / nnU-Net "
+        "layout): plan nnU-Net's network for its whole median volume and the smallest mesh that fits",
+    )
     p.add_argument("--model", default=None, help=f"model preset: {' | '.join(PRESETS)} (default small)")
     p.add_argument("--dtype", default=None, help=f"{' | '.join(DTYPES[:2])} (default: the preset's)")
     p.add_argument(
@@ -77,12 +86,21 @@ def run(args) -> int:
     import sys
 
     from workbench.analysis.plan import _budget_bytes, format_plan, plan, plan_layout, recommend
+    from workbench.cli.plan_nnunet import nnunet_mode, run_nnunet
     from workbench.execute.devices import configure_cpu_devices, has_cuda_plugin, use_gpu_target, validate_compiler
     from workbench.mesh import MeshSpec, parse_mesh, parse_resolution
     from workbench.model.halo import validate_halo
 
+    if nnunet_mode(args):
+        return run_nnunet(args)
+    for flag, value in (("--resolution", args.resolution), ("--mesh", args.mesh)):
+        if value is None:
+            raise UserError(f"{flag} is required (or plan an nnU-Net network: --data DIR, or --plans FILE --mesh M)")
     spec = parse_mesh(args.mesh)
     if args.data is not None:
+        if not str(args.data).isdigit() or int(args.data) < 1:
+            raise UserError(f"--data {args.data!r}: give the data-parallel size (an integer >= 1) or a dataset folder")
+        args.data = int(args.data)
         spec = MeshSpec(spec.z, spec.y, spec.x, data=args.data)
     config = model_config_from_args(args)
     if args.backend not in PLAN_BACKENDS:
@@ -164,10 +182,6 @@ def model_config_from_args(args):
         return UNetConfig.from_dict(fields)
     except (TypeError, ValueError) as err:
         raise UserError(f"--model-config: {err}") from None
-
-
-# The CUDA plugin's notices when it loads on a machine without a GPU driver.
-_NOTICE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog|[IW]\d{4} .*cudart_stub)")
 
 
 def _delegate(args, n_devices: int) -> int:
