@@ -121,14 +121,15 @@ def plans_model(config, *, seed: int = 0):
     return ModelChoice(model, "random", f"random (seed {seed})")
 
 
-def check_channels(spec, channels: int) -> None:
-    """One :class:`UserError` naming both counts when the volume's channels are not the network's."""
+def check_channels(spec, channels: int, name: str = "") -> None:
+    """One :class:`UserError` naming both counts when the volume's channels are not the network's
+    (``name``: where the network came from, e.g. its plans file)."""
     if channels != spec.in_channels:
+        plural = "s" * (channels != 1)
         raise UserError(
-            f"the volume has {channels} channel{'s' * (channels != 1)} but the plans network "
-            f"({spec.network_class}{f' of {spec.source}' if spec.source else ''}) takes {spec.in_channels} "
-            "(its dataset.json's channel_names); choose a plans file made for "
-            f"{channels} channel{'s' * (channels != 1)}, or a volume with {spec.in_channels}"
+            f"the volume has {channels} channel{plural} but the plans network ({spec.network_class}"
+            f"{f' of {name}' if name else ''}) takes {spec.in_channels} (its dataset.json's channel_names); "
+            f"choose a plans file made for {channels} channel{plural}, or a volume with {spec.in_channels}"
         )
 
 
@@ -153,7 +154,8 @@ def infer_plans(choice, loaded, mesh, *, backend: str = "explicit", reference: b
     model = choice.model
     spec = model.spec
     image = np.asarray(loaded.image, np.float32)
-    check_channels(spec, 1 if image.ndim == 3 else image.shape[-1])
+    path = (getattr(model.config, "plans", None) or {}).get("path")
+    check_channels(spec, 1 if image.ndim == 3 else image.shape[-1], Path(path).name if path else spec.source)
     x = image[..., None] if image.ndim == 3 else image
     mesh_spec = check_nnunet_mesh(spec, x.shape[:3], mesh, backend)
     stage(f"compile and run ({backend})")
@@ -176,5 +178,5 @@ def infer_plans(choice, loaded, mesh, *, backend: str = "explicit", reference: b
         volume=loaded.volume,
     )
     report["class_names"] = list(spec.output_names)
-    report["plans"] = (getattr(model.config, "plans", None) or {}).get("path")
+    report["plans"] = path
     return Inference(result, ref, comparison, report, loaded=loaded)
