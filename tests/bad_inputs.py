@@ -222,7 +222,24 @@ def _napari_read(tmp):
     return seen[-1]
 
 
+def _bytes_at(tmp, name, data) -> str:
+    path = Path(tmp) / name
+    path.write_bytes(data)
+    return str(path)
+
+
+def _two_channel_plans(tmp) -> str:
+    from workbench.analysis.nnunet_memory import spec_plans
+    from workbench.model.spec import NetworkSpec
+
+    spec = NetworkSpec.plain(in_channels=2, num_outputs=3, kernels=[(3, 3, 3)] * 2, strides=[(1, 1, 1), (2, 2, 2)],
+                             features=[4, 8], blocks=[1, 1])  # fmt: skip
+    return _bytes_at(tmp, "two_channels.json", json.dumps(spec_plans(spec)).encode())
+
+
 def _panel(**values):
+    """Set the panel's controls (a value may be ``{tmp}``-templated or a ``tmp -> value`` builder) and click Run."""
+
     def call(tmp):
         from workbench.app.planning import MemoryEstimator
         from workbench.ui.panel import WorkbenchPanel
@@ -231,7 +248,8 @@ def _panel(**values):
             "phantom:16", mesh="2x2x2", estimate="off", estimator=MemoryEstimator(lambda key: {"peak": 0})
         )
         for name, value in values.items():
-            getattr(p, name).value = value
+            value = value(tmp) if callable(value) else value
+            getattr(p, name).value = value.format(tmp=tmp) if isinstance(value, str) else value
         p.run_button.click()
         return p.error
 
@@ -672,6 +690,12 @@ case(
 case("panel-native-phantom", "panel", "resolution 'native' for a phantom", "a phantom has no native size",
      call=_panel(resolution="native"))  # fmt: skip
 case("panel-data-parallel", "panel", "data-parallel 2 for inference", "data-parallel axis of 2", call=_panel(data=2))
+case("panel-plans-missing", "panel", "model box: a plans file that does not exist",
+     "is neither a preset (small, paper) nor an existing plans file", call=_panel(model="{tmp}/nnUNetPlans.json"))  # fmt: skip
+case("panel-plans-no-dataset", "panel", "model box: nnUNetPlans.json without dataset.json beside it",
+     "has no dataset.json beside it", call=_panel(model=lambda tmp: _bytes_at(tmp, "nnUNetPlans.json", b"{}")))  # fmt: skip
+case("panel-plans-channels", "panel", "model box: a 2-channel plans network on the 1-channel phantom",
+     "the volume has 1 channel but the plans network (PlainConvUNet of two_channels.json) takes 2", call=_panel(model=_two_channel_plans))  # fmt: skip
 
 # -- result folders: workbench view, load_result, the napari reader --------------------------------
 R = "result folder"

@@ -62,6 +62,7 @@ TIERS = {
     "test_nnunet_loss.py": ("exactness",),
     "test_nnunet_plan_cli.py": ("integration",),
     "test_nnunet_planning.py": ("unit",),
+    "test_panel_plans.py": ("integration",),
     "test_partition.py": ("exactness",),
     "test_plan.py": ("integration",),
     "test_reliability.py": ("exactness",),

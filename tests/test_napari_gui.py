@@ -176,6 +176,38 @@ def test_dock_widget_bad_input_notifies(make_napari_viewer):
     assert "only available with the explicit backend" in _errors(before)[0]
 
 
+def test_dock_widget_runs_a_plans_network(make_napari_viewer, phantom32, tmp_path):
+    """The model box picks a plans file; its network runs partitioned, exact against the reference."""
+    from workbench.analysis.nnunet_memory import spec_plans
+    from workbench.model.spec import NetworkSpec
+
+    spec = NetworkSpec.plain(in_channels=1, num_outputs=3, kernels=[(1, 3, 3), (3, 3, 3)],
+                             strides=[(1, 1, 1), (1, 2, 2)], features=[4, 8], blocks=[1, 1])  # fmt: skip
+    plans = tmp_path / "plans.json"
+    plans.write_text(json.dumps(spec_plans(spec)))
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(phantom32.array, scale=phantom32.spacing, name="phantom")
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Partitioned inference")
+    assert widget.network.choices == ("small", "paper", "plans file") and widget.plans.native.isHidden()
+    widget.network.value = "plans file"
+    assert not widget.plans.native.isHidden()  # the plans box shows only for "plans file"
+    before = _n_records()
+    widget.plans.value = tmp_path / "missing.json"
+    assert widget.run() is None and "is neither a preset" in _errors(before)[0]
+    widget.plans.value = plans
+    widget.mesh.value, widget.halo.value, widget.reference.value = "1x2x4", "exact", True
+    added = widget.run()
+    assert added is not None, widget.status.value
+    report = widget.last_report
+    assert report["mesh"] == {"data": 1, "z": 1, "y": 2, "x": 4} and report["plans"] == str(plans.resolve())
+    assert report["max_abs_diff"] <= 1e-4 * max(1.0, report["reference_scale"]) and report["argmax_disagreement"] == 0
+    assert viewer.layers["prediction"].data.shape == (32, 32, 32)
+    assert viewer.layers["halo band (1 voxel)"] is not None  # the spec's widest layer halo: 1 voxel
+    widget.halo.value = "zero"
+    before = _n_records()
+    assert widget.run() is None and "exact halos only" in _errors(before)[0]
+
+
 @pytest.fixture(scope="module")
 def result_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("gui") / "run"

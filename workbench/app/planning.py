@@ -12,16 +12,19 @@ grid of resolutions and meshes.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from workbench.errors import UserError
 from workbench.mesh import MeshSpec, ShardLayout
 
 __all__ = [
     "PlanKey",
     "plan_bytes",
+    "nnunet_network",
     "MemoryEstimator",
     "memory_table",
     "memory_vs_devices",
@@ -50,21 +53,52 @@ def fits_line(stats: dict, budget_gib: float) -> tuple[bool, str]:
 
 @dataclass(frozen=True)
 class PlanKey:
-    """Everything the per-device memory depends on (hashable: the cache key)."""
+    """Everything the per-device memory depends on (hashable: the cache key).
 
-    config: Any  # UNetConfig
+    ``config``: a preset's ``UNetConfig``, or an nnU-Net network: an ``NNUNetConfig`` (its
+    ``spec`` at its ``dtype``) or a bare ``NetworkSpec`` (at ``dtype``, default bfloat16 as
+    ``workbench plan --plans``). nnU-Net networks are planned by
+    :func:`workbench.analysis.nnunet_memory.spec_memory` (explicit backend, exact halos)."""
+
+    config: Any  # UNetConfig | NNUNetConfig | NetworkSpec
     shape: tuple[int, int, int]
     mesh: MeshSpec
     backend: str = "explicit"
     halo: Any = "exact"
     train: bool = False
     batch: int = 1
+    dtype: str | None = None  # a bare NetworkSpec's (the other configs carry their own)
+
+
+def nnunet_network(config) -> tuple[Any, str] | None:
+    """(NetworkSpec, dtype) of an nnU-Net network config (``NNUNetConfig`` or ``NetworkSpec``), else None."""
+    from workbench.model.spec import NetworkSpec
+
+    if isinstance(config, NetworkSpec):
+        return config, None
+    if getattr(config, "kind", None) == "nnunet":
+        return config.spec, config.dtype
+    return None
 
 
 def plan_bytes(key: PlanKey) -> dict[str, int]:
-    """Per-device bytes of the compiled program for ``key`` (see :func:`workbench.analysis.plan.plan_memory`)."""
+    """Per-device bytes of the compiled program for ``key``: :func:`workbench.analysis.plan.plan_memory`
+    for a preset's U-Net, :func:`workbench.analysis.nnunet_memory.spec_memory` (the number
+    ``workbench plan --plans FILE --mesh M --shape S`` prints) for an nnU-Net network."""
     from workbench.analysis.plan import plan_memory
 
+    network = nnunet_network(key.config)
+    if network is not None:
+        from workbench.analysis.nnunet_memory import spec_memory
+
+        spec, dtype = network
+        if key.backend != "explicit" or key.halo != "exact":
+            raise UserError(
+                f"nnU-Net networks are planned with the explicit backend and exact halos, not "
+                f"{key.backend} with halo {key.halo}; choose explicit and exact"
+            )
+        dtype = dtype or key.dtype or "bfloat16"
+        return spec_memory(spec, key.shape, key.mesh, train=key.train, dtype=dtype, batch=key.batch)["memory"]
     layout = ShardLayout(key.shape, key.mesh, multiple=key.config.multiple)
     return plan_memory(key.config, layout, backend=key.backend, halo=key.halo, train=key.train, batch=key.batch)
 
@@ -178,7 +212,7 @@ def memory_vs_devices(estimator: MemoryEstimator, key: PlanKey, counts) -> list[
     rows = []
     for n in tqdm(list(counts), desc="planning", leave=False):
         spec = auto_mesh(n * key.mesh.data, data=key.mesh.data)
-        stats = estimator.estimate(PlanKey(key.config, key.shape, spec, key.backend, key.halo, key.train, key.batch))
+        stats = estimator.estimate(dataclasses.replace(key, mesh=spec))
         shape = tuple(key.shape)
         rows.append(
             {

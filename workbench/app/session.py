@@ -16,6 +16,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from dataclasses import dataclass
@@ -29,7 +30,11 @@ __all__ = ["Settings", "Session"]
 
 @dataclass(frozen=True)
 class Settings:
-    """What a run depends on: the grid, the mesh, the model and how it is partitioned."""
+    """What a run depends on: the grid, the mesh, the model and how it is partitioned.
+
+    ``preset`` is a preset name (``small``, ``paper``) or the path of a plans file (nnU-Net's
+    ``nnUNetPlans.json`` with its dataset.json beside it, or one ``workbench plan --data`` wrote).
+    """
 
     shape: tuple[int, int, int]
     mesh: MeshSpec
@@ -41,9 +46,10 @@ class Settings:
 
     @property
     def config(self):
-        from workbench.model.unet import UNetConfig
+        """A preset's ``UNetConfig``, or a plans file's ``NNUNetConfig`` (see :mod:`workbench.app.plans_network`)."""
+        from workbench.app.plans_network import network_config
 
-        return UNetConfig.preset(self.preset, dtype=self.dtype, remat=self.remat)
+        return network_config(self.preset, self.dtype, self.remat)
 
 
 class Session:
@@ -127,8 +133,11 @@ class Session:
     def model(self, settings: Settings):
         """The :class:`~workbench.app.models.ModelChoice` for ``settings`` (trained weights after :meth:`train`)."""
         from workbench.app.models import resolve_model, task_for_input
+        from workbench.app.plans_network import is_plans_config, plans_model
 
         key = settings.config
+        if key not in self._models and is_plans_config(key):
+            self._models[key] = plans_model(key, seed=self.seed)  # random weights (trained ones after train)
         if key not in self._models:
             task = "phantom" if self.volume is None else task_for_input(self.volume)
             self._models[key] = resolve_model(
@@ -144,8 +153,16 @@ class Session:
         from tqdm.auto import tqdm
 
         from workbench.app.inference import check_run_options, infer
+        from workbench.app.plans_network import infer_plans, is_plans_config
 
-        halo, _ = check_run_options(settings.config, settings.backend, settings.halo, settings.mesh)
+        plans = is_plans_config(settings.config)
+        if plans:
+            if settings.halo != "exact":
+                raise UserError(f"halo {settings.halo!r}: nnU-Net networks run with exact halos only; choose exact")
+            run = infer_plans
+        else:
+            halo, _ = check_run_options(settings.config, settings.backend, settings.halo, settings.mesh)
+            run = functools.partial(infer, halo=halo)
         with tqdm(
             total=3 + 2 * reference, desc="compare" if reference else "inference", leave=False, disable=not progress
         ) as bar:
@@ -158,8 +175,8 @@ class Session:
             loaded = self.load(settings.shape)
             stage("model")
             choice = self.model(settings)
-            self.last = infer(
-                choice, loaded, settings.mesh, backend=settings.backend, halo=halo, reference=reference, on_stage=stage
+            self.last = run(
+                choice, loaded, settings.mesh, backend=settings.backend, reference=reference, on_stage=stage
             )
         self.last_settings = settings
         return self.last
@@ -182,14 +199,18 @@ class Session:
             data = str(self.dataset.root)  # the whole dataset, fold 0, read lazily
         else:
             data = "phantom" if self.volume is None else [self.volume]
+        from workbench.app.plans_network import is_plans_config
+
+        plans = is_plans_config(settings.config)  # nnU-Net's network: the loop reads the plans file
         return TrainConfig(
             data=data,
             resolution=None if native else settings.shape[0],
             mesh="x".join(str(s) for s in spec.spatial),
             data_parallel=spec.data,
             backend=settings.backend,
-            model=settings.preset,
-            model_overrides={"dtype": settings.dtype, "remat": bool(settings.remat)},
+            model="small" if plans else settings.preset,
+            plans=settings.config.plans["path"] if plans else None,
+            model_overrides={"dtype": settings.dtype, **({} if plans else {"remat": bool(settings.remat)})},
             steps=int(steps),
             batch=spec.data,
             eval_cases=1,

@@ -81,17 +81,22 @@ def mesh_svg(spec: MeshSpec, *, cell: int = 16) -> str:
     return "".join(parts)
 
 
-def resolution_step(spec: MeshSpec, multiple: int) -> int:
-    """Cube sides that are multiples of this split evenly on ``spec`` (no padding)."""
-    return math.lcm(*spec.spatial) * multiple
+def resolution_step(spec: MeshSpec, multiple) -> int:
+    """Cube sides that are multiples of this split evenly on ``spec`` (no padding).
+    ``multiple``: the model's size multiple, one for every axis or per axis (z, y, x)."""
+    multiples = (multiple,) * 3 if isinstance(multiple, int) else tuple(multiple)
+    return math.lcm(*(parts * m for parts, m in zip(spec.spatial, multiples)))
 
 
-def valid_resolutions(spec: MeshSpec, multiple: int, *, largest: int = 1024) -> list[int]:
+def valid_resolutions(spec: MeshSpec, multiple, *, largest: int = 1024) -> list[int]:
     """Cube sides up to ``largest`` that need no padding on ``spec`` for a model whose
-    sides must be multiples of ``multiple`` (= 2^(depth-1)).
+    sides must be multiples of ``multiple`` (2^(depth-1) for the presets; per axis, the
+    stride products ``spec.multiple``, for nnU-Net's networks).
 
     >>> valid_resolutions(MeshSpec(2, 2, 2), 4, largest=128)
     [16, 24, 32, 48, 64, 96, 128]
+    >>> valid_resolutions(MeshSpec(1, 2, 2), (2, 8, 8), largest=128)
+    [16, 32, 48, 64, 96, 128]
     """
     step = resolution_step(spec, multiple)
     sizes = [n for n in NICE_SIZES if n % step == 0 and n <= largest]
@@ -119,9 +124,12 @@ def padding_note(shape, spec: MeshSpec, multiple: int) -> str:
 def halo_options(config) -> list[tuple[str, object]]:
     """(label, value) of every halo choice for ``config``: exact, overlap at the full
     receptive width, the per-shard paddings, and overlaps narrower than needed (in steps of
-    the size multiple). Widths come from the layer spec (``config.spec()``)."""
+    the size multiple). Widths come from the layer spec (``config.spec()``). An nnU-Net
+    network (a plans file's ``NNUNetConfig``) runs with exact halos only."""
     from workbench.execute.run import overlap_width
 
+    if getattr(config, "kind", None) == "nnunet":
+        return [("exact", "exact")]
     full, step = overlap_width(config), max(config.spec().multiple)
     narrow = [(f"overlap {w} (narrower than the {full} needed)", w) for w in range(step, full, step)]
     return (

@@ -63,7 +63,17 @@ class Controls:
             placeholder="a side N (N³) or native",
         )
         self.padding = W.HTML()
-        self.model = W.Dropdown(options=sorted(PRESETS), value=model, description="model", style=style, layout=layout)
+        # a preset, or the path of a plans file typed in (nnUNetPlans.json, or workbench plan --data's)
+        self.model = W.Combobox(
+            options=sorted(PRESETS),
+            value=model,
+            ensure_option=False,
+            continuous_update=False,  # a typed path counts on Enter or leaving the box
+            description="model",
+            placeholder="small, paper or a plans file",
+            style=style,
+            layout=layout,
+        )
         self.dtype = W.Dropdown(
             options=["float32", "bfloat16"], value=dtype, description="dtype", style=style, layout=layout
         )

@@ -68,6 +68,7 @@ class EstimateView:
     def block(self, reason: str) -> None:
         """No estimate for these choices (the panel shows ``reason`` elsewhere)."""
         self.key, self.blocked, self.label.value = None, reason, ""
+        self.fits = self.last = None
 
     def refresh(self, key: PlanKey) -> None:
         """(Re)start the planner for ``key``; the label updates when it is done."""

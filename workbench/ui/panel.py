@@ -32,9 +32,10 @@ import numpy as np
 
 from workbench.analysis.figures import _pyplot, plot_curves, plot_memory, plot_seam_profile, plot_slices
 from workbench.app.planning import MemoryEstimator, PlanKey, format_bytes
+from workbench.app.plans_network import is_plans_config, is_preset, network_config, plans_shape
 from workbench.errors import USER_ERRORS, UserError, one_line
 from workbench.mesh import MeshSpec, auto_mesh
-from workbench.options import PRESETS
+from workbench.options import PLAN_BACKENDS
 from workbench.ui.choices import (
     halo_options,
     mesh_choices,
@@ -60,8 +61,15 @@ class WorkbenchPanel:
         dataset folder (MSD / nnU-Net: ``dataset.json``, ``imagesTr/``): its cases are listed
         in ``panel.case`` (name, shape, spacing) and the chosen one is the input.
         Loaded volumes offer ``native`` (their own, possibly uneven, shape) or a cube side.
-    mesh, resolution, model, halo, backend
+    mesh, resolution, halo, backend
         initial choices (mesh default: the most cube-like mesh of all devices).
+    model : str
+        a preset (``"small"``, ``"paper"``) or the path of a plans file: nnU-Net's
+        ``nnUNetPlans.json`` (its ``dataset.json`` beside it) or one ``workbench plan --data``
+        wrote. The ``model`` control takes the same (type a path, press Enter). A plans
+        network offers the cube sides its per-axis size multiple splits evenly (and the
+        plans' own volume), exact halos and the explicit backend only, float32 or bfloat16
+        (planned and trained in that dtype; runs compute float32), and no rematerialisation.
     budget_gib : float
         per-device memory budget the estimate is checked against.
     estimate : {"background", "sync", "off"}
@@ -116,15 +124,16 @@ class WorkbenchPanel:
         self.notebook_viewer = None  # the in-notebook viewer (workbench.ui.notebook_viewer)
 
         spec = self._initial_mesh(mesh)
-        model = model if model in PRESETS else "small"
+        model = str(model)
+        preset = is_preset(model)
         self.controls = Controls(
             self.n_devices,
             spec,
             resolution=str(resolution or self.session.default_size),
             model=model,
-            dtype=PRESET_CONFIGS[model]["dtype"],
-            halo_choices=halo_options(self.config_for(model)),
-            halo=halo,
+            dtype=PRESET_CONFIGS[model.strip()]["dtype"] if preset else "float32",
+            halo_choices=halo_options(self.config_for(model)) if preset else [("exact", "exact")],
+            halo=halo if preset else "exact",
             backend=backend,
             steps=steps,
         )
@@ -191,14 +200,13 @@ class WorkbenchPanel:
 
     @property
     def config(self):
-        """The U-Net configuration the controls select."""
+        """The network the controls select: a preset's ``UNetConfig`` or a plans file's
+        ``NNUNetConfig`` (raises the user error of a bad plans file)."""
         return self.config_for(self.model.value, self.dtype.value, bool(self.remat.value))
 
     @staticmethod
-    def config_for(preset: str, dtype: str | None = None, remat: bool = False):
-        from workbench.model.unet import UNetConfig
-
-        return UNetConfig.preset(preset, **({"dtype": dtype} if dtype else {}), remat=remat)
+    def config_for(model: str, dtype: str | None = None, remat: bool = False):
+        return network_config(model, dtype, remat)
 
     @property
     def volume_shape(self) -> tuple[int, int, int]:
@@ -211,7 +219,7 @@ class WorkbenchPanel:
         return Settings(
             self.volume_shape,
             self.spec,
-            self.model.value,
+            str(self.model.value).strip(),
             self.dtype.value,
             bool(self.remat.value),
             self.halo.value,
@@ -273,11 +281,25 @@ class WorkbenchPanel:
                 self.mesh.options = options
                 self.mesh.value = wanted if wanted in specs else auto_mesh(self.n_devices, data=data)
             self.mesh_picture.value = mesh_svg(self.spec)
+            if not is_preset(self.model.value):
+                self.remat.value = False  # nnU-Net's networks have no rematerialisation
+            try:
+                config = self.config
+            except USER_ERRORS as err:  # a bad plans file: one red line, no estimate
+                self.display.show_error(err)
+                self.memory.block(one_line(err))
+                return
+            plans = is_plans_config(config)
+            self.remat.disabled = plans
+            backend = self.backend.value
+            self.backend.options = ("explicit",) if plans else PLAN_BACKENDS  # what spec_memory plans
+            self.backend.value = backend if backend in self.backend.options else "explicit"
             halo = self.halo.value
-            self.halo.options = halo_options(self.config)
+            self.halo.options = halo_options(config)
             self.halo.value = halo if halo in [v for _, v in self.halo.options] else "exact"
-            multiple = self.config.multiple
+            multiple = config.multiple
             sizes = [str(n) for n in valid_resolutions(self.spec, multiple)]
+            sizes += [s for s in ([plans_shape(config)] if plans else []) if s and s not in sizes]
             self.resolution.options = (["native"] if self.session.volume is not None else []) + sizes
             try:
                 self.padding.value = html.escape(padding_note(self.volume_shape, self.spec, multiple))

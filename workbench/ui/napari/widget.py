@@ -1,19 +1,25 @@
 """npe2 dock widget: partitioned inference on the active image layer.
 
-Thin GUI over the library: the controls are attributes (``image``, ``mesh``,
-``backend``, ``halo``, ``reference``, ``run_button``, ``status``) so tests set
-``.value`` and call :meth:`PartitionedInferenceWidget.run`. Inference goes through
-``workbench.cli.args`` (the same model, preprocessing and report as
-``workbench infer``); layers come from :func:`workbench.ui.napari.layers.build_layers`.
+Thin GUI over the library: the controls are attributes (``image``, ``network``,
+``plans``, ``mesh``, ``backend``, ``halo``, ``reference``, ``run_button``, ``status``) so
+tests set ``.value`` and call :meth:`PartitionedInferenceWidget.run`. ``network`` picks a
+preset (``small``: the shipped phantom weights; ``paper``: random weights, seed 0) or
+``plans file``: the network of the plans file in ``plans`` (nnU-Net's ``nnUNetPlans.json``
+with its dataset.json beside it, or one ``workbench plan --data`` wrote) with random weights
+(seed 0), run with exact halos (:func:`workbench.app.plans_network.infer_plans`). Presets go
+through :func:`workbench.app.infer` (the same model and report as ``workbench infer``);
+layers come from :func:`workbench.ui.napari.layers.build_layers`.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, Label, PushButton
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton
 
 from workbench.errors import USER_ERRORS, one_line
-from workbench.options import HALO_MODES, PLAN_BACKENDS
+from workbench.options import HALO_MODES, PLAN_BACKENDS, PRESETS
+
+PLANS_CHOICE = "plans file"  # the network choice that reads the ``plans`` box
 
 __all__ = ["PartitionedInferenceWidget"]
 
@@ -39,19 +45,34 @@ class PartitionedInferenceWidget(Container):
 
         super().__init__(labels=True)
         self._viewer = napari_viewer
-        self._model = None
+        self._models: dict = {}
         self._added: list[str] = []
         self.last_report: dict | None = None
         n = _devices()
         meshes = [str(m) for m in valid_meshes(n)]
         self.image = ComboBox(label="image", choices=self._image_choices, nullable=True)
+        self.network = ComboBox(label="model", choices=[*PRESETS, PLANS_CHOICE], value="small")
+        self.plans = FileEdit(label="plans file", mode="r", filter="*.json", visible=False)
         self.mesh = ComboBox(label="mesh (z×y×x)", choices=meshes, value=str(auto_mesh(n)))
         self.backend = ComboBox(label="backend", choices=PLAN_BACKENDS, value="explicit")
         self.halo = ComboBox(label="halo", choices=HALO_MODES, value="exact")
         self.reference = CheckBox(text="compare with the single-device reference", value=True)
         self.run_button = PushButton(text="Run partitioned inference")
         self.status = Label(value=f"{n} devices")
-        self.extend([self.image, self.mesh, self.backend, self.halo, self.reference, self.run_button, self.status])
+        self.network.changed.connect(lambda _value: setattr(self.plans, "visible", self.uses_plans))
+        self.extend(
+            [
+                self.image,
+                self.network,
+                self.plans,
+                self.mesh,
+                self.backend,
+                self.halo,
+                self.reference,
+                self.run_button,
+                self.status,
+            ]
+        )
         self.run_button.changed.connect(self.run)
         events = napari_viewer.layers.events
         for event in (events.inserted, events.removed, events.moved):
@@ -73,13 +94,33 @@ class PartitionedInferenceWidget(Container):
         if isinstance(active, Image):
             self.image.value = active
 
-    def model(self):
-        """The shipped phantom model of the small preset (random weights if they are missing)."""
-        if self._model is None:
-            from workbench.app import resolve_model
+    @property
+    def uses_plans(self) -> bool:
+        return self.network.value == PLANS_CHOICE
 
-            self._model = resolve_model("small", task="phantom")
-        return self._model
+    def model(self):
+        """The chosen network's :class:`~workbench.app.models.ModelChoice`: the shipped phantom
+        model of the small preset (random weights if they are missing), the paper preset with
+        random weights, or a plans file's network with random weights (seed 0). A missing or
+        unreadable plans file raises one user error."""
+        from workbench.app import resolve_model
+        from workbench.app.plans_network import network_config, plans_model
+
+        if self.uses_plans:
+            path = str(self.plans.value) if str(self.plans.value) not in ("", ".") else ""
+            if not path:
+                from workbench.errors import UserError
+
+                raise UserError(
+                    "model 'plans file' needs a plans file; choose nnUNetPlans.json or a workbench plan --data file"
+                )
+            config = network_config(path)  # read again when the file changes
+            key = config
+        else:
+            key = self.network.value
+        if key not in self._models:
+            self._models[key] = plans_model(key) if self.uses_plans else resolve_model(key, task="phantom")
+        return self._models[key]
 
     def run(self, _value=None) -> list | None:
         """Infer on the selected image layer and add the result layers (returned).
@@ -128,10 +169,21 @@ class PartitionedInferenceWidget(Container):
             Volume(np.asarray(data), spacing=spacing, path=f"layer {layer.name!r}"), name=f"layer {layer.name!r}"
         )
         choice = self.model()
-        halo, _ = check_run_options(choice.config, self.backend.value, self.halo.value, self.mesh.value)
-        run = infer(
-            choice, loaded, self.mesh.value, backend=self.backend.value, halo=halo, reference=self.reference.value
-        )
+        if self.uses_plans:
+            from workbench.app.plans_network import infer_plans
+
+            if self.halo.value != "exact":
+                raise UserError(f"halo {self.halo.value!r}: nnU-Net networks run with exact halos only; choose exact")
+            halo, band = "exact", max(max(max(p) for p in layer.halo) for layer in choice.model.spec.layers)
+            run = infer_plans(
+                choice, loaded, self.mesh.value, backend=self.backend.value, reference=self.reference.value
+            )
+        else:
+            halo, _ = check_run_options(choice.config, self.backend.value, self.halo.value, self.mesh.value)
+            band = halo_width(halo, model=choice.config.as_dict())
+            run = infer(
+                choice, loaded, self.mesh.value, backend=self.backend.value, halo=halo, reference=self.reference.value
+            )
         self.last_report = run.report
         self.status.value = summary_line(run.report)
         return build_layers(
@@ -142,5 +194,5 @@ class PartitionedInferenceWidget(Container):
             reference_prediction=run.reference_labels,
             signed=run.signed_error(),
             halo=halo,
-            halo_band_width=halo_width(halo, model=choice.config.as_dict()),
+            halo_band_width=band,
         )
