@@ -3,13 +3,15 @@
 For two geometries (a 128×512×512 CT at 2.5×0.8×0.8 mm, z y x, and a 512³ volume at 1 mm),
 nnU-Net's planning rules (:mod:`workbench.analysis.nnunet_rules`) applied to the whole volume
 give the network (``nnunet``: PlainConvUNet; ``resenc-l``: ResidualEncoderUNet). For each
-network, training (the memory model of :mod:`workbench.analysis.nnunet_memory`: deep
-supervision CE + Dice, Adam, bfloat16 activations, batch 1) and inference (bfloat16, the
+network, training (``workbench train --plans``'s step, through
+:func:`workbench.analysis.nnunet_memory.spec_memory`: deep supervision, nnU-Net's loss, Adam,
+bfloat16 activations, batch 1; the committed 2026-12-06 table was measured with a memory model
+of the step within 0.5 % of it) and inference (bfloat16, the
 full-resolution head): the whole volume on one device, and the smallest mesh that fits 80 GiB
 and 16 GiB per device (:func:`workbench.analysis.nnunet_mesh.smallest_mesh`, every figure
 compiled). For comparison, the patch nnU-Net's own planner picks for the same dataset (its
 rules, its VRAM estimate; 100 training cases, 3 labels) with its batch size, and that patch
-network's memory on one device (the same memory model).
+network's memory on one device (the same step).
 
 Figures are XLA:GPU's ``memory_analysis()`` compiling for H100s without a GPU
 (``--compiler h100``, run in ``.venv-gpu-plan``: the script re-runs itself there) or XLA:CPU

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from workbench import cli
-from workbench.analysis.nnunet_memory import loss_weights, spec_memory, spec_plans
+from workbench.analysis.nnunet_memory import spec_memory, spec_plans
 from workbench.errors import UserError
 from workbench.model.nnunet_plans import load_plans_file
 
@@ -138,7 +138,6 @@ def test_spec_plans_round_trip_for_regions():
     )  # fmt: skip
     plans = spec_plans(spec)
     assert from_nnunet_plans(plans, plans["workbench"]["dataset"]) == spec
-    assert list(loss_weights(4)) == pytest.approx([4 / 7, 2 / 7, 1 / 7, 0])
     with pytest.raises(UserError, match="--dtype 'float16' is not planned"):
         spec_memory(spec, (8, 16, 16), "1x1x1", dtype="float16")
 

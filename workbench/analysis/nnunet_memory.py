@@ -4,14 +4,12 @@
 mesh for abstract inputs (nothing is allocated) and reads XLA's own per-device accounting
 (``compiled.memory_analysis()``): inference (the full-resolution head), or a training step.
 
-The training step here is **the memory model**, kept small on purpose until the real
-nnU-Net training step (``workbench.training``) lands: forward with every deep-supervision
-head, nnU-Net's loss shape (per head CE + soft Dice, or BCE + soft Dice for regions,
-weights 1/2^i normalised with the lowest head at 0, targets down-sampled by striding, padding
-left out), gradients, and ``optax.adam`` with parameters and optimiser state donated. On a
-mesh the loss is computed inside the ``shard_map`` on each block and ``psum``-med, so nothing
-is gathered. ``dtype="bfloat16"`` computes activations in bfloat16 with float32 parameters,
-optimiser state and heads.
+The training step is ``workbench train --plans``'s own
+(:func:`workbench.training.step.compile_train_step` for an
+:class:`~workbench.training.models.NNUNetConfig` with the default :class:`TrainConfig`: every
+deep-supervision head, nnU-Net's loss, gradients, Adam, parameters and optimiser state
+donated). ``dtype="bfloat16"`` computes activations in bfloat16 with float32 parameters and
+optimiser state.
 
 ``compiler``: ``None`` compiles in this process (its devices: simulated CPU devices, or a
 GPU target set by ``--compiler``); ``"cpu"`` or ``"h100"`` compile in this process when it
@@ -32,13 +30,11 @@ import os
 import tempfile
 import time
 
-import numpy as np
-
 from workbench.errors import UserError
 from workbench.mesh import ShardLayout, parse_mesh, parse_resolution
 from workbench.model.spec import NetworkSpec
 
-__all__ = ["spec_memory", "compile_nnunet", "spec_plans", "loss_weights", "DTYPES"]
+__all__ = ["spec_memory", "compile_nnunet", "spec_plans", "DTYPES"]
 
 DTYPES = ("bfloat16", "float32")
 _CLASS_PATHS = {
@@ -50,97 +46,9 @@ _CLASS_PATHS = {
 }
 
 
-def loss_weights(n_heads: int) -> np.ndarray:
-    """nnU-Net's deep-supervision weights: 1/2^i, the lowest resolution 0, normalised."""
-    w = np.array([0.5**i for i in range(n_heads)])
-    w[-1] = 0
-    return w / w.sum()
-
-
-def _head_terms(spec: NetworkSpec, head, labels):
-    """Per-block sums of one head: (data-term sum, valid count, Dice tp, Dice pred, Dice ref)."""
-    import jax
-    import jax.numpy as jnp
-
-    valid = (labels >= 0)[..., None].astype(head.dtype)
-    t = jnp.maximum(labels, 0)
-    if spec.output_kind == "sigmoid":
-        order = spec.regions_class_order or tuple(range(1, spec.num_outputs + 1))
-        y = jnp.stack([t >= r for r in order], -1).astype(head.dtype)
-        prob = jax.nn.sigmoid(head)
-        data = jnp.sum(valid * (jnp.maximum(head, 0) - head * y + jnp.log1p(jnp.exp(-jnp.abs(head)))))
-        count = jnp.sum(valid) * spec.num_outputs
-    else:
-        y = jax.nn.one_hot(t, spec.num_outputs, dtype=head.dtype)
-        prob = jax.nn.softmax(head, axis=-1)
-        data = -jnp.sum(valid * y * jax.nn.log_softmax(head, axis=-1))
-        count = jnp.sum(valid)
-    axes = (0, 1, 2, 3)
-    return data, count, jnp.sum(prob * y * valid, axes), jnp.sum(prob * valid, axes), jnp.sum(y * valid, axes)
-
-
-def _loss_fn(spec: NetworkSpec, apply, reduce):
-    """``loss(params, images, labels)``: deep-supervision CE/BCE + soft Dice over every head."""
-    import jax.numpy as jnp
-
-    weights = loss_weights(len(spec.outputs))
-
-    def loss(params, images, labels):
-        heads = apply({"params": params}, images)
-        total = 0.0
-        for w, head, layer in zip(weights, heads, spec.outputs):
-            if w == 0:
-                continue
-            sz, sy, sx = layer.scale
-            data, count, tp, pred, ref = reduce(_head_terms(spec, head, labels[:, ::sz, ::sy, ::sx]))
-            dice = (2 * tp + 1e-5) / (pred + ref + 1e-5)
-            dice = dice[1:] if spec.output_kind == "softmax" and spec.num_outputs > 1 else dice
-            total = total + w * (data / jnp.maximum(count, 1) + 1 - jnp.mean(dice))
-        return total
-
-    return loss
-
-
-def _train_fn(spec: NetworkSpec, layout: ShardLayout, backend: str, dtype: str):
-    """(step, image sharding, label sharding, replicated sharding) of one Adam step."""
-    import jax
-    import optax
-    from jax.sharding import NamedSharding, SingleDeviceSharding
-    from jax.sharding import PartitionSpec as P
-
-    from workbench.mesh import ACTIVATION_SPEC, build_mesh
-    from workbench.model.layers import Partition
-    from workbench.model.nnunet import NNUNet
-
-    optimizer = optax.adam(1e-3)
-    if backend == "reference":
-        sharding = SingleDeviceSharding(jax.devices()[0])
-        loss = _loss_fn(spec, NNUNet(spec, Partition(), dtype, True).apply, lambda terms: terms)
-        image_sharding = label_sharding = replicated = sharding
-    else:
-        mesh_spec = layout.mesh
-        spec.check_blocks(layout.padded_shape, mesh_spec.spatial)
-        mesh = build_mesh(mesh_spec)
-        geometry = (mesh_spec.spatial, mesh_spec.data, layout.reference_shape, layout.padded_shape)
-        module = NNUNet(spec, Partition("explicit", *geometry, halo="exact"), dtype, True)
-        axes = tuple(a for a in ACTIVATION_SPEC if a is not None)
-        block_loss = _loss_fn(spec, module.apply, lambda terms: jax.tree.map(lambda v: jax.lax.psum(v, axes), terms))
-        act, lab = P(*ACTIVATION_SPEC), P(*ACTIVATION_SPEC[:4])
-        loss = jax.shard_map(block_loss, mesh=mesh, in_specs=(P(), act, lab), out_specs=P())
-        image_sharding, label_sharding = NamedSharding(mesh, act), NamedSharding(mesh, lab)
-        replicated = NamedSharding(mesh, P())
-
-    def step(params, opt_state, images, labels):
-        value, grads = jax.value_and_grad(loss)(params, images, labels)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
-
-    return step, optimizer, image_sharding, label_sharding, replicated
-
-
 def compile_nnunet(spec: NetworkSpec, layout: ShardLayout, *, train: bool, dtype: str = "bfloat16", batch: int = 1):
-    """Compile inference (full-resolution head) or the training step of :mod:`this module
-    <workbench.analysis.nnunet_memory>` for ``spec`` on ``layout`` (one device: the reference)."""
+    """Compile inference (full-resolution head) or ``workbench train --plans``'s training step
+    for ``spec`` on ``layout`` (one device: the reference)."""
     import jax
     import jax.numpy as jnp
 
@@ -153,9 +61,9 @@ def compile_nnunet(spec: NetworkSpec, layout: ShardLayout, *, train: bool, dtype
         raise UserError(f"batch of {batch} does not split over data={layout.mesh.data}; use a multiple of it")
     backend = "reference" if layout.mesh.n_devices == 1 else "explicit"
     target = layout.reference_shape if backend == "reference" else layout.padded_shape
-    dummy = jax.ShapeDtypeStruct((1, *spec.multiple, spec.in_channels), jnp.float32)
-    params = jax.eval_shape(NNUNet(spec).init, jax.random.key(0), dummy)["params"]
     if not train:
+        dummy = jax.ShapeDtypeStruct((1, *spec.multiple, spec.in_channels), jnp.float32)
+        params = jax.eval_shape(NNUNet(spec).init, jax.random.key(0), dummy)["params"]
         fn, _, in_sharding, var_sharding = make_nnunet_forward(
             spec, layout, backend=backend, dtype=dtype, deep_supervision=False
         )
@@ -164,16 +72,14 @@ def compile_nnunet(spec: NetworkSpec, layout: ShardLayout, *, train: bool, dtype
         }
         images = jax.ShapeDtypeStruct((batch, *target, spec.in_channels), jnp.float32, sharding=in_sharding)
         return jax.jit(fn).lower(variables, images).compile()
-    step, optimizer, image_sharding, label_sharding, replicated = _train_fn(spec, layout, backend, dtype)
-    opt_state = jax.eval_shape(optimizer.init, params)
+    from workbench.training.config import TrainConfig
+    from workbench.training.models import NNUNetConfig
+    from workbench.training.step import compile_train_step
 
-    def abstract(tree):
-        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), tree)
-
-    images = jax.ShapeDtypeStruct((batch, *target, spec.in_channels), jnp.float32, sharding=image_sharding)
-    labels = jax.ShapeDtypeStruct((batch, *target), jnp.int8, sharding=label_sharding)
-    jitted = jax.jit(step, donate_argnums=(0, 1))
-    return jitted.lower(abstract(params), abstract(opt_state), images, labels).compile()
+    # Region outputs need label values per region for the loss; memory does not depend on them.
+    regions = tuple((i + 1,) for i in range(spec.num_outputs)) if spec.output_kind == "sigmoid" else None
+    config = NNUNetConfig(spec, dtype=dtype, regions=regions)
+    return compile_train_step(config, layout, TrainConfig(), backend=backend, batch=batch)
 
 
 @functools.lru_cache(maxsize=128)
