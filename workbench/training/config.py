@@ -272,8 +272,8 @@ class TrainConfig:
         return spec
 
 
-def model_config(tc: TrainConfig, num_classes: int):
-    """The model config of ``tc`` for data with ``num_classes``: the preset's
+def model_config(tc: TrainConfig, num_classes: int, in_channels: int = 1):
+    """The model config of ``tc`` for data with ``num_classes`` and ``in_channels``: the preset's
     :class:`~workbench.model.unet.UNetConfig`, or with ``plans`` / ``init_checkpoint`` the
     :class:`~workbench.training.models.NNUNetConfig` of nnU-Net's plans (its outputs are the
     plans' dataset.json's, checked against the data by the loop)."""
@@ -283,7 +283,7 @@ def model_config(tc: TrainConfig, num_classes: int):
         return nnunet_config(nnunet_plans_file(tc), dtype=tc.model_overrides.get("dtype", "float32"))
     from workbench.model.unet import UNetConfig
 
-    return UNetConfig.preset(tc.model, **{"num_classes": num_classes, **tc.model_overrides})
+    return UNetConfig.preset(tc.model, **{"num_classes": num_classes, "in_channels": in_channels, **tc.model_overrides})
 
 
 def nnunet_plans_file(tc: TrainConfig):

@@ -92,7 +92,7 @@ def train_and_evaluate(
     if tc.batch % spec.data:
         raise UserError(f"batch {tc.batch} does not split over data={spec.data}; use a multiple of {spec.data}")
     source = source or make_source(tc.data, tc.resolution, fold=tc.fold, spacing=tc.spacing)
-    cfg = model_config(tc, source.num_classes)
+    cfg = model_config(tc, source.num_classes, getattr(source, "channels", None) or 1)
     initial_variables = None
     if isinstance(cfg, NNUNetConfig):
         if tc.init_checkpoint:  # before the data is checked: a folder whose weights are not its plans'
