@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError, MissingDataError
+from .folds import N_FOLDS, SPLIT_SEED, crossval_folds
 from .synthetic.dataset import write_phantom_dataset
 
 __all__ = [
@@ -67,8 +68,6 @@ __all__ = [
 
 
 DATASET_JSON = "dataset.json"
-N_FOLDS = 5
-SPLIT_SEED = 12345  # nnU-Net's
 _EXAMPLE_JSON = (
     'add one, e.g. {"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1}, '
     '"numTraining": N, "file_ending": ".nii.gz"} (see docs/data_formats.md)'
@@ -149,33 +148,6 @@ class Dataset:
                             "add labelled cases to imagesTr/ and labelsTr/")  # fmt: skip
         by_name = {c.name: c for c in self.training}
         return [by_name[n] for n in train], [by_name[n] for n in val]
-
-
-def crossval_folds(names, n_folds: int = N_FOLDS, seed: int = SPLIT_SEED) -> list[tuple[list[str], list[str]]]:
-    """nnU-Net's split: ``sklearn.model_selection.KFold(n_folds, shuffle=True,
-    random_state=seed)`` over ``sorted(names)``, as (training, validation) name lists.
-
-    With fewer cases than folds the last folds are empty (KFold refuses; see
-    :meth:`Dataset.split`).
-
-    Examples
-    --------
-    >>> crossval_folds([f"c{i}" for i in range(6)])[0]
-    (['c0', 'c1', 'c2', 'c4'], ['c3', 'c5'])
-    """
-    names = sorted(names)
-    n = len(names)
-    order = np.arange(n)
-    np.random.RandomState(seed).shuffle(order)  # sklearn's check_random_state(seed).shuffle
-    sizes = np.full(n_folds, n // n_folds, dtype=int)
-    sizes[: n % n_folds] += 1
-    folds, start = [], 0
-    for size in sizes:
-        mask = np.zeros(n, bool)
-        mask[order[start : start + size]] = True
-        start += size
-        folds.append(([names[i] for i in np.flatnonzero(~mask)], [names[i] for i in np.flatnonzero(mask)]))
-    return folds
 
 
 # -- reading dataset.json ------------------------------------------------------------------
