@@ -131,24 +131,19 @@ def nnunet_config(plans_file, *, dtype: str = "float32") -> NNUNetConfig:
 
 # -- the spec as JSON --------------------------------------------------------------------------------
 def spec_to_dict(spec) -> dict:
-    """Every field of a NetworkSpec, JSON-able (:func:`spec_from_dict` reads it back)."""
-    return {
-        "network_class": spec.network_class,
-        "in_channels": spec.in_channels,
-        "num_outputs": spec.num_outputs,
-        "kernels": [list(s.kernel) for s in spec.stages],
-        "strides": [list(s.stride) for s in spec.stages],
-        "features": [s.features for s in spec.stages],
-        "blocks": [s.blocks for s in spec.stages],
-        "decoder_convs": list(spec.decoder_convs),
-        "conv_bias": spec.conv_bias,
-        "norm_eps": spec.norm_eps,
-        "negative_slope": spec.negative_slope,
-        "output_kind": spec.output_kind,
-        "output_names": list(spec.output_names),
-        "regions_class_order": None if spec.regions_class_order is None else list(spec.regions_class_order),
-        "source": spec.source,
-    }
+    """Every field of a NetworkSpec, JSON-able (:func:`spec_from_dict` reads it back):
+    :meth:`NetworkSpec.describe`'s architecture, without its derived figures, and the rest."""
+    d = spec.describe()
+    del d["multiple"], d["num_params"]
+    order = spec.regions_class_order
+    d.update(
+        conv_bias=spec.conv_bias,
+        norm_eps=spec.norm_eps,
+        negative_slope=spec.negative_slope,
+        output_names=list(spec.output_names),
+        regions_class_order=None if order is None else list(order),
+    )
+    return d
 
 
 def spec_from_dict(d: dict):
