@@ -25,6 +25,7 @@ Example
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -217,7 +218,9 @@ def evaluate_dataset(
     Everything is checked (dataset, cases, model classes, mesh, output folder) before a case
     is read; the folder appears only when every case is done. Returns the summary (also
     ``summary.json``) with ``rows``, one per case. ``model``: a preset (default small);
-    with ``checkpoint`` it may only name the checkpoint's own architecture.
+    with ``checkpoint`` it may only name the checkpoint's own architecture. As one of several
+    processes each process scores its own blocks (:mod:`workbench.app.evaluation_blocks`):
+    process 0 writes and returns the summary, the others return None.
     """
     from tqdm.auto import tqdm
 
@@ -251,7 +254,14 @@ def evaluate_dataset(
             f"{list(dataset.channel_names)} (channel_names); pass --checkpoint of a model trained on this dataset"
         )
     _, spec = check_run_options(choice.config, backend, "exact", mesh)
-    check_output_folder(out, overwrite=overwrite)
+    multi = _process_count() > 1  # several processes: each scores its own blocks (app.evaluation_blocks)
+    if multi:
+        from workbench.app.evaluation_blocks import check_processes
+
+        spec = check_processes(choice, order, mesh, backend)
+    main = not multi or _is_main()
+    if main:
+        check_output_folder(out, overwrite=overwrite)
     trained_fold = (meta.get("dataset") or {}).get("fold")
     if test:
         if fold is not None:
@@ -267,14 +277,25 @@ def evaluate_dataset(
         split = f"fold {fold}"
         if trained_fold is not None and fold != trained_fold:
             log(f"note: the model was trained on fold {trained_fold}'s training cases, which include fold {fold}")
-    infos = check_dataset(dataset, cases, progress=progress)
+    infos = check_dataset(dataset, cases, labels=not multi, progress=progress)  # several: labels checked by slabs
     plan = _with_normalisation(_plan(meta, infos.values(), spacing, resolution), meta, dataset)
     names = dataset.class_names
+    readers = _case_readers(dataset, plan, cases, infos, log if main else None) if multi else {}
     rows: list[dict] = []
     t_start = time.perf_counter()
-    with staged_output(out, overwrite=overwrite, marker="summary.json") as tmp:
-        (tmp / "predictions").mkdir()
-        for files in tqdm(cases, desc=f"evaluate {dataset.name} {split}", unit="case", disable=not progress):
+    with staged_output(out, overwrite=overwrite, marker="summary.json") if main else _nothing() as tmp:
+        if main:
+            (tmp / "predictions").mkdir()
+        for files in tqdm(
+            cases, desc=f"evaluate {dataset.name} {split}", unit="case", disable=not progress or not main
+        ):
+            if multi:
+                from workbench.app.evaluation_blocks import score_case
+
+                row = score_case(choice, dataset, files, infos[files.name], readers[files.name], spec, backend,
+                                 tmp / "predictions" if main else None)  # fmt: skip
+                rows += [row] if row is not None else []
+                continue
             t0 = time.perf_counter()
             volumes = read_case_channels(dataset, files, check=False)  # every channel (the first with the labels)
             volume = volumes[0]
@@ -301,6 +322,8 @@ def evaluate_dataset(
             row["seconds"] = round(time.perf_counter() - t0, 3)
             rows.append(row)
             del volume, pred
+        if not main:
+            return None
         summary = {
             "dataset": str(dataset.root),
             "split": split,
@@ -323,6 +346,41 @@ def evaluate_dataset(
         _write_csv(tmp / "cases.csv", rows)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return {**summary, "rows": rows, "out": str(out)}
+
+
+def _process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
+def _is_main() -> bool:
+    from workbench.execute.distributed import is_main
+
+    return is_main()
+
+
+@contextlib.contextmanager
+def _nothing():
+    """What a process other than process 0 writes: nothing."""
+    yield None
+
+
+def _case_readers(dataset, plan, cases, infos, log) -> dict:
+    """Every case read by box (several processes), surveyed before any case is scored: the
+    statistics and label checks, the slabs shared among the processes; ``log`` (process 0)
+    names the cases whose predictions need whole logits (resampled back to their grid)."""
+    from workbench.training.cases import survey
+    from workbench.training.datasets import case_reader
+
+    readers = {f.name: case_reader(dataset, plan, f, infos[f.name]) for f in cases}
+    survey(list(readers.values()))
+    resampled = [name for name, r in readers.items() if r.resampling is not None]
+    if resampled and log is not None:
+        log(f"note: {len(resampled)} case(s) ({', '.join(resampled[:3])}{', ...' if len(resampled) > 3 else ''}) "
+            "are resampled to the model's spacing: their logits are gathered and process 0 scores them whole "
+            "(cases on the model's spacing are scored block by block)")  # fmt: skip
+    return readers
 
 
 def dataset_cases(data, fold: int | None = None) -> list[dict]:

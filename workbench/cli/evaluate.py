@@ -1,4 +1,9 @@
-"""``workbench evaluate --checkpoint RUN --data DATASET_DIR [--fold K | --test] --mesh ZxYxX --out DIR``."""
+"""``workbench evaluate --checkpoint RUN --data DATASET_DIR [--fold K | --test] --mesh ZxYxX --out DIR``.
+
+Also as one of several processes (``workbench launch -- evaluate ...``, ``WORKBENCH_DISTRIBUTED=auto``):
+each process scores its own blocks of each case and process 0 writes the folder
+(:mod:`workbench.app.evaluation_blocks`).
+"""
 
 from __future__ import annotations
 
@@ -48,6 +53,8 @@ def run(args) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
+    if summary is None:  # one of several processes: process 0 reports
+        return 0
     print(f"{summary['cases']} case(s) of {summary['dataset']} ({summary['split']}), weights: {summary['weights']}")
     for name, dice in summary["mean_dice"].items():
         hd = summary["mean_hd95_mm"].get(name)

@@ -58,6 +58,7 @@ __all__ = [
     "prepare_case",
     "DatasetSource",
     "make_source",
+    "case_reader",
 ]
 
 
@@ -326,41 +327,8 @@ class DatasetSource(Source):
         return prepare_case(read_case(self.dataset, files, check=False), self.plan, name=files.name)
 
     def _reader(self, files, info) -> CaseReader:
-        """The :class:`~workbench.training.cases.CaseReader` of a training case: its image and
-        label files read by box, resampled as :func:`prepare_case` does, padded to the grid."""
-        from data_tools.errors import DataError
-        from data_tools.formats.itk import reads_whole
-        from data_tools.io import read_box
-        from data_tools.preprocess import resample_grid
-
-        plan, root = self.plan, self.dataset.root
-        shape, spacing = tuple(info.shape), tuple(info.spacing)
-        resampling = None
-        if plan.resolution is not None and shape != plan.shape:
-            resampling = resample_grid(shape, spacing, shape=plan.resolution)
-        elif plan.spacing is not None and not np.allclose(spacing, plan.spacing, rtol=1e-6):
-            resampling = resample_grid(shape, spacing, spacing=plan.spacing)
-        grid = resampling[0] if resampling else shape
-        k = len(self.dataset.class_names)
-        rel = os.path.relpath(files.label, root)
-
-        def label_error(lo, hi, bad, non_integer):  # the messages of data_tools.datasets' checks
-            if non_integer:
-                return DataError(root, f"case {files.name}: {rel} holds non-integer values",
-                                 "write integer labels (resample label maps with nearest neighbour)")  # fmt: skip
-            return DataError(root, f"case {files.name}: {rel} holds label values {bad} outside the {k} declared "
-                             f"classes 0..{k - 1} {list(self.dataset.class_names)}", "remap the label map or "
-                             "declare the classes in dataset.json \"labels\"")  # fmt: skip
-
-        readers = tuple((lambda b, f=f: read_box(f, b)) for f in files.images)
-        return CaseReader(
-            files.name, shape, readers if len(readers) > 1 else readers[0], lambda b: read_box(files.label, b),
-            modality=self.dataset.channel_names[0], source_format=info.source_format, resampling=resampling,
-            normalisation=self.plan.normalisation or None,
-            shape=tuple(max(a, b) for a, b in zip(grid, plan.shape)), num_classes=k, label_error=label_error,
-            labels_dtype=np.uint8 if k <= 256 else np.int32,
-            sequential=any(str(f).endswith(".gz") or reads_whole(f) for f in (*files.images, files.label)),
-        )  # fmt: skip
+        """The :class:`~workbench.training.cases.CaseReader` of a case (:func:`case_reader`)."""
+        return case_reader(self.dataset, self.plan, files, info)
 
     def _pick(self, step: int, index: int) -> int:
         order = np.random.default_rng([7, step]).permutation(len(self.train_files))
@@ -402,6 +370,50 @@ class DatasetSource(Source):
 
     def eval_name(self, i: int) -> str:
         return self.val_files[i].name
+
+
+def case_reader(dataset, plan: Preprocessing, files, info) -> CaseReader:
+    """The :class:`~workbench.training.cases.CaseReader` of a dataset's case (``info``: its
+    headers' ``VolumeInfo``): its image and label files read by box, resampled as
+    :func:`prepare_case` does, padded to the plan's grid (training, and ``workbench evaluate``
+    across processes)."""
+    from data_tools.errors import DataError
+    from data_tools.formats.itk import reads_whole
+    from data_tools.io import read_box
+    from data_tools.preprocess import resample_grid
+
+    root = dataset.root
+    shape, spacing = tuple(info.shape), tuple(info.spacing)
+    resampling = None
+    if plan.resolution is not None and shape != plan.shape:
+        resampling = resample_grid(shape, spacing, shape=plan.resolution)
+    elif plan.spacing is not None and not np.allclose(spacing, plan.spacing, rtol=1e-6):
+        resampling = resample_grid(shape, spacing, spacing=plan.spacing)
+    grid = resampling[0] if resampling else shape
+    k = len(dataset.class_names)
+    rel = os.path.relpath(files.label, root) if files.label is not None else None
+
+    def label_error(lo, hi, bad, non_integer):  # the messages of data_tools.datasets' checks
+        if non_integer:
+            return DataError(root, f"case {files.name}: {rel} holds non-integer values",
+                             "write integer labels (resample label maps with nearest neighbour)")  # fmt: skip
+        return DataError(root, f"case {files.name}: {rel} holds label values {bad} outside the {k} declared "
+                         f"classes 0..{k - 1} {list(dataset.class_names)}", "remap the label map or "
+                         "declare the classes in dataset.json \"labels\"")  # fmt: skip
+
+    readers = tuple((lambda b, f=f: read_box(f, b)) for f in files.images)
+    if files.label is not None:
+        read_labels = lambda b: read_box(files.label, b)  # noqa: E731
+    else:  # an unlabelled test case: background everywhere (nothing is scored)
+        read_labels = lambda b: np.zeros(tuple(hi - lo for lo, hi in b), np.uint8)  # noqa: E731
+    return CaseReader(
+        files.name, shape, readers if len(readers) > 1 else readers[0], read_labels,
+        modality=dataset.channel_names[0], source_format=info.source_format, resampling=resampling,
+        normalisation=plan.normalisation or None,
+        shape=tuple(max(a, b) for a, b in zip(grid, plan.shape)), num_classes=k, label_error=label_error,
+        labels_dtype=np.uint8 if k <= 256 else np.int32,
+        sequential=any(str(f).endswith(".gz") or reads_whole(f) for f in (*files.images, files.label) if f is not None),
+    )  # fmt: skip
 
 
 def make_source(data: str | Sequence, resolution: int | None = None, *, fold: int = 0, spacing=None,
