@@ -138,7 +138,7 @@ def test_launch_failure_stops_all_and_writes_nothing(tmp_path):
 @pytest.mark.parametrize(
     "argv, fragment",
     [
-        (["--", "demo"], "'demo' cannot run as several processes; use one of: infer, train"),
+        (["--", "demo"], "'demo' cannot run as several processes; use one of: evaluate, infer, train"),
         ([], "no command given"),
         (
             ["--", "infer", "phantom:16", "--mesh", "2x2x2", "--out", "x", "--cpu-devices", "4"],

@@ -297,3 +297,48 @@ def test_per_process_inference_reads_only_its_blocks(tmp_path):
         read_volume(tmp_path / "mp" / "prediction.zarr").array, read_volume(tmp_path / "one" / "prediction.zarr").array
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["input.zarr", "mp", "one", "tiny.msgpack"]
+
+
+# -- 6. `workbench evaluate` as two processes ----------------------------------------------------
+def test_evaluate_two_processes_equals_one(tmp_path):
+    """2 × 4 devices, two labelled test cases of uneven shapes (18×22×20 and 19×21×17, padded
+    shards on 2x2x2): the first on the model's spacing (scored block by block: Dice, volumes
+    and HD95 from each process's blocks), the second resampled (its logits gathered, process 0
+    scores it). cases.csv and summary.json equal the one-process run's but for the seconds,
+    and the predictions are the same files."""
+    from data_tools.io import volume_info
+    from data_tools.synthetic.dataset import write_phantom_dataset
+    from workbench.cli import main
+    from workbench.model.unet import Model, UNetConfig
+    from workbench.training.checkpoint import save_weights
+
+    data = write_phantom_dataset(tmp_path / "Task09_Tiny", cases=1, test=2, test_labels=True,
+                                 shapes=[(19, 21, 17), (18, 22, 20), (19, 21, 17)])  # fmt: skip
+    weights = save_weights(tmp_path / "tiny.msgpack", Model.init(UNetConfig.preset("small", **TINY), seed=3))
+    spacing = volume_info(data / "imagesTs" / "phantom_001.nii.gz").spacing
+    argv = ["evaluate", "--data", str(data), "--test", "--mesh", "2x2x2", "--checkpoint", str(weights),
+            "--spacing", ",".join(repr(float(s)) for s in spacing), "--no-progress"]  # fmt: skip
+    out = io.StringIO()
+    assert launch([*argv, "--out", str(tmp_path / "mp")], processes=2, devices_per_process=4, out=out) == 0, (
+        out.getvalue()
+    )
+    assert "1 case(s) (phantom_002) are resampled" in out.getvalue() and "[process 1]" not in out.getvalue()
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+
+    def table(run):
+        text = (tmp_path / run / "cases.csv").read_text().splitlines()
+        seconds = text[0].split(",").index("seconds")
+        return [",".join(v for i, v in enumerate(line.split(",")) if i != seconds) for line in text]
+
+    def summary(run):
+        return {k: v for k, v in json.loads((tmp_path / run / "summary.json").read_text()).items() if k != "seconds"}
+
+    assert table("mp") == table("one")
+    assert summary("mp") == summary("one")
+    rows = table("one")
+    assert len(rows) == 3 and "hd95_mm_organ" in rows[0] and rows[1].split(",")[4] not in ("", "0.0")  # an HD95
+    for name in ("phantom_001.nii.gz", "phantom_002.nii.gz"):
+        assert (tmp_path / "mp" / "predictions" / name).read_bytes() == (
+            tmp_path / "one" / "predictions" / name
+        ).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "mp").iterdir()) == ["cases.csv", "predictions", "summary.json"]

@@ -281,6 +281,7 @@ def evaluate_dataset(
     plan = _with_normalisation(_plan(meta, infos.values(), spacing, resolution), meta, dataset)
     names = dataset.class_names
     readers = _case_readers(dataset, plan, cases, infos, log if main else None) if multi else {}
+    programs: dict = {}  # several processes: the compiled programs, kept from case to case
     rows: list[dict] = []
     t_start = time.perf_counter()
     with staged_output(out, overwrite=overwrite, marker="summary.json") if main else _nothing() as tmp:
@@ -293,7 +294,7 @@ def evaluate_dataset(
                 from workbench.app.evaluation_blocks import score_case
 
                 row = score_case(choice, dataset, files, infos[files.name], readers[files.name], spec, backend,
-                                 tmp / "predictions" if main else None)  # fmt: skip
+                                 tmp / "predictions" if main else None, programs)  # fmt: skip
                 rows += [row] if row is not None else []
                 continue
             t0 = time.perf_counter()

@@ -62,19 +62,23 @@ def check_processes(choice, order, mesh, backend: str) -> object:
     return spec
 
 
-def score_case(choice, dataset, files, info, reader, spec, backend: str, folder) -> dict | None:
+def score_case(choice, dataset, files, info, reader, spec, backend: str, folder, cache: dict) -> dict | None:
     """The ``cases.csv`` row of one case (process 0; None on the others), its prediction
     written into ``folder`` by process 0 (see the module notes). Every process calls it;
-    ``reader``: the case's surveyed :class:`~workbench.training.cases.CaseReader`."""
+    ``reader``: the case's surveyed :class:`~workbench.training.cases.CaseReader`; ``cache``:
+    a dict kept from case to case (the compiled programs per padded shape)."""
     from workbench.execute.distributed import is_main, put_tree
     from workbench.execute.run import compile_forward
     from workbench.mesh import ShardLayout
 
     t0 = time.perf_counter()
     cfg = choice.model.config
-    layout = ShardLayout(reader.shape, spec, multiple=cfg.multiple)
-    compiled = compile_forward(cfg, layout, backend=backend)
-    variables = put_tree(choice.model.variables, compiled.variables_sharding)
+    programs = cache.get(tuple(reader.shape))
+    if programs is None:  # every case of a dataset is padded to the plan's shape: compiled once
+        compiled = compile_forward(cfg, ShardLayout(reader.shape, spec, multiple=cfg.multiple), backend=backend)
+        variables = put_tree(choice.model.variables, compiled.variables_sharding)
+        programs = cache[tuple(reader.shape)] = _Programs(compiled, variables)
+    compiled, variables = programs.compiled, programs.variables
     labelled = files.label is not None
     blocks = reader.resampling is None
     truth_blocks: dict = {}
@@ -85,7 +89,7 @@ def score_case(choice, dataset, files, info, reader, spec, backend: str, folder)
            "spacing_mm": "x".join(f"{s:.4g}" for s in info.spacing)}  # fmt: skip
     names = dataset.class_names
     if blocks:
-        pred, scores = _scores_on_blocks(logits, truth_blocks if labelled else None, compiled, reader.grid, info,
+        pred, scores = _scores_on_blocks(logits, truth_blocks if labelled else None, programs, reader.grid, info,
                                          names, dataset.regions)  # fmt: skip
     else:
         pred, scores = _scores_gathered(logits, reader, info, files, names, dataset.regions)
@@ -114,6 +118,25 @@ def _write_prediction(pred, files, info, folder):
     else:
         like = read_volume(files.images[0])
     return write_prediction(pred, like, folder, name=files.name)
+
+
+class _Programs:
+    """The compiled forward pass of one padded shape, the weights on its devices, and the
+    argmax and surface programs on its mesh (made on first use)."""
+
+    def __init__(self, compiled, variables):
+        import jax
+        import jax.numpy as jnp
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from workbench.execute.surface import surface_fn
+        from workbench.mesh import ACTIVATION_SPEC
+
+        self.compiled, self.variables, self.mesh = compiled, variables, compiled.mesh
+        self.sharding = NamedSharding(compiled.mesh, P(*ACTIVATION_SPEC[:4]))
+        self.labels = jax.jit(lambda y: jnp.argmax(y, axis=-1).astype(jnp.uint8), out_shardings=self.sharding)
+        self.edges = surface_fn(compiled.mesh)
 
 
 def _key(index, shape):
@@ -150,29 +173,22 @@ def _model_input(reader, compiled, channels: int, truth: dict | None):
     return put_blocks(shape, compiled.input_sharding, read_block)
 
 
-def _scores_on_blocks(logits, truth_blocks, compiled, grid, info, names, regions):
+def _scores_on_blocks(logits, truth_blocks, programs, grid, info, names, regions):
     """(uint8 prediction on process 0 / None, row entries): the scores counted per block."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
     from workbench.execute.distributed import allgather, is_main, local_blocks, put_blocks, to_host
-    from workbench.execute.surface import block_points, hd95_from_points, surface_fn
-    from workbench.mesh import ACTIVATION_SPEC
+    from workbench.execute.surface import block_points, hd95_from_points
 
     k = len(names)
-    sharding = NamedSharding(compiled.mesh, P(*ACTIVATION_SPEC[:4]))
-    labels = jax.jit(lambda y: jnp.argmax(y, axis=-1).astype(jnp.uint8), out_shardings=sharding)(logits)
+    sharding = programs.sharding
+    labels = programs.labels(logits)
     counts = np.zeros((3, k + len(regions)), np.int64)  # intersection, predicted, true voxels
     pred_rows, truth_rows = [np.zeros((0, 4), np.int32)], [np.zeros((0, 4), np.int32)]
     if truth_blocks is not None:
         truth = put_blocks(
             labels.shape, sharding, lambda index: truth_blocks[tuple(_key(index, labels.shape)[1:4])][None]
         )
-        edges = surface_fn(compiled.mesh, grid)
         pred_edge, truth_edge = (
-            {_key(i, labels.shape): b for i, b in local_blocks(a)} for a in (edges(labels), edges(truth))
+            {_key(i, labels.shape): b for i, b in local_blocks(programs.edges(a, grid))} for a in (labels, truth)
         )
         truth_local = {_key(i, labels.shape): b for i, b in local_blocks(truth)}
     for index, block in local_blocks(labels):

@@ -36,7 +36,7 @@ from workbench.execute.signals import StopSignals
 HELP = "run a command as several cooperating processes (jax.distributed, local CPU devices)"
 
 # Commands whose every step is written for several processes (process 0 writes files).
-MULTIPROCESS_COMMANDS = ("infer", "train")
+MULTIPROCESS_COMMANDS = ("evaluate", "infer", "train")
 GRACE_SECONDS = 10.0  # after a failure: SIGTERM, then SIGKILL this much later
 STOP_SECONDS = 120.0  # after SIGINT/SIGTERM to the launcher: time to checkpoint and exit
 

@@ -30,11 +30,13 @@ bit (the tests compare to 1e-12 relative).
 
 Example (one process: every block is local)
 -------
->>> edges = surface_fn(mesh, valid_shape=(19, 21, 17))(labels)         # doctest: +SKIP
+>>> edges = surface_fn(mesh)(labels, (19, 21, 17))                       # doctest: +SKIP
 >>> hd = hd95_from_points(pred_rows, truth_rows, counts, (1.5, 1, 1))   # doctest: +SKIP
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -43,12 +45,15 @@ __all__ = ["surface_fn", "block_points", "directed_distances", "hd95_from_points
 NEIGHBOURS = 8  # nearest candidates compared exactly per surface point
 
 
-def surface_fn(mesh, valid_shape):
-    """A jitted function: labels (N, Z, Y, X) (any integer dtype below 2**24, sharded as
-    :data:`~workbench.mesh.ACTIVATION_SPEC`'s first four axes over ``mesh``) → boolean
-    (N, Z, Y, X): the voxels inside ``valid_shape`` (Z, Y, X) that lie on the surface of
-    their class (see the module notes). Voxels beyond ``valid_shape`` (the padding of an
-    uneven layout) count as outside the volume and are never on a surface."""
+@functools.lru_cache(maxsize=8)
+def surface_fn(mesh):
+    """A jitted function ``(labels, valid_shape) → edges``: labels (N, Z, Y, X) (any integer
+    dtype below 2**24, sharded as :data:`~workbench.mesh.ACTIVATION_SPEC`'s first four axes
+    over ``mesh``) and ``valid_shape`` (int32 (3,): the volume's (Z, Y, X), a value, so one
+    compilation serves every case of a padded shape) → boolean (N, Z, Y, X): the voxels
+    inside ``valid_shape`` that lie on the surface of their class (see the module notes).
+    Voxels beyond it (the padding of an uneven layout or of a smaller case) count as
+    outside the volume and are never on a surface. One function per mesh (cached)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
@@ -57,12 +62,11 @@ def surface_fn(mesh, valid_shape):
     from workbench.model.halo import global_index, halo_pad
 
     sizes = tuple(int(mesh.shape[a]) for a in SPATIAL_AXES)
-    valid = tuple(int(n) for n in valid_shape)
 
-    def block_fn(labels_block):  # u8[n, z/mz, y/my, x/mx]
+    def block_fn(labels_block, valid):  # u8[n, z/mz, y/my, x/mx], i32[3]
         inside = None
-        for dim, (name, size, n) in enumerate(zip(SPATIAL_AXES, sizes, valid), start=1):
-            index = global_index(labels_block.shape[dim], name, size) < n
+        for dim, (name, size) in enumerate(zip(SPATIAL_AXES, sizes), start=1):
+            index = global_index(labels_block.shape[dim], name, size) < valid[dim - 1]
             shape = [1, 1, 1, 1]
             shape[dim] = -1
             index = index.reshape(shape)
@@ -80,7 +84,8 @@ def surface_fn(mesh, valid_shape):
         return edge & (centre > 0)
 
     spec = P(*ACTIVATION_SPEC[:4])
-    return jax.jit(jax.shard_map(block_fn, mesh=mesh, in_specs=spec, out_specs=spec))
+    mapped = jax.jit(jax.shard_map(block_fn, mesh=mesh, in_specs=(spec, P()), out_specs=spec))
+    return lambda labels, valid_shape: mapped(labels, np.asarray(valid_shape, np.int32))
 
 
 def block_points(labels_block: np.ndarray, edge_block: np.ndarray, origin) -> np.ndarray:
