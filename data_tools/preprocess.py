@@ -25,6 +25,7 @@ __all__ = [
     "resample",
     "resample_array",
     "resample_grid",
+    "resampled_spacing",
     "resample_source_box",
     "resample_block",
     "block_moments",
@@ -208,11 +209,8 @@ def resample(volume: Volume, *, shape=None, spacing=None, order: int = 1) -> Vol
         new_shape = tuple(max(1, int(round(n))) for n in old * np.asarray(volume.spacing) / target)
         scale = target / np.asarray(volume.spacing)
     scale, offset = _sampling(old, new_shape, scale)
-    step = np.eye(4)
-    step[:3, :3] = np.diag(scale)
-    step[:3, 3] = offset
-    affine = volume.affine @ step
-    new_spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
+    affine = volume.affine @ _step(scale, offset)
+    new_spacing = _column_spacing(affine)
     if spacing is not None:
         new_spacing = tuple(float(s) for s in _as3(spacing, "spacing"))
     image = _apply(volume.array, new_shape, scale, offset, order)
@@ -236,6 +234,26 @@ def resample_grid(old_shape, old_spacing, *, shape=None, spacing=None):
         scale = target / np.asarray(old_spacing, np.float64)
     scale, offset = _sampling(old, new_shape, scale)
     return new_shape, scale, offset
+
+
+def resampled_spacing(affine, old_shape, old_spacing, *, shape=None, spacing=None) -> tuple:
+    """The spacing (mm) :func:`resample` gives a volume of ``old_shape`` / ``old_spacing`` /
+    ``affine`` resampled to ``shape`` or ``spacing``, from its header alone (the same floats)."""
+    if spacing is not None:
+        return tuple(float(s) for s in _as3(spacing, "spacing"))
+    _, scale, offset = resample_grid(old_shape, old_spacing, shape=shape)
+    return _column_spacing(np.asarray(affine, np.float64) @ _step(scale, offset))
+
+
+def _step(scale, offset) -> np.ndarray:
+    step = np.eye(4)
+    step[:3, :3] = np.diag(scale)
+    step[:3, 3] = offset
+    return step
+
+
+def _column_spacing(affine) -> tuple:
+    return tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
 
 
 def _axis_sampling(n_in: int, scale: float, offset: float, lo: int, hi: int, order: int):

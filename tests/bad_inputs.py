@@ -869,6 +869,26 @@ case(
 )
 
 
+
+def _evaluate_processes(backend):
+    """What ``workbench launch -- evaluate`` checks before a case is read (in this one
+    process: the check every process of a launch makes)."""
+
+    def call(tmp):
+        from workbench.app.evaluation_blocks import check_processes
+        from workbench.app.models import ModelChoice
+        from workbench.model.unet import Model, UNetConfig
+
+        model = Model.init(UNetConfig.preset("small", depth=2, base_filters=4))
+        check_processes(ModelChoice(model, "random", "tiny"), None, "auto", backend)
+
+    return call
+
+
+case("evaluate-processes-reference", M, "workbench launch -- evaluate --backend reference",
+     "backend 'reference' runs on one device; run it as one process", call=_evaluate_processes("reference"))  # fmt: skip
+
+
 # -- the runner ------------------------------------------------------------------------------------
 def _fill(arg: str, tmp: Path) -> str:
     return arg.replace("{tmp}", str(tmp))

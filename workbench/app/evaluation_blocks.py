@@ -218,7 +218,7 @@ def _scores_on_blocks(logits, truth_blocks, programs, grid, info, names, regions
 
 def _row(counts, hd, spacing, names, regions, labelled: bool) -> dict:
     """The score entries of a row from the summed counts, as the one-process row has them."""
-    from workbench.app.evaluation import _finite, _mean
+    from workbench.app.case_scores import _finite, _mean
 
     ml = float(np.prod(spacing)) / 1000.0
     k = len(names)
@@ -242,7 +242,7 @@ def _scores_gathered(logits, reader, info, files, names, regions):
     """A resampled case: the logits gathered; process 0 predicts on the original grid and
     scores the whole masks, as one process does."""
     from data_tools.io import read_box
-    from workbench.app.evaluation import _finite, _mean, _prediction, _score
+    from workbench.app.case_scores import _finite, _mean, _prediction, _score
     from workbench.execute.distributed import is_main, to_host
     from workbench.training.evaluation import region_dice
 

@@ -216,6 +216,16 @@ class PhantomSource(Source):
     def eval_name(self, i: int) -> str:
         return f"phantom seed {i}"
 
+    def eval_spacing(self, i: int) -> tuple:
+        """Held-out case ``i``'s spacing (mm) as :meth:`eval_cases` prepares it (from the geometry alone)."""
+        from data_tools.preprocess import resampled_spacing
+        from data_tools.synthetic import phantom_geometry
+
+        spacing, affine = phantom_geometry((self.render,) * 3)
+        if self.resolution in (None, self.render):
+            return tuple(float(s) for s in spacing)
+        return resampled_spacing(affine, (self.render,) * 3, spacing, shape=self.resolution)
+
     def _block(self, seed: int, box):
         from data_tools.preprocess import resample_block, resample_grid, resample_source_box
         from data_tools.synthetic import make_phantom_block
@@ -271,6 +281,10 @@ class VolumeSource(Source):
 
     def eval_name(self, i: int) -> str:
         return self.held_out[i].name
+
+    def eval_spacing(self, i: int) -> tuple:
+        """Held-out case ``i``'s spacing (mm), as :func:`whole_case` gives it."""
+        return tuple(getattr(self.held_out[i], "spacing", (1.0, 1.0, 1.0)))
 
 
 def channels_last(image: np.ndarray) -> np.ndarray:

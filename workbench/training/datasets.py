@@ -371,6 +371,17 @@ class DatasetSource(Source):
     def eval_name(self, i: int) -> str:
         return self.val_files[i].name
 
+    def eval_spacing(self, i: int) -> tuple:
+        """Validation case ``i``'s spacing (mm) as :meth:`eval_cases` prepares it (from its header)."""
+        from data_tools.preprocess import resampled_spacing
+
+        info, plan = self._infos[self.val_files[i].name], self.plan
+        if plan.resolution is not None and tuple(info.shape) != plan.shape:
+            return resampled_spacing(info.affine, info.shape, info.spacing, shape=plan.resolution)
+        if plan.spacing is not None and not np.allclose(info.spacing, plan.spacing, rtol=1e-6):
+            return resampled_spacing(info.affine, info.shape, info.spacing, spacing=plan.spacing)
+        return tuple(float(s) for s in info.spacing)
+
 
 def case_reader(dataset, plan: Preprocessing, files, info) -> CaseReader:
     """The :class:`~workbench.training.cases.CaseReader` of a dataset's case (``info``: its
