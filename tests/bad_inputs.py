@@ -869,7 +869,6 @@ case(
 )
 
 
-
 def _evaluate_processes(backend):
     """What ``workbench launch -- evaluate`` checks before a case is read (in this one
     process: the check every process of a launch makes)."""

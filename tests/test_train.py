@@ -481,7 +481,7 @@ class _WholeOnly:
 def test_held_out_evaluation_by_blocks_equals_the_whole_case_evaluation(kind, mesh, make_model, tmp_path):
     """What a multi-process run evaluates (each process reads its own blocks of each held-out
     case and counts on them; the counts are summed) equals the whole-case evaluation: Dice per
-    case and pooled and accuracy, to the last bit. Phantoms (3 cases: with data=2 the last
+    case and pooled, accuracy and HD95 (from the blocks' surfaces), to the last bit. Phantoms (3 cases: with data=2 the last
     batch holds one empty case), a source without box reads, resampled .npz files and a
     resampled dataset's validation case."""
     from data_tools import write_phantom_dataset
@@ -496,7 +496,8 @@ def test_held_out_evaluation_by_blocks_equals_the_whole_case_evaluation(kind, me
     else:
         data = write_phantom_dataset(tmp_path / "Task01_Phantom", cases=5, test=0, shapes=24)
         source, n = make_any_source(str(data), resolution=16), 1
-    whole = evaluate(model, source.eval_cases(n), mesh, class_names=source.class_names, hd95=False)
+    whole = evaluate(model, source.eval_cases(n), mesh, class_names=source.class_names)
+    assert any(v is not None for v in whole["hd95_mm"].values())  # an HD95 to compare
     held = held_out_blocks(_WholeOnly(source) if kind == "whole-only" else source, n)
     assert isinstance(held, _WholeHeldOut) == (kind == "whole-only")
     assert evaluate_blocks(model, held, n, mesh, class_names=source.class_names) == whole
