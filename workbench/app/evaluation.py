@@ -17,6 +17,10 @@ not at all::
                                 region_dice_* for a dataset with nnU-Net's region labels)
     summary.json                means per class, the worst cases, what ran and how
 
+As one of several processes (``workbench launch -- evaluate``, ``WORKBENCH_DISTRIBUTED=auto``)
+each process reads, runs and scores its own blocks of each case and process 0 writes the
+same folder (:mod:`workbench.app.evaluation_blocks`).
+
 Example
 -------
 >>> summary = evaluate_dataset("Task01_Phantom", "eval", checkpoint="run", mesh="2x2x2")  # doctest: +SKIP
