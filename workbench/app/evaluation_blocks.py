@@ -206,7 +206,8 @@ def _scores_on_blocks(logits, truth_blocks, programs, grid, info, names, regions
         if truth_blocks is not None:
             pred_rows.append(block_points(block[0], pred_edge[key][0], origin))
             truth_rows.append(block_points(truth_local[key][0], truth_edge[key][0], origin))
-    counts = allgather(counts.astype(np.int32) if counts.max() < 2**31 else counts).sum(0).astype(np.int64)
+    # int64 counts as uint32 pairs: JAX's host gather would narrow int64 to int32 (without x64)
+    counts = allgather(np.ascontiguousarray(counts).view(np.uint32)).view(np.int64).sum(0)
     hd = None
     if truth_blocks is not None:
         hd = hd95_from_points(np.concatenate(pred_rows), np.concatenate(truth_rows), counts[:, :k], info.spacing)
