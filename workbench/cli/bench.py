@@ -29,6 +29,7 @@ BENCHMARKS = {
     "dataset_memory": ([], ["--quick"]),
     "multiprocess": ([], ["--quick"]),
     "training_reads": ([], ["--quick"]),
+    "hd95_blocks": ([], ["--quick"]),
 }
 
 
