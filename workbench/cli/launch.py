@@ -33,7 +33,7 @@ import time
 
 from workbench.cli.args import positive_int
 from workbench.errors import UserError
-from workbench.execute.distributed import PEER_LOST_STATUS
+from workbench.execute.distributed import PEER_LOST_STATUS, STARTUP_ENV, STARTUP_TIMEOUT_SECONDS
 from workbench.execute.signals import StopSignals
 
 HELP = "run a command as several cooperating processes (jax.distributed, local CPU devices)"
@@ -46,8 +46,8 @@ EPILOG = f"""exit status:
   0    every process finished
   N    the status of the first process that failed (128 + S when killed by signal S,
        e.g. 137 for SIGKILL); the line "process K (pid P) failed: ..." names it
-  75   a process lost a peer (it died or its connection dropped) or not every process
-       joined the coordinator within WORKBENCH_STARTUP_TIMEOUT_SECONDS (default 120):
+  {PEER_LOST_STATUS}   a process lost a peer (it died or its connection dropped) or not every process
+       joined the coordinator within {STARTUP_ENV} (default {STARTUP_TIMEOUT_SECONDS}):
        each such process prints one line; the launcher's line names the process that ended
   124  --timeout passed
   130, 143  SIGINT / SIGTERM to the launcher (passed on; training checkpoints and stops)
