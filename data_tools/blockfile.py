@@ -58,7 +58,7 @@ FAMILY = {"nifti": ".nii.gz", "dicom": ".nii.gz", "mni": ".nii.gz", "zarr": ".za
 WRITTEN_IN_PLACE = (".nii", ".tif", ".npy")
 _STAGED_AS = {".nii.gz": ".nii", ".nrrd": ".npy", ".mha": ".npy"}
 _GZIP_LEVEL = 1  # nibabel's default for .nii.gz, as the one-process writer uses
-_COPY_BYTES = 16 << 20
+_COPY_BYTES = 1 << 20
 
 
 @dataclass

@@ -9,7 +9,7 @@ same kind of file, each process its own blocks (:mod:`data_tools.blockfile`):
 prediction   how the processes write it                      host memory beyond the blocks
 ===========  ==============================================  =============================
 ``.nii``     in place, every process at its blocks' offsets  none
-``.nii.gz``  ``.nii`` in place, then gzip-streamed by         a copy buffer (16 MiB)
+``.nii.gz``  ``.nii`` in place, then gzip-streamed by         a copy buffer (1 MiB)
              process 0
 ``.tif``     in place (uncompressed, contiguous)              none
 ``.npy``     in place                                         none

@@ -39,8 +39,9 @@ In a multi-process run (``workbench launch -- infer``, or one process per host w
    (:func:`~workbench.analysis.compare.merge_shards`).
 
 With ``WORKBENCH_TRACE_MEMORY=1`` each process measures its peak host allocation
-(``tracemalloc``) from reading the input to writing the output; the report lists it
-per process beside the boxes it read.
+(``tracemalloc``) from reading the input to writing its blocks of the output; the report
+lists it per process beside the boxes it read, and process 0's peak while finishing the
+prediction file as ``finish_peak_bytes``.
 """
 
 from __future__ import annotations
@@ -291,12 +292,16 @@ def infer_per_process(
     if not main:
         return None
     t0 = time.perf_counter()
-    written = prediction.finish()
+    if tracing:
+        tracemalloc.start()
+    written = prediction.finish()  # e.g. the gzip of the filled .nii (process 0)
     report = _report(
         choice, model, inp, layout, compiled, numbers, all_boxes, comparison, input_name or str(source), mode
     )
-    report["prediction"] = written
-    report["finish_seconds"] = time.perf_counter() - t0
+    report |= {"prediction": written, "finish_seconds": time.perf_counter() - t0, "finish_peak_bytes": None}
+    if tracing:
+        report["finish_peak_bytes"] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
     write_report(tmp, report)
     finish_staged(tmp, out)
     return report
