@@ -11,7 +11,12 @@ here, and the pages of the output file it wrote through its memory map). With
 finishes the file (the gzip pass, or NRRD / MetaImage read whole; SimpleITK's own copy of
 the image is not traced) and how long that took. Nothing here passes or fails on time.
 
-    python benchmarks/output_memory.py [--quick] [--size 192] [--json out.json]
+A second table times process 0's finishing step alone, in this process, on larger label
+maps (the 128³ phantom's labels repeated to N³): filling the ``.nii`` in place (every
+block, as the processes would), then each conversion: gzip to ``.nii.gz``, NRRD and
+MetaImage through SimpleITK, with the traced peak and the file sizes.
+
+    python benchmarks/output_memory.py [--quick] [--size 192] [--finish-sizes 256 512] [--json out.json]
 """
 
 from __future__ import annotations
@@ -43,8 +48,48 @@ def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="64³ instead of --size")
     p.add_argument("--size", type=int, default=192, help="edge of the cubic phantom (default 192)")
+    p.add_argument("--finish-sizes", type=int, nargs="*", default=[256, 512], help="label maps for the second table")
+    p.add_argument("--skip-runs", action="store_true", help="only the second table")
     p.add_argument("--json", default=None, help="also write the rows as JSON")
     return p.parse_args()
+
+
+def _finish_rows(sizes) -> list[dict]:
+    """Process 0's finishing step alone on N³ label maps (see the module notes)."""
+    import tracemalloc
+
+    import numpy as np
+
+    from data_tools.blockfile import Geometry, create_block_file, finish_block_file, write_file_block
+    from data_tools.synthetic import make_phantom
+
+    base = make_phantom(128, seed=0).labels.astype(np.uint8)
+    rows = []
+    for n in sizes:
+        labels = np.repeat(np.repeat(np.repeat(base, n // 128, 0), n // 128, 1), n // 128, 2)
+        geometry = Geometry((1.0, 1.0, 1.0), np.eye(4)[[2, 1, 0, 3]], {})
+        half = n // 2
+        boxes = [((z, z + half), (y, y + half), (x, x + half)) for z in (0, half) for y in (0, half) for x in (0, half)]
+        with tempfile.TemporaryDirectory() as tmp:
+            for final, staged in (("nii", "nii"), ("nii.gz", "nii"), ("nrrd", "npy"), ("mha", "npy")):
+                path = Path(tmp) / (f"prediction.{final}" if final == staged else f"p.{staged}")
+                t0 = time.perf_counter()
+                create_block_file(path, labels.shape, np.uint8, geometry)
+                for box in boxes:
+                    write_file_block(path, box, labels[tuple(slice(a, b) for a, b in box)])
+                fill = time.perf_counter() - t0
+                tracemalloc.start()
+                t0 = time.perf_counter()
+                out = finish_block_file(path, Path(tmp) / f"prediction.{final}", geometry)
+                seconds = time.perf_counter() - t0
+                peak = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
+                rows.append({"size": n, "format": final, "fill_seconds": fill, "finish_seconds": seconds,
+                             "finish_peak_bytes": peak, "file_bytes": out.stat().st_size})  # fmt: skip
+                out.unlink()
+                print(f"{n}³ {final}: fill {fill:.2f} s, finish {seconds:.2f} s", flush=True)
+        del labels
+    return rows
 
 
 def _run(argv, work: Path, processes: int) -> tuple[list[int], dict, float]:
@@ -86,7 +131,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         scan = write_volume(load_input(f"phantom:{size}"), work / "scan.nii")
-        runs = [(1, "nii.gz")] + [(2, f) for f in FORMATS]
+        runs = [] if args.skip_runs else [(1, "nii.gz")] + [(2, f) for f in FORMATS]
         for processes, fmt in runs:
             out = work / f"out-{processes}-{fmt}"
             argv = ["infer", str(scan), "--mesh", "2x2x2", "--random-weights", "--output-format", fmt,
@@ -114,7 +159,15 @@ def main() -> None:
          "file (MiB)", "wall (s)"],
         table, ["", "", "", "", "", "", ""],
     ))  # fmt: skip
-    _common.write_json(args.json, {"machine": _common.machine(), "size": size, "rows": rows})
+    finish = _finish_rows([] if args.quick else args.finish_sizes)
+    print("\nprocess 0's finishing step alone (labels of the 128³ phantom repeated to N³; fill = 8 blocks in place)")
+    print(_common.table(
+        ["N", "prediction", "fill in place (s)", "finish (s)", "finish: traced peak (MiB)", "file (MiB)"],
+        [[r["size"], r["format"], f"{r['fill_seconds']:.2f}", f"{r['finish_seconds']:.2f}",
+          f"{r['finish_peak_bytes'] / mib:.1f}", f"{r['file_bytes'] / mib:.2f}"] for r in finish],
+        ["", "", "", "", "", ""],
+    ))  # fmt: skip
+    _common.write_json(args.json, {"machine": _common.machine(), "size": size, "rows": rows, "finish": finish})
 
 
 if __name__ == "__main__":
