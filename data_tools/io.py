@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .blockfile import prediction_suffix
 from .errors import DataError, MissingDataError
 from .formats import FORMATS, MODULES, format_module, module_for_name
 from .geometry import Box, check_box
@@ -339,19 +340,18 @@ def load_input(spec: str | os.PathLike, *, series: str | None = None) -> Volume:
     return load_mni(shape=parsed[1])
 
 
-_FAMILY = {"nifti": ".nii.gz", "dicom": ".nii.gz", "mni": ".nii.gz", "zarr": ".zarr", "tiff": ".tif",
-           "nrrd": ".nrrd", "metaimage": ".mha", "npy": ".npy", "npz": ".npy", "phantom": ".npy",
-           "array": ".npy"}  # fmt: skip
 _KEPT = ("nifti_header", "itk_geometry")  # format metadata a prediction inherits from its input
 
 
-def write_prediction(array: np.ndarray, like: Volume, out_dir: str | os.PathLike, *, name: str = "prediction") -> Path:
+def write_prediction(array: np.ndarray, like: Volume, out_dir: str | os.PathLike, *, name: str = "prediction",
+                     suffix: str | None = None) -> Path:  # fmt: skip
     """Write a (Z, Y, X) prediction next to its input's format family; returns the path.
 
     NIfTI, DICOM and MNI inputs give ``name.nii.gz`` with the input's affine (a NIfTI
     input's header codes are kept); NRRD gives ``name.nrrd`` and MetaImage (``.mha`` or
     ``.mhd``) ``name.mha``, with the input's origin, spacing and direction exactly; zarr gives
-    ``name.zarr`` (OME-Zarr, same spacing and affine); TIFF gives ``name.tif``; npy, npz and phantoms give ``name.npy``. Atomic.
+    ``name.zarr`` (OME-Zarr, same spacing and affine); TIFF gives ``name.tif``; npy, npz and phantoms give ``name.npy``.
+    ``suffix`` (e.g. ``".nii"``, ``".tif"``) chooses another format, with the same geometry. Atomic.
 
     Examples
     --------
@@ -366,7 +366,7 @@ def write_prediction(array: np.ndarray, like: Volume, out_dir: str | os.PathLike
                         "crop the padding off the prediction before writing it")  # fmt: skip
     if not name or "/" in name or os.sep in name or name.startswith("."):
         raise DataError("name", f"name={name!r} is not a plain file name", "pass e.g. name='prediction'")
-    suffix = _FAMILY.get(like.source_format, ".npy")
+    suffix = suffix or prediction_suffix(like.source_format)
     out = Path(out_dir) / f"{name}{suffix}"
     meta = {key: like.metadata[key] for key in _KEPT if key in like.metadata}
     pred = Volume(array, spacing=like.spacing, affine=like.affine, source_format=like.source_format,

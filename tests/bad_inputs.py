@@ -820,6 +820,8 @@ case("nnunet-compare-not-labels", N, "--compare-with a volume of non-integer val
 case("nnunet-compare-reference", N, "--compare-with together with --reference",
      "--compare-with and --reference both fill the viewers' comparison; pass one of them", *NNC, "--reference",
      setup=_nnunet_labels)  # fmt: skip
+case("nnunet-output-format", N, "--output-format with an nnU-Net training folder as --checkpoint",
+     "--output-format applies to workbench's own models", *NNI, "--output-format", "tif", setup=_nnunet)  # fmt: skip
 case("compare-with-not-nnunet", "cli", "--compare-with without an nnU-Net training folder as --checkpoint",
      "--compare-with applies to an nnU-Net training folder as --checkpoint; drop it", "infer", "phantom:8", "--mesh",
      "1x1x1", "--out", "{tmp}/out", "--compare-with", "{tmp}/seg.nii.gz")  # fmt: skip
@@ -851,6 +853,9 @@ case("env-processes", M, "WORKBENCH_NUM_PROCESSES=two", "must be an integer >= 1
      env=(("WORKBENCH_COORDINATOR", "localhost:1"), ("WORKBENCH_NUM_PROCESSES", "two")))  # fmt: skip
 case("env-coordinator", M, "WORKBENCH_COORDINATOR without a port", "must be host:port", *MP,
      env=(("WORKBENCH_COORDINATOR", "localhost"),))  # fmt: skip
+case("env-startup-timeout", M, "WORKBENCH_STARTUP_TIMEOUT_SECONDS=soon", "must be a number of seconds > 0", *MP,
+     env=(("WORKBENCH_COORDINATOR", "localhost:1"), ("WORKBENCH_NUM_PROCESSES", "2"), ("WORKBENCH_PROCESS_ID", "0"),
+          ("WORKBENCH_LOCAL_DEVICES", "1"), ("WORKBENCH_STARTUP_TIMEOUT_SECONDS", "soon")))  # fmt: skip
 case("env-process-id", M, "WORKBENCH_PROCESS_ID >= WORKBENCH_NUM_PROCESSES", "must be below", call=_settings(
      coordinator="localhost:1", num_processes="2", process_id="2", local_devices="1"))  # fmt: skip
 case("launch-processes", M, "workbench launch --processes 0", "argument --processes: 0 must be >= 1", "launch", "--processes", "0", "--",

@@ -1,6 +1,7 @@
 """`workbench infer` / `workbench demo`: outputs, report keys, and bad input (exit 2)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -309,3 +310,45 @@ def test_a_bug_is_an_internal_error_with_its_traceback_kept(npy_input, tmp_path,
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "in broken" in err
     assert err.strip().splitlines()[-1].startswith("workbench: internal error: ValueError")
+
+
+def test_a_lost_peer_is_one_line_and_status_75_not_a_bug(npy_input, tmp_path, capsys, monkeypatch):
+    """In a multi-process run (stood in for: the distributed state marked started, and two
+    processes), gloo's error for a peer that died is one line naming the peer, status 75
+    (the process ends at once: os._exit), the traceback in a file; any other error stays a bug."""
+    import jax
+
+    import workbench.cli as cli
+    import workbench.cli.infer as infer_command
+    import workbench.execute.distributed as distributed
+
+    def peer_died(*args, **kwargs):  # what jax raises in process 0 when process 1 was SIGKILLed
+        raise RuntimeError("UNKNOWN: Gloo collective permute failed: [external/gloo/gloo/transport/tcp/pair.cc:589] "
+                           "Connection reset by peer [10.1.2.3]:41234")  # fmt: skip
+
+    def exit_now(status):
+        raise SystemExit(status)
+
+    monkeypatch.setattr(infer_command, "run", peer_died)
+    monkeypatch.setitem(distributed._STATE, "initialized", True)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(cli.os, "_exit", exit_now)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as ended:
+        main(["infer", str(npy_input), "--mesh", "2x2x2", "--out", str(out)])
+    assert ended.value.code == distributed.PEER_LOST_STATUS == 75
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(
+        "workbench: process 0 of 2: lost process 1 (10.1.2.3:41234) during a collective (Gloo: Connection reset by "
+        "peer): it ended or its connection dropped; the launcher (or the cluster scheduler) reports which process "
+        "ended and why; traceback written to "
+    ), err[0]
+    assert "a bug" not in err[0] and "internal error" not in err[0]
+    log = err[0].split("traceback written to ")[1]
+    assert "Traceback (most recent call last)" in open(log).read()
+    os.unlink(log)
+    assert not out.exists()
+    monkeypatch.setitem(distributed._STATE, "initialized", False)  # one process: the same error is a bug
+    assert main(["infer", str(npy_input), "--mesh", "2x2x2", "--out", str(out)]) == 1
+    assert "internal error" in capsys.readouterr().err

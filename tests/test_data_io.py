@@ -235,19 +235,27 @@ def test_load_input_specs():
      ("npz", ".npy"), ("phantom", ".npy"), ("mni", ".nii.gz"), ("nrrd", ".nrrd"), ("metaimage", ".mha")],
 )  # fmt: skip
 def test_write_prediction_format_family(tmp_path, sample, source, suffix):
+    """One process writes the prediction in the input's family; several processes, each
+    writing its own boxes into the same staged file (:mod:`data_tools.blockfile` through
+    :class:`~workbench.app.prediction_output.PredictionOutput`), give the same file: name,
+    data, affine and spacing (NIfTI: the header byte for byte)."""
+    from data_tools.blockfile import prediction_geometry
+    from workbench.app.prediction_output import PredictionOutput, choose_suffix
+
     inputs = {
-        "nifti": lambda: read_volume(write_volume(sample, tmp_path / "in.nii.gz")),
-        "dicom": lambda: (_oblique_series(tmp_path), read_volume(tmp_path / "series"))[1],
-        "zarr": lambda: read_volume(write_volume(sample, tmp_path / "in.zarr")),
-        "tiff": lambda: read_volume(write_volume(sample, tmp_path / "in.tif")),
-        "npy": lambda: read_volume(write_volume(sample, tmp_path / "in.npy")),
-        "npz": lambda: read_volume(write_volume(sample, tmp_path / "in.npz")),
-        "phantom": lambda: load_input("phantom:24"),
-        "mni": lambda: load_input("mni:24"),
-        "nrrd": lambda: read_volume(write_volume(sample, tmp_path / "in.nrrd")),
-        "metaimage": lambda: read_volume(write_volume(sample, tmp_path / "in.mhd")),
+        "nifti": lambda: write_volume(sample, tmp_path / "in.nii.gz"),
+        "dicom": lambda: (_oblique_series(tmp_path), tmp_path / "series")[1],
+        "zarr": lambda: write_volume(sample, tmp_path / "in.zarr"),
+        "tiff": lambda: write_volume(sample, tmp_path / "in.tif"),
+        "npy": lambda: write_volume(sample, tmp_path / "in.npy"),
+        "npz": lambda: write_volume(sample, tmp_path / "in.npz"),
+        "phantom": lambda: "phantom:24",
+        "mni": lambda: "mni:24",
+        "nrrd": lambda: write_volume(sample, tmp_path / "in.nrrd"),
+        "metaimage": lambda: write_volume(sample, tmp_path / "in.mhd"),
     }
-    like = inputs[source]()
+    path = inputs[source]()
+    like = load_input(str(path))
     pred = (np.arange(np.prod(like.shape)) % 3).reshape(like.shape).astype(np.uint8)
     out = write_prediction(pred, like, tmp_path / "out")
     assert out == tmp_path / "out" / f"prediction{suffix}"
@@ -256,6 +264,40 @@ def test_write_prediction_format_family(tmp_path, sample, source, suffix):
     np.testing.assert_array_equal(back.array, pred)
     if suffix != ".npy":
         np.testing.assert_allclose(back.affine, like.affine, atol=1e-4)
+    # block by block, as the processes of a multi-process run write it
+    info = volume_info(str(path))
+    assert choose_suffix("auto", info.source_format, info.shape) == (suffix, None)
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    block = tuple(-(-n // 2) for n in like.shape)  # a 2x2x2 mesh's blocks, uneven at the far faces
+    output = PredictionOutput(staged, suffix, like.shape, block, prediction_geometry(str(path), info))
+    output.create()
+    for z in (0, block[0]):
+        for y in (0, block[1]):
+            for x in (0, block[2]):
+                box = tuple((a, min(a + b, n)) for a, b, n in zip((z, y, x), block, like.shape))
+                output.write(box, pred[tuple(slice(a, b) for a, b in box)])
+    assert output.finish() == out.name and os.listdir(staged) == [out.name]
+    blocks = read_volume(staged / out.name)
+    np.testing.assert_array_equal(blocks.array, back.array)
+    assert blocks.array.dtype == back.array.dtype
+    assert np.array_equal(blocks.affine, back.affine) and blocks.spacing == back.spacing
+    if suffix == ".nii.gz":
+        assert nib.load(staged / out.name).header.binaryblock == nib.load(out).header.binaryblock
+
+
+def test_prediction_output_choices():
+    """``--output-format``: auto follows the input's family up to ZARR_ABOVE_VOXELS, then zarr
+    (and says so); a named format is written at any size."""
+    from workbench.app.prediction_output import ZARR_ABOVE_VOXELS, choose_suffix
+
+    assert choose_suffix("auto", "tiff", (1024, 1024, 1024)) == (".tif", None)
+    assert ZARR_ABOVE_VOXELS == 1024**3
+    suffix, note = choose_suffix("auto", "nifti", (1024, 1024, 1025))
+    assert suffix == ".zarr" and "over 1,073,741,824): written as prediction.zarr" in note
+    assert "--output-format nii.gz writes .nii.gz instead" in note
+    assert choose_suffix("nii", "nifti", (2048,) * 3) == (".nii", None)
+    assert choose_suffix("zarr", "tiff", (8, 8, 8)) == (".zarr", None)
 
 
 def test_write_prediction_keeps_nifti_header_codes(tmp_path):

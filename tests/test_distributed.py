@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,3 +154,39 @@ def test_launch_bad_input(argv, fragment, capsys):
     assert main(["launch", *argv]) == 2
     err = capsys.readouterr().err
     assert fragment in err and err.count("\n") == 1
+
+
+def test_a_coordinator_that_never_comes_is_one_line(tmp_path):
+    """Process 1 of 2 started alone (its coordinator, process 0, never comes) with a 2 s
+    start-up time-out: one line on stderr naming the coordinator's address and what to check,
+    exit status 75 (PEER_LOST_STATUS), nothing on stdout, nothing written; jax's native log
+    (which would otherwise end in an abort and a stack trace) is in the file the line names."""
+    import re
+    import socket
+
+    from workbench.execute.distributed import PEER_LOST_STATUS
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free: nothing listens there
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKBENCH_")}
+    env.update(WORKBENCH_COORDINATOR=f"localhost:{port}", WORKBENCH_NUM_PROCESSES="2", WORKBENCH_PROCESS_ID="1",
+               WORKBENCH_LOCAL_DEVICES="4", WORKBENCH_STARTUP_TIMEOUT_SECONDS="2")  # fmt: skip
+    out = tmp_path / "never"
+    done = subprocess.run(
+        [sys.executable, "-m", "workbench", "infer", "phantom:16", "--mesh", "2x2x2", "--random-weights", "--out",
+         str(out)], capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert done.returncode == PEER_LOST_STATUS, (done.returncode, done.stderr)
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and done.stdout == "", done.stdout + done.stderr
+    assert lines[0].startswith(
+        f"workbench: process 1 of 2: not every process of the run joined the coordinator at localhost:{port} "
+        "within 2 s; check that every process was started"
+    ), lines[0]
+    assert "reachable from this host" in lines[0] and "WORKBENCH_STARTUP_TIMEOUT_SECONDS waits longer" in lines[0]
+    assert "a bug" not in lines[0] and "internal error" not in lines[0]
+    log = Path(re.search(r"native log in (\S+)$", lines[0]).group(1))
+    assert log.is_file() and "no start within 2 s" in log.read_text()
+    log.unlink()
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # status 75, not jax's abort (134): the watchdog's

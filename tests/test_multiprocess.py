@@ -299,6 +299,34 @@ def test_per_process_inference_reads_only_its_blocks(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["input.zarr", "mp", "one", "tiny.msgpack"]
 
 
+def test_multi_process_inference_writes_the_input_format_like_one_process(tmp_path):
+    """A TIFF stack (uneven 35 x 40 x 42, anisotropic, its affine in the stack's metadata) in,
+    2 x 4 devices: the prediction is ``prediction.tif`` (filled in place by both processes)
+    equal in data, spacing and affine to the one-process ``prediction.tif``."""
+    from data_tools import Volume
+    from data_tools.io import load_input, read_volume, write_volume
+    from workbench.cli import main
+    from workbench.model.unet import Model, UNetConfig
+    from workbench.training.checkpoint import save_weights
+
+    affine = np.array([[0, 0, 0.8, -20.0], [0, -0.8, 0, 30.0], [2.0, 0, 0, 5.0], [0, 0, 0, 1]])
+    image = load_input("phantom:35x40x42:4").array
+    stack = write_volume(Volume(image, spacing=(2.0, 0.8, 0.8), affine=affine), tmp_path / "stack.tif")
+    weights = save_weights(tmp_path / "tiny.msgpack", Model.init(UNetConfig.preset("small", **TINY), seed=3))
+    argv = ["infer", str(stack), "--mesh", "2x2x2", "--checkpoint", str(weights)]
+    out = io.StringIO()
+    status = launch([*argv, "--out", str(tmp_path / "mp")], processes=2, devices_per_process=4, out=out)
+    assert status == 0, out.getvalue()
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    assert sorted(p.name for p in (tmp_path / "mp").iterdir()) == ["prediction.tif", "report.json"]
+    mine, theirs = read_volume(tmp_path / "mp" / "prediction.tif"), read_volume(tmp_path / "one" / "prediction.tif")
+    np.testing.assert_array_equal(mine.array, theirs.array)
+    assert mine.array.dtype == np.uint8 and mine.shape == (35, 40, 42) and len(np.unique(mine.array)) > 1
+    assert np.array_equal(mine.affine, theirs.affine) and np.array_equal(mine.affine, affine)
+    assert mine.spacing == theirs.spacing == (2.0, 0.8, 0.8) and mine.metadata["spacing_source"] == "data_tools"
+    assert json.loads((tmp_path / "mp" / "report.json").read_text())["prediction"] == "prediction.tif"
+
+
 # -- 6. `workbench evaluate` as two processes ----------------------------------------------------
 def test_evaluate_two_processes_equals_one(tmp_path):
     """2 × 4 devices, two labelled test cases of uneven shapes (18×22×20 and 19×21×17, padded

@@ -59,7 +59,7 @@ from ..volume import Volume, ijk_affine_from_zyx, zyx_affine_from_ijk
 
 __all__ = [
     "FORMATS", "SUFFIXES", "sniff", "read", "read_box", "info", "write",
-    "itk_geometry", "affine_from_itk", "reads_whole", "modality",
+    "itk_geometry", "affine_from_itk", "reads_whole", "modality", "geometry",
 ]  # fmt: skip
 
 FORMATS = ("nrrd", "metaimage")
@@ -351,6 +351,12 @@ def info(path: Path, *, series=None):
     x, y, z = (int(s) for s in reader.GetSize()[:3])
     affine = affine_from_itk(**_geometry_of(reader))
     return (z, y, x), _dtype(reader), spacing_of(affine), affine
+
+
+def geometry(path: Path) -> dict:
+    """ITK's ``origin``, ``spacing`` and ``direction`` of the file (header only), as
+    :func:`read` keeps them in ``metadata["itk_geometry"]``."""
+    return _geometry_of(_reader(Path(path))[0])
 
 
 def reads_whole(path) -> bool:

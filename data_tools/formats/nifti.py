@@ -18,7 +18,7 @@ from ..errors import DataError
 from ..geometry import Box, spacing_of
 from ..volume import Volume, ijk_affine_from_zyx, zyx_affine_from_ijk
 
-__all__ = ["FORMATS", "SUFFIXES", "sniff", "read", "read_box", "info", "write"]
+__all__ = ["FORMATS", "SUFFIXES", "sniff", "read", "read_box", "info", "write", "create", "data_offset", "header"]
 
 FORMATS = ("nifti",)
 SUFFIXES = (".nii.gz", ".nii")
@@ -152,6 +152,11 @@ def read_box(path: Path, box: Box, *, series=None) -> np.ndarray:
     return np.ascontiguousarray(_read_data(path, img, index).transpose(2, 1, 0))
 
 
+def header(path: Path):
+    """The file's NIfTI header (read alone), as ``read`` keeps it in ``metadata["nifti_header"]``."""
+    return _load(path).header.copy()
+
+
 def info(path: Path, *, series=None):
     """``(shape, dtype, spacing, affine)`` from the header (``series``: unused)."""
     img = _load(path)
@@ -179,9 +184,32 @@ def _storable(array: np.ndarray) -> np.ndarray:
 
 def write(volume: Volume, path: Path) -> Path:
     """Write ``volume`` as NIfTI with its affine; keeps a source NIfTI header's codes/units."""
+    img = _image(_storable(volume.array).transpose(2, 1, 0), volume)  # (i, j, k), a view
+    with atomic_output(path) as tmp:
+        img.to_filename(str(tmp))
+    return Path(path)
+
+
+def create(path: Path, shape, dtype, like: Volume) -> int:
+    """An uncompressed ``.nii`` at ``path`` holding zeros of ``shape`` (z, y, x) and ``dtype``,
+    with the header :func:`write` gives ``like`` (its affine, a source header's codes), for
+    writers that fill it block by block (:func:`data_tools.blockfile.open_blocks`); returns
+    the data's byte offset. Not atomic by itself: create it inside a staged folder."""
+    zeros = np.broadcast_to(np.zeros((), dtype), tuple(int(n) for n in shape)[::-1])  # (i, j, k), no memory
+    _image(zeros, like).to_filename(str(path))  # nibabel writes it slice by slice
+    return data_offset(path)
+
+
+def data_offset(path: Path) -> int:
+    """The byte offset of an uncompressed NIfTI file's voxels."""
+    return int(_load(path).dataobj.offset)
+
+
+def _image(data: np.ndarray, volume: Volume):
+    """The nibabel image :func:`write` saves: ``data`` (i, j, k) with ``volume``'s affine and
+    source header."""
     import nibabel as nib
 
-    data = _storable(volume.array).transpose(2, 1, 0)  # (i, j, k), a view
     header = volume.metadata.get("nifti_header")
     image_class = nib.Nifti1Image
     if isinstance(header, nib.Nifti2Header):
@@ -197,6 +225,4 @@ def write(volume: Volume, path: Path) -> Path:
         img.set_qform(img.affine, code=1)
         img.set_sform(img.affine, code=1)
     img.header.set_xyzt_units("mm")
-    with atomic_output(path) as tmp:
-        img.to_filename(str(tmp))
-    return Path(path)
+    return img

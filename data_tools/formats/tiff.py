@@ -20,7 +20,7 @@ from ..errors import DataError
 from ..geometry import Box, spacing_of
 from ..volume import Volume, default_affine
 
-__all__ = ["FORMATS", "SUFFIXES", "sniff", "read", "read_box", "info", "write"]
+__all__ = ["FORMATS", "SUFFIXES", "sniff", "read", "read_box", "info", "write", "create"]
 
 FORMATS = ("tiff",)
 SUFFIXES = (".tif", ".tiff")
@@ -168,25 +168,31 @@ def write(volume: Volume, path: Path) -> Path:
     import tifffile
 
     array = volume.array if volume.dtype != bool else volume.array.astype(np.uint8)
-    dz, dy, dx = volume.spacing
-    ours = {"spacing": list(volume.spacing), "affine": volume.affine.tolist()}
     with atomic_output(path) as tmp:
-        if array.dtype in _IMAGEJ_DTYPES:
-            tifffile.imwrite(
-                tmp,
-                array,
-                imagej=True,
-                photometric="minisblack",
-                resolution=(1.0 / dx, 1.0 / dy),
-                metadata={"axes": "ZYX", "spacing": dz, "unit": "mm", _KEY: json.dumps(ours)},
-            )
-        else:
-            tifffile.imwrite(
-                tmp,
-                array,
-                photometric="minisblack",  # else 3 or 4 slices would be stored as RGB(A)
-                resolution=(10.0 / dx, 10.0 / dy),
-                resolutionunit="CENTIMETER",
-                metadata={"axes": "ZYX", _KEY: ours},
-            )
+        tifffile.imwrite(tmp, array, **_options(volume, array.dtype))
     return Path(path)
+
+
+def create(path: Path, shape, dtype, like: Volume) -> None:
+    """An uncompressed, contiguous stack of zeros of ``shape`` (z, y, x) and ``dtype`` at
+    ``path``, with the tags and metadata :func:`write` gives ``like``, for writers that fill
+    it block by block (:func:`data_tools.blockfile.open_blocks`). Not atomic by itself:
+    create it inside a staged folder."""
+    import tifffile
+
+    stack = tifffile.memmap(str(path), shape=tuple(int(n) for n in shape), dtype=np.dtype(dtype),
+                            **_options(like, np.dtype(dtype)))  # fmt: skip
+    stack.flush()
+    del stack
+
+
+def _options(volume: Volume, dtype: np.dtype) -> dict:
+    """tifffile's keywords for a stack of ``dtype`` with ``volume``'s spacing and affine."""
+    dz, dy, dx = volume.spacing
+    ours = {"spacing": list(volume.spacing), "affine": np.asarray(volume.affine).tolist()}
+    if dtype in _IMAGEJ_DTYPES:
+        return dict(imagej=True, photometric="minisblack", resolution=(1.0 / dx, 1.0 / dy),
+                    metadata={"axes": "ZYX", "spacing": dz, "unit": "mm", _KEY: json.dumps(ours)})  # fmt: skip
+    return dict(photometric="minisblack",  # else 3 or 4 slices would be stored as RGB(A)
+                resolution=(10.0 / dx, 10.0 / dy), resolutionunit="CENTIMETER",
+                metadata={"axes": "ZYX", _KEY: ours})  # fmt: skip

@@ -13,9 +13,11 @@ A result folder is what ``workbench infer`` and ``workbench demo`` write (and wh
     logits.npy                   on request
 
 A multi-process run (:mod:`workbench.app.sharded`) writes each array from the processes
-that hold its shards, as zarr: ``prediction.zarr``, ``reference_prediction.zarr`` and
-``error.zarr`` (OME-Zarr), ``logits.zarr`` (Z, Y, X, K); no ``image.npy``. Its report
-adds ``processes`` (per process: devices, boxes read, host memory) and ``reference_mode``.
+that hold its shards: the prediction in the input's family as one process does
+(:mod:`workbench.app.prediction_output`; zarr above a size), the others as zarr:
+``reference_prediction.zarr`` and ``error.zarr`` (OME-Zarr), ``logits.zarr`` (Z, Y, X, K);
+no ``image.npy``. Its report adds ``processes`` (per process: devices, boxes read, host
+memory), ``reference_mode`` and ``finish_seconds`` (process 0 finishing the prediction file).
 
 ``report.json`` keys (:data:`REPORT_KEYS` are always present): ``input_shape``,
 ``output_shape``, ``num_classes``, ``mesh`` (axis → size), ``padded_shape``, ``backend``,
@@ -248,6 +250,7 @@ def write_result_files(
     images: bool | None = None,
     ground_truth: bool = False,
     native_format: bool = True,
+    output_format: str = "auto",
 ) -> dict:
     """Write a run's arrays into ``folder``; return its report with the file names added.
 
@@ -255,7 +258,8 @@ def write_result_files(
     NIfTI out, same affine), else ``prediction.npy``. ``images`` (default: when there is a
     reference) adds ``image.npy``, ``reference_prediction.npy`` and ``error.npy``, and
     ``ground_truth`` the input's labels as ``ground_truth.npy``: what ``workbench view``
-    and the napari reader show.
+    and the napari reader show. ``output_format`` other than ``auto`` names the
+    prediction's suffix (``nii``, ``tif``, ``zarr``, ...) instead of the input's family.
     """
     from data_tools.io import write_prediction
     from workbench.execute.devices import device_summary
@@ -265,7 +269,8 @@ def write_result_files(
     volume = None if loaded is None else loaded.volume
     labels = inference.labels
     if native_format and volume is not None:
-        written = Path(write_prediction(labels, volume, folder)).name
+        suffix = None if output_format == "auto" else "." + output_format
+        written = Path(write_prediction(labels, volume, folder, suffix=suffix)).name
     else:
         written = "prediction.npy"
         np.save(folder / written, labels)
@@ -292,10 +297,12 @@ def write_result(
     input_name: str | None = None,
     save_logits: bool = False,
     images: bool | None = None,
+    output_format: str = "auto",
 ) -> dict:
     """Write a whole result folder at ``out`` (staged, renamed when complete); return the report."""
     with staged_output(out, overwrite=overwrite) as tmp:
-        report = write_result_files(tmp, inference, input_name=input_name, save_logits=save_logits, images=images)
+        report = write_result_files(tmp, inference, input_name=input_name, save_logits=save_logits, images=images,
+                                    output_format=output_format)  # fmt: skip
         write_report(tmp, report)
     return report
 

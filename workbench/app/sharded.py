@@ -15,11 +15,15 @@ In a multi-process run (``workbench launch -- infer``, or one process per host w
    image equals :func:`workbench.training.data.model_input` of the whole volume.
 2. **Run.** The forward pass on the global mesh; the prediction (argmax) is taken on the
    devices, so only uint8 labels come back to the host.
-3. **Output.** Process 0 creates a hidden temporary result folder with zarr stores whose
-   chunks are the shard blocks; every process writes its own shards (prediction, and on
+3. **Output.** Process 0 creates a hidden temporary result folder with the prediction file
+   in the input's format family, as one process writes it (NIfTI, TIFF, NRRD, MetaImage,
+   ``.npy``; zarr for a zarr input, above a size, or on request:
+   :mod:`workbench.app.prediction_output`), and zarr stores whose chunks are the shard
+   blocks for the other arrays; every process writes its own shards (prediction, and on
    request logits, the reference's prediction and the error map). Small per-process
    summaries are then gathered (which also means every process has finished writing),
-   and process 0 writes ``report.json`` and renames the folder into place. A run that
+   and process 0 finishes the prediction file (``.nii.gz``: gzip of the ``.nii`` the
+   processes filled), writes ``report.json`` and renames the folder into place. A run that
    fails or loses a process leaves only the hidden temporary folder, named after process
    0's host and pid: the next run at the same ``out`` on that host removes it once
    process 0 is dead (:func:`data_tools.atomic.sweep_stale`).
@@ -35,8 +39,9 @@ In a multi-process run (``workbench launch -- infer``, or one process per host w
    (:func:`~workbench.analysis.compare.merge_shards`).
 
 With ``WORKBENCH_TRACE_MEMORY=1`` each process measures its peak host allocation
-(``tracemalloc``) from reading the input to writing the output; the report lists it
-per process beside the boxes it read.
+(``tracemalloc``) from reading the input to writing its blocks of the output; the report
+lists it per process beside the boxes it read, and process 0's peak while finishing the
+prediction file as ``finish_peak_bytes``.
 """
 
 from __future__ import annotations
@@ -145,6 +150,7 @@ def infer_per_process(
     input_name: str | None = None,
     tolerance: float = 1e-5,
     force: bool = False,
+    output_format: str = "auto",
     log=print,
 ) -> dict | None:
     """Run ``choice`` (a ModelChoice or Model) on ``source`` (a path or spec) in this process
@@ -152,12 +158,14 @@ def infer_per_process(
 
     Every process calls it; process 0 returns the report, the others None. A run that
     would not fit in memory is refused first unless ``force``
-    (:func:`workbench.app.memory_guard.check_memory`).
+    (:func:`workbench.app.memory_guard.check_memory`). ``output_format``: the prediction's
+    file (:data:`~workbench.app.prediction_output.OUTPUT_FORMATS`; ``auto``: the input's family).
     """
     import jax
 
-    from data_tools.formats.zarr import write_ome_block
+    from data_tools.blockfile import prediction_geometry
     from workbench.analysis.compare import compare_shards, merge_shards
+    from workbench.app.prediction_output import PredictionOutput, choose_suffix
     from workbench.app.results import finish_staged, write_report
     from workbench.execute.distributed import allgather, barrier, is_main, local_blocks, put_blocks, put_tree
     from workbench.execute.run import compile_forward
@@ -183,6 +191,10 @@ def infer_per_process(
     shards = {s.box: s for s in layout.shards()}
     out = Path(out)
     main = is_main()
+    suffix, note = choose_suffix(output_format, inp.info.source_format, inp.shape)
+    if main and note:
+        log(note)
+    geometry = prediction_geometry(source, inp.info)
 
     # -- compile (before any voxel is read: the memory trace below sees data, not compilers) --
     t0 = time.perf_counter()
@@ -242,15 +254,17 @@ def infer_per_process(
         if main:
             log(note)
     tmp = _staged_name(out)
+    prediction = PredictionOutput(tmp, suffix, inp.shape, layout.block_shape, geometry)
     if main:
         sweep_stale(out)  # the staged folders of dead runs on this host (never a live one's)
         _create_outputs(tmp, inp, layout, config.num_classes, mode in ("per-shard", "whole"), save_logits)
+        prediction.create()
     barrier("workbench-outputs-created")
     t0 = time.perf_counter()
     for index, block in local_blocks(labels):
         shard = shards[_key(index, labels.shape)[1:4]]
         if not shard.is_empty:
-            write_ome_block(tmp / "prediction.zarr", shard.valid_box, _crop(block[0], shard))
+            prediction.write(shard.valid_box, _crop(block[0], shard))
     compared = None
     outputs = _ShardOutputs(logits, shards, tmp, inp, normalise, model, reference=mode,
                             save_logits=save_logits, boxes_read=boxes_read)  # fmt: skip
@@ -277,9 +291,17 @@ def infer_per_process(
         comparison = merge_shards(allgather(compared), layout, config.num_classes)
     if not main:
         return None
+    t0 = time.perf_counter()
+    if tracing:
+        tracemalloc.start()
+    written = prediction.finish()  # e.g. the gzip of the filled .nii (process 0)
     report = _report(
         choice, model, inp, layout, compiled, numbers, all_boxes, comparison, input_name or str(source), mode
     )
+    report |= {"prediction": written, "finish_seconds": time.perf_counter() - t0, "finish_peak_bytes": None}
+    if tracing:
+        report["finish_peak_bytes"] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
     write_report(tmp, report)
     finish_staged(tmp, out)
     return report
@@ -346,14 +368,14 @@ def reference_mode(config, layout) -> tuple[str, str]:
 
 
 def _create_outputs(tmp: Path, inp: BlockInput, layout, num_classes: int, reference: bool, save_logits: bool):
-    """The staged folder and its empty zarr stores, chunked like the shards (process 0)."""
+    """The staged folder and the empty zarr stores of the arrays other than the prediction,
+    chunked like the shards (process 0)."""
     import zarr
 
     from data_tools.formats.zarr import create_ome_zarr
 
     tmp.mkdir(parents=True)
     geometry = {"spacing": inp.info.spacing, "affine": inp.info.affine, "block": layout.block_shape}
-    create_ome_zarr(tmp / "prediction.zarr", inp.shape, dtype=np.uint8, **geometry)
     if reference:
         create_ome_zarr(tmp / "reference_prediction.zarr", inp.shape, dtype=np.uint8, **geometry)
         create_ome_zarr(tmp / "error.zarr", inp.shape, dtype=np.float32, **geometry)
@@ -447,7 +469,7 @@ def _report(choice, model, inp, layout, compiled, numbers, boxes, comparison, in
         "profile": None,
         "reference_mode": mode,
         "input": input_name,
-        "prediction": "prediction.zarr",
+        "prediction": None,  # the file's name, set once it is written
         "machine": device_summary(),
         "spacing": [float(s) for s in inp.info.spacing],
         "class_names": None,

@@ -5,7 +5,10 @@ Each command lives in ``workbench/cli/<name>.py`` (``HELP``, ``add_arguments(par
 its fix) ends with exit status 2 and one line on stderr; output folders are written to a
 temporary sibling and renamed at the end, so nothing partial is left behind. Anything
 else is a bug: one "internal error" line, exit status 1, and the traceback kept in a file
-the line names (``--debug`` prints it instead).
+the line names (``--debug`` prints it instead). In a multi-process run, a collective that
+fails because a peer process is gone (it died, or its connection dropped) is not a bug:
+one line says so, the traceback goes to the file, and the process exits at once with
+:data:`~workbench.execute.distributed.PEER_LOST_STATUS` (75).
 
 Third-party log records and Python warnings (tifffile, orbax, absl, jax) never reach the
 user's terminal between a command's output and its one error line: they are held while
@@ -52,7 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         module = _command_module(name)
         if module is None:
             continue
-        module.add_arguments(sub.add_parser(name, help=module.HELP, description=module.HELP))
+        epilog = getattr(module, "EPILOG", None)  # a command's notes after its options (exit statuses)
+        formatter = argparse.RawDescriptionHelpFormatter if epilog else argparse.HelpFormatter
+        command = sub.add_parser(name, help=module.HELP, description=module.HELP, epilog=epilog,
+                                 formatter_class=formatter)  # fmt: skip
+        module.add_arguments(command)
     return parser
 
 
@@ -94,21 +101,50 @@ def _third_party_output(debug: bool):
         root.setLevel(saved[1])
 
 
-def _internal_error(err: BaseException, debug: bool, held: logging.Handler | None = None) -> int:
-    """A bug: keep the traceback (printed with --debug, else in a file the message names),
-    with the log records held while the command ran."""
+def _traceback_text(err: BaseException, held: logging.Handler | None) -> str:
     text = "".join(traceback.format_exception(err))
     if isinstance(held, _HeldLog) and held.lines:
         text = "log records and warnings before the error:\n" + "\n".join(held.lines) + "\n\n" + text
+    return text
+
+
+def _keep(text: str, prefix: str) -> str:
+    """``text`` in a new file named after ``prefix`` (with the command line); its path."""
+    fd, path = tempfile.mkstemp(prefix=prefix, suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"workbench {' '.join(sys.argv[1:])}\n\n{text}")
+    return path
+
+
+def _peer_lost(err: BaseException, line: str, debug: bool, held: logging.Handler | None) -> int:
+    """A peer process of a multi-process run is gone: one line, the traceback in a file (or
+    printed with --debug), and exit at once with PEER_LOST_STATUS: jax's exit handler would
+    wait for the lost peer at the shutdown barrier, then abort."""
+    from workbench.execute.distributed import PEER_LOST_STATUS
+
+    text = _traceback_text(err, held)
+    if debug:
+        sys.stderr.write(text)
+        where = "traceback above"
+    else:
+        where = f"traceback written to {_keep(text, 'workbench-peer-lost-')}"
+    print(f"{line}; {where}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(PEER_LOST_STATUS)
+
+
+def _internal_error(err: BaseException, debug: bool, held: logging.Handler | None = None) -> int:
+    """A bug: keep the traceback (printed with --debug, else in a file the message names),
+    with the log records held while the command ran."""
+    text = _traceback_text(err, held)
     if debug:
         sys.stderr.write(text)
         print(
             f"workbench: internal error: {type(err).__name__} (a bug, not your input; traceback above)", file=sys.stderr
         )
         return 1
-    fd, path = tempfile.mkstemp(prefix="workbench-internal-error-", suffix=".txt")
-    with os.fdopen(fd, "w") as f:
-        f.write(f"workbench {' '.join(sys.argv[1:])}\n\n{text}")
+    path = _keep(text, "workbench-internal-error-")
     first = str(err).strip().splitlines()[0] if str(err).strip() else ""
     print(
         f"workbench: internal error: {type(err).__name__}{': ' + first if first else ''} (a bug, not your "
@@ -128,10 +164,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(module, args, debug: bool, held: logging.Handler) -> int:
     from workbench.errors import USER_ERRORS, one_line
+    from workbench.execute.distributed import initialize_from_env, peer_lost_line
 
     try:
-        from workbench.execute.distributed import initialize_from_env
-
         # One of several processes (``workbench launch`` or a cluster job): the launcher
         # sets the devices per process, so --cpu-devices does not apply.
         if not initialize_from_env() and hasattr(args, "cpu_devices"):
@@ -154,5 +189,8 @@ def _run(module, args, debug: bool, held: logging.Handler) -> int:
     except KeyboardInterrupt:
         print("workbench: interrupted; no output folder was written", file=sys.stderr)
         return 130
-    except Exception as err:  # noqa: BLE001 - a bug: reported with its traceback kept
+    except Exception as err:  # noqa: BLE001 - a bug (or a lost peer): reported with its traceback kept
+        line = peer_lost_line(err)
+        if line is not None:
+            return _peer_lost(err, line, debug, held)
         return _internal_error(err, debug, held)

@@ -28,6 +28,7 @@ BENCHMARKS = {
     "partition_overhead": ([], ["--sizes", "64", "--repeats", "2", "--no-train"]),
     "dataset_memory": ([], ["--quick"]),
     "multiprocess": ([], ["--quick"]),
+    "output_memory": ([], ["--quick"]),
     "training_reads": ([], ["--quick"]),
     "hd95_blocks": ([], ["--quick"]),
 }

@@ -7,7 +7,9 @@ or its case id inside its images folder (``imagesTs/CASE``): :func:`workbench.ap
 In one process the volume is read whole and the result folder written by that process.
 As one of several (``workbench launch -- infer``, or ``WORKBENCH_DISTRIBUTED=auto``),
 each process reads, runs and writes only its own shards (:mod:`workbench.app.sharded`):
-the outputs are zarr stores, and process 0 writes ``report.json``.
+the prediction in the input's format family as one process writes it (zarr above a size,
+or with ``--output-format zarr``), the other arrays as zarr stores, and process 0 writes
+``report.json``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from workbench.app.prediction_output import OUTPUT_FORMATS, ZARR_ABOVE_VOXELS
 from workbench.cli.args import add_common, model_choice
 from workbench.options import BACKENDS, HALO_MODES
 
@@ -39,6 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace files in an existing --out")
     p.add_argument(
         "--save-logits", action="store_true", help="also write logits.npy (logits.zarr in several processes)"
+    )
+    p.add_argument(
+        "--output-format",
+        default="auto",
+        choices=OUTPUT_FORMATS,
+        help="the prediction's file: auto (default) = the input's family (NIfTI in, NIfTI out; TIFF, NRRD, "
+        f"MetaImage, zarr, .npy), written as zarr by several processes above {ZARR_ABOVE_VOXELS:,} voxels",
     )
     p.add_argument("--force", action="store_true", help="run even if the memory estimate says it will not fit")
     p.add_argument(
@@ -126,7 +136,12 @@ def run(args) -> int:
     if not is_main():  # another process of a multi-process run: it computed its shards; process 0 writes
         return 0
     report = write_result(
-        args.out, inference, overwrite=args.overwrite, input_name=str(args.input), save_logits=args.save_logits
+        args.out,
+        inference,
+        overwrite=args.overwrite,
+        input_name=str(args.input),
+        save_logits=args.save_logits,
+        output_format=args.output_format,
     )
     print(summary_line(report))
     print(f"wrote {Path(args.out) / report['prediction']} and {Path(args.out) / 'report.json'}")
@@ -152,6 +167,7 @@ def _per_process(args, halo) -> int:
         series=args.series,
         input_name=str(args.input),
         force=args.force,
+        output_format=args.output_format,
     )
     if report is not None:
         print(summary_line(report))
@@ -176,6 +192,9 @@ def _nnunet(args) -> int:
             raise UserError(f"{flag} does not apply to an nnU-Net training folder as --checkpoint; drop it")
     if str(args.halo) != "exact":
         raise UserError(f"--halo {args.halo}: nnU-Net networks run with exact halos only; drop --halo")
+    if args.output_format != "auto":
+        raise UserError("--output-format applies to workbench's own models; an nnU-Net model's prediction "
+                        "follows nnU-Net's file ending; drop --output-format")  # fmt: skip
     if args.compare_with is not None and args.reference:
         raise UserError("--compare-with and --reference both fill the viewers' comparison; pass one of them")
     folder = open_nnunet_folder(args.checkpoint, fold=0 if args.fold is None else args.fold)

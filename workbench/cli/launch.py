@@ -7,10 +7,12 @@ devices exactly as it would span 2 hosts × 4 GPUs. Output lines are prefixed wi
 process number; each process reads and writes only its own blocks, process 0 writes the
 shared files (``report.json``, training history and weights).
 
-If one process fails (an error, or killed), a line names it and its exit status at once,
-the others are stopped (SIGTERM, then SIGKILL after :data:`GRACE_SECONDS`: a process
-waiting in a collective for a dead one never returns) and its status is the launch's
-(128 + N for signal N). SIGINT / SIGTERM to the launcher are passed on to every process:
+If one process fails (an error, or killed), a line names it and its exit status at once;
+the others get :data:`PEER_SECONDS` to end by themselves (a survivor whose collective
+fails because its peer is gone prints one line saying so and exits with status 75,
+:data:`~workbench.execute.distributed.PEER_LOST_STATUS`), then are stopped (SIGTERM, then
+SIGKILL after :data:`GRACE_SECONDS`: a process waiting for a dead one may never return),
+and the failed process's status is the launch's (128 + N for signal N). SIGINT / SIGTERM to the launcher are passed on to every process:
 training checkpoints at the same step everywhere and stops.
 
 On a real cluster you do not need this command: start ``workbench COMMAND ARGS`` once per
@@ -31,6 +33,7 @@ import time
 
 from workbench.cli.args import positive_int
 from workbench.errors import UserError
+from workbench.execute.distributed import PEER_LOST_STATUS, STARTUP_ENV, STARTUP_TIMEOUT_SECONDS
 from workbench.execute.signals import StopSignals
 
 HELP = "run a command as several cooperating processes (jax.distributed, local CPU devices)"
@@ -38,6 +41,18 @@ HELP = "run a command as several cooperating processes (jax.distributed, local C
 # Commands whose every step is written for several processes (process 0 writes files).
 MULTIPROCESS_COMMANDS = ("evaluate", "infer", "train")
 GRACE_SECONDS = 10.0  # after a failure: SIGTERM, then SIGKILL this much later
+PEER_SECONDS = 5.0  # after a failure, before SIGTERM: the survivors' time to say their peer is gone
+EPILOG = f"""exit status:
+  0    every process finished
+  N    the status of the first process that failed (128 + S when killed by signal S,
+       e.g. 137 for SIGKILL); the line "process K (pid P) failed: ..." names it
+  {PEER_LOST_STATUS}   a process lost a peer (it died or its connection dropped) or not every process
+       joined the coordinator within {STARTUP_ENV} (default {STARTUP_TIMEOUT_SECONDS}):
+       each such process prints one line; the launcher's line names the process that ended
+  124  --timeout passed
+  130, 143  SIGINT / SIGTERM to the launcher (passed on; training checkpoints and stops)
+A process's own errors keep their statuses: 2 for bad input, 1 for a bug (traceback in a
+file its line names)."""
 STOP_SECONDS = 120.0  # after SIGINT/SIGTERM to the launcher: time to checkpoint and exit
 
 
@@ -134,6 +149,7 @@ def launch(
     out=None,
     verbose: bool = False,
     grace: float = GRACE_SECONDS,
+    peer_wait: float = PEER_SECONDS,
     stop_timeout: float = STOP_SECONDS,
     program: list[str] | None = None,
     env: dict | None = None,
@@ -141,7 +157,8 @@ def launch(
     """Run ``workbench ARGV`` as ``processes`` local processes; return the launch's exit status.
 
     When one process fails (non-zero status or killed), a line names it and its status,
-    the others are sent SIGTERM and, after ``grace`` seconds, SIGKILL (a process waiting in
+    the others get ``peer_wait`` seconds to end by themselves (each that finds its peer gone
+    prints one line), then are sent SIGTERM and, after ``grace`` seconds, SIGKILL (a process waiting in
     a collective for the dead one never returns by itself), and the failed process's status
     is returned (128 + N for signal N). SIGINT / SIGTERM to the launcher are passed on as
     SIGTERM; the processes get ``stop_timeout`` seconds to checkpoint and exit.
@@ -190,8 +207,9 @@ def launch(
                 if forward.received and stop_deadline is None:
                     stop_deadline = time.monotonic() + stop_timeout
                 if failed and not forward.received:
-                    # several seen at once: an abort is what a process does when its peer died
-                    failed.sort(key=lambda f: (f[1] == -signal.SIGABRT, f[0]))
+                    # several seen at once: an abort or PEER_LOST_STATUS is what a process does
+                    # when its peer died, so the other one is named
+                    failed.sort(key=lambda f: (f[1] in (-signal.SIGABRT, PEER_LOST_STATUS), f[0]))
                     rank, code = failed[0]
                     others = "".join(f" (process {r} also ended: {_describe(c)})" for r, c in failed[1:])
                     out.write(
@@ -213,7 +231,7 @@ def launch(
                     break
                 time.sleep(0.1)
         finally:
-            _stop(procs, grace)
+            _stop(procs, grace, wait=peer_wait if status not in (0, 124) else 0.0)
             for t in pumps:
                 t.join(timeout=5)
     if status == 0:
@@ -223,8 +241,12 @@ def launch(
     return status
 
 
-def _stop(procs, grace: float) -> None:
-    """SIGTERM to the processes still running, SIGKILL to those left after ``grace`` seconds."""
+def _stop(procs, grace: float, wait: float = 0.0) -> None:
+    """After ``wait`` seconds for them to end by themselves, SIGTERM to the processes still
+    running, SIGKILL to those left after ``grace`` seconds."""
+    end = time.monotonic() + wait
+    while time.monotonic() < end and any(p.poll() is None for p in procs):
+        time.sleep(0.05)
     for p in procs:
         if p.poll() is None:
             p.terminate()

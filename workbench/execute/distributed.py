@@ -38,11 +38,22 @@ discarded: gloo logs each connection there from several threads, a line in sever
 pieces, so pieces of it would interleave into lines of their own. Python's ``print``
 still reaches the real stdout; ``WORKBENCH_NATIVE_STDOUT=keep`` (``launch --verbose``)
 keeps the native output.
+
+Faults of the run itself, not of the workbench: a peer process that died or whose connection
+dropped makes a collective fail in every survivor, and a peer that never joins makes
+``jax.distributed`` wait at start-up. Either way each surviving process prints one line
+(:func:`peer_lost_line`, or the start-up watchdog of :func:`initialize`) and exits with
+:data:`PEER_LOST_STATUS` (75); the launcher or the cluster scheduler names the process that
+ended and why. Start-up waits :data:`STARTUP_TIMEOUT_SECONDS` (``WORKBENCH_STARTUP_TIMEOUT_SECONDS``).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import sys
+import tempfile
+import threading
 
 import numpy as np
 
@@ -64,6 +75,9 @@ __all__ = [
     "barrier",
     "agree",
     "HEARTBEAT_SECONDS",
+    "PEER_LOST_STATUS",
+    "STARTUP_TIMEOUT_SECONDS",
+    "peer_lost_line",
 ]
 
 ENV = {
@@ -79,6 +93,16 @@ ENV = {
 HEARTBEAT_SECONDS = 30
 HEARTBEAT_ENV = "WORKBENCH_HEARTBEAT_SECONDS"
 NATIVE_STDOUT_ENV = "WORKBENCH_NATIVE_STDOUT"
+# How long a process waits for every process of the run to join (jax.distributed's
+# registration); the variable changes it. Past it: one line and PEER_LOST_STATUS.
+STARTUP_TIMEOUT_SECONDS = 120
+STARTUP_ENV = "WORKBENCH_STARTUP_TIMEOUT_SECONDS"
+# Exit status of a process whose peer died, dropped its connection or never joined
+# (sysexits' EX_TEMPFAIL: the run can be repeated, or resumed, once every process runs).
+PEER_LOST_STATUS = 75
+# jax.distributed's own start-up limit is this much longer than ours, so that our one line,
+# not its fatal abort, ends the process.
+_NATIVE_MARGIN_SECONDS = 15
 
 _STATE = {"initialized": False}
 
@@ -144,15 +168,86 @@ def _discard_native_stdout() -> None:
     )
 
 
+def _seconds_from_env(name: str, default: float) -> float:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise UserError(f"{name}={text!r} must be a number of seconds > 0")
+    return value
+
+
+def _startup_line(settings: dict, seconds: float, log: str) -> str:
+    """The one line of a start-up that timed out: the coordinator and what to check."""
+    if settings.get("auto"):
+        where = "the coordinator the cluster environment names (SLURM, Open MPI or the TPU pod)"
+        who = "this process"
+    else:
+        where = f"the coordinator at {settings['coordinator']}"
+        who = f"process {settings['process_id']} of {settings['num_processes']}"
+    return (
+        f"workbench: {who}: not every process of the run joined {where} within {seconds:g} s; check that "
+        "every process was started (and none failed: the launcher's or the job's other lines), that the "
+        "coordinator's host and port are reachable from this host, and that all were given the same number "
+        f"of processes ({STARTUP_ENV} waits longer); native log in {log}"
+    )
+
+
+def _start_watched(start, settings: dict, seconds: float) -> None:
+    """``start()`` (jax.distributed.initialize), ended after ``seconds`` by one line and
+    :data:`PEER_LOST_STATUS` if it has not returned: jax's own time-out aborts the process
+    with a native stack trace. Native lines written meanwhile are held in a file, passed on
+    when the start succeeds and kept (the line names the file) when it does not."""
+    fd, log = tempfile.mkstemp(prefix="workbench-startup-", suffix=".txt")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(fd, 2)
+    done = threading.Event()
+
+    def watchdog():
+        if not done.wait(seconds):
+            os.write(fd, f"\nno start within {seconds:g} s; settings {settings}\n".encode())
+            os.write(saved, (_startup_line(settings, seconds, log) + "\n").encode())
+            os._exit(PEER_LOST_STATUS)
+
+    threading.Thread(target=watchdog, name="workbench-startup-watchdog", daemon=True).start()
+    try:
+        start()
+    finally:
+        done.set()
+        os.dup2(saved, 2)
+        os.close(saved)
+        held = os.pread(fd, os.fstat(fd).st_size, 0)
+        os.close(fd)
+        if held:
+            os.write(2, held)
+        os.unlink(log)
+
+
 def initialize(settings: dict) -> None:
-    """Start ``jax.distributed`` for ``settings`` (from :func:`settings_from_env`). Idempotent."""
+    """Start ``jax.distributed`` for ``settings`` (from :func:`settings_from_env`). Idempotent.
+
+    A process whose peers have not all joined within ``WORKBENCH_STARTUP_TIMEOUT_SECONDS``
+    (default :data:`STARTUP_TIMEOUT_SECONDS`) prints one line naming the coordinator and
+    what to check, and exits with :data:`PEER_LOST_STATUS`.
+    """
     if _STATE["initialized"]:
         return
     import jax
 
     heartbeat = int(os.environ.get(HEARTBEAT_ENV, HEARTBEAT_SECONDS))
+    seconds = _seconds_from_env(STARTUP_ENV, STARTUP_TIMEOUT_SECONDS)
+    native = int(seconds) + _NATIVE_MARGIN_SECONDS
     if settings.get("auto"):
-        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
+        _start_watched(
+            lambda: jax.distributed.initialize(initialization_timeout=native, heartbeat_timeout_seconds=heartbeat),
+            settings,
+            seconds,
+        )
     else:
         from workbench.execute.devices import configure_cpu_devices
 
@@ -162,14 +257,56 @@ def initialize(settings: dict) -> None:
         if os.environ.get(NATIVE_STDOUT_ENV, "").strip().lower() != "keep":
             _discard_native_stdout()
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(
-            settings["coordinator"],
-            settings["num_processes"],
-            settings["process_id"],
-            initialization_timeout=120,
-            heartbeat_timeout_seconds=heartbeat,
+        _start_watched(
+            lambda: jax.distributed.initialize(
+                settings["coordinator"],
+                settings["num_processes"],
+                settings["process_id"],
+                initialization_timeout=native,
+                heartbeat_timeout_seconds=heartbeat,
+            ),
+            settings,
+            seconds,
         )
     _STATE["initialized"] = True
+
+
+# What a collective's error says when the process at the other end is gone: gloo (CPU),
+# NCCL (GPU) and the coordination service's heartbeats.
+_PEER_GONE = re.compile(
+    r"Connection (?:closed|reset) by peer|Broken pipe|Socket closed|heartbeat timeout|stopped sending heartbeats"
+    r"|Remote process exited|remote process has (?:exited|failed)",
+    re.IGNORECASE,
+)
+_PEER_ADDRESS = re.compile(r"peer \[?([0-9a-fA-F.:]+)\]?:(\d+)")
+
+
+def peer_lost_line(err: BaseException) -> str | None:
+    """One line for an error that says a peer process of a multi-process run is gone (it died
+    or its connection dropped), naming the peer where the error tells; None for any other
+    error, and always in a one-process run."""
+    if not _STATE["initialized"]:
+        return None
+    text = f"{type(err).__name__}: {err}"
+    found = _PEER_GONE.search(text)
+    if found is None:
+        return None
+    import jax
+
+    me, count = jax.process_index(), jax.process_count()
+    address = _PEER_ADDRESS.search(text)
+    if count == 2:
+        peer = f"process {1 - me}"
+    else:
+        peer = "a peer process"
+    if address is not None:
+        peer += f" ({address.group(1)}:{address.group(2)})"
+    kind = "Gloo" if "gloo" in text.lower() else "NCCL" if "nccl" in text.lower() else "the coordination service"
+    return (
+        f"workbench: process {me} of {count}: lost {peer} during a collective ({kind}: {found.group(0)}): "
+        "it ended or its connection dropped; the launcher (or the cluster scheduler) reports which process "
+        "ended and why"
+    )
 
 
 def initialize_from_env(environ=None) -> bool:
