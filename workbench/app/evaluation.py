@@ -35,7 +35,7 @@ import numpy as np
 
 from workbench.errors import UserError
 
-__all__ = ["evaluate_dataset", "dataset_cases", "CASE_COLUMNS"]
+__all__ = ["evaluate_dataset", "dataset_cases", "trained_window", "CASE_COLUMNS"]
 
 CASE_COLUMNS = ("dice", "hd95_mm", "pred_ml", "true_ml")  # per foreground class, in cases.csv
 
@@ -58,6 +58,14 @@ def _model_and_meta(checkpoint, preset: str | None, random_weights: bool, seed: 
     choice = resolve_model(preset or "small", task="phantom", random_weights=random_weights, seed=seed, log=log)
     meta = load_weights(WEIGHTS_DIR / PRETRAINED["phantom"])[1] if choice.source == "shipped" else {}
     return choice, meta
+
+
+def trained_window(meta: dict):
+    """The patch a model was trained on (its checkpoint's ``window``), or None for a
+    whole-volume model: a patch model is predicted by Gaussian sliding windows of that size."""
+    window = meta.get("window") or {}
+    patch = window.get("patch") or (meta.get("train") or {}).get("patch")
+    return tuple(int(v) for v in patch) if patch else None
 
 
 def _plan(meta: dict, infos, spacing, resolution):
@@ -270,6 +278,7 @@ def evaluate_dataset(
     infos = check_dataset(dataset, cases, progress=progress)
     plan = _with_normalisation(_plan(meta, infos.values(), spacing, resolution), meta, dataset)
     names = dataset.class_names
+    window = trained_window(meta)
     rows: list[dict] = []
     t_start = time.perf_counter()
     with staged_output(out, overwrite=overwrite, marker="summary.json") as tmp:
@@ -280,7 +289,7 @@ def evaluate_dataset(
             volume = volumes[0]
             case = prepare_case(volumes if len(volumes) > 1 else volume, plan, name=files.name)
             del volumes
-            logits = model_logits(choice.model, case.image, spec, backend)
+            logits = model_logits(choice.model, case.image, spec, backend, window=window)
             grid = case.metadata
             del case  # the model input is not needed any more
             pred = _prediction(logits, grid, order)
@@ -310,6 +319,9 @@ def evaluate_dataset(
             "weights": choice.description,
             "mesh": spec.as_dict() if spec is not None else None,
             "backend": backend,
+            "prediction": {"whole_volume": True}
+            if window is None
+            else {"sliding_window": {"patch": list(window), "overlap": 0.5, "mode": "gaussian"}},
             "preprocessing": plan.as_dict(),
             **_summary(rows, names),
             **(
