@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import machine, start, table, write_json
+from _common import machine, start, write_json
 
 TASKS = ("laterality", "lesions", "connection", "counting")
 GROUPS = {"laterality": (1, 2), "counting": (1, 2, 3, 4, 5), "connection": (1, 2)}
@@ -162,7 +162,7 @@ def main(argv=None) -> dict:
     if args.quick:
         args.size, args.patch, args.steps, args.seeds, args.cases = 32, 16, 6, 1, 10
     start(8)
-    from workbench.analysis.patch_study import plot_study, study_rows
+    from workbench.analysis.patch_study import plot_study, study_rows, study_table
     from workbench.app import train
 
     work = Path(args.work or tempfile.mkdtemp(prefix="patch-vs-whole-"))
@@ -189,22 +189,12 @@ def main(argv=None) -> dict:
                     entry["inference"][arm] = inference_cost(run_dir, data, arm, args)
                 write_json(args.json, results)
     rows = study_rows(results)
-    classes = sorted({k for r in rows for k in r if k.startswith("dice_") and not k.endswith("_case_sd")})
-    print(table(["task", "arm", *classes, "confusion", "err near grid", "err elsewhere", "device-s"],
-                [[r["task"], r["arm"], *[_fmt(r.get(c)) for c in classes], _fmt(r["confusion"]),
-                  _fmt(r["error_rate_near"], 4), _fmt(r["error_rate_elsewhere"], 4), r["device_seconds"]]
-                 for r in rows], ["s", "s", *["s"] * len(classes), "s", "s", "s", ".0f"]))  # fmt: skip
+    print(study_table(results))
     results["rows"] = rows
     write_json(args.json, results)
     if args.figure:
         plot_study(results, args.figure)
     return results
-
-
-def _fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    return f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
 
 
 if __name__ == "__main__":

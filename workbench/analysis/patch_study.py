@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["SIZE_BINS", "lesion_detection", "confusion_rate", "grid_planes", "grid_error_rates", "study_rows",
-           "plot_study"]  # fmt: skip
+           "study_table", "plot_study"]  # fmt: skip
 
 #: upper edges (voxels) of the lesion size bins: 1–8, 9–64, 65–512, larger
 SIZE_BINS = (8, 64, 512)
@@ -201,3 +201,26 @@ def _context_panel(ax, by_arm, arms, colours) -> None:
     ax.set_ylim(0, 0.6)
     ax.axhline(0.5, color="grey", lw=0.6, ls=":")
     ax.set_title("label confusion (0.5 = chance)", fontsize=9)
+
+
+def study_table(results: dict) -> str:
+    """The study as a text table (Markdown pipes): one row per task and arm, mean ± SD over
+    seeds of the held-out Dice per class, the confusion rate, lesions found (all seeds and
+    cases), the error rates near the tile grid and elsewhere, and the compute per run."""
+    rows = study_rows(results)
+    header = ["task", "arm", "seeds", "Dice per class", "confusion", "lesions found", "error near grid / elsewhere",
+              "steps", "voxels seen", "device-s"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        dice = ", ".join(f"{k[5:]} {_pm(v)}" for k, v in r.items() if k.startswith("dice_") and "_case_sd" not in k)
+        lesions = r.get("lesions") or {"bins": [], "found": [], "total": []}
+        found = ", ".join(f"{b}: {f}/{t}" for b, f, t in zip(lesions["bins"], lesions["found"], lesions["total"]) if t)
+        cells = [r["task"], r["arm"], str(r["seeds"]), dice, _pm(r["confusion"]), found or "-",
+                 f"{_pm(r['error_rate_near'], 3)} / {_pm(r['error_rate_elsewhere'], 3)}", f"{r['steps']:.0f}",
+                 f"{r['voxels_seen']:.3g}", f"{r['device_seconds']:.0f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _pm(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"

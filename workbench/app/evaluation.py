@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from workbench.errors import UserError
+from workbench.training.patches import trained_window
 
 __all__ = ["evaluate_dataset", "dataset_cases", "trained_window", "CASE_COLUMNS"]
 
@@ -58,14 +59,6 @@ def _model_and_meta(checkpoint, preset: str | None, random_weights: bool, seed: 
     choice = resolve_model(preset or "small", task="phantom", random_weights=random_weights, seed=seed, log=log)
     meta = load_weights(WEIGHTS_DIR / PRETRAINED["phantom"])[1] if choice.source == "shipped" else {}
     return choice, meta
-
-
-def trained_window(meta: dict):
-    """The patch a model was trained on (its checkpoint's ``window``), or None for a
-    whole-volume model: a patch model is predicted by Gaussian sliding windows of that size."""
-    window = meta.get("window") or {}
-    patch = window.get("patch") or (meta.get("train") or {}).get("patch")
-    return tuple(int(v) for v in patch) if patch else None
 
 
 def _plan(meta: dict, infos, spacing, resolution):
@@ -278,7 +271,7 @@ def evaluate_dataset(
     infos = check_dataset(dataset, cases, progress=progress)
     plan = _with_normalisation(_plan(meta, infos.values(), spacing, resolution), meta, dataset)
     names = dataset.class_names
-    window = trained_window(meta)
+    window = trained_window(meta)  # a patch model: Gaussian sliding windows of its patch
     rows: list[dict] = []
     t_start = time.perf_counter()
     with staged_output(out, overwrite=overwrite, marker="summary.json") as tmp:

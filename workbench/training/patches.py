@@ -34,7 +34,7 @@ import numpy as np
 
 from workbench.errors import UserError
 
-__all__ = ["FOREGROUND_OVERSAMPLING", "forced_foreground", "patch_box", "PatchSource", "patch_batch"]
+__all__ = ["FOREGROUND_OVERSAMPLING", "forced_foreground", "patch_box", "PatchSource", "patch_batch", "trained_window"]
 
 #: nnU-Net's ``oversample_foreground_percent``
 FOREGROUND_OVERSAMPLING = 0.33
@@ -143,3 +143,12 @@ def patch_batch(source: PatchSource, step: int, batch: int, *, seed: int = 0, au
     parts = [source.patch_of(step, i, seed=seed, augment_data=augment_data) for i in range(batch)]
     images = np.stack([channels_last(p[0]) for p in parts]).astype(np.float32)
     return images, np.stack([p[1] for p in parts]).astype(np.int32)
+
+
+def trained_window(meta: dict):
+    """The patch a model was trained on (its checkpoint's ``window``, else its train config's
+    ``patch``), or None for a whole-volume model: a patch model is predicted by Gaussian
+    sliding windows of that size (:func:`workbench.execute.windows.patch_logits`)."""
+    window = (meta or {}).get("window") or {}
+    patch = window.get("patch") or ((meta or {}).get("train") or {}).get("patch")
+    return tuple(int(v) for v in patch) if patch else None
