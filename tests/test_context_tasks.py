@@ -77,3 +77,30 @@ def test_context_dataset_folder_reads_back_its_cases(tmp_path):
     image, labels = make_context_case("counting", (16, 16, 16), seed=1)
     np.testing.assert_array_equal(volume.labels, labels)
     np.testing.assert_array_equal(volume.array, np.rint(image).astype(np.int16))
+
+
+def test_study_measures_on_known_predictions():
+    from workbench.analysis.patch_study import confusion_rate, grid_error_rates, grid_planes, lesion_detection
+
+    truth = np.zeros((16, 16, 16), np.uint8)
+    truth[1, 1, 1] = 2  # a 1-voxel lesion, found
+    truth[5:7, 5:7, 5:7] = 2  # 8 voxels, missed
+    truth[10:13, 10:13, 10:13] = 2  # 27 voxels, found by one voxel
+    pred = np.zeros_like(truth)
+    pred[1, 1, 1] = pred[12, 12, 12] = 2
+    found = lesion_detection(pred, truth, 2, bins=(8, 64))
+    assert found["bins"] == ["1-8", "9-64", ">64"]
+    assert found["total"] == [2, 1, 0] and found["found"] == [1, 1, 0] and sorted(found["sizes"]) == [1, 8, 27]
+    # mirror organs of 8 voxels each: one missed (not counted), one of the other 15 given the other side's label
+    sides = np.zeros((2, 2, 4), np.uint8)
+    sides[..., :2], sides[..., 2:] = 1, 2
+    guess = sides.copy()
+    guess[0, 0, 0] = 2
+    guess[1, 1, 3] = 0  # missed, not confused
+    assert confusion_rate(guess, sides, (1, 2)) == pytest.approx(1 / 15)
+    assert confusion_rate(np.zeros_like(sides), sides, (1, 2)) is None
+    # the tile borders of 8-voxel windows at half-patch steps over 16: windows at 0, 4, 8
+    assert grid_planes((16, 16, 16), (8, 8, 8)) == [[4, 8, 12]] * 3
+    rates = grid_error_rates(truth, truth, (8, 8, 8), band=1)
+    assert rates["error_rate_near"] == rates["error_rate_elsewhere"] == 0.0
+    assert rates["volume_fraction_near"] == pytest.approx(1 - (10 / 16) ** 3)  # voxels 3, 4, 7, 8, 11, 12 of each axis touch a border
