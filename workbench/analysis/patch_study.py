@@ -101,8 +101,8 @@ def study_rows(results: dict) -> list[dict]:
     JSON): mean and SD over seeds of the per-seed mean Dice per class, the confusion rate,
     the lesions found / total per size bin, the grid error rates, and the compute spent."""
     rows = []
-    for task, by_arm in results["tasks"].items():
-        for arm, runs in by_arm["arms"].items():
+    for task, entry in results["tasks"].items():
+        for arm, runs in entry["arms"].items():
             if not runs:
                 continue
             classes = list(runs[0]["dice"])
@@ -121,6 +121,9 @@ def study_rows(results: dict) -> list[dict]:
                 row[key] = _mean_sd([r["grid"][key] for r in runs])
             for key in ("steps", "voxels_seen", "device_seconds"):
                 row[key] = float(np.mean([r["compute"][key] for r in runs]))
+            cost = (entry.get("inference") or {}).get(arm) or {}
+            row["inference_seconds"] = cost.get("seconds_per_case")
+            row["forward_bytes"] = cost.get("forward_bytes")
             rows.append(row)
     return rows
 
@@ -146,7 +149,7 @@ def plot_study(results: dict, path=None):
     fig, axes = plt.subplots(len(tasks), 3, figsize=(12, 3.2 * len(tasks)), squeeze=False)
     for row, task in zip(axes, tasks):
         by_arm = results["tasks"][task]["arms"]
-        classes = [c for c in next(iter(by_arm.values()))[0]["dice"]] if any(by_arm.values()) else []
+        classes = list(next(runs for runs in by_arm.values() if runs)[0]["dice"]) if any(by_arm.values()) else []
         for k, arm in enumerate(arms):
             runs = by_arm.get(arm) or []
             for i, c in enumerate(classes):
@@ -209,7 +212,7 @@ def study_table(results: dict) -> str:
     cases), the error rates near the tile grid and elsewhere, and the compute per run."""
     rows = study_rows(results)
     header = ["task", "arm", "seeds", "Dice per class", "confusion", "lesions found", "error near grid / elsewhere",
-              "steps", "voxels seen", "device-s"]  # fmt: skip
+              "steps", "voxels seen", "device-s", "inference s/case", "forward MiB"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         dice = ", ".join(f"{k[5:]} {_pm(v)}" for k, v in r.items() if k.startswith("dice_") and "_case_sd" not in k)
@@ -217,9 +220,14 @@ def study_table(results: dict) -> str:
         found = ", ".join(f"{b}: {f}/{t}" for b, f, t in zip(lesions["bins"], lesions["found"], lesions["total"]) if t)
         cells = [r["task"], r["arm"], str(r["seeds"]), dice, _pm(r["confusion"]), found or "-",
                  f"{_pm(r['error_rate_near'], 3)} / {_pm(r['error_rate_elsewhere'], 3)}", f"{r['steps']:.0f}",
-                 f"{r['voxels_seen']:.3g}", f"{r['device_seconds']:.0f}"]  # fmt: skip
+                 f"{r['voxels_seen']:.3g}", f"{r['device_seconds']:.0f}", _num(r["inference_seconds"], ".2f"),
+                 _num(None if r["forward_bytes"] is None else r["forward_bytes"] / 2**20, ".1f")]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _num(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _pm(value, digits: int = 2) -> str:
