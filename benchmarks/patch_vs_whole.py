@@ -21,8 +21,12 @@ volume, or one window). Compute per run (steps, voxels seen, device-seconds) com
 training history. Nothing passes or fails; results are written whichever way they fall,
 after every run (``--json``), and the figure at the end (``--figure``).
 
-    nice -n 10 python benchmarks/patch_vs_whole.py --tasks laterality,lesions --size 48 --patch 24 \\
-        --steps 80 --seeds 3 --json benchmarks/results/patch_vs_whole_cpu_DATE.json --figure ...png
+    nice -n 10 python benchmarks/patch_vs_whole.py --tasks laterality,lesions --size 32 --patch 16 \\
+        --steps 120 --seeds 3 --json benchmarks/results/patch_vs_whole_cpu_DATE.json --figure ...png
+    nice -n 10 python benchmarks/patch_vs_whole.py --tasks connection,counting ...   # the other two tasks
+
+(the stored results: ``benchmarks/results/patch_vs_whole_cpu_2026-12-06.json`` and
+``patch_vs_whole_context_cpu_2026-12-06.json``, two shared CPU cores, about 2–4 minutes a run).
     python benchmarks/patch_vs_whole.py --quick       # 32³, 16³ patches, 6 steps, 1 seed: a smoke run
 """
 
@@ -145,9 +149,9 @@ def inference_cost(run_dir, data, arm, args) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", default="laterality,lesions", help=f"comma-separated, of {', '.join(TASKS)}")
-    p.add_argument("--size", type=int, default=48, help="volume side (voxels)")
-    p.add_argument("--patch", type=int, default=24, help="patch side (voxels)")
-    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--size", type=int, default=32, help="volume side (voxels)")
+    p.add_argument("--patch", type=int, default=16, help="patch side (voxels)")
+    p.add_argument("--steps", type=int, default=120)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--cases", type=int, default=20, help="cases per task (fold 0 holds a fifth out)")
     p.add_argument("--lr", type=float, default=3e-3)
