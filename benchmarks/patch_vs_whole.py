@@ -26,7 +26,8 @@ after every run (``--json``), and the figure at the end (``--figure``).
     nice -n 10 python benchmarks/patch_vs_whole.py --tasks connection,counting ...   # the other two tasks
 
 (the stored results: ``benchmarks/results/patch_vs_whole_cpu_2026-12-06.json`` and
-``patch_vs_whole_context_cpu_2026-12-06.json``, two shared CPU cores, about 2–4 minutes a run).
+``patch_vs_whole_context_cpu_2026-12-06.json``, two shared CPU cores, about 2–4 minutes a run)::
+
     python benchmarks/patch_vs_whole.py --quick       # 32³, 16³ patches, 6 steps, 1 seed: a smoke run
 """
 
