@@ -103,4 +103,6 @@ def test_study_measures_on_known_predictions():
     assert grid_planes((16, 16, 16), (8, 8, 8)) == [[4, 8, 12]] * 3
     rates = grid_error_rates(truth, truth, (8, 8, 8), band=1)
     assert rates["error_rate_near"] == rates["error_rate_elsewhere"] == 0.0
-    assert rates["volume_fraction_near"] == pytest.approx(1 - (10 / 16) ** 3)  # voxels 3, 4, 7, 8, 11, 12 of each axis touch a border
+    assert rates["volume_fraction_near"] == pytest.approx(
+        1 - (10 / 16) ** 3
+    )  # voxels 3, 4, 7, 8, 11, 12 of each axis touch a border
