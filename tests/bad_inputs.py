@@ -612,6 +612,11 @@ case(
     "--checkpoint-dir",
     "{tmp}/out",
 )
+case("train-patch", F, "train --patch that is not ZxYxX", "argument --patch: '24x24': give one or three positive voxel counts",
+     "train", "--patch", "24x24", "--checkpoint-dir", "{tmp}/out")  # fmt: skip
+case("train-foreground", F, "train --patch with --foreground-oversampling 1.5",
+     "foreground_oversampling=1.5 must be in [0, 1]", "train", "--patch", "16", "--foreground-oversampling", "1.5",
+     "--checkpoint-dir", "{tmp}/out")  # fmt: skip
 case("train-data", F, "train --data on a missing folder", "nowhere: no such file or folder", "train", "--data", "{tmp}/nowhere", "--steps", "1",
      "--checkpoint-dir", "{tmp}/out")  # fmt: skip
 case("out-is-file", F, "--out names an existing file", "out.txt is a file; choose a folder path", *INFER[:-1], "{tmp}/out.txt", IN,

@@ -39,8 +39,9 @@ import numpy as np
 
 from workbench.app.case_scores import _finite, _mean, _prediction, _score
 from workbench.errors import UserError
+from workbench.training.patches import trained_window
 
-__all__ = ["evaluate_dataset", "dataset_cases", "CASE_COLUMNS"]
+__all__ = ["evaluate_dataset", "dataset_cases", "trained_window", "CASE_COLUMNS"]
 
 CASE_COLUMNS = ("dice", "hd95_mm", "pred_ml", "true_ml")  # per foreground class, in cases.csv
 
@@ -197,6 +198,9 @@ def evaluate_dataset(
         )
     _, spec = check_run_options(choice.config, backend, "exact", mesh)
     multi = _process_count() > 1  # several processes: each scores its own blocks (app.evaluation_blocks)
+    if multi and trained_window(meta) is not None:
+        raise UserError("a patch-trained model (sliding-window prediction) evaluates in one process so far; "
+                        "run `workbench evaluate` without `workbench launch`")  # fmt: skip
     if multi:
         from workbench.app.evaluation_blocks import check_processes
 
@@ -224,6 +228,7 @@ def evaluate_dataset(
     names = dataset.class_names
     readers = _case_readers(dataset, plan, cases, infos, log if main else None) if multi else {}
     programs: dict = {}  # several processes: the compiled programs, kept from case to case
+    window = trained_window(meta)  # a patch model: Gaussian sliding windows of its patch
     rows: list[dict] = []
     t_start = time.perf_counter()
     with staged_output(out, overwrite=overwrite, marker="summary.json") if main else _nothing() as tmp:
@@ -244,7 +249,7 @@ def evaluate_dataset(
             volume = volumes[0]
             case = prepare_case(volumes if len(volumes) > 1 else volume, plan, name=files.name)
             del volumes
-            logits = model_logits(choice.model, case.image, spec, backend)
+            logits = model_logits(choice.model, case.image, spec, backend, window=window)
             grid = case.metadata
             del case  # the model input is not needed any more
             pred = _prediction(logits, grid, order)
@@ -276,6 +281,9 @@ def evaluate_dataset(
             "weights": choice.description,
             "mesh": spec.as_dict() if spec is not None else None,
             "backend": backend,
+            "prediction": {"whole_volume": True}
+            if window is None
+            else {"sliding_window": {"patch": list(window), "overlap": 0.5, "mode": "gaussian"}},
             "preprocessing": plan.as_dict(),
             **_summary(rows, names),
             **(

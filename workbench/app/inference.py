@@ -128,8 +128,13 @@ def infer(
     stage = on_stage or (lambda text: None)
     if not force:
         _check_memory(model.config, np.shape(image), mesh, backend, halo, reference=reference)
-    stage(f"compile and run ({backend})")
-    result = run(model, image, mesh, backend=backend, halo=halo)
+    window = getattr(choice, "window", None)
+    if window is not None:  # trained on patches: Gaussian sliding windows of its patch, on one device
+        stage(f"sliding windows of {'x'.join(map(str, window))}")
+        result = window_run(model, image, window)
+    else:
+        stage(f"compile and run ({backend})")
+        result = run(model, image, mesh, backend=backend, halo=halo)
     ref = comparison = None
     if reference:
         stage("single-device reference")
@@ -144,7 +149,27 @@ def infer(
         weights=getattr(choice, "description", None),
         volume=getattr(loaded, "volume", None),
     )
+    if window is not None:
+        from workbench.execute.windows import PATCH_OVERLAP
+
+        report["sliding_window"] = {"patch": list(window), "overlap": PATCH_OVERLAP, "mode": "gaussian"}
     return Inference(result, ref, comparison, report, loaded=loaded if hasattr(loaded, "image") else None)
+
+
+def window_run(model, image, window):
+    """The :class:`~workbench.execute.run.RunResult` of a patch-trained model's sliding-window
+    prediction (:func:`workbench.execute.windows.patch_logits`): windows on one device."""
+    import time
+
+    from workbench.execute.run import RunResult
+    from workbench.execute.windows import patch_logits
+    from workbench.mesh import MeshSpec, ShardLayout
+
+    t0 = time.perf_counter()
+    logits = patch_logits(model, image, window)
+    seconds = time.perf_counter() - t0
+    layout = ShardLayout(np.shape(image)[:3], MeshSpec(), multiple=model.config.multiple)
+    return RunResult(logits, "reference", "exact", layout, seconds, 0.0)
 
 
 def guard_input(

@@ -31,6 +31,7 @@ class ModelChoice:
     model: Any  # workbench.model.unet.Model
     source: str  # "random" | "shipped" | "checkpoint"
     description: str  # one line for reports: where the weights came from
+    window: tuple | None = None  # the patch a patch-trained checkpoint is predicted with (sliding windows)
 
     @property
     def config(self):
@@ -72,10 +73,12 @@ def resolve_model(
         raise UserError(f"unknown model preset {preset!r}; use one of {sorted(PRESETS)}")
     overrides = {k: v for k, v in (("dtype", dtype), ("remat", remat)) if v is not None}
     if checkpoint:
+        from workbench.training.patches import trained_window
+
         model, meta = load_model(checkpoint, log=log)
         step = meta.get("step")
         description = f"checkpoint {checkpoint}" + (f" (step {step})" if step is not None else "")
-        return ModelChoice(_with(model, overrides), "checkpoint", description)
+        return ModelChoice(_with(model, overrides), "checkpoint", description, trained_window(meta))
     if preset == "small" and not random_weights and (WEIGHTS_DIR / PRETRAINED[task]).is_file():
         return ModelChoice(
             _with(pretrained(task), overrides), "shipped", f"shipped {task} weights ({PRETRAINED[task]})"

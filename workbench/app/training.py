@@ -61,6 +61,8 @@ def _check_before_loading(tc):
     if known is None:
         return None
     shape, num_classes = known
+    if tc.patch is not None:  # patch training: a step holds batch × patch, whatever the volume
+        shape = tuple(tc.patch)
     if num_classes is None:  # volume files: their classes are known once loaded; the preset's meanwhile
         from workbench.model.unet import UNetConfig
 

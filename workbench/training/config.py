@@ -104,6 +104,18 @@ def parse_spacing(text: str) -> tuple:
     return values * 3 if len(values) == 1 else values
 
 
+def parse_patch(text: str) -> tuple:
+    """``24x24x24`` (or ``24``): a training patch ZxYxX in voxels, each >= 1."""
+    parts = text.lower().split("x")
+    try:
+        values = tuple(int(v) for v in parts)
+    except ValueError:
+        raise _argument_error(f"{text!r} is not a patch size; write ZxYxX in voxels, e.g. 24x32x32") from None
+    if len(values) not in (1, 3) or not all(v >= 1 for v in values):
+        raise _argument_error(f"{text!r}: give one or three positive voxel counts, e.g. 24 or 24x32x32")
+    return values * 3 if len(values) == 1 else values
+
+
 def _option(default, help: str, *, flag: str | None = None, type=None, choices=None, **more):
     """A field with its flag: ``help`` may say ``{choices}`` (joined by `` | ``)."""
     metadata = {"help": help, "flag": flag, "type": type, "choices": choices, **more}
@@ -168,6 +180,15 @@ class TrainConfig:
         "foreground classes the Dice loss averages over, e.g. 2 (the paper: lesion only; default: all)",
         type=parse_dice_classes,
     )
+    patch: tuple | None = _option(
+        None,
+        "train on patches ZxYxX cropped from the cases as nnU-Net does (predicted by Gaussian sliding "
+        "windows, step half a patch; default: whole volumes)",
+        type=parse_patch,
+    )
+    foreground_oversampling: float = _option(
+        0.33, "with --patch: the fraction of each batch forced to hold foreground (nnU-Net's 0.33)", type=float
+    )
     augment: bool = _option(True, "turn flips/rotations/intensity/noise off", flag="--no-augment", action="store_false")
     checkpoint_every: int = _option(50, "steps between checkpoints", type=positive_int)
     keep: int = _option(3, "checkpoints to keep (default 3)", type=positive_int)
@@ -227,6 +248,17 @@ class TrainConfig:
             self.spacing is None or self.resolution is None,
             "pass spacing or resolution, not both (a target voxel size in mm, or N³ voxels)",
         )
+        if self.patch is not None:
+            patch = tuple(self.patch) if not isinstance(self.patch, int) else (self.patch,) * 3
+            check(
+                len(patch) == 3 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in patch),
+                f"patch={self.patch!r} must be three positive voxel counts (Z, Y, X), e.g. (24, 32, 32)",
+            )
+            object.__setattr__(self, "patch", patch)
+        check(
+            isinstance(self.foreground_oversampling, (int, float)) and 0 <= self.foreground_oversampling <= 1,
+            f"foreground_oversampling={self.foreground_oversampling!r} must be in [0, 1] (nnU-Net's default is 0.33)",
+        )
         if self.spacing is not None:
             spacing = tuple(self.spacing)
             check(
@@ -241,6 +273,7 @@ class TrainConfig:
         d["class_weights"] = None if self.class_weights is None else list(self.class_weights)
         d["dice_classes"] = None if self.dice_classes is None else list(self.dice_classes)
         d["spacing"] = None if self.spacing is None else list(self.spacing)
+        d["patch"] = None if self.patch is None else list(self.patch)
         return d
 
     @classmethod
@@ -253,6 +286,8 @@ class TrainConfig:
             d["dice_classes"] = tuple(int(c) for c in d["dice_classes"])
         if d.get("spacing") is not None:
             d["spacing"] = tuple(d["spacing"])
+        if d.get("patch") is not None:
+            d["patch"] = tuple(int(v) for v in d["patch"])
         if isinstance(d.get("data"), list):
             d["data"] = tuple(d["data"])
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})

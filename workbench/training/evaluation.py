@@ -36,12 +36,13 @@ def region_dice(pred: np.ndarray, truth: np.ndarray, regions) -> np.ndarray:
 
 
 def evaluate(model, cases, mesh="1x1x1", *, backend: str = "explicit", class_names=None, hd95: bool = True,
-             regions=()) -> dict:  # fmt: skip
+             regions=(), window=None) -> dict:  # fmt: skip
     """Dice per class per case and pooled, accuracy and HD95 (mm) of ``model`` on ``cases``
     (and with ``regions``: ``region_dice``, ``region_dice_per_case``, ``pooled_region_dice``).
 
     Runs the partitioned inference (running batch-norm statistics) at each case's full
-    resolution on the spatial part of ``mesh``.
+    resolution on the spatial part of ``mesh``; a model trained on patches (``window``: the
+    patch) is run by Gaussian sliding windows instead (:func:`model_logits`).
     """
     from workbench.mesh import MeshSpec, parse_mesh
     from workbench.training.losses import accuracy, dice_per_class, hausdorff95
@@ -55,7 +56,7 @@ def evaluate(model, cases, mesh="1x1x1", *, backend: str = "explicit", class_nam
     per_region, region_counts = [], np.zeros((3, len(regions)))
     for case in cases:  # may be read lazily (a dataset's validation cases): iterated once
         case_names.append(case.name)
-        pred = predicted_labels(model_logits(model, case.image, spatial, backend), model)
+        pred = predicted_labels(model_logits(model, case.image, spatial, backend, window=window), model)
         truth = case.labels
         per_case.append(dice_per_class(pred, truth, k))
         if regions:
@@ -99,10 +100,17 @@ def _label_count(model, class_names) -> int:
     return len(class_names) if class_names else max(spec.regions_class_order) + 1
 
 
-def model_logits(model, image, spatial, backend: str) -> np.ndarray:
+def model_logits(model, image, spatial, backend: str, *, window=None) -> np.ndarray:
     """(Z, Y, X, K) logits of one case's image ((Z, Y, X) or (Z, Y, X, C)): the paper U-Net's
-    partitioned run, or an nnU-Net network's full-resolution head (:func:`workbench.execute.nnunet.apply_nnunet`)."""
+    partitioned run, or an nnU-Net network's full-resolution head (:func:`workbench.execute.nnunet.apply_nnunet`).
+    ``window`` (the patch a model was trained on): Gaussian-weighted sliding windows of that
+    size, step half a patch (:func:`workbench.execute.windows.patch_logits`), on one device."""
     from workbench.training.data import model_batch
+
+    if window is not None:
+        from workbench.execute.windows import patch_logits
+
+        return patch_logits(model, image, window)
 
     if getattr(model, "spec", None) is None:
         from workbench.execute.run import run

@@ -92,6 +92,13 @@ def train_and_evaluate(
     if tc.batch % spec.data:
         raise UserError(f"batch {tc.batch} does not split over data={spec.data}; use a multiple of {spec.data}")
     source = source or make_source(tc.data, tc.resolution, fold=tc.fold, spacing=tc.spacing)
+    case_shape = tuple(source.shape)
+    if tc.patch is not None:  # nnU-Net's patch training: the step, the stream and the guard see patches
+        from workbench.training.patches import PatchSource
+
+        if several:
+            raise UserError("patch training (--patch) runs in one process for now; run it without launch")
+        source = PatchSource(source, tc.patch, batch=tc.batch, foreground=tc.foreground_oversampling)
     cfg = model_config(tc, source.num_classes, getattr(source, "channels", None) or 1)
     initial_variables = None
     if isinstance(cfg, NNUNetConfig):
@@ -133,6 +140,7 @@ def train_and_evaluate(
         "class_weights": list(weights),
         "data": source.description,
         **(getattr(source, "meta", None) or {}),  # a dataset's split and preprocessing
+        **({"window": window_record(tc.patch)} if tc.patch else {}),  # how infer / evaluate predict it
     }
     # -- checkpoints: fresh or resume ---------------------------------------------------------
     ckpt_dir = workdir / "checkpoints"
@@ -157,6 +165,7 @@ def train_and_evaluate(
         "class_names": list(eval_names),
         "scored_names": list(names[first:]),  # the dice_* of each step's row
         "data": source.description,
+        "compute": compute_record(tc, case_shape, source.shape, spec, 0, 0.0),
         "train": [],
         "eval": [],
     }
@@ -179,6 +188,8 @@ def train_and_evaluate(
     schedule = learning_rate_schedule(tc)
 
     def save(step):
+        history["compute"] = compute_record(tc, case_shape, source.shape, spec, step,
+                                            sum(r["seconds"] for r in history["train"]))  # fmt: skip
         # History first: killed in between, it holds rows past the newest checkpoint, which
         # a resume drops; the other order would leave the resumed history with a gap.
         if main:
@@ -191,7 +202,8 @@ def train_and_evaluate(
             result = evaluate_blocks(model, eval_cases, tc.eval_cases, spec, backend=tc.backend,
                                      class_names=eval_names, regions=regions)  # fmt: skip
         else:
-            result = evaluate(model, eval_cases, spec, backend=tc.backend, class_names=eval_names, regions=regions)
+            result = evaluate(model, eval_cases, spec, backend=tc.backend, class_names=eval_names, regions=regions,
+                              window=tc.patch)  # fmt: skip
         history["eval"].append(eval_row(step, result))
         return result
 
@@ -266,6 +278,8 @@ def train_and_evaluate(
         final_eval = run_eval(step)
     ckpts.close()
     model = model_with(cfg, jax.device_get(variables_of(state)))
+    history["compute"] = compute_record(tc, case_shape, source.shape, spec, step,
+                                        sum(r["seconds"] for r in history["train"]))  # fmt: skip
     if main:
         write_history(workdir, history)
         plot_history(history, workdir / "curves.png")
@@ -277,6 +291,32 @@ def train_and_evaluate(
         files=[str(workdir / n) for n in ("history.json", "history.csv", "curves.png", "model.msgpack")],
     )
     return result
+
+
+def window_record(patch) -> dict:
+    """How a model trained on ``patch`` is predicted (the checkpoint's ``window``; see
+    :func:`workbench.execute.windows.patch_logits`)."""
+    from workbench.execute.windows import PATCH_OVERLAP
+
+    return {"patch": [int(v) for v in patch], "overlap": PATCH_OVERLAP, "mode": "gaussian", "sigma_scale": 0.125}
+
+
+def compute_record(tc, case_shape, seen_shape, spec, steps: int, seconds: float) -> dict:
+    """What a run spent: steps, volumes (or patches) per step, voxels seen, and the seconds
+    of its steps (compilation included) times the devices of the mesh."""
+    per_step = tc.batch * int(np.prod(seen_shape))
+    return {
+        "arm": "patch" if tc.patch else "whole",
+        "case_shape": list(case_shape),
+        "input_shape": [int(v) for v in seen_shape],
+        "batch": tc.batch,
+        "steps": int(steps),
+        "voxels_per_step": per_step,
+        "voxels_seen": per_step * int(steps),
+        "step_seconds": float(seconds),  # the first step's compilation included
+        "devices": spec.n_devices,
+        "device_seconds": float(seconds) * spec.n_devices,
+    }
 
 
 def _postfix(row: dict, scored) -> dict:
