@@ -27,6 +27,7 @@ from workbench.errors import UserError
 from workbench.execute.distributed import put, put_tree, to_host
 from workbench.mesh import ACTIVATION_SPEC, MeshSpec, ShardLayout, build_mesh, parse_mesh
 from workbench.model.halo import halo_pad, validate_halo
+from workbench.model.interior import resolve_comm_overlap
 from workbench.model.layers import Partition
 from workbench.model.unet import Model, UNet3D, UNetConfig
 from workbench.options import BACKENDS
@@ -191,6 +192,7 @@ def make_forward(
     halo="exact",
     train: bool = False,
     devices=None,
+    comm_overlap: str = "auto",
 ):
     """A jitted forward pass and the shardings of its inputs.
 
@@ -199,6 +201,9 @@ def make_forward(
     ``fn(variables, x, rng) -> (logits, {"batch_stats": ...})`` (batch statistics and
     dropout as in training). ``x`` is padded to ``layout.padded_shape``
     (``layout.reference_shape`` for the reference) and the logits keep that shape.
+    ``comm_overlap`` (``auto`` | ``on`` | ``off``, explicit backend): convolutions as interior
+    + boundary shells so halos travel while the interior is computed
+    (:func:`~workbench.model.interior.resolve_comm_overlap`; ``auto`` is ``off`` on CPU).
     """
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; use one of {BACKENDS}")
@@ -231,6 +236,7 @@ def make_forward(
         layout.padded_shape,
         halo=mode,
         overlap=overlap,
+        interior_boundary=resolve_comm_overlap(comm_overlap, mesh.devices.flat[0].platform),
     )
     call = _module_call(UNet3D(config, part), train)
 
