@@ -16,10 +16,14 @@ order of float sums within each voxel (none: each output voxel is still one wind
 Backward (autodiff of the split): the shells' input cotangents are thin; they go back
 through the adjoint exchange (``halo_pad``'s custom gradient), which waits only for
 them, while the interior's input and kernel gradients (the bulk of the work) depend on
-no message. Each part is convolved by the caller's ``conv`` (the U-Net's ``conv3d`` puts
-input and kernel through one ``optimization_barrier``, so each part's input gradient
-exists only once its kernel gradient does: the property is kept per part and so for
-the layer, whose input gradient is the sum of the parts').
+no message. The interior is convolved by the caller's ``conv``: the U-Net's ``conv3d`` puts
+its input and the kernel through one ``optimization_barrier``, so the interior's input
+gradient (the bulk of the layer's) exists only once its kernel gradient does, as before
+the split. The shells are convolved plainly (:func:`conv_valid`): a barrier holding the
+kernel together with a shell's input (which waits for the halos) made XLA:GPU schedule
+every other use of the kernel, the interior convolution included, after the halos had
+arrived (deviceless H100 compile: no convolution between any collective-permute's start
+and done). Their kernel gradients are thin and may run late; their inputs are thin too.
 
 Only axes that exchange halos (split over the mesh, with a halo) are split; along the
 others the block pads itself with zeros (the volume's outer faces), locally.
@@ -112,7 +116,8 @@ def interior_boundary_conv(x_block, kernel, *, stride, halo: Pairs, mesh_shape, 
     (per axis (lo, hi)) exchanged over ``mesh_shape`` (``halo_pad``), as interior plus
     boundary shells. Same result as ``conv(halo_pad(x_block, ...), kernel, stride, "VALID")``.
 
-    ``conv(x, kernel, stride, padding)`` convolves one part (``padding`` per axis (lo, hi)).
+    ``conv(x, kernel, stride, padding)`` convolves the interior (``padding`` per axis (lo, hi));
+    the shells use :func:`conv_valid`.
     Raises if no axis can be split (call :func:`split_ranges` first).
     """
     block = x_block.shape[1:4]
@@ -141,7 +146,7 @@ def interior_boundary_conv(x_block, kernel, *, stride, halo: Pairs, mesh_shape, 
         window = [slice(None)] * 5
         for d, ((a, b), s, k) in enumerate(zip(box, stride, kernel_size)):
             window[1 + d] = slice(s * a, s * (b - 1) + k)
-        return conv(xp_block[tuple(window)], kernel, tuple(stride), ((0, 0),) * 3)
+        return conv_valid(xp_block[tuple(window)], kernel, tuple(stride), ((0, 0),) * 3)
 
     # Shells: along each split axis the low and high slabs, spanning the interior range of
     # the earlier split axes and the whole range of the later ones; joined innermost first.
