@@ -264,7 +264,7 @@ def _load_model(folder: NNUNetFolder):
     return _MODELS[key]
 
 
-def _compiled(model, shape, mesh_spec, backend):
+def _compiled(model, shape, mesh_spec, backend, comm_overlap="auto"):
     """(layout, compiled fn, input sharding, variables on devices, compile seconds), cached."""
     import jax
     import jax.numpy as jnp
@@ -272,12 +272,12 @@ def _compiled(model, shape, mesh_spec, backend):
     from workbench.execute.distributed import put_tree
     from workbench.execute.nnunet import make_nnunet_forward, nnunet_layout
 
-    key = (model.spec, tuple(shape), mesh_spec, backend, len(jax.devices()), id(model.variables))
+    key = (model.spec, tuple(shape), mesh_spec, backend, comm_overlap, len(jax.devices()), id(model.variables))
     if key not in _CACHE:
         t0 = time.perf_counter()
         layout = nnunet_layout(model.spec, shape, mesh_spec)
         fn, _, in_sharding, var_sharding = make_nnunet_forward(
-            model.spec, layout, backend=backend, deep_supervision=False
+            model.spec, layout, backend=backend, deep_supervision=False, comm_overlap=comm_overlap
         )
         target = layout.reference_shape if backend == "reference" else layout.padded_shape
         variables = put_tree(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), model.variables), var_sharding)
@@ -289,7 +289,7 @@ def _compiled(model, shape, mesh_spec, backend):
     return _CACHE[key][:5]
 
 
-def _run(model, x: np.ndarray, mesh_spec, backend: str, mirror=()):
+def _run(model, x: np.ndarray, mesh_spec, backend: str, mirror=(), comm_overlap="auto"):
     """A :class:`~workbench.execute.run.RunResult` of the full-resolution logits (Z, Y, X, K).
 
     ``mirror`` (axes of the network grid): nnU-Net's test-time mirroring, the logits of every
@@ -302,7 +302,9 @@ def _run(model, x: np.ndarray, mesh_spec, backend: str, mirror=()):
     from workbench.execute.distributed import put, to_host
     from workbench.execute.run import RunResult, memory_stats
 
-    layout, compiled, in_sharding, variables, compile_seconds = _compiled(model, x.shape[:3], mesh_spec, backend)
+    layout, compiled, in_sharding, variables, compile_seconds = _compiled(
+        model, x.shape[:3], mesh_spec, backend, comm_overlap
+    )
     target = layout.reference_shape if backend == "reference" else layout.padded_shape
     z, h, w = x.shape[:3]
     flips = [()] + [c for i in range(1, len(mirror) + 1) for c in itertools.combinations(mirror, i)]
@@ -397,6 +399,7 @@ def predict_nnunet(
     on_stage=None,
     model=None,
     force: bool = False,
+    comm_overlap: str = "auto",
 ) -> NNUNetPrediction:
     """Predict one case with the nnU-Net model of ``results_folder`` (a training folder,
     ``…/Trainer__Plans__3d_fullres``) and ``fold``, partitioned over ``mesh``.
@@ -409,6 +412,7 @@ def predict_nnunet(
     default for 3D trainers; 8 forward passes, the reference mirrored too).
     ``model``: an already loaded :class:`~workbench.model.nnunet.NNUNetModel` of the folder. A run
     that would not fit is refused once compiled (memory guard); ``force`` skips that.
+    ``comm_overlap``: as :func:`workbench.execute.run.make_forward`'s.
     """
     from workbench.analysis.compare import compare
 
@@ -429,9 +433,9 @@ def predict_nnunet(
     stage(f"compile and run ({backend})")
     axes = MIRROR_AXES if mirror else ()
     if not force:  # the memory guard, on the compiled forward itself (the run reuses it)
-        compiled = lambda key: _compiled(model, x.shape[:3], key.mesh, key.backend)[1]  # noqa: E731
+        compiled = lambda key: _compiled(model, x.shape[:3], key.mesh, key.backend, comm_overlap)[1]  # noqa: E731
         check_run_memory(spec, x.shape[:3], mesh_spec, backend=backend, reference=reference, compiled=compiled)
-    result = _run(model, x, mesh_spec, backend, axes)
+    result = _run(model, x, mesh_spec, backend, axes, comm_overlap)
     segmentation = postprocess(result.output, pre, spec)
     ref = ref_seg = comparison = None
     if reference:

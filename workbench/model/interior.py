@@ -46,15 +46,25 @@ from workbench.errors import UserError
 from workbench.model.halo import halo_pad
 from workbench.options import COMM_OVERLAP
 
-__all__ = ["split_ranges", "split_pays", "resolve_comm_overlap", "interior_boundary_conv", "MIN_INTERIOR_FRACTION"]
+__all__ = [
+    "split_ranges",
+    "split_pays",
+    "validate_comm_overlap",
+    "resolve_comm_overlap",
+    "interior_boundary_conv",
+    "MIN_INTERIOR_FRACTION",
+]
 
 Pairs = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 # ``auto`` splits a layer when its interior holds at least this fraction of the block's
-# output voxels (so the shells, convolved in up to 6 small pieces, are thin next to it).
-# Measured (benchmarks/interior_boundary.py, docs/overlap.md): on XLA:CPU the split's own
-# cost grows with the shell fraction; the rule keeps it where the interior dominates.
-MIN_INTERIOR_FRACTION = 0.5
+# output voxels. Measured (benchmarks/interior_boundary.py, one CPU device, halos as zero
+# padding so only the split's own cost shows; results/interior_boundary_cpu_2026-12-06.json):
+# the split costs 3-27 % more compute at blocks of 16³-48³ (interior 0.67-0.92 of the
+# outputs) and 14-63 % at 8³ (0.42-0.56), where the convolution itself takes 0.1-2 ms on
+# CPU and a few µs on a GPU: too little to hide a message behind, and the shells add up to
+# six kernel launches. 0.6 keeps 16³ and larger blocks of every layer kind and drops 8³.
+MIN_INTERIOR_FRACTION = 0.6
 
 
 def split_ranges(*, block, kernel, stride, halo, exchanged) -> tuple[tuple[int, int] | None, ...] | None:
@@ -93,16 +103,23 @@ def split_pays(*, block, kernel, stride, halo, exchanged) -> bool:
     return fraction >= MIN_INTERIOR_FRACTION
 
 
+def validate_comm_overlap(choice) -> str:
+    """``auto``, ``on`` or ``off`` (any case), or one :class:`UserError` naming the choices."""
+    text = str(choice).strip().lower()
+    if text not in COMM_OVERLAP:
+        raise UserError(f"--comm-overlap {choice!r} is unknown; use one of {', '.join(COMM_OVERLAP)}")
+    return text
+
+
 def resolve_comm_overlap(choice: str, platform: str) -> str:
     """The per-layer setting (``off`` / ``on`` / ``auto``) for a user ``choice`` on ``platform``.
 
     ``auto`` on ``cpu`` is ``off``: XLA:CPU runs collectives synchronously (nothing can
-    travel while the interior is computed) and the split costs time there (docs/overlap.md);
+    travel while the interior is computed) and the split costs time there
+    (:data:`MIN_INTERIOR_FRACTION`);
     elsewhere ``auto`` decides per layer by :func:`split_pays`.
     """
-    text = str(choice).strip().lower()
-    if text not in COMM_OVERLAP:
-        raise UserError(f"comm overlap {choice!r} is unknown; use one of {', '.join(COMM_OVERLAP)}")
+    text = validate_comm_overlap(choice)
     if text == "auto" and platform == "cpu":
         return "off"
     return text
