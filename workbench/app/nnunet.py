@@ -277,8 +277,7 @@ def _compiled(model, shape, mesh_spec, backend, comm_overlap="auto"):
         t0 = time.perf_counter()
         layout = nnunet_layout(model.spec, shape, mesh_spec)
         fn, _, in_sharding, var_sharding = make_nnunet_forward(
-            model.spec, layout, backend=backend, deep_supervision=False, comm_overlap=comm_overlap
-        )
+            model.spec, layout, backend=backend, deep_supervision=False, comm_overlap=comm_overlap)  # fmt: skip
         target = layout.reference_shape if backend == "reference" else layout.padded_shape
         variables = put_tree(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), model.variables), var_sharding)
         x = jax.ShapeDtypeStruct((1, *target, model.spec.in_channels), jnp.float32, sharding=in_sharding)
@@ -302,9 +301,8 @@ def _run(model, x: np.ndarray, mesh_spec, backend: str, mirror=(), comm_overlap=
     from workbench.execute.distributed import put, to_host
     from workbench.execute.run import RunResult, memory_stats
 
-    layout, compiled, in_sharding, variables, compile_seconds = _compiled(
-        model, x.shape[:3], mesh_spec, backend, comm_overlap
-    )
+    cached = _compiled(model, x.shape[:3], mesh_spec, backend, comm_overlap)
+    layout, compiled, in_sharding, variables, t_compile = cached
     target = layout.reference_shape if backend == "reference" else layout.padded_shape
     z, h, w = x.shape[:3]
     flips = [()] + [c for i in range(1, len(mirror) + 1) for c in itertools.combinations(mirror, i)]
@@ -319,7 +317,7 @@ def _run(model, x: np.ndarray, mesh_spec, backend: str, mirror=(), comm_overlap=
     if len(flips) > 1:
         total /= np.float32(len(flips))
     seconds = time.perf_counter() - t0
-    return RunResult(total, backend, "exact", layout, seconds, compile_seconds, memory_stats(compiled))
+    return RunResult(total, backend, "exact", layout, seconds, t_compile, memory_stats(compiled))
 
 
 # -- the whole prediction --------------------------------------------------------------------------
@@ -411,8 +409,7 @@ def predict_nnunet(
     ``mirror``: nnU-Net's test-time mirroring over the three axes of the network grid (nnU-Net's
     default for 3D trainers; 8 forward passes, the reference mirrored too).
     ``model``: an already loaded :class:`~workbench.model.nnunet.NNUNetModel` of the folder. A run
-    that would not fit is refused once compiled (memory guard); ``force`` skips that.
-    ``comm_overlap``: as :func:`workbench.execute.run.make_forward`'s.
+    that would not fit is refused once compiled (memory guard), ``force`` skips that; ``comm_overlap``: make_forward.
     """
     from workbench.analysis.compare import compare
 
