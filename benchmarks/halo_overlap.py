@@ -117,7 +117,9 @@ def main(argv=None) -> int:
                 if not (args.reuse_hlo and stem.with_suffix(".hlo").exists()):
                     t0 = time.perf_counter()
                     compile_one(mesh, target, lhs == "on", args.resolution, args.quick, stem)
-                    print(f"compiled {mesh} for {target}, scheduler {lhs}: {time.perf_counter() - t0:.0f} s", flush=True)
+                    print(
+                        f"compiled {mesh} for {target}, scheduler {lhs}: {time.perf_counter() - t0:.0f} s", flush=True
+                    )
                 runs.append(analyse(stem, mesh))
                 if not args.hlo_dir:
                     for suffix in (".hlo", ".json"):

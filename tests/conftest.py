@@ -68,6 +68,7 @@ TIERS = {
     "test_reliability.py": ("exactness",),
     "test_resolution.py": ("integration",),
     "test_scaling.py": ("unit",),
+    "test_schedule.py": ("integration",),
     "test_train.py": ("exactness",),
     "test_train_nnunet.py": ("exactness",),
     "test_train_nnunet_config.py": ("integration",),

@@ -1,7 +1,8 @@
 """Scaling on paper: the analytic halo rule against compiled programs, node placement, async overlap."""
 
-from workbench.analysis.audit import async_overlap, audit
+from workbench.analysis.audit import async_overlap, audit, audit_text
 from workbench.analysis.scaling import busiest_device_halo_bytes, crossing_axes, halo_bytes, halo_messages
+from workbench.analysis.schedule import halo_schedule
 from workbench.mesh import ShardLayout
 from workbench.model.unet import UNetConfig
 from workbench.training.step import compile_train_step
@@ -12,11 +13,19 @@ def test_halo_rule_matches_a_compiled_training_step():
     an axis of one device (exchanges nothing) and one of four (every device's buffers)."""
     cfg = UNetConfig.preset("small")
     layout = ShardLayout((32, 32, 64), "1x2x4", multiple=cfg.multiple)  # block 32 x 16 x 16
-    r = audit(compile_train_step(cfg, layout))
+    text = compile_train_step(cfg, layout).as_text()
+    r = audit_text(text)
     messages = halo_messages(cfg, layout.block_shape, "1x2x4")
     assert r["collectives"]["collective-permute"]["count"] == len(messages) == (2 * 10 - 1) * 2 * 2
     assert r["halo_bytes"] == halo_bytes(cfg, layout.block_shape, "1x2x4")
     assert {m["axis"] for m in messages} == {"y", "x"}
+    # the schedule reader tells the passes apart from the metadata, and the axes from the pairs
+    s = halo_schedule(text, mesh="1x2x4")
+    for name in ("forward", "backward"):
+        mine = sorted((m["axis"], m["bytes"]) for m in messages if m["pass"] == name)
+        assert sorted((p["axis"], p["bytes"]) for p in s["permutes"] if p["pass"] == name) == mine
+        # XLA:CPU runs every collective synchronously: nothing overlaps
+        assert s["passes"][name]["sync"] == len(mine) and s["passes"][name]["overlapped_fraction"] == 0.0
 
 
 def test_halo_rule_reproduces_the_paper_model_audits():

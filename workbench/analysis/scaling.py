@@ -39,7 +39,14 @@ import math
 
 from workbench.mesh import SPATIAL_AXES, MeshSpec, parse_mesh
 
-__all__ = ["DTYPE_BYTES", "halo_messages", "halo_bytes", "busiest_device_halo_bytes", "crossing_axes"]
+__all__ = [
+    "DTYPE_BYTES",
+    "halo_messages",
+    "halo_bytes",
+    "busiest_device_halo_bytes",
+    "crossing_axes",
+    "simulate_step",
+]
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float64": 8}
 
@@ -135,3 +142,43 @@ def crossing_axes(mesh, devices_per_node: int = 8) -> dict[str, bool]:
                     break
         out[axis] = crosses
     return out
+
+
+def simulate_step(events: list[dict], compute_s: float, seconds_of, *, flop_rate: float, byte_rate: float) -> dict:
+    """Time one step as scheduled: a compute stream that runs the schedule in order and one
+    communication stream that runs the collectives one at a time, in the order they start.
+
+    ``events``: :func:`workbench.analysis.schedule.timeline`. ``compute_s``: the measured
+    compute of the step, split over the compute events in proportion to
+    ``flops / flop_rate + bytes / byte_rate`` (only the ratio of the two rates matters).
+    ``seconds_of(event)``: how long a collective takes on the wire (latency + bytes / rate).
+    A ``start`` lets the compute stream go on; its ``done`` waits for the message; a
+    ``sync`` collective stops the compute stream until it is through. Returns ``step_s``,
+    ``communication_s`` (every collective's time), ``exposed_s`` (step - compute) and
+    ``hidden_s`` (communication that ran under compute).
+    """
+    weights = [e["flops"] / flop_rate + e["bytes"] / byte_rate for e in events if e["event"] == "compute"]
+    scale = compute_s / sum(weights) if sum(weights) else 0.0
+    clock = wire = comm = 0.0  # compute stream, communication stream, their sum of message times
+    ends: dict[int, float] = {}
+    for e in events:
+        if e["event"] == "compute":
+            clock += (e["flops"] / flop_rate + e["bytes"] / byte_rate) * scale
+            continue
+        if e["event"] == "done":
+            clock = max(clock, ends.pop(e["id"], clock))
+            continue
+        t = seconds_of(e)
+        comm += t
+        wire = max(clock, wire) + t
+        if e["event"] == "start":
+            ends[e["id"]] = wire
+        else:
+            clock = wire
+    step = max(clock, compute_s)
+    return {
+        "step_s": step,
+        "communication_s": comm,
+        "exposed_s": step - compute_s,
+        "hidden_s": comm - (step - compute_s),
+    }

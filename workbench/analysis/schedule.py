@@ -33,7 +33,15 @@ from typing import Any
 
 from workbench.analysis.audit import _INSTR, _arrays, _nbytes
 
-__all__ = ["parse_entry", "halo_schedule", "schedule_summary", "timeline", "scheduler_flags", "format_schedule", "LHS_EFFORT"]
+__all__ = [
+    "parse_entry",
+    "halo_schedule",
+    "schedule_summary",
+    "timeline",
+    "scheduler_flags",
+    "format_schedule",
+    "LHS_EFFORT",
+]
 
 # XLA:GPU runs its latency-hiding scheduler when the flag is set or JAX's
 # exec_time_optimization_effort is at least this (xla/service/gpu/flag_utils.h).
@@ -47,7 +55,7 @@ _WINDOW = re.compile(r"window=\{size=(?P<size>[\dx]+)")
 _CONTRACT = re.compile(r"lhs_contracting_dims=\{(?P<dims>[\d,]*)\}")
 _PAIRS = re.compile(r"source_target_pairs=\{(?P<pairs>(?:\{\d+,\d+\},?)*)\}")
 _SYNC = re.compile(r'"is_sync":(true|false)')
-_KIND = re.compile(r"kind=(k\w+)")
+_COMMENT = re.compile(r"/\*.*?\*/")
 
 
 def _operands(line: str, op: str) -> list[str]:
@@ -71,6 +79,7 @@ def parse_entry(hlo: str) -> list[dict[str, Any]]:
     for line in lines[start + 1 :]:
         if line.startswith("}"):
             break
+        line = _COMMENT.sub("", line)  # /*index=5*/ inside long tuples and operand lists
         match = _INSTR.match(line)
         if match is None:
             continue
@@ -106,6 +115,7 @@ def _computations(hlo: str) -> dict[str, list[str]]:
 
 def _fused_dot(lines: list[str]) -> dict | None:
     """The dot or convolution inside a fusion's computation, with its local shapes."""
+    lines = [_COMMENT.sub("", line) for line in lines]
     local = [(m, line) for line in lines if (m := _INSTR.match(line))]
     shapes = {_NAME.match(line).group("name"): _first(m.group("shape")) for m, line in local}
     for m, line in local:
@@ -348,11 +358,11 @@ def schedule_summary(hlo: str, *, mesh=None) -> dict[str, Any]:
 def timeline(hlo: str, *, mesh=None) -> list[dict[str, Any]]:
     """The entry computation as the scaling model times it, in schedule order: ``compute``
     events (``flops`` of convolutions and matrix products, ``bytes`` written by every other
-    instruction that launches work; consecutive ones merged) and collective events
+    instruction that may launch work; consecutive ones merged) and collective events
     ``start`` / ``done`` (paired by ``id``) or ``sync``, with ``kind``, ``bytes`` and, for
     permutes with ``mesh``, ``axis``."""
     g = _graph(hlo, mesh)
-    instrs, users, kinds, flops = g["instrs"], g["users"], g["kinds"], g["flops"]
+    instrs, kinds, flops = g["instrs"], g["kinds"], g["flops"]
     free = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast", "opt-barrier", "copy-start", "copy-done")
     out: list[dict[str, Any]] = []
     ids: dict[int, int] = {}
@@ -373,13 +383,13 @@ def timeline(hlo: str, *, mesh=None) -> list[dict[str, Any]]:
             continue
         if op in free:
             continue
-        written = sum(_nbytes(d, s) for d, s in _arrays(ins["shape"]))
+        # compute instructions are timed by their FLOPs, everything else by the bytes it writes
+        written = 0 if kinds[i] else sum(_nbytes(d, s) for d, s in _arrays(ins["shape"]))
         if out and out[-1]["event"] == "compute":
             out[-1]["flops"] += flops[i]
             out[-1]["bytes"] += written
         else:
             out.append({"event": "compute", "flops": flops[i], "bytes": written})
-    del users
     return out
 
 
