@@ -259,17 +259,17 @@ def scheduled_efficiency(events, compute_s: float, mesh: str, *, bandwidth=1.0, 
 def schedule_model(paths: list[str], compute_s: float) -> list[dict]:
     """Per halo_overlap result (before, after) and per compiled variant at 256³ per device
     (2x2x2): the predicted efficiency at 8, 64 and 512 GPUs and its sensitivity."""
-    out, base_work = [], None
+    out, base_work = [], {}  # per GPU target: the first file's (before) roofline work
     for path in paths:
         result = json.loads(Path(path).read_text())
         for run in result["runs"]:
             if run["mesh"] != "2x2x2" or run["res"] != 2 * BLOCK:
                 continue
             events = run["timeline"]
-            base_work = base_work or work(events)
+            base = base_work.setdefault(run["target"], work(events))
             # another program (e.g. convolutions split into interior and boundary) does other work:
             # its compute scaled by the roofline estimate, not measured
-            compute = compute_s * work(events) / base_work
+            compute = compute_s * work(events) / base
             lhs = run["flags"]["latency_hiding_scheduler"]
             out.append(
                 {
