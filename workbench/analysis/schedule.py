@@ -308,8 +308,13 @@ def halo_schedule(hlo: str, *, mesh=None, flags: dict | None = None) -> dict[str
         if not comp:
             # is there any convolution the message neither waits for nor feeds?
             upstream = _closure(i, deps)
-            row["independent_convolutions"] = sum(
-                1 for j in compute_at if j not in upstream and j not in downstream and kinds[j] == "convolution"
+            free = [j for j in compute_at if j not in upstream and j not in downstream and kinds[j] == "convolution"]
+            row["independent_convolutions"] = len(free)
+            row["independent_before_start"] = sum(j < i for j in free)
+            # does its face wait for another message of the same layer (the corners of an earlier axis)?
+            row["after_other_message"] = any(
+                instrs[j]["op"] == "collective-permute-done" and _layer(instrs[j]["path"]) == row["layer"]
+                for j in upstream
             )
             # the backward pass: is this layer's weight gradient computed before its message is sent?
             row["weight_gradient_first"] = any(
@@ -408,7 +413,11 @@ def _layers(rows: list[dict]) -> list[dict]:
             continue
         what = "synchronous (nothing between start and done)" if not r["fusions"] else "fusions only between"
         if r.get("independent_convolutions"):
-            why = f"the scheduler left {r['independent_convolutions']} independent convolution(s) elsewhere"
+            n, before = r["independent_convolutions"], r["independent_before_start"]
+            why = f"the scheduler put the {n} independent convolution(s) elsewhere ({before} before the start, "
+            why += f"{n - before} after the done)"
+            if r["after_other_message"]:
+                why += "; its face waits for an earlier message of the layer"
         elif r.get("weight_gradient_first"):
             why = "the layer's weight-gradient convolution is computed before the message is sent"
         else:
