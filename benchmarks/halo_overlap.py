@@ -156,7 +156,9 @@ def main(argv=None) -> int:
             ["", "", "", "", "d", "d", ".1f", ".1f", ".1%", "d"],
         )
     )
-    for r in runs[:1]:
+    for r in runs:
+        if "permutes" not in r:  # one listing per mesh: the first target, scheduler off
+            continue
         print(f"\nnot overlapped, by layer ({r['mesh']}, {r['target']}):")
         for layer in r["layers"]:
             if layer["overlapped_bytes"] < layer["bytes"]:

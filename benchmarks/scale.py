@@ -11,7 +11,7 @@ collective-permutes and the fraction of their bytes with independent compute sch
 between start and done (forward, backward: :mod:`workbench.analysis.schedule`), wall
 seconds of the planning process.
 
-    python benchmarks/scale.py [--quick] [--compiler cpu|h100] [--json out.json]
+    python benchmarks/scale.py [--quick] [--compiler cpu|h100|h200] [--json out.json]
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ def main(argv=None) -> int:
     p.add_argument("--budget-gib", type=float, default=16.0)
     p.add_argument("--quick", action="store_true", help="small model, 128³ on 2x2x2 only")
     p.add_argument(
-        "--compiler", default="cpu", help="cpu (XLA:CPU, simulated devices) or h100 (XLA:GPU for H100s, no GPU needed)"
+        "--compiler",
+        default="cpu",
+        help="cpu (XLA:CPU, simulated devices), h100 or h200 (XLA:GPU for those GPUs, no GPU needed)",
     )
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
