@@ -6,8 +6,8 @@ asynchronous collective appears as a ``-start`` and a ``-done``. A halo
 collective-permute is *overlapped* when independent compute (a convolution, cuDNN's
 forward, input-gradient and filter-gradient calls included, or a matrix product) is
 scheduled between its start and its done: that work runs while the message travels.
-Independent means not downstream of the message (checked on the data-flow graph, not
-assumed from the order).
+Independent means not downstream of the message: a schedule is a topological order, so
+nothing placed before the done can need it.
 
 :func:`halo_schedule` reports, per pass (forward, backward: the metadata's
 ``transpose(...)`` marks the backward pass) and per layer, the permutes, their bytes,
@@ -283,8 +283,8 @@ def halo_schedule(hlo: str, *, mesh=None, flags: dict | None = None) -> dict[str
         if base not in ("collective-permute", "all-reduce") or op.endswith("-done"):
             continue
         done = next((u for u in users[i] if instrs[u]["op"].endswith("-done")), i)
-        downstream = _closure(done, users) | {done}
-        between = [j for j in range(i + 1, done) if j not in downstream]
+        # a schedule is a topological order: nothing between start and done needs the message
+        between = range(i + 1, done)
         comp = [j for j in between if kinds[j]]
         fus = [j for j in between if instrs[j]["op"] == "fusion" and not kinds[j]]
         sync = _SYNC.search(ins["line"])
@@ -307,7 +307,7 @@ def halo_schedule(hlo: str, *, mesh=None, flags: dict | None = None) -> dict[str
             row["axis"] = g["axes"][i]
         if not comp:
             # is there any convolution the message neither waits for nor feeds?
-            upstream = _closure(i, deps)
+            upstream, downstream = _closure(i, deps), _closure(done, users) | {done}
             free = [j for j in compute_at if j not in upstream and j not in downstream and kinds[j] == "convolution"]
             row["independent_convolutions"] = len(free)
             row["independent_before_start"] = sum(j < i for j in free)
