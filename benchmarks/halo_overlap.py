@@ -121,8 +121,8 @@ def main(argv=None) -> int:
                         f"compiled {mesh} for {target}, scheduler {lhs}: {time.perf_counter() - t0:.0f} s", flush=True
                     )
                 run = analyse(stem, mesh)
-                if mesh != args.meshes[0]:
-                    del run["timeline"]  # the weak-scaling model reads the first mesh's (256³ per device)
+                if any(args.resolution != 256 * int(m) for m in mesh.split("x")):
+                    del run["timeline"]  # the weak-scaling model reads 256³-per-device programs only
                 if lhs == "on" or target != args.targets[0]:
                     del run["permutes"]  # one per-permute listing per mesh is enough
                 runs.append(run)

@@ -256,42 +256,59 @@ def scheduled_efficiency(events, compute_s: float, mesh: str, *, bandwidth=1.0, 
     return {**r, "efficiency": compute_s / r["step_s"], "no_overlap": compute_s / (compute_s + r["communication_s"])}
 
 
+def _program_for(mesh: str, programs: dict):
+    """The compiled run whose program a device of ``mesh`` runs (256³ per device): the same
+    mesh's, or for a mesh with 3+ devices on every axis one compiled on such a mesh (interior
+    devices talk both ways), or the 2x2x2 program if it sends one message per direction
+    (no axis of two paired into one two-way message)."""
+    from workbench.mesh import parse_mesh
+
+    if mesh in programs:
+        return programs[mesh]
+    if min(parse_mesh(mesh).spatial) >= 3:
+        wide = [r for m, r in programs.items() if min(parse_mesh(m).spatial) >= 3]
+        if wide:
+            return wide[0]
+    small = programs.get("2x2x2")
+    if small is not None and not small["passes"]["total"].get("two_way", 0):
+        return small
+    return None
+
+
 def schedule_model(paths: list[str], compute_s: float) -> list[dict]:
-    """Per halo_overlap result (before, after) and per compiled variant at 256³ per device
-    (2x2x2): the predicted efficiency at 8, 64 and 512 GPUs and its sensitivity."""
-    out, base_work = [], {}  # per GPU target: the first file's (before) roofline work
+    """Per program (label, GPU target, scheduler flag) of the halo_overlap results (before,
+    after), the predicted efficiency at 8, 64 and 512 GPUs with 256³ per device, and its
+    sensitivity to link rate and latency."""
+    groups: dict[tuple, dict] = {}
     for path in paths:
         result = json.loads(Path(path).read_text())
         for run in result["runs"]:
-            if run["mesh"] != "2x2x2" or run["res"] != 2 * BLOCK:
+            if "timeline" not in run or any(run["res"] != BLOCK * int(m) for m in run["mesh"].split("x")):
+                continue  # another block per device than the model's
+            key = (result.get("label") or Path(path).name, run["target"], run["flags"]["latency_hiding_scheduler"])
+            groups.setdefault(key, {})[run["mesh"]] = run
+    out, base_work = [], {}  # per GPU target: the first program's (before) roofline work
+    for (label, target, lhs), programs in groups.items():
+        row = {"label": label, "compiler": f"XLA:GPU {target.upper()}", "latency_hiding_scheduler": lhs}
+        row["programs"], row["sensitivity"] = {}, [{"bandwidth": bw, "latency": lat} for bw, lat in SENSITIVITY]
+        for mesh in SCHEDULE_MESHES:
+            run = _program_for(mesh, programs)
+            if run is None:
                 continue
             events = run["timeline"]
-            base = base_work.setdefault(run["target"], work(events))
-            # another program (e.g. convolutions split into interior and boundary) does other work:
+            base = base_work.setdefault(target, work(events))
+            # another program (convolutions split into interior and boundary) does other work:
             # its compute scaled by the roofline estimate, not measured
             compute = compute_s * work(events) / base
-            lhs = run["flags"]["latency_hiding_scheduler"]
-            out.append(
-                {
-                    "source": Path(path).name,
-                    "label": result.get("label", ""),
-                    "compiler": f"XLA:GPU {run['target'].upper()}",
-                    "latency_hiding_scheduler": lhs,
-                    "compute_s": compute,
-                    "halo_overlapped": {k: run["passes"][k]["overlapped_fraction"] for k in ("forward", "backward")},
-                    "sensitivity": [
-                        {
-                            "bandwidth": bw,
-                            "latency": lat,
-                            **{
-                                m: scheduled_efficiency(events, compute, m, bandwidth=bw, latency=lat)
-                                for m in SCHEDULE_MESHES
-                            },  # fmt: skip
-                        }
-                        for bw, lat in SENSITIVITY
-                    ],
-                }
-            )
+            row["programs"][mesh] = {
+                "compiled_mesh": run["mesh"],
+                "resolution": run["res"],
+                "compute_s": compute,
+                "halo_overlapped": {k: run["passes"][k]["overlapped_fraction"] for k in ("forward", "backward")},
+            }
+            for s in row["sensitivity"]:
+                s[mesh] = scheduled_efficiency(events, compute, mesh, bandwidth=s["bandwidth"], latency=s["latency"])
+        out.append(row)
     return out
 
 
@@ -299,12 +316,13 @@ def print_schedule_model(model: list[dict]) -> None:
     print("\nPredicted weak-scaling efficiency from the compiled schedule (GPU: NVLink in a node, IB between)")
     rows = []
     for m in model:
-        name = f"{m['label'] or m['source']}, {m['compiler']}, LHS {'on' if m['latency_hiding_scheduler'] else 'off'}"
+        name = f"{m['label']}, {m['compiler']}, LHS {'on' if m['latency_hiding_scheduler'] else 'off'}"
         for s in m["sensitivity"]:
+            last = s.get(SCHEDULE_MESHES[-1], {})
             rows.append(
                 [name, f"x{s['bandwidth']:g}", f"x{s['latency']:g}"]
-                + [s[mesh]["efficiency"] for mesh in SCHEDULE_MESHES]
-                + [s[SCHEDULE_MESHES[-1]]["no_overlap"], s[SCHEDULE_MESHES[-1]]["hidden_s"] * 1e3]
+                + [s[mesh]["efficiency"] if mesh in s else float("nan") for mesh in SCHEDULE_MESHES]
+                + [last.get("no_overlap", float("nan")), last.get("hidden_s", float("nan")) * 1e3]
             )
             name = ""
     print(

@@ -82,6 +82,7 @@ def test_schedule_parser_on_a_hand_made_module():
         "overlapped_bytes": 256,
         "overlapped_fraction": 0.5,
         "sync": 1,
+        "two_way": 0,
     }
     assert r["passes"]["backward"]["overlapped_fraction"] == 0.0 and r["passes"]["total"]["count"] == 3
     # the GEMM inside the Triton fusion: 64 x 512 outputs, 16 deep

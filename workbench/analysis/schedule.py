@@ -266,10 +266,11 @@ def halo_schedule(hlo: str, *, mesh=None, flags: dict | None = None) -> dict[str
     Returns ``scheduled`` (the module says ``is_scheduled=true``), ``flags`` (as given:
     :func:`scheduler_flags` of the compiling process), ``permutes`` (one row each:
     ``name``, ``pass``, ``layer``, ``axis`` (with ``mesh``), ``bytes``, ``is_sync``,
+    ``two_way`` (one message carries both directions: pairs (a, b) and (b, a)),
     ``convolutions`` and ``flops`` (independent convolutions and matrix products between
     start and done, their FLOPs), ``fusions``, ``fusion_bytes``, ``overlapped``),
     ``passes`` ({forward, backward, total}: ``count``, ``bytes``, ``overlapped``,
-    ``overlapped_bytes``, ``overlapped_fraction`` of the bytes, ``sync``), ``layers``
+    ``overlapped_bytes``, ``overlapped_fraction`` of the bytes, ``sync``, ``two_way``), ``layers``
     (per pass and layer: the same counts and ``reasons`` where bytes are not overlapped)
     and ``all_reduce`` (count, bytes, overlapped: the same test).
     """
@@ -305,6 +306,9 @@ def halo_schedule(hlo: str, *, mesh=None, flags: dict | None = None) -> dict[str
             continue
         if i in g["axes"]:
             row["axis"] = g["axes"][i]
+        pairs = _PAIRS.search(ins["line"])
+        pairs = set(re.findall(r"\{(\d+),(\d+)\}", pairs.group("pairs"))) if pairs else set()
+        row["two_way"] = any((b, a) in pairs for a, b in pairs)  # both directions in one message
         if not comp:
             # is there any convolution the message neither waits for nor feeds?
             upstream, downstream = _closure(i, deps), _closure(done, users) | {done}
@@ -335,6 +339,7 @@ def halo_schedule(hlo: str, *, mesh=None, flags: dict | None = None) -> dict[str
             "overlapped_bytes": hidden,
             "overlapped_fraction": hidden / total if total else None,
             "sync": sum(r["is_sync"] for r in sel),
+            "two_way": sum(r["two_way"] for r in sel),
         }
     return {
         "scheduled": "is_scheduled=true" in hlo.split("\n", 1)[0],
