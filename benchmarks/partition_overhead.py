@@ -9,7 +9,7 @@ inference and for the training step that training runs (loss, gradients, clippin
 Adam update). Efficiency = ideal ÷ measured,
 ideal = reference bytes ÷ devices. Nothing here passes or fails on time.
 
-    python benchmarks/partition_overhead.py [--sizes 64 128] [--mesh 2x2x2] [--json out.json]
+    python benchmarks/partition_overhead.py [--sizes 64 128] [--mesh 2x2x2] [--comm-overlap auto] [--json out.json]
 """
 
 from __future__ import annotations
@@ -30,17 +30,18 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--cpu-devices", type=int, default=8)
     p.add_argument("--no-train", action="store_true", help="skip the training-step memory")
+    p.add_argument("--comm-overlap", default="auto", help="auto | on | off (explicit backend; auto is off on CPU)")
     p.add_argument("--json", default=None, help="also write the rows as JSON")
     return p.parse_args()
 
 
-def _time_forward(config, layout, backend, variables, image, repeats):
+def _time_forward(config, layout, backend, variables, image, repeats, comm_overlap="auto"):
     import jax
     import numpy as np
 
     from workbench.execute.run import make_forward
 
-    fn, _, in_sharding, var_sharding = make_forward(config, layout, backend=backend)
+    fn, _, in_sharding, var_sharding = make_forward(config, layout, backend=backend, comm_overlap=comm_overlap)
     target = layout.reference_shape if backend == "reference" else layout.padded_shape
     x = np.pad(image, [(0, 0)] + [(0, t - s) for t, s in zip(target, image.shape[1:4])] + [(0, 0)])
     x = jax.device_put(x, in_sharding)
@@ -79,7 +80,9 @@ def main() -> int:
         if not args.no_train:
             ref_mem["train"] = plan_memory(config, ref_layout, backend="reference", train=True)["peak"]
         for backend in ("explicit", "gspmd"):
-            t, _, logits = _time_forward(config, layout, backend, model.variables, image, args.repeats)
+            t, _, logits = _time_forward(
+                config, layout, backend, model.variables, image, args.repeats, args.comm_overlap
+            )
             row = {
                 "resolution": n,
                 "backend": backend,
@@ -87,6 +90,7 @@ def main() -> int:
                 "reference_seconds": ref_t,
                 "time_ratio": t / ref_t,
                 "max_abs_diff": float(np.abs(logits - ref_logits).max()),
+                "comm_overlap": args.comm_overlap if backend == "explicit" else None,
             }
             for mode in ref_mem:
                 peak = plan_memory(config, layout, backend=backend, train=mode == "train")["peak"]

@@ -528,6 +528,20 @@ case(
     setup=VOL,
 )
 case(
+    "comm-overlap-unknown",
+    F,
+    "infer --comm-overlap yes",
+    "--comm-overlap 'yes' is unknown; use one of auto, on, off",
+    *V,
+    "--mesh",
+    "2x2x2",
+    "--comm-overlap",
+    "yes",
+    setup=VOL,
+)
+case("train-comm-overlap", F, "train --comm-overlap yes", "comm_overlap='yes'; use one of ('auto', 'on', 'off')",
+     "train", "--data", "phantom", "--comm-overlap", "yes", "--checkpoint-dir", "{tmp}/out")  # fmt: skip
+case(
     "backend-unknown",
     F,
     "--backend tpu",

@@ -48,6 +48,7 @@ TIERS = {
     "test_gpu_check.py": ("integration",),
     "test_halo.py": ("exactness",),
     "test_inspect.py": ("exactness",),
+    "test_interior.py": ("exactness",),
     "test_kill.py": ("integration",),
     "test_layers.py": ("exactness",),
     "test_losses.py": ("exactness",),

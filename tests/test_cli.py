@@ -208,6 +208,7 @@ def test_train_flags_are_derived_from_train_config():
             "--dice-weight",
             "--dice-classes",
             "--backend",
+            "--comm-overlap",
             "--model",
             "--mesh",
             "--resolution",
@@ -222,6 +223,7 @@ def test_train_flags_are_derived_from_train_config():
     } == set(fields) - {"model_overrides", "warmup_steps"}
     assert "adam | adafactor | sgd (default adam)" == actions["optimizer"].help
     assert "explicit | gspmd | reference (default explicit)" == actions["backend"].help
+    assert "auto | on | off (default auto" in actions["comm_overlap"].help
     assert "model preset: small | paper (default small)" == actions["model"].help
 
 
@@ -270,6 +272,7 @@ def test_train_flags_round_trip_to_train_config():
     )
     assert parse("--data", "mni:32", "--dtype", "bfloat16").model_overrides == {"dtype": "bfloat16"}
     assert parse("--data", "mni:32").data == "mni:32"
+    assert parse("--comm-overlap", "on").comm_overlap == "on"
 
 
 @pytest.mark.parametrize(
@@ -278,6 +281,7 @@ def test_train_flags_round_trip_to_train_config():
         (["--optimizer", "lion"], "optimizer='lion'; use one of ('adam', 'adafactor', 'sgd')"),
         (["--model", "huge"], "model='huge' is not a preset; use one of small, paper"),
         (["--backend", "tpu"], "backend='tpu'; use explicit, gspmd or reference"),
+        (["--comm-overlap", "yes"], "comm_overlap='yes'; use one of ('auto', 'on', 'off')"),
     ],
 )
 def test_train_bad_choices_exit_2_one_line(tmp_path, capsys, argv, fragment):

@@ -92,6 +92,24 @@ def test_forward_equals_reference(model, mesh, shape, backend, forward_reference
     np.testing.assert_allclose(out, ref, rtol=0, atol=FORWARD_TOL)
 
 
+@pytest.mark.parametrize("mesh", ["1x2x4"])
+def test_interior_boundary_forward_equals_reference(model, mesh, forward_reference):
+    """comm overlap "on" (workbench.model.interior), uneven volume: every 3×3×3 convolution is
+    interior + 2 shells per split axis (y and x: 5 convolutions instead of 1), same logits."""
+    shape = (37, 53, 45)
+    x, ref = forward_reference(shape, 1)
+    layout = ShardLayout(shape, parse_mesh(mesh), multiple=model.config.multiple)
+    xp = np.pad(x, [(0, 0), *((0, t - s) for t, s in zip(layout.padded_shape, shape)), (0, 0)])
+    counts = {}
+    for comm_overlap in ("off", "on"):
+        fn, _, in_sharding, var_sharding = make_forward(model.config, layout, comm_overlap=comm_overlap)
+        args = jax.device_put(model.variables, var_sharding), jax.device_put(xp, in_sharding)
+        counts[comm_overlap] = fn.lower(*args).as_text().count("stablehlo.convolution")
+        out = layout.crop(np.asarray(fn(*args)))
+        np.testing.assert_allclose(out, ref, rtol=0, atol=FORWARD_TOL)
+    assert counts["off"] == 12 and counts["on"] == 5 * counts["off"], counts
+
+
 def test_three_d_input_returns_three_d_logits(model):
     x = _volume((20, 24, 16), 1)[0, ..., 0]
     out = apply(model, x, "2x2x2")
@@ -99,13 +117,15 @@ def test_three_d_input_returns_three_d_logits(model):
     np.testing.assert_allclose(out, apply(model, x, backend="reference"), atol=FORWARD_TOL)
 
 
-def _train_step_outputs(model, x, mesh, backend, rng):
+def _train_step_outputs(model, x, mesh, backend, rng, comm_overlap="auto"):
     """Loss, gradients and updated batch statistics of one training-mode forward."""
     config = model.config
     layout = ShardLayout(
         x.shape[1:4], parse_mesh(mesh) if backend != "reference" else "1x1x1", multiple=config.multiple
     )
-    fn, _, in_sharding, var_sharding = make_forward(config, layout, backend=backend, train=True)
+    fn, _, in_sharding, var_sharding = make_forward(
+        config, layout, backend=backend, train=True, comm_overlap=comm_overlap
+    )
     target = layout.reference_shape if backend == "reference" else layout.padded_shape
     xp = np.pad(x, [(0, 0)] + [(0, t - s) for t, s in zip(target, x.shape[1:4])] + [(0, 0)])
     x_dev = jax.device_put(xp, in_sharding)
@@ -237,20 +257,21 @@ def _f64_case(batch: int, *, model_seed: int, x_seed: int, rng_seed: int, **conf
 
 
 @pytest.mark.parametrize(
-    "backend, mesh",
+    "backend, mesh, comm_overlap",
     [
-        ("explicit", "2x2x2"),
-        ("explicit", "8x1x1"),
-        ("explicit", "data=2,z=2,y=2,x=1"),
-        ("gspmd", "1x2x4"),
+        ("explicit", "2x2x2", "off"),
+        ("explicit", "1x1x2", "on"),  # interior + boundary shells in forward and backward (conv3d, barrier)
+        ("explicit", "8x1x1", "off"),
+        ("explicit", "data=2,z=2,y=2,x=1", "off"),
+        ("gspmd", "1x2x4", "off"),
     ],
 )
-def test_gradients_float64(backend, mesh):
+def test_gradients_float64(backend, mesh, comm_overlap):
     """With float64 compute, rounding no longer flips max-pool winners: 1e-4 holds."""
     batch = parse_mesh(mesh).data
     model, x, rng, ref = _f64_case(batch, model_seed=3, x_seed=2, rng_seed=5, norm="batch", dropout=0.1)
     with jax.enable_x64(True):
-        out = _train_step_outputs(model, x, mesh, backend, rng)
+        out = _train_step_outputs(model, x, mesh, backend, rng, comm_overlap)
     assert out[1].dtype == np.float64
     _assert_gradients_match(out[2], ref[2], rtol=GRAD_RTOL)
 

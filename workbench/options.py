@@ -7,7 +7,17 @@ Pure Python: importing it starts nothing.
 
 from __future__ import annotations
 
-__all__ = ["BACKENDS", "PLAN_BACKENDS", "HALO_MODES", "PRESETS", "OPTIMIZERS", "SCHEDULES", "NORMS", "DTYPES"]
+__all__ = [
+    "BACKENDS",
+    "PLAN_BACKENDS",
+    "HALO_MODES",
+    "COMM_OVERLAP",
+    "PRESETS",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "NORMS",
+    "DTYPES",
+]
 
 # How a model runs: our shard_map + halo exchange, XLA's partitioner, or one device.
 BACKENDS = ("explicit", "gspmd", "reference")
@@ -16,6 +26,10 @@ PLAN_BACKENDS = ("explicit", "gspmd")  # the partitioned ones: what a memory pla
 # seams) or, ``overlap``, read one input halo as wide as the receptive field. An integer
 # is an overlap of that width.
 HALO_MODES = ("exact", "zero", "reflect", "replicate", "overlap")
+# Whether the explicit backend computes each convolution as interior + boundary shells so
+# the halo messages travel while the interior is computed (workbench.model.interior):
+# ``auto`` decides per layer and block (never on CPU), ``on`` splits wherever it can.
+COMM_OVERLAP = ("auto", "on", "off")
 PRESETS = ("small", "paper")
 OPTIMIZERS = ("adam", "adafactor", "sgd")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")

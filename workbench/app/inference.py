@@ -102,6 +102,7 @@ def infer(
     tolerance: float = 1e-5,
     on_stage=None,
     force: bool = False,
+    comm_overlap: str = "auto",
 ) -> Inference:
     """Run ``model`` (a :class:`~workbench.app.models.ModelChoice` or a ``Model``) on
     ``loaded`` (a :class:`~workbench.app.volumes.LoadedVolume`, a (Z, Y, X) image, or a spec
@@ -111,7 +112,7 @@ def infer(
     comparison: ``max_abs_diff``, ``argmax_disagreement``, per-shard statistics and the
     seam profile. ``on_stage(text)``, if given, is called as each stage starts (progress bars).
     A run that would not fit in memory is refused first (:func:`workbench.app.memory_guard.check_memory`)
-    unless ``force``.
+    unless ``force``. ``comm_overlap``: as :func:`workbench.execute.run.make_forward`'s.
     """
     from workbench.analysis.compare import compare
     from workbench.app.results import build_report
@@ -129,7 +130,7 @@ def infer(
     if not force:
         _check_memory(model.config, np.shape(image), mesh, backend, halo, reference=reference)
     stage(f"compile and run ({backend})")
-    result = run(model, image, mesh, backend=backend, halo=halo)
+    result = run(model, image, mesh, backend=backend, halo=halo, comm_overlap=comm_overlap)
     ref = comparison = None
     if reference:
         stage("single-device reference")

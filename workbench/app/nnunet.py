@@ -264,7 +264,7 @@ def _load_model(folder: NNUNetFolder):
     return _MODELS[key]
 
 
-def _compiled(model, shape, mesh_spec, backend):
+def _compiled(model, shape, mesh_spec, backend, comm_overlap="auto"):
     """(layout, compiled fn, input sharding, variables on devices, compile seconds), cached."""
     import jax
     import jax.numpy as jnp
@@ -272,13 +272,12 @@ def _compiled(model, shape, mesh_spec, backend):
     from workbench.execute.distributed import put_tree
     from workbench.execute.nnunet import make_nnunet_forward, nnunet_layout
 
-    key = (model.spec, tuple(shape), mesh_spec, backend, len(jax.devices()), id(model.variables))
+    key = (model.spec, tuple(shape), mesh_spec, backend, comm_overlap, len(jax.devices()), id(model.variables))
     if key not in _CACHE:
         t0 = time.perf_counter()
         layout = nnunet_layout(model.spec, shape, mesh_spec)
         fn, _, in_sharding, var_sharding = make_nnunet_forward(
-            model.spec, layout, backend=backend, deep_supervision=False
-        )
+            model.spec, layout, backend=backend, deep_supervision=False, comm_overlap=comm_overlap)  # fmt: skip
         target = layout.reference_shape if backend == "reference" else layout.padded_shape
         variables = put_tree(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), model.variables), var_sharding)
         x = jax.ShapeDtypeStruct((1, *target, model.spec.in_channels), jnp.float32, sharding=in_sharding)
@@ -289,7 +288,7 @@ def _compiled(model, shape, mesh_spec, backend):
     return _CACHE[key][:5]
 
 
-def _run(model, x: np.ndarray, mesh_spec, backend: str, mirror=()):
+def _run(model, x: np.ndarray, mesh_spec, backend: str, mirror=(), comm_overlap="auto"):
     """A :class:`~workbench.execute.run.RunResult` of the full-resolution logits (Z, Y, X, K).
 
     ``mirror`` (axes of the network grid): nnU-Net's test-time mirroring, the logits of every
@@ -302,7 +301,8 @@ def _run(model, x: np.ndarray, mesh_spec, backend: str, mirror=()):
     from workbench.execute.distributed import put, to_host
     from workbench.execute.run import RunResult, memory_stats
 
-    layout, compiled, in_sharding, variables, compile_seconds = _compiled(model, x.shape[:3], mesh_spec, backend)
+    cached = _compiled(model, x.shape[:3], mesh_spec, backend, comm_overlap)
+    layout, compiled, in_sharding, variables, t_compile = cached
     target = layout.reference_shape if backend == "reference" else layout.padded_shape
     z, h, w = x.shape[:3]
     flips = [()] + [c for i in range(1, len(mirror) + 1) for c in itertools.combinations(mirror, i)]
@@ -317,7 +317,7 @@ def _run(model, x: np.ndarray, mesh_spec, backend: str, mirror=()):
     if len(flips) > 1:
         total /= np.float32(len(flips))
     seconds = time.perf_counter() - t0
-    return RunResult(total, backend, "exact", layout, seconds, compile_seconds, memory_stats(compiled))
+    return RunResult(total, backend, "exact", layout, seconds, t_compile, memory_stats(compiled))
 
 
 # -- the whole prediction --------------------------------------------------------------------------
@@ -397,6 +397,7 @@ def predict_nnunet(
     on_stage=None,
     model=None,
     force: bool = False,
+    comm_overlap: str = "auto",
 ) -> NNUNetPrediction:
     """Predict one case with the nnU-Net model of ``results_folder`` (a training folder,
     ``…/Trainer__Plans__3d_fullres``) and ``fold``, partitioned over ``mesh``.
@@ -408,7 +409,7 @@ def predict_nnunet(
     ``mirror``: nnU-Net's test-time mirroring over the three axes of the network grid (nnU-Net's
     default for 3D trainers; 8 forward passes, the reference mirrored too).
     ``model``: an already loaded :class:`~workbench.model.nnunet.NNUNetModel` of the folder. A run
-    that would not fit is refused once compiled (memory guard); ``force`` skips that.
+    that would not fit is refused once compiled (memory guard), ``force`` skips that; ``comm_overlap``: make_forward.
     """
     from workbench.analysis.compare import compare
 
@@ -429,9 +430,9 @@ def predict_nnunet(
     stage(f"compile and run ({backend})")
     axes = MIRROR_AXES if mirror else ()
     if not force:  # the memory guard, on the compiled forward itself (the run reuses it)
-        compiled = lambda key: _compiled(model, x.shape[:3], key.mesh, key.backend)[1]  # noqa: E731
+        compiled = lambda key: _compiled(model, x.shape[:3], key.mesh, key.backend, comm_overlap)[1]  # noqa: E731
         check_run_memory(spec, x.shape[:3], mesh_spec, backend=backend, reference=reference, compiled=compiled)
-    result = _run(model, x, mesh_spec, backend, axes)
+    result = _run(model, x, mesh_spec, backend, axes, comm_overlap)
     segmentation = postprocess(result.output, pre, spec)
     ref = ref_seg = comparison = None
     if reference:

@@ -134,7 +134,7 @@ def check_channels(spec, channels: int, name: str = "") -> None:
 
 
 def infer_plans(choice, loaded, mesh, *, backend: str = "explicit", reference: bool = False,
-                tolerance: float = 1e-5, on_stage=None, force: bool = False):  # fmt: skip
+                tolerance: float = 1e-5, on_stage=None, force: bool = False, comm_overlap: str = "auto"):  # fmt: skip
     """Run the plans network of ``choice`` (a ``ModelChoice`` of an ``NNUNetModel``) on
     ``loaded`` (a :class:`~workbench.app.volumes.LoadedVolume`) over ``mesh``, exact halos;
     with ``reference`` also on one device, and compare. The memory guard runs on the compiled
@@ -160,9 +160,9 @@ def infer_plans(choice, loaded, mesh, *, backend: str = "explicit", reference: b
     mesh_spec = check_nnunet_mesh(spec, x.shape[:3], mesh, backend)
     stage(f"compile and run ({backend})")
     if not force:  # the guard reads the program the run compiles anyway
-        compiled = lambda key: _compiled(model, x.shape[:3], key.mesh, key.backend)[1]  # noqa: E731
+        compiled = lambda key: _compiled(model, x.shape[:3], key.mesh, key.backend, comm_overlap)[1]  # noqa: E731
         check_run_memory(spec, x.shape[:3], mesh_spec, backend=backend, reference=reference, compiled=compiled)
-    result = _run(model, x, mesh_spec, backend)
+    result = _run(model, x, mesh_spec, backend, comm_overlap=comm_overlap)
     ref = comparison = None
     if reference:
         stage("single-device reference")

@@ -146,6 +146,7 @@ def infer_per_process(
     tolerance: float = 1e-5,
     force: bool = False,
     log=print,
+    comm_overlap: str = "auto",
 ) -> dict | None:
     """Run ``choice`` (a ModelChoice or Model) on ``source`` (a path or spec) in this process
     and the others of the run, each on its own blocks, into the result folder ``out``.
@@ -186,7 +187,7 @@ def infer_per_process(
 
     # -- compile (before any voxel is read: the memory trace below sees data, not compilers) --
     t0 = time.perf_counter()
-    compiled = compile_forward(config, layout, backend=backend, halo=halo)
+    compiled = compile_forward(config, layout, backend=backend, halo=halo, comm_overlap=comm_overlap)
     shape = (1, *layout.padded_shape, config.in_channels)
     labels_of = _labels_fn(compiled, (*shape[:4], config.num_classes))
     compile_seconds = time.perf_counter() - t0

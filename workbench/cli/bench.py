@@ -29,7 +29,10 @@ BENCHMARKS = {
     "dataset_memory": ([], ["--quick"]),
     "multiprocess": ([], ["--quick"]),
     "training_reads": ([], ["--quick"]),
+    "interior_boundary": ([], ["--blocks", "8", "16", "--channels", "8", "--repeats", "3"]),
 }
+# The benchmarks that time the explicit backend's forward and take --comm-overlap.
+COMM_OVERLAP_BENCHMARKS = ("partition_overhead",)
 
 
 def benchmarks_dir() -> Path:
@@ -46,6 +49,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="laptop-sized runs (a few minutes in all)")
     p.add_argument("--json", default=None, metavar="OUT", help="write every result to this JSON file")
     p.add_argument("--only", nargs="+", default=None, metavar="NAME", help=f"run only these ({', '.join(BENCHMARKS)})")
+    p.add_argument(
+        "--comm-overlap",
+        default="auto",
+        help="auto | on | off: the explicit backend's interior/boundary convolutions in "
+        f"{', '.join(COMM_OVERLAP_BENCHMARKS)} (default auto: off on CPU)",
+    )
 
 
 def run(args) -> int:
@@ -54,6 +63,9 @@ def run(args) -> int:
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         raise UserError(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    from workbench.model.interior import validate_comm_overlap
+
+    comm_overlap = validate_comm_overlap(args.comm_overlap)
     out = Path(args.json) if args.json else None
     if out is not None and out.is_dir():
         raise UserError(f"--json {out} is a folder; give a file path such as bench.json")
@@ -70,7 +82,8 @@ def run(args) -> int:
                 continue
             full, quick = BENCHMARKS[name]
             target = Path(tmp) / f"{name}.json"
-            cmd = [sys.executable, str(script), *(quick if args.quick else full), "--json", str(target)]
+            extra = ["--comm-overlap", comm_overlap] if name in COMM_OVERLAP_BENCHMARKS else []
+            cmd = [sys.executable, str(script), *(quick if args.quick else full), *extra, "--json", str(target)]
             print(f"== {name}: {' '.join(cmd[1:-2])}", flush=True)
             t0 = time.perf_counter()
             code = subprocess.call(cmd, cwd=folder.parent)

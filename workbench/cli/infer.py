@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 
 from workbench.cli.args import add_common, model_choice
-from workbench.options import BACKENDS, HALO_MODES
+from workbench.options import BACKENDS, COMM_OVERLAP, HALO_MODES
 
 HELP = "partitioned inference on a volume"
 
@@ -31,6 +31,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", required=True, help="ZxYxX, data=D,z=Z,y=Y,x=X or auto")
     p.add_argument("--backend", default="explicit", help=" | ".join(BACKENDS))
     p.add_argument("--halo", default="exact", help=f"{' | '.join(HALO_MODES)} | WIDTH (default exact)")
+    p.add_argument(
+        "--comm-overlap",
+        default="auto",
+        help=f"{' | '.join(COMM_OVERLAP)}: explicit backend, compute each convolution's interior while its "
+        "halos travel (default auto: per layer and block; off on CPU)",
+    )
     p.add_argument(
         "--reference", action="store_true", help="also run the single-device reference and report the difference"
     )
@@ -93,11 +99,13 @@ def run(args) -> int:
         write_result,
     )
     from workbench.execute.distributed import is_main
+    from workbench.model.interior import validate_comm_overlap
     from workbench.model.unet import UNetConfig
 
     # Every option is checked before anything is read or written.
     config = UNetConfig.preset(args.model or "small")
     halo, _ = check_run_options(config, args.backend, args.halo, args.mesh, inference=False)
+    validate_comm_overlap(args.comm_overlap)
     if is_main():
         check_output_folder(args.out, overwrite=args.overwrite)
     if jax.process_count() > 1:
@@ -122,6 +130,7 @@ def run(args) -> int:
         halo=halo,
         reference=args.reference,
         force=args.force or checked,
+        comm_overlap=args.comm_overlap,
     )
     if not is_main():  # another process of a multi-process run: it computed its shards; process 0 writes
         return 0
@@ -152,6 +161,7 @@ def _per_process(args, halo) -> int:
         series=args.series,
         input_name=str(args.input),
         force=args.force,
+        comm_overlap=args.comm_overlap,
     )
     if report is not None:
         print(summary_line(report))
@@ -168,6 +178,7 @@ def _nnunet(args) -> int:
     from workbench.app.nnunet_compare import comparison_for, comparison_line, read_comparison
     from workbench.app.results import summary_line
     from workbench.errors import UserError
+    from workbench.model.interior import validate_comm_overlap
 
     if jax.process_count() > 1:
         raise UserError("nnU-Net models run in one process so far; drop workbench launch / WORKBENCH_DISTRIBUTED")
@@ -191,6 +202,7 @@ def _nnunet(args) -> int:
         reference=args.reference,
         mirror=args.mirror,
         force=args.force,
+        comm_overlap=validate_comm_overlap(args.comm_overlap),
     )
     if other is not None:
         prediction.report["compare_with"] = comparison_for(prediction, other, args.compare_with)

@@ -23,6 +23,7 @@ from workbench.errors import UserError
 from workbench.execute.distributed import put, put_tree, to_host
 from workbench.execute.run import run_mesh
 from workbench.mesh import ACTIVATION_SPEC, ShardLayout, build_mesh
+from workbench.model.interior import resolve_comm_overlap
 from workbench.model.layers import Partition
 from workbench.model.nnunet import NNUNet, NNUNetModel
 from workbench.model.spec import NetworkSpec
@@ -56,6 +57,7 @@ def make_nnunet_forward(
     deep_supervision: bool = True,
     devices=None,
     jit: bool = True,
+    comm_overlap: str = "auto",
 ):
     """A forward pass ``fn(variables, x) -> logits`` (a tuple of heads, highest resolution
     first, or the full-resolution logits alone) and the shardings of its inputs.
@@ -63,7 +65,7 @@ def make_nnunet_forward(
     Returns ``(fn, mesh, input_sharding, variables_sharding)``. ``x`` has the layout's
     ``padded_shape`` (``reference_shape`` for the reference) and so do the logits, divided
     by each head's scale. With ``jit=False`` the function is returned unjitted (to compose
-    with a loss and ``jax.grad``).
+    with a loss and ``jax.grad``). ``comm_overlap``: as :func:`workbench.execute.run.make_forward`'s.
     """
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
@@ -83,7 +85,10 @@ def make_nnunet_forward(
         module = NNUNet(spec, Partition("gspmd", *geometry, mesh=mesh), dtype, deep_supervision)
         return wrap(module.apply), mesh, act_sharding, replicated
 
-    module = NNUNet(spec, Partition("explicit", *geometry, halo="exact"), dtype, deep_supervision)
+    split = resolve_comm_overlap(comm_overlap, mesh.devices.flat[0].platform)
+    module = NNUNet(
+        spec, Partition("explicit", *geometry, halo="exact", interior_boundary=split), dtype, deep_supervision
+    )
     out_specs = tuple(act for _ in spec.outputs) if deep_supervision else act
     mapped = jax.shard_map(module.apply, mesh=mesh, in_specs=(P(), act), out_specs=out_specs)
     return wrap(mapped), mesh, act_sharding, replicated

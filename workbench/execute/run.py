@@ -27,6 +27,7 @@ from workbench.errors import UserError
 from workbench.execute.distributed import put, put_tree, to_host
 from workbench.mesh import ACTIVATION_SPEC, MeshSpec, ShardLayout, build_mesh, parse_mesh
 from workbench.model.halo import halo_pad, validate_halo
+from workbench.model.interior import resolve_comm_overlap
 from workbench.model.layers import Partition
 from workbench.model.unet import Model, UNet3D, UNetConfig
 from workbench.options import BACKENDS
@@ -157,10 +158,12 @@ def compile_forward(
     batch: int = 1,
     devices=None,
     variables_shape=None,
+    comm_overlap: str = "auto",
 ) -> Compiled:
     """Lower and compile the forward pass (inference mode) for abstract inputs.
 
     Nothing is allocated: inputs are ``jax.ShapeDtypeStruct``s with shardings.
+    ``comm_overlap``: as :func:`make_forward`'s.
     """
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; use one of {BACKENDS}")
@@ -172,7 +175,9 @@ def compile_forward(
         )
     if variables_shape is None:
         variables_shape = jax.eval_shape(lambda: Model.init(config).variables)
-    fn, mesh, in_sharding, var_sharding = make_forward(config, layout, backend=backend, halo=halo, devices=devices)
+    fn, mesh, in_sharding, var_sharding = make_forward(
+        config, layout, backend=backend, halo=halo, devices=devices, comm_overlap=comm_overlap
+    )
     target = layout.reference_shape if backend == "reference" else layout.padded_shape
     shape = (batch, *target, config.in_channels)
     abstract_vars = jax.tree.map(
@@ -191,6 +196,7 @@ def make_forward(
     halo="exact",
     train: bool = False,
     devices=None,
+    comm_overlap: str = "auto",
 ):
     """A jitted forward pass and the shardings of its inputs.
 
@@ -199,6 +205,9 @@ def make_forward(
     ``fn(variables, x, rng) -> (logits, {"batch_stats": ...})`` (batch statistics and
     dropout as in training). ``x`` is padded to ``layout.padded_shape``
     (``layout.reference_shape`` for the reference) and the logits keep that shape.
+    ``comm_overlap`` (``auto`` | ``on`` | ``off``, explicit backend): convolutions as interior
+    + boundary shells so halos travel while the interior is computed
+    (:func:`~workbench.model.interior.resolve_comm_overlap`; ``auto`` is ``off`` on CPU).
     """
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; use one of {BACKENDS}")
@@ -231,6 +240,7 @@ def make_forward(
         layout.padded_shape,
         halo=mode,
         overlap=overlap,
+        interior_boundary=resolve_comm_overlap(comm_overlap, mesh.devices.flat[0].platform),
     )
     call = _module_call(UNet3D(config, part), train)
 
@@ -260,9 +270,9 @@ def _module_call(module: UNet3D, train: bool):
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_compile(config, volume_shape, mesh_spec, backend, halo, batch, devices_key):
+def _cached_compile(config, volume_shape, mesh_spec, backend, halo, batch, devices_key, comm_overlap="auto"):
     layout = ShardLayout(volume_shape, mesh_spec, multiple=config.multiple)
-    return compile_forward(config, layout, backend=backend, halo=halo, batch=batch)
+    return compile_forward(config, layout, backend=backend, halo=halo, batch=batch, comm_overlap=comm_overlap)
 
 
 @dataclass
@@ -278,12 +288,14 @@ class RunResult:
     memory: dict[str, int] = field(default_factory=dict)
 
 
-def run(model: Model, volume, mesh=None, *, backend: str = "explicit", halo="exact") -> RunResult:
+def run(
+    model: Model, volume, mesh=None, *, backend: str = "explicit", halo="exact", comm_overlap: str = "auto"
+) -> RunResult:
     """Run ``model`` on ``volume`` and return logits cropped to the volume, with timings.
 
     ``volume`` is (Z, Y, X) or (N, Z, Y, X, C); the output is (Z, Y, X, K) or
     (N, Z, Y, X, K) to match. ``mesh`` is anything :func:`~workbench.mesh.parse_mesh`
-    accepts (ignored by ``backend="reference"``).
+    accepts (ignored by ``backend="reference"``). ``comm_overlap``: as :func:`make_forward`'s.
     """
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; use one of {BACKENDS}")
@@ -295,7 +307,9 @@ def run(model: Model, volume, mesh=None, *, backend: str = "explicit", halo="exa
     layout = ShardLayout(spatial, spec, multiple=model.config.multiple)
     t0 = time.perf_counter()
     halo_key = halo if backend != "reference" else "exact"
-    compiled = _cached_compile(model.config, spatial, spec, backend, halo_key, x.shape[0], len(jax.devices()))
+    compiled = _cached_compile(
+        model.config, spatial, spec, backend, halo_key, x.shape[0], len(jax.devices()), comm_overlap
+    )
     compile_seconds = time.perf_counter() - t0
 
     padded = np.pad(

@@ -172,6 +172,12 @@ def _exact_pad(x_block, widths, mesh_shape: tuple[int, int, int]):
     return xp_block
 
 
+def _paired(size: int, pair: tuple[int, int], n: int) -> bool:
+    """Whether an axis of 2 devices exchanges both halos in one message: equal depths of
+    at most one block (one hop), e.g. the (1, 1) halo of a 3×3×3 convolution."""
+    return size == 2 and pair[0] == pair[1] and 0 < pair[0] <= n
+
+
 def _exchanged(size: int, pair: tuple[int, int]) -> bool:
     """Whether an axis exchanges halos: it is split and needs some."""
     return size > 1 and (pair[0] > 0 or pair[1] > 0)
@@ -255,6 +261,14 @@ def _exact_pad_bwd(widths, mesh_shape, _, g):
     for d in reversed(exchanged):
         lo, hi = slabs[d]
         name, size = names[d], sizes[d]
+        if _paired(size, (lo_w[d], hi_w[d]), n[d]):  # one message each way (see _exchange_axis)
+            seg, first = lo_w[d], lax.axis_index(name) == 0
+            send = jnp.where(first, lax.slice_in_dim(hi, 0, seg, axis=d), lax.slice_in_dim(lo, 0, seg, axis=d))
+            back = lax.ppermute(send, name, [(0, 1), (1, 0)])
+            zero = jnp.zeros((), back.dtype)
+            scatter_face(jnp.where(first, back, zero), d, n[d] - seg)  # the second's low halo: my tail
+            scatter_face(jnp.where(first, zero, back), d, 0)  # the first's high halo: my head
+            continue
         # My low halo's segments came from the tails of the devices before,
         # my high halo's from the heads of the devices after: send them back.
         for hop, seg in _hops(lo_w[d], n[d]) if lo is not None else ():
@@ -287,7 +301,16 @@ def _exchange_axis(face, dim: int, name: str, size: int, pair: tuple[int, int], 
 
     ``face(dim, start, stop)`` gives this block's voxels to send. The interior is
     ``n`` voxels; a depth greater than ``n`` takes ``ceil(depth / n)`` hops.
+
+    Two devices along ``dim`` with equal depths (:func:`_paired`): one ``ppermute`` each way
+    instead of two, the first sending its tail and the second its head (each collective is a
+    rendezvous of every device on XLA:CPU and a launch on a GPU).
     """
+    if _paired(size, pair, n):
+        seg, first = pair[0], lax.axis_index(name) == 0
+        got = lax.ppermute(jnp.where(first, face(dim, n - seg, n), face(dim, 0, seg)), name, [(0, 1), (1, 0)])
+        zero = jnp.zeros((), got.dtype)
+        return jnp.where(first, zero, got), jnp.where(first, got, zero)
     lows, highs = [], []
     for hop, seg in _hops(pair[0], n):
         # Low halo <- the last `seg` voxels of the device `hop` places before.

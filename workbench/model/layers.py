@@ -29,6 +29,7 @@ from jax import lax
 from workbench.errors import UserError
 from workbench.mesh import ACTIVATION_SPEC, DATA_AXIS, SPATIAL_AXES
 from workbench.model.halo import global_index, halo_pad
+from workbench.model.interior import interior_boundary_conv, split_pays, split_ranges
 from workbench.options import NORMS
 
 # A resolution level: the U-Net's level number (scale 2**level on every axis) or a
@@ -64,6 +65,11 @@ class Partition:
         which every shard runs the network alone, with no per-layer exchange.
     mesh
         the ``jax.sharding.Mesh`` (gspmd sharding constraints).
+    interior_boundary
+        explicit backend, ``exact`` halos: ``off`` (each convolution waits for its halos),
+        ``on`` (every convolution whose block has an interior is computed as interior +
+        boundary shells, :mod:`workbench.model.interior`) or ``auto`` (per layer and block,
+        :func:`~workbench.model.interior.split_pays`). Not to be confused with ``overlap``.
     """
 
     backend: str = "reference"
@@ -74,6 +80,7 @@ class Partition:
     halo: str = "exact"
     overlap: int = 0
     mesh: Any = None
+    interior_boundary: str = "off"
 
     # -- geometry ---------------------------------------------------------------
     def _block(self, dim: int, level) -> int:
@@ -146,6 +153,28 @@ class Partition:
             raise UserError("overlap halos are not available for per-axis (nnU-Net) layers; use halo='exact'")
         return halo_pad(x, width=tuple(halo), mesh_shape=self.mesh_shape, mode=self.halo), ((0, 0),) * 3
 
+    def splits(self, block, kernel, stride, halo) -> bool:
+        """Whether a convolution on ``block`` (input extent per axis) with this ``kernel``,
+        ``stride`` and per-axis (lo, hi) ``halo`` is computed as interior + boundary shells."""
+        if self.backend != "explicit" or self.halo != "exact" or self.overlap > 0 or self.interior_boundary == "off":
+            return False
+        exchanged = tuple(m > 1 and (lo > 0 or hi > 0) for m, (lo, hi) in zip(self.mesh_shape, halo))
+        geometry = dict(block=tuple(block), kernel=tuple(kernel), stride=tuple(stride), halo=tuple(halo))
+        if self.interior_boundary == "on":
+            return any(exchanged) and split_ranges(**geometry, exchanged=exchanged) is not None
+        return split_pays(**geometry, exchanged=exchanged)
+
+    def convolve(self, x, kernel, *, conv, stride=(1, 1, 1), padding=((1, 1),) * 3, halo=((1, 1),) * 3):
+        """``conv(x_in, kernel, stride, padding)`` of ``x`` with the halos this partition needs:
+        one padded block, or interior + boundary shells (:meth:`splits`). ``padding``: the
+        reference's per-axis (lo, hi); ``halo``: the blocks' (:mod:`workbench.model.spec`)."""
+        if self.splits(x.shape[1:4], kernel.shape[:3], stride, halo):
+            return interior_boundary_conv(
+                x, kernel, stride=tuple(stride), halo=tuple(halo), mesh_shape=self.mesh_shape, conv=conv
+            )
+        x_in, pad = self.padded_conv_input(x, None, padding, halo)
+        return conv(x_in, kernel, tuple(stride), pad)
+
     def psum(self, value, *, over_batch: bool):
         """Sum a per-shard partial statistic over the whole volume (and batch)."""
         if self.backend != "explicit":
@@ -204,6 +233,12 @@ def conv3d(x, kernel, padding):
     )
 
 
+def _conv3d_part(x, kernel, stride, padding):
+    """One part of a split :func:`conv3d` (stride 1), for :meth:`Partition.convolve`."""
+    del stride
+    return conv3d(x, kernel, padding)
+
+
 class Conv3(nn.Module):
     """3×3×3 convolution whose padding comes from the :class:`Partition`.
 
@@ -234,8 +269,12 @@ class Conv3(nn.Module):
             channels = [sum(channels)]
         y, start = None, 0
         for part, c in zip(parts, channels):
-            x_in, padding = self.partition.conv_input(part.astype(self.dtype), self.level)
-            term = conv3d(x_in, kernel[..., start : start + c, :], padding)
+            k = kernel[..., start : start + c, :]
+            if self.partition.splits(part.shape[1:4], CONV3_KERNEL, (1, 1, 1), ((CONV3_HALO, CONV3_HALO),) * 3):
+                term = self.partition.convolve(part.astype(self.dtype), k, conv=_conv3d_part)
+            else:
+                x_in, padding = self.partition.conv_input(part.astype(self.dtype), self.level)
+                term = conv3d(x_in, k, padding)
             y = term if y is None else y + term
             start += c
         return y + bias.astype(self.dtype)

@@ -40,9 +40,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from workbench.errors import InputNotFoundError, UserError
+from workbench.model.interior import conv_valid
 from workbench.model.layers import Norm, Partition, he_normal
 from workbench.model.nnunet_plans import from_nnunet_plans
 from workbench.model.spec import INPUT, Layer, NetworkSpec
@@ -79,14 +79,10 @@ class SpecConv(nn.Module):
         la, part = self.layer, self.partition
         x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
         kernel = self.param("kernel", he_normal, (*la.kernel, sum(la.in_channels), la.out_channels), jnp.float32)
-        x, padding = part.padded_conv_input(x.astype(self.dtype), la.in_scale, la.padding, la.halo)
-        y = lax.conv_general_dilated(
-            x,
-            kernel.astype(self.dtype),
-            window_strides=la.stride,
-            padding=padding,
-            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
-        )
+        y = part.convolve(
+            x.astype(self.dtype), kernel.astype(self.dtype), conv=conv_valid, stride=la.stride, padding=la.padding,
+            halo=la.halo,
+        )  # fmt: skip
         if la.bias:
             y = y + self.param("bias", nn.initializers.zeros_init(), (la.out_channels,), jnp.float32).astype(self.dtype)
         if la.norm:  # statistics over the volume only (Partition.stats_mask)

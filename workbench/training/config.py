@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from workbench.errors import UserError
-from workbench.options import BACKENDS, DTYPES, NORMS, OPTIMIZERS, PRESETS, SCHEDULES
+from workbench.options import BACKENDS, COMM_OVERLAP, DTYPES, NORMS, OPTIMIZERS, PRESETS, SCHEDULES
 
 __all__ = [
     "TrainConfig",
@@ -134,6 +134,12 @@ class TrainConfig:
     mesh: str = _option("2x2x2", "ZxYxX or data=D,z=Z,y=Y,x=X (default 2x2x2)")
     data_parallel: int = _option(1, "size of the data axis (default 1)", type=positive_int)
     backend: str = _option("explicit", "{choices} (default explicit)", choices=BACKENDS)
+    comm_overlap: str = _option(
+        "auto",
+        "explicit backend: compute each convolution's interior while its halos travel, then the boundary "
+        "shells: {choices} (default auto: per layer and block; off on CPU)",
+        choices=COMM_OVERLAP,
+    )
     model: str = _option("small", "model preset: {choices} (default small)", choices=PRESETS)
     plans: str | None = _option(
         None,
@@ -189,6 +195,7 @@ class TrainConfig:
             f"learning_rate={self.learning_rate!r} must be a positive number",
         )
         check(self.backend in BACKENDS, f"backend={self.backend!r}; use {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
+        check(self.comm_overlap in COMM_OVERLAP, f"comm_overlap={self.comm_overlap!r}; use one of {COMM_OVERLAP}")
         check(self.model in PRESETS, f"model={self.model!r} is not a preset; use one of {', '.join(PRESETS)}")
         check(
             isinstance(self.data_parallel, int) and self.data_parallel >= 1,

@@ -68,6 +68,7 @@ def build_train_step(
         tc.clip_norm,
         tc.dice_weight,
         tc.dice_classes,
+        tc.comm_overlap,
         None if class_weights is None else tuple(float(w) for w in class_weights),
         None if devices is None else tuple(devices),
     )
@@ -85,7 +86,7 @@ def _build_train_step(config, tc, layout, backend, class_weights, devices) -> Tr
     from workbench.training.models import NNUNetConfig
 
     if isinstance(config, NNUNetConfig):
-        fn, mesh, image_sharding, state_sharding, objective = _nnunet_parts(config, layout, backend, devices)
+        fn, mesh, image_sharding, state_sharding, objective = _nnunet_parts(config, tc, layout, backend, devices)
     else:
         fn, mesh, image_sharding, state_sharding, objective = _unet_parts(
             config, tc, layout, backend, class_weights, devices
@@ -140,7 +141,7 @@ def _unet_parts(config, tc, layout, backend, class_weights, devices):
     from workbench.training.losses import confusion_counts, segmentation_loss
 
     fn, mesh, image_sharding, state_sharding = make_forward(
-        config, layout, backend=backend, train=True, devices=devices
+        config, layout, backend=backend, train=True, devices=devices, comm_overlap=tc.comm_overlap
     )
     volume_shape = layout.volume_shape
     weights = tuple(float(w) for w in (class_weights or (1.0,) * config.num_classes))
@@ -161,15 +162,16 @@ def _unet_parts(config, tc, layout, backend, class_weights, devices):
     return fn, mesh, image_sharding, state_sharding, objective
 
 
-def _nnunet_parts(config, layout, backend, devices):
+def _nnunet_parts(config, tc, layout, backend, devices):
     """An nnU-Net network's forward (every deep-supervision head; InstanceNorm, so no state to
     update), its shardings, and nnU-Net's loss (:mod:`workbench.training.nnunet_losses`)."""
     from workbench.execute.nnunet import make_nnunet_forward
     from workbench.training.nnunet_losses import nnunet_confusion_counts, nnunet_loss
 
     forward, mesh, image_sharding, state_sharding = make_nnunet_forward(
-        config.spec, layout, backend=backend, dtype=config.dtype, deep_supervision=True, devices=devices, jit=False
-    )
+        config.spec, layout, backend=backend, dtype=config.dtype, deep_supervision=True, devices=devices, jit=False,
+        comm_overlap=tc.comm_overlap,
+    )  # fmt: skip
     volume_shape = layout.volume_shape
     loss_spec = config.loss_spec()
 
