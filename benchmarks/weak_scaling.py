@@ -207,7 +207,7 @@ def check_rule(compiled: dict) -> list[dict]:
             "source": f"this run, {c['mesh']}",
             "block": f"{BLOCK}x{BLOCK}x{BLOCK}",
             "audit": c["audit"]["halo_bytes"],
-            "rule": halo_bytes(config, (BLOCK,) * 3, c["mesh"]),
+            "rule": halo_bytes(config, (BLOCK,) * 3, c["mesh"], paired=False),  # compiled before pairing
         }
         for c in compiled
     ]
@@ -220,7 +220,7 @@ def check_rule(compiled: dict) -> list[dict]:
                         "source": f"{SCALE_H100.name}, {row['resolution']}³ on {row['mesh']}",
                         "block": "x".join(map(str, block)),
                         "audit": row["collectives"]["collective-permute"]["bytes"],
-                        "rule": halo_bytes(config, block, row["mesh"]),
+                        "rule": halo_bytes(config, block, row["mesh"], paired=False),
                     }
                 )
     return checks
