@@ -6,10 +6,12 @@ paper model (depth 4, 32 filters, batch norm, bfloat16) with a full training ste
 (loss, gradients, Adam state). ``--compiler h100`` plans with XLA:GPU for H100s
 instead (no GPU needed; bfloat16 convolutions stay bfloat16, which XLA:CPU computes in
 float32). Columns: GiB per device (the compiler's accounting),
-fit in a 16 GiB device (a TPU v3 core), halo bytes ÷ activation bytes, wall seconds
-of the planning process.
+fit in a 16 GiB device (a TPU v3 core), halo bytes ÷ activation bytes, halo
+collective-permutes and the fraction of their bytes with independent compute scheduled
+between start and done (forward, backward: :mod:`workbench.analysis.schedule`), wall
+seconds of the planning process.
 
-    python benchmarks/scale.py [--quick] [--compiler cpu|h100] [--json out.json]
+    python benchmarks/scale.py [--quick] [--compiler cpu|h100|h200] [--json out.json]
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ def main(argv=None) -> int:
     p.add_argument("--budget-gib", type=float, default=16.0)
     p.add_argument("--quick", action="store_true", help="small model, 128³ on 2x2x2 only")
     p.add_argument(
-        "--compiler", default="cpu", help="cpu (XLA:CPU, simulated devices) or h100 (XLA:GPU for H100s, no GPU needed)"
+        "--compiler",
+        default="cpu",
+        help="cpu (XLA:CPU, simulated devices), h100 or h200 (XLA:GPU for those GPUs, no GPU needed)",
     )
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -70,6 +74,8 @@ def main(argv=None) -> int:
                 "fits": r["bytes_per_device"] <= args.budget_gib * GIB,
                 "halo_ratio": r["communication"]["halo_ratio"],
                 "collectives": r["communication"]["collectives"],
+                "halo_overlap": r["communication"]["schedule"]["passes"],
+                "scheduler_flags": r["communication"]["schedule"]["flags"],
                 "warnings": r["warnings"],
                 "compile_seconds": r["compile_seconds"],
                 "wall_seconds": wall,
@@ -94,6 +100,9 @@ def main(argv=None) -> int:
                 "GiB/device",
                 f"fits {args.budget_gib:g}",
                 "halo/act",
+                "permutes",
+                "overlapped fwd",
+                "overlapped bwd",
                 "compile s",
                 "wall s",
             ],
@@ -106,12 +115,15 @@ def main(argv=None) -> int:
                     r["gib_per_device"],
                     "yes" if r["fits"] else "NO",
                     r["halo_ratio"],
+                    r["collectives"]["collective-permute"]["count"],
+                    r["halo_overlap"]["forward"]["overlapped_fraction"] or 0.0,
+                    r["halo_overlap"]["backward"]["overlapped_fraction"] or 0.0,
                     r["compile_seconds"],
                     r["wall_seconds"],
                 ]
                 for r in ok
             ],
-            ["", "", "d", "", ".2f", "", ".3f", ".0f", ".0f"],
+            ["", "", "d", "", ".2f", "", ".3f", "d", ".1%", ".1%", ".0f", ".0f"],
         )
     )
     _common.write_json(

@@ -127,28 +127,33 @@ def allreduce_latency(system: str, spec, nodes: int) -> float:
     return a["base"] + 2 * sum(math.ceil(m / 2) for m in spec.spatial) * a["per_hop"]
 
 
-def comm_times(system: str, spec, collectives: list[dict], *, bandwidth=1.0, latency=1.0) -> dict:
-    """Seconds of every collective of the step on ``system`` (``gpu``: NVLink inside a node,
-    InfiniBand between nodes; ``tpu``: v5p ICI), scaled by the ``bandwidth``/``latency`` factors."""
+def collective_seconds(system: str, spec, c: dict, *, bandwidth=1.0, latency=1.0) -> tuple[float, float]:
+    """(bandwidth, latency) seconds of one collective ``c`` (``kind``, ``bytes``, ``axis`` of
+    a permute) on ``system`` over mesh ``spec``, link rates and latencies scaled by the factors."""
     from workbench.analysis.scaling import crossing_axes
 
     p = spec.n_devices
     nodes = math.ceil(p / GPUS_PER_NODE)
-    crossing = crossing_axes(spec, GPUS_PER_NODE)
+    if c["kind"] == "collective-permute":
+        crossing = crossing_axes(spec, GPUS_PER_NODE)[c["axis"]]
+        link = LINKS["ici"] if system == "tpu" else LINKS["ib" if crossing else "nvlink"]
+        return c["bytes"] / (link["bandwidth"] * bandwidth), link["latency"] * latency
+    # over every device: a ring's bandwidth term, a tree's (or torus rings') latency
+    link = LINKS["ici"] if system == "tpu" else LINKS["ib" if nodes > 1 else "nvlink"]
+    bw = 2 * (p - 1) / p * c["bytes"] / (link["bandwidth"] * bandwidth)
+    return bw, allreduce_latency(system, spec, nodes) * latency
+
+
+def comm_times(system: str, spec, collectives: list[dict], *, bandwidth=1.0, latency=1.0) -> dict:
+    """Seconds of every collective of the step on ``system`` (``gpu``: NVLink inside a node,
+    InfiniBand between nodes; ``tpu``: v5p ICI), scaled by the ``bandwidth``/``latency`` factors."""
     parts = {"halo_bandwidth": 0.0, "halo_latency": 0.0, "allreduce_bandwidth": 0.0, "allreduce_latency": 0.0}
     exposed = 0.0
     for c in collectives:
-        if c["kind"] == "collective-permute":
-            link = LINKS["ici"] if system == "tpu" else LINKS["ib" if crossing[c["axis"]] else "nvlink"]
-            bw, lat = c["bytes"] / (link["bandwidth"] * bandwidth), link["latency"] * latency
-            parts["halo_bandwidth"] += bw
-            parts["halo_latency"] += lat
-        else:  # over every device: a ring's bandwidth term, a tree's (or torus rings') latency
-            link = LINKS["ici"] if system == "tpu" else LINKS["ib" if nodes > 1 else "nvlink"]
-            bw = 2 * (p - 1) / p * c["bytes"] / (link["bandwidth"] * bandwidth)
-            lat = allreduce_latency(system, spec, nodes) * latency
-            parts["allreduce_bandwidth"] += bw
-            parts["allreduce_latency"] += lat
+        bw, lat = collective_seconds(system, spec, c, bandwidth=bandwidth, latency=latency)
+        part = "halo" if c["kind"] == "collective-permute" else "allreduce"
+        parts[f"{part}_bandwidth"] += bw
+        parts[f"{part}_latency"] += lat
         # what the schedule runs between start and done hides the message
         exposed += max(0.0, bw + lat - c["fusion_bytes"] / HBM_BANDWIDTH)
     return {**parts, "total": sum(parts.values()), "exposed": exposed}
@@ -202,7 +207,7 @@ def check_rule(compiled: dict) -> list[dict]:
             "source": f"this run, {c['mesh']}",
             "block": f"{BLOCK}x{BLOCK}x{BLOCK}",
             "audit": c["audit"]["halo_bytes"],
-            "rule": halo_bytes(config, (BLOCK,) * 3, c["mesh"]),
+            "rule": halo_bytes(config, (BLOCK,) * 3, c["mesh"], paired=False),  # compiled before pairing
         }
         for c in compiled
     ]
@@ -215,7 +220,7 @@ def check_rule(compiled: dict) -> list[dict]:
                         "source": f"{SCALE_H100.name}, {row['resolution']}³ on {row['mesh']}",
                         "block": "x".join(map(str, block)),
                         "audit": row["collectives"]["collective-permute"]["bytes"],
-                        "rule": halo_bytes(config, block, row["mesh"]),
+                        "rule": halo_bytes(config, block, row["mesh"], paired=False),
                     }
                 )
     return checks
@@ -226,12 +231,124 @@ def _schedule(compiled: dict) -> list[tuple]:
     return [tuple(c.get(k) for k in keys) for c in compiled["overlap"]["collectives"]]
 
 
+# -- the model from the schedule (benchmarks/halo_overlap.py results) -----------------------------
+PEAK_BF16 = 989e12  # H100/H200 SXM dense bfloat16, FLOP/s: only its ratio to HBM_BANDWIDTH is used
+SCHEDULE_MESHES = ["2x2x2", "4x4x4", "8x8x8"]
+SENSITIVITY = [(1.0, 1.0), (0.5, 1.0), (0.25, 1.0), (1.0, 2.0), (1.0, 4.0), (0.5, 2.0)]  # (link rate, latency)
+
+
+def work(events: list[dict]) -> float:
+    """The roofline seconds of a timeline's compute (FLOPs at peak plus bytes at HBM rate)."""
+    return sum(e["flops"] / PEAK_BF16 + e["bytes"] / HBM_BANDWIDTH for e in events if e["event"] == "compute")
+
+
+def scheduled_efficiency(events, compute_s: float, mesh: str, *, bandwidth=1.0, latency=1.0) -> dict:
+    """:func:`workbench.analysis.scaling.simulate_step` of a compiled timeline on ``mesh`` (GPU links)."""
+    from workbench.analysis.scaling import simulate_step
+    from workbench.mesh import parse_mesh
+
+    spec = parse_mesh(mesh)
+
+    def seconds(e):
+        return sum(collective_seconds("gpu", spec, e, bandwidth=bandwidth, latency=latency))
+
+    r = simulate_step(events, compute_s, seconds, flop_rate=PEAK_BF16, byte_rate=HBM_BANDWIDTH)
+    return {**r, "efficiency": compute_s / r["step_s"], "no_overlap": compute_s / (compute_s + r["communication_s"])}
+
+
+def _program_for(mesh: str, programs: dict):
+    """The compiled run whose program a device of ``mesh`` runs (256³ per device): the same
+    mesh's, or for a mesh with 3+ devices on every axis one compiled on such a mesh (interior
+    devices talk both ways), or the 2x2x2 program if it sends one message per direction
+    (no axis of two paired into one two-way message)."""
+    from workbench.mesh import parse_mesh
+
+    if mesh in programs:
+        return programs[mesh]
+    if min(parse_mesh(mesh).spatial) >= 3:
+        wide = [r for m, r in programs.items() if min(parse_mesh(m).spatial) >= 3]
+        if wide:
+            return wide[0]
+    small = programs.get("2x2x2")
+    if small is not None and not small["passes"]["total"].get("two_way", 0):
+        return small
+    return None
+
+
+def schedule_model(paths: list[str], compute_s: float) -> list[dict]:
+    """Per program (label, GPU target, scheduler flag) of the halo_overlap results (before,
+    after), the predicted efficiency at 8, 64 and 512 GPUs with 256³ per device, and its
+    sensitivity to link rate and latency."""
+    groups: dict[tuple, dict] = {}
+    for path in paths:
+        result = json.loads(Path(path).read_text())
+        for run in result["runs"]:
+            if "timeline" not in run or any(run["res"] != BLOCK * int(m) for m in run["mesh"].split("x")):
+                continue  # another block per device than the model's
+            key = (result.get("label") or Path(path).name, run["target"], run["flags"]["latency_hiding_scheduler"])
+            groups.setdefault(key, {})[run["mesh"]] = run
+    out, base_work = [], {}  # per GPU target: the first program's (before) roofline work
+    for (label, target, lhs), programs in groups.items():
+        row = {"label": label, "compiler": f"XLA:GPU {target.upper()}", "latency_hiding_scheduler": lhs}
+        row["programs"], row["sensitivity"] = {}, [{"bandwidth": bw, "latency": lat} for bw, lat in SENSITIVITY]
+        for mesh in SCHEDULE_MESHES:
+            run = _program_for(mesh, programs)
+            if run is None:
+                continue
+            events = run["timeline"]
+            base = base_work.setdefault(target, work(events))
+            # Compute stays the measured step's: another program (convolutions split into
+            # interior and boundary) may take another time, which no GPU has measured; the
+            # roofline estimate of the change is recorded, not used.
+            compute = compute_s
+            row["programs"][mesh] = {
+                "compiled_mesh": run["mesh"],
+                "resolution": run["res"],
+                "compute_s": compute,
+                "roofline_work_ratio": work(events) / base,
+                "halo_overlapped": {k: run["passes"][k]["overlapped_fraction"] for k in ("forward", "backward")},
+            }
+            for s in row["sensitivity"]:
+                s[mesh] = scheduled_efficiency(events, compute, mesh, bandwidth=s["bandwidth"], latency=s["latency"])
+        out.append(row)
+    return out
+
+
+def print_schedule_model(model: list[dict]) -> None:
+    print("\nPredicted weak-scaling efficiency from the compiled schedule (GPU: NVLink in a node, IB between)")
+    rows = []
+    for m in model:
+        name = f"{m['label']}, {m['compiler']}, LHS {'on' if m['latency_hiding_scheduler'] else 'off'}"
+        for s in m["sensitivity"]:
+            last = s.get(SCHEDULE_MESHES[-1], {})
+            rows.append(
+                [name, f"x{s['bandwidth']:g}", f"x{s['latency']:g}"]
+                + [s[mesh]["efficiency"] if mesh in s else float("nan") for mesh in SCHEDULE_MESHES]
+                + [last.get("no_overlap", float("nan")), last.get("hidden_s", float("nan")) * 1e3]
+            )
+            name = ""
+    print(
+        _common.table(
+            ["program", "link rate", "latency", "8 GPUs", "64 GPUs", "512 GPUs", "512: no overlap", "512: hidden ms"],
+            rows,
+            ["", "", "", ".1%", ".1%", ".1%", ".1%", ".2f"],
+        )
+    )
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--compile", nargs="+", default=["2x2x2"], help="meshes to compile for H100 (256³ per device)")
     p.add_argument("--reuse", default=None, help="take the compiled facts from this earlier result JSON")
     p.add_argument("--quick", action="store_true", help="--reuse the committed result (no compile)")
     p.add_argument("--hlo-dir", default=None, help="also write each compiled program's text here")
+    p.add_argument(
+        "--schedule",
+        nargs="+",
+        default=None,
+        metavar="HALO_OVERLAP.json",
+        help="also predict from these benchmarks/halo_overlap.py results' schedules (e.g. before, after)",
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--child", nargs=2, metavar=("MESH", "OUT"), help=argparse.SUPPRESS)
     p.add_argument("--hlo", default=None, help=argparse.SUPPRESS)
@@ -335,10 +452,14 @@ def main(argv=None) -> int:
         f"links at half rate: {last['efficiency_half_bandwidth']:.1%}; latencies doubled: "
         f"{last['efficiency_double_latency']:.1%}"
     )
+    model = schedule_model(args.schedule, compute_s) if args.schedule else None
+    if model:
+        print_schedule_model(model)
     _common.write_json(
         args.json,
         {
             "benchmark": "weak_scaling",
+            "schedule_model": model,
             "machine": _common.machine(),
             "block": BLOCK,
             "compute_s": compute_s,

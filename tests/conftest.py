@@ -72,6 +72,7 @@ TIERS = {
     "test_resolution.py": ("integration",),
     "test_scaling.py": ("unit",),
     "test_surface.py": ("exactness",),
+    "test_schedule.py": ("integration",),
     "test_train.py": ("exactness",),
     "test_train_nnunet.py": ("exactness",),
     "test_train_nnunet_config.py": ("integration",),

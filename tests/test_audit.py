@@ -53,10 +53,10 @@ def test_explicit_halo_traffic_is_exact():
     compiled = compile_step(cfg, ShardLayout((32, 32, 32), "2x2x2", multiple=4), backend="explicit")
     r = audit(compiled)
     c = r["collectives"]
-    assert c["collective-permute"]["count"] == 12 * 6  # 12 padded conv inputs x 3 axes x 2 directions
+    assert c["collective-permute"]["count"] == 12 * 3  # 12 padded conv inputs x 3 axes, one two-way message
     # the layer spec's halo messages (analysis.scaling): 16³ blocks, the decoder's two parts padded apart
     messages = halo_messages(cfg, (16, 16, 16), "2x2x2", train=False)
-    assert len(messages) == 12 * 6 and r["halo_bytes"] == sum(m["bytes"] for m in messages) == 398_880
+    assert len(messages) == 12 * 3 and r["halo_bytes"] == sum(m["bytes"] for m in messages) == 199_440
     assert c["all-gather"]["count"] == 0 and c["all-to-all"]["count"] == 0 and r["warnings"] == []
     assert 0.2 < r["halo_ratio"] < 1.0
     one = audit(compile_step(cfg, ShardLayout((32, 32, 32), "1x1x1", multiple=4), backend="explicit"))

@@ -205,9 +205,9 @@ def test_h100_plans_fit_the_paper_budget(resolution, mesh, remat):
 
 
 def test_gpu_compiler_errors(capsys):
-    assert cli.main(["plan", "--resolution", "32", "--mesh", "2x2x2", "--compiler", "h200"]) == 2
+    assert cli.main(["plan", "--resolution", "32", "--mesh", "2x2x2", "--compiler", "a100"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--compiler 'h200' is unknown; use one of cpu, h100" in err[0]
+    assert len(err) == 1 and "--compiler 'a100' is unknown; use one of cpu, h100, h200" in err[0]
     # An interpreter without the CUDA plugin (this one) cannot plan for a GPU: one line, exit 2.
     env = {**os.environ, "WORKBENCH_GPU_PLAN_PYTHON": sys.executable}
     proc = _plan_cli(["--resolution", "32", "--mesh", "2x2x2", "--compiler", "h100"], env=env, timeout=120)

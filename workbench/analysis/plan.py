@@ -134,13 +134,16 @@ def _measure(config, volume_shape, spec, backend, halo, train, batch):
     search asking again costs nothing (the compiled program itself is not kept)."""
     import time
 
-    from workbench.analysis.audit import audit
+    from workbench.analysis.audit import audit_text
+    from workbench.analysis.schedule import schedule_summary
 
     layout = ShardLayout(volume_shape, spec, multiple=config.multiple)
     t0 = time.perf_counter()
     compiled = _compile(config, layout, backend=backend, halo=halo, train=train, batch=batch)
     seconds = time.perf_counter() - t0
-    return memory_stats(compiled), audit(compiled), seconds
+    text = compiled.as_text()
+    comm = {**audit_text(text), "schedule": schedule_summary(text, mesh=spec)}
+    return memory_stats(compiled), comm, seconds
 
 
 def plan(
@@ -163,7 +166,9 @@ def plan(
     ``memory`` (that breakdown), ``bytes_single_device`` (the same step unpartitioned
     on one device; ``None`` without ``reference``), ``efficiency``
     (= single / devices / per-device), ``budget_bytes``, ``fits``, ``padded_shape``,
-    ``padding_fraction``, ``communication`` (see :func:`workbench.analysis.audit.audit`),
+    ``padding_fraction``, ``communication`` (see :func:`workbench.analysis.audit.audit`;
+    its ``schedule``: the halo overlap of the compiled schedule and the scheduler flags,
+    :func:`workbench.analysis.schedule.schedule_summary`),
     ``warnings`` and compile times. The mesh needs that many JAX devices in this process.
     """
     from workbench.mesh import MeshSpec
@@ -426,5 +431,10 @@ def format_plan(result: dict) -> str:
             )
     lines.append("communication per step and device:")
     lines.extend("  " + line for line in format_audit(result["communication"]).splitlines())
+    if result["communication"].get("schedule"):
+        from workbench.analysis.schedule import format_schedule
+
+        text = format_schedule(result["communication"]["schedule"], _compiler_text(result))
+        lines.extend("  " + line for line in text.splitlines())
     lines.extend(f"warning: {w}" for w in result["warnings"] if w not in result["communication"]["warnings"])
     return "\n".join(lines)

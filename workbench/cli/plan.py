@@ -65,8 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compiler",
         default="cpu",
-        help="whose memory accounting: cpu (XLA:CPU on simulated devices, default) or h100 "
-        "(XLA:GPU compiling for H100s without a GPU: bfloat16 stays bfloat16; needs "
+        help="whose memory accounting and schedule: cpu (XLA:CPU on simulated devices, default), h100 or "
+        "h200 (XLA:GPU compiling for those GPUs without a GPU: bfloat16 stays bfloat16; needs "
         "JAX's CUDA plugin, which `make install` puts in .venv-gpu-plan)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")

@@ -86,6 +86,14 @@ runtime_version { major: 12 minor: 8 }
 device_description_str: "NVIDIA H100 80GB HBM3"
 """,
 }
+# The H200 (SXM) is an H100 die with 141 GB of HBM3e at 4.8 TB/s: same SM count, clock and
+# caches; device memory as its nvidia-smi reports it (143771 MiB, gpu_check_h200_2026-11-29.json).
+GPU_TARGETS["h200"] = (
+    GPU_TARGETS["h100"]
+    .replace("memory_bandwidth: 3352320000000", "memory_bandwidth: 4800000000000")
+    .replace("device_memory_size: 84929347584", "device_memory_size: 150754820096")
+    .replace('"NVIDIA H100 80GB HBM3"', '"NVIDIA H200"')
+)
 COMPILERS = ("cpu", *GPU_TARGETS)
 GPU_PLAN_ENV = ".venv-gpu-plan"
 _gpu_target: str | None = None
