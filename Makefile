@@ -57,9 +57,11 @@ demo: install
 PYTEST_WORKERS ?= 2
 PYTEST_XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
 TEST_ENV = JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.cache/jax
+# Extra pytest arguments, after the defaults (e.g. PYTEST_ARGS=--durations=0 for every test's time).
+PYTEST_ARGS ?=
 test: install lint
 	$(TEST_ENV) xvfb-run -a -s "-screen 0 1280x1024x24" \
-		$(BIN)/python -m pytest -q $(PYTEST_XDIST) --durations=20
+		$(BIN)/python -m pytest -q $(PYTEST_XDIST) --durations=20 $(PYTEST_ARGS)
 
 # The development tier: unit and exactness tests without several processes or the slow
 # planner compiles (a few minutes); `make test` and CI run everything.

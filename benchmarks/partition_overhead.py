@@ -34,7 +34,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument(
         "--comm-overlap",
         default=None,
-        help="auto | on | off (explicit backend; default: make_forward's, auto: off on CPU)",
+        help="auto | on | off (explicit backend; default: make_forward's, auto: off for now)",
     )
     p.add_argument("--json", default=None, help="also write the rows as JSON")
     return p.parse_args()

@@ -220,6 +220,8 @@ def test_train_flags_are_derived_from_train_config():
             "--configuration",
             "--checkpoint",
             "--weights-fold",
+            "--patch",
+            "--foreground-oversampling",
         )
     } == set(fields) - {"model_overrides", "warmup_steps"}
     assert "adam | adafactor | sgd (default adam)" == actions["optimizer"].help

@@ -59,12 +59,23 @@ __all__ = [
 GIB = 2**30
 
 
-def compile_step(config: UNetConfig, layout: ShardLayout, *, backend: str = "explicit", halo="exact", batch: int = 1):
-    """Compile inference (the forward pass) of ``config`` on ``layout`` for abstract inputs.
+def compile_step(
+    config: UNetConfig,
+    layout: ShardLayout,
+    *,
+    backend: str = "explicit",
+    halo="exact",
+    batch: int = 1,
+    comm_overlap="auto",
+):
+    """Compile inference (the forward pass) of ``config`` on ``layout`` for abstract inputs
+    (``comm_overlap``: :func:`workbench.execute.run.make_forward`'s).
     A training step is :func:`workbench.training.step.compile_train_step`."""
     if batch % layout.mesh.data:
         raise UserError(f"batch of {batch} does not split over data={layout.mesh.data}; use a multiple of it")
-    fn, _, in_sharding, var_sharding = make_forward(config, layout, backend=backend, halo=halo)
+    fn, _, in_sharding, var_sharding = make_forward(
+        config, layout, backend=backend, halo=halo, comm_overlap=comm_overlap
+    )
     target = layout.reference_shape if backend == "reference" else layout.padded_shape
     variables = jax.eval_shape(lambda: Model.init(config).variables)
     variables = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=var_sharding), variables)
@@ -72,14 +83,15 @@ def compile_step(config: UNetConfig, layout: ShardLayout, *, backend: str = "exp
     return jax.jit(fn).lower(variables, images).compile()
 
 
-def _compile(config, layout, *, backend, halo, train, batch, train_config=None):
+def _compile(config, layout, *, backend, halo, train, batch, train_config=None, comm_overlap="auto"):
     """Inference, or the real train step (the one training runs: loss, gradients,
     clipping, optimiser update with its state donated)."""
     if train:
         if halo != "exact":
             raise UserError(f"training plans use exact halos; halo {halo!r} is for inference only")
+        train_config = train_config or TrainConfig(comm_overlap=comm_overlap)
         return compile_train_step(config, layout, train_config, backend=backend, batch=batch)
-    return compile_step(config, layout, backend=backend, halo=halo, batch=batch)
+    return compile_step(config, layout, backend=backend, halo=halo, batch=batch, comm_overlap=comm_overlap)
 
 
 def plan_memory(
@@ -129,7 +141,7 @@ def _budget_bytes(budget_gib) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _measure(config, volume_shape, spec, backend, halo, train, batch):
+def _measure(config, volume_shape, spec, backend, halo, train, batch, comm_overlap="auto"):
     """(memory, audit, compile seconds) of one step; cached, so a notebook or a budget
     search asking again costs nothing (the compiled program itself is not kept)."""
     import time
@@ -139,7 +151,7 @@ def _measure(config, volume_shape, spec, backend, halo, train, batch):
 
     layout = ShardLayout(volume_shape, spec, multiple=config.multiple)
     t0 = time.perf_counter()
-    compiled = _compile(config, layout, backend=backend, halo=halo, train=train, batch=batch)
+    compiled = _compile(config, layout, backend=backend, halo=halo, train=train, batch=batch, comm_overlap=comm_overlap)
     seconds = time.perf_counter() - t0
     text = compiled.as_text()
     comm = {**audit_text(text), "schedule": schedule_summary(text, mesh=spec)}
@@ -158,8 +170,10 @@ def plan(
     budget_gib: float = 16.0,
     reference: bool = True,
     allow_padding: bool = False,
+    comm_overlap: str = "auto",
 ) -> dict:
-    """Per-device memory of one step of ``config`` at ``resolution`` on ``mesh``.
+    """Per-device memory of one step of ``config`` at ``resolution`` on ``mesh``
+    (``comm_overlap``: the explicit backend's interior/boundary split, ``--comm-overlap``).
 
     Returns the ``plan --json`` object: ``resolution``, ``mesh``, ``devices``,
     ``bytes_per_device`` (peak = arguments + outputs + temporaries - aliased),
@@ -185,7 +199,7 @@ def plan(
             f"mesh {spec} needs {spec.n_devices} devices but this process has {have}; "
             f"pass --cpu-devices {spec.n_devices} (simulated CPU devices) or plan a smaller mesh"
         )
-    memory, comm, seconds = _measure(config, layout.volume_shape, spec, backend, halo, train, batch)
+    memory, comm, seconds = _measure(config, layout.volume_shape, spec, backend, halo, train, batch, comm_overlap)
     single = None
     ref_seconds = None
     if reference:

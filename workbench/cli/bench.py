@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--comm-overlap",
         default="auto",
         help="auto | on | off: the explicit backend's interior/boundary convolutions in "
-        f"{', '.join(COMM_OVERLAP_BENCHMARKS)} (default auto: off on CPU)",
+        f"{', '.join(COMM_OVERLAP_BENCHMARKS)} (default auto: off for now)",
     )
 
 

@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--comm-overlap",
         default="auto",
         help=f"{' | '.join(COMM_OVERLAP)}: explicit backend, compute each convolution's interior while its "
-        "halos travel (default auto: per layer and block; off on CPU)",
+        "halos travel (default auto: off until a GPU measurement shows the split pays; see README)",
     )
     p.add_argument(
         "--reference", action="store_true", help="also run the single-device reference and report the difference"

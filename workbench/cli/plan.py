@@ -37,6 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--train", action="store_true", help="plan a training step (Adam state included)")
     p.add_argument("--remat", action="store_true", help="rematerialise each conv block in the backward pass")
+    p.add_argument(
+        "--comm-overlap",
+        default="auto",
+        help="explicit backend: convolutions as interior + boundary shells: auto | on | off (default auto: off for now; the --budget-gib recommendation plans with the default)",
+    )
     p.add_argument("--backend", default="explicit", help=f"{' | '.join(PLAN_BACKENDS)} (default explicit)")
     p.add_argument("--halo", default="exact", help="halo mode for inference plans (default exact)")
     p.add_argument("--batch", type=positive_int, default=None, help="global batch (default: the data size)")
@@ -90,6 +95,7 @@ def run(args) -> int:
     from workbench.execute.devices import configure_cpu_devices, has_cuda_plugin, use_gpu_target, validate_compiler
     from workbench.mesh import MeshSpec, parse_mesh, parse_resolution
     from workbench.model.halo import validate_halo
+    from workbench.model.interior import validate_comm_overlap
 
     if nnunet_mode(args):
         return run_nnunet(args)
@@ -135,6 +141,7 @@ def run(args) -> int:
         budget_gib=budget,
         reference=not args.no_reference,
         allow_padding=args.allow_padding,
+        comm_overlap=validate_comm_overlap(args.comm_overlap),
     )
     if args.budget_gib is not None:
         if log:
@@ -210,6 +217,7 @@ def _delegate(args, n_devices: int) -> int:
         ("--dtype", args.dtype),
         ("--batch", args.batch),
         ("--budget-gib", args.budget_gib),
+        ("--comm-overlap", args.comm_overlap),
     ):
         if value is not None:
             argv += [flag, str(value)]

@@ -207,7 +207,7 @@ def make_forward(
     (``layout.reference_shape`` for the reference) and the logits keep that shape.
     ``comm_overlap`` (``auto`` | ``on`` | ``off``, explicit backend): convolutions as interior
     + boundary shells so halos travel while the interior is computed
-    (:func:`~workbench.model.interior.resolve_comm_overlap`; ``auto`` is ``off`` on CPU).
+    (:func:`~workbench.model.interior.resolve_comm_overlap`; ``auto`` is ``off`` for now).
     """
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; use one of {BACKENDS}")

@@ -149,7 +149,7 @@ class TrainConfig:
     comm_overlap: str = _option(
         "auto",
         "explicit backend: compute each convolution's interior while its halos travel, then the boundary "
-        "shells: {choices} (default auto: per layer and block; off on CPU)",
+        "shells: {choices} (default auto: off until a GPU measurement shows the split pays; see README)",
         choices=COMM_OVERLAP,
     )
     model: str = _option("small", "model preset: {choices} (default small)", choices=PRESETS)
