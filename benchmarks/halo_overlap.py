@@ -40,7 +40,7 @@ def _config(quick: bool):
     return config.replace(depth=2, base_filters=8) if quick else config
 
 
-def child(mesh: str, target: str, resolution: int, quick: bool, out: str) -> None:
+def child(mesh: str, target: str, resolution: int, quick: bool, out: str, comm_overlap: str = "on") -> None:
     """Compile in this process (it has the CUDA plugin); write the HLO text and a sidecar JSON."""
     from workbench.analysis.schedule import scheduler_flags
     from workbench.execute.devices import use_gpu_target
@@ -49,12 +49,13 @@ def child(mesh: str, target: str, resolution: int, quick: bool, out: str) -> Non
     spec = parse_mesh(mesh)
     use_gpu_target(spec.n_devices, target)
     from workbench.execute.run import memory_stats
+    from workbench.training.config import TrainConfig
     from workbench.training.step import compile_train_step
 
     config = _config(quick)
     layout = ShardLayout((resolution,) * 3, spec, multiple=config.multiple)
     t0 = time.perf_counter()
-    compiled = compile_train_step(config, layout)
+    compiled = compile_train_step(config, layout, TrainConfig(comm_overlap=comm_overlap))
     seconds = time.perf_counter() - t0
     Path(out + ".hlo").write_text(compiled.as_text())
     side = {"mesh": mesh, "target": target, "res": resolution, "compile_seconds": seconds}
@@ -62,7 +63,7 @@ def child(mesh: str, target: str, resolution: int, quick: bool, out: str) -> Non
     Path(out + ".json").write_text(json.dumps(side))
 
 
-def compile_one(mesh, target, lhs, resolution, quick, stem: Path) -> None:
+def compile_one(mesh, target, lhs, resolution, quick, stem: Path, comm_overlap: str = "on") -> None:
     from workbench.execute.devices import gpu_plan_python
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "WORKBENCH_GPU_PLAN_CHILD": "1"}
@@ -71,6 +72,7 @@ def compile_one(mesh, target, lhs, resolution, quick, stem: Path) -> None:
     env["XLA_FLAGS"] = " ".join([*flags, "--xla_gpu_autotune_level=0", *([LHS_FLAG] if lhs else [])])
     cmd = [gpu_plan_python(), __file__, "--child", mesh, target, str(resolution), str(stem)]
     cmd += ["--quick"] if quick else []
+    cmd += ["--comm-overlap", comm_overlap]
     proc = subprocess.run(["nice", "-n", "10", *cmd], capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"compiling {mesh} for {target} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -94,6 +96,12 @@ def main(argv=None) -> int:
     p.add_argument("--lhs", nargs="+", default=["off", "on"], help="latency-hiding scheduler off and/or on")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--quick", action="store_true")
+    p.add_argument(
+        "--comm-overlap",
+        default="on",
+        choices=("auto", "on", "off"),
+        help="the split (default on; 'after' was measured with it)",
+    )
     p.add_argument("--hlo-dir", default=None, help="keep each compiled program's text here")
     p.add_argument("--reuse-hlo", action="store_true", help="analyse programs already in --hlo-dir")
     p.add_argument("--label", default="", help="a name for this code state (e.g. before, after)")
@@ -101,7 +109,7 @@ def main(argv=None) -> int:
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        child(*args.child[:2], int(args.child[2]), args.quick, args.child[3])
+        child(*args.child[:2], int(args.child[2]), args.quick, args.child[3], args.comm_overlap)
         return 0
     if args.quick:
         args.meshes, args.targets, args.lhs, args.resolution = ["2x2x2"], ["h100"], ["off"], 64
@@ -116,7 +124,7 @@ def main(argv=None) -> int:
                 stem = folder / f"{args.label or 'train'}_{mesh}_{target}_lhs{lhs}"
                 if not (args.reuse_hlo and stem.with_suffix(".hlo").exists()):
                     t0 = time.perf_counter()
-                    compile_one(mesh, target, lhs == "on", args.resolution, args.quick, stem)
+                    compile_one(mesh, target, lhs == "on", args.resolution, args.quick, stem, args.comm_overlap)
                     print(
                         f"compiled {mesh} for {target}, scheduler {lhs}: {time.perf_counter() - t0:.0f} s", flush=True
                     )
