@@ -56,12 +56,7 @@ demo: install
 # core idle while XLA compiles on one thread. PYTEST_WORKERS=0 runs serially.
 PYTEST_WORKERS ?= 2
 PYTEST_XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
-# With workers, each XLA:CPU process runs its Eigen operations on one thread: the workers
-# already fill the cores, and Eigen's pool threads then only contend (measured on 2 cores
-# beside a running suite: test_halo + test_layers took 37 s of CPU instead of 45, and 44 s
-# of wall instead of 105). Serial runs keep the multi-threaded default.
-TEST_XLA_FLAGS = $(if $(filter 0,$(PYTEST_WORKERS)),,--xla_cpu_multi_thread_eigen=false)
-TEST_ENV = JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.cache/jax XLA_FLAGS="$(strip $(XLA_FLAGS) $(TEST_XLA_FLAGS))"
+TEST_ENV = JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.cache/jax
 # Extra pytest arguments, after the defaults (e.g. PYTEST_ARGS=--durations=0 for every test's time).
 PYTEST_ARGS ?=
 test: install lint
