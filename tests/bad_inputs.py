@@ -1010,9 +1010,9 @@ def collect(ids=None) -> dict[str, str]:
 
 def _setup_jax() -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import jax
+    from workbench.execute.devices import configure_cpu_devices
 
-    jax.config.update("jax_num_cpu_devices", 8)
+    configure_cpu_devices(8)
     sys.path.insert(0, str(Path(__file__).parent))  # test_datasets, as pytest imports it
 
 

@@ -13,7 +13,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-jax.config.update("jax_num_cpu_devices", 8)
+from workbench.execute.devices import configure_cpu_devices  # noqa: E402
+
+configure_cpu_devices(8)  # as the CLI and notebooks do (and XLA:CPU's code generator with it)
 
 from hypothesis import settings  # noqa: E402
 
@@ -100,6 +102,15 @@ def f32_tolerance(scale) -> float:
 
 # -- models: one cache instead of a Model.init per file ------------------------------------------
 _MODELS: dict = {}
+
+
+def plan_cli(args, env=None, timeout=600):
+    """``python -m workbench plan ARGS`` in a subprocess (a GPU plan needs its own process)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "workbench", "plan", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def perturbed(model, seed: int = 1):

@@ -4,8 +4,8 @@ import jax
 import pytest
 
 from workbench.analysis.audit import audit, audit_text, format_audit
-from workbench.analysis.plan import compile_step
 from workbench.analysis.scaling import halo_messages
+from workbench.execute.run import compile_forward
 from workbench.mesh import ShardLayout
 from workbench.model.unet import UNetConfig
 
@@ -50,7 +50,7 @@ def test_no_collectives():
 
 def test_explicit_halo_traffic_is_exact():
     cfg = UNetConfig.preset("small")
-    compiled = compile_step(cfg, ShardLayout((32, 32, 32), "2x2x2", multiple=4), backend="explicit")
+    compiled = compile_forward(cfg, ShardLayout((32, 32, 32), "2x2x2", multiple=4), backend="explicit").compiled
     r = audit(compiled)
     c = r["collectives"]
     assert c["collective-permute"]["count"] == 12 * 3  # 12 padded conv inputs x 3 axes, one two-way message
@@ -59,6 +59,6 @@ def test_explicit_halo_traffic_is_exact():
     assert len(messages) == 12 * 3 and r["halo_bytes"] == sum(m["bytes"] for m in messages) == 199_440
     assert c["all-gather"]["count"] == 0 and c["all-to-all"]["count"] == 0 and r["warnings"] == []
     assert 0.2 < r["halo_ratio"] < 1.0
-    one = audit(compile_step(cfg, ShardLayout((32, 32, 32), "1x1x1", multiple=4), backend="explicit"))
+    one = audit(compile_forward(cfg, ShardLayout((32, 32, 32), "1x1x1", multiple=4), backend="explicit").compiled)
     assert one["halo_bytes"] == 0 and one["activation_bytes"] > 8 * r["activation_bytes"] * 0.9
     assert jax.device_count() >= 8

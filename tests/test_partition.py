@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import perturbed
+from conftest import f32_tolerance, perturbed
 
 from workbench.execute.run import apply, make_forward
 from workbench.mesh import ShardLayout, parse_mesh
@@ -12,7 +12,6 @@ from workbench.model.unet import Model, UNetConfig
 
 MESHES = ["1x1x1", "2x1x1", "1x2x1", "1x1x2", "2x2x2", "1x2x4", "4x2x1", "8x1x1", "data=2,z=2,y=2,x=1"]
 SHAPES = [(40, 56, 48), (37, 53, 45)]
-FORWARD_TOL = 1e-5
 GRAD_RTOL = 1e-4  # float64 compute (test_gradients_float64)
 # float32 gradients (test_training_forward_gradients_and_statistics, test_other_normalisations_train_mode)
 # on any x86-64 CPU. Measured per leaf as _assert_gradients_match defines it (max |g - r| over
@@ -89,7 +88,7 @@ def test_forward_equals_reference(model, mesh, shape, backend, forward_reference
     out = apply(model, x, mesh, backend=backend)
     assert out.shape == (batch, *shape, 3)
     assert np.abs(ref).max() > 0.1  # the comparison is not between zeros
-    np.testing.assert_allclose(out, ref, rtol=0, atol=FORWARD_TOL)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=f32_tolerance(ref))
 
 
 @pytest.mark.parametrize("mesh", ["1x2x4"])
@@ -106,7 +105,7 @@ def test_interior_boundary_forward_equals_reference(model, mesh, forward_referen
         args = jax.device_put(model.variables, var_sharding), jax.device_put(xp, in_sharding)
         counts[comm_overlap] = fn.lower(*args).as_text().count("stablehlo.convolution")
         out = layout.crop(np.asarray(fn(*args)))
-        np.testing.assert_allclose(out, ref, rtol=0, atol=FORWARD_TOL)
+        np.testing.assert_allclose(out, ref, rtol=0, atol=f32_tolerance(ref))
     assert counts["off"] == 12 and counts["on"] == 5 * counts["off"], counts
 
 
@@ -114,7 +113,8 @@ def test_three_d_input_returns_three_d_logits(model):
     x = _volume((20, 24, 16), 1)[0, ..., 0]
     out = apply(model, x, "2x2x2")
     assert out.shape == (20, 24, 16, 3)
-    np.testing.assert_allclose(out, apply(model, x, backend="reference"), atol=FORWARD_TOL)
+    ref = apply(model, x, backend="reference")
+    np.testing.assert_allclose(out, ref, rtol=0, atol=f32_tolerance(ref))
 
 
 def _train_step_outputs(model, x, mesh, backend, rng, comm_overlap="auto"):
@@ -212,7 +212,7 @@ def train_setup(make_model):
 
 def _assert_forward_and_statistics_match(out, ref):
     assert abs(out[0] - ref[0]) <= 1e-5 * max(1.0, abs(ref[0]))
-    np.testing.assert_allclose(out[1], ref[1], atol=FORWARD_TOL)
+    np.testing.assert_allclose(out[1], ref[1], rtol=0, atol=f32_tolerance(ref[1]))
     for s, s_ref in zip(jax.tree.leaves(out[3]), jax.tree.leaves(ref[3])):
         np.testing.assert_allclose(np.asarray(s), np.asarray(s_ref), rtol=1e-5, atol=1e-6)
 
@@ -310,7 +310,7 @@ def test_other_normalisations_train_mode(norm, make_model):
     rng = jax.random.key(0)
     ref = _train_step_outputs(model, x, "1x1x1", "reference", rng)
     out = _train_step_outputs(model, x, "data=2,z=2,y=1,x=2", "explicit", rng)
-    np.testing.assert_allclose(out[1], ref[1], atol=FORWARD_TOL)
+    np.testing.assert_allclose(out[1], ref[1], rtol=0, atol=f32_tolerance(ref[1]))
     _assert_gradients_match(
         out[2], ref[2], rtol=GRAD_RTOL_F32, pool_routed_norm_rtol=POOL_ROUTED_NORM_RTOL_F32, depth=config.depth
     )
@@ -340,17 +340,17 @@ def _seam_error(plain_model, halo):
     ref = apply(plain_model, x, backend="reference")
     out = apply(plain_model, x, "2x1x1", halo=halo)
     err = np.abs(out - ref).max(axis=(0, 2, 3, 4))  # per z slice
-    return err, 48  # seam between z=47 and z=48
+    return err, 48, f32_tolerance(ref)  # seam between z=47 and z=48
 
 
 @pytest.mark.parametrize("halo", ["zero", "reflect", "replicate", 0])
 def test_per_layer_halo_artifacts_stay_in_receptive_band(plain_model, halo):
     radius = max(plain_model.config.spec().receptive_radius())
     assert radius == 23
-    err, seam = _seam_error(plain_model, halo)
+    err, seam, tol = _seam_error(plain_model, halo)
     inside = np.zeros(err.shape, bool)
     inside[seam - radius : seam + radius] = True
-    assert err[~inside].max() <= FORWARD_TOL, "artifact outside the receptive band"
+    assert err[~inside].max() <= tol, "artifact outside the receptive band"
     assert err[seam - 1] > 1e-3 and err[seam] > 1e-3, "no artifact at the seam"
 
 
@@ -358,13 +358,13 @@ def test_per_layer_halo_artifacts_stay_in_receptive_band(plain_model, halo):
 def test_narrow_overlap_halo_band(plain_model, width):
     radius = max(plain_model.config.spec().receptive_radius())
     band = radius - width
-    err, seam = _seam_error(plain_model, width)
+    err, seam, tol = _seam_error(plain_model, width)
     inside = np.zeros(err.shape, bool)
     inside[seam - band : seam + band] = True
-    assert err[~inside].max() <= FORWARD_TOL
+    assert err[~inside].max() <= tol
     assert err[seam - 1] > 1e-4 and err[seam] > 1e-4
 
 
 def test_full_overlap_is_exact(plain_model):
-    err, _ = _seam_error(plain_model, "overlap")
-    assert err.max() <= FORWARD_TOL
+    err, _, tol = _seam_error(plain_model, "overlap")
+    assert err.max() <= tol

@@ -2,12 +2,12 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
+from conftest import plan_cli
 
 from workbench import cli
 from workbench.analysis.plan import GIB, plan, plan_layout, recommend
@@ -137,23 +137,8 @@ def test_cli_errors(capsys, argv, message):
 @pytest.mark.slow
 def test_paper_model_512_on_8_devices_in_a_subprocess():
     """The planner's headline case, in its own process with 8 simulated devices."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "workbench",
-        "plan",
-        "--resolution",
-        "512",
-        "--mesh",
-        "2x2x2",
-        "--model",
-        "paper",
-        "--json",
-        "--no-reference",
-        "--cpu-devices",
-        "8",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    args = ["--resolution", "512", "--mesh", "2x2x2", "--model", "paper", "--json", "--no-reference"]
+    proc = plan_cli([*args, "--cpu-devices", "8"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(proc.stdout)
     assert r["block_shape"] == [256, 256, 256] and r["devices"] == 8 and r["padding_fraction"] == 0
@@ -163,11 +148,6 @@ def test_paper_model_512_on_8_devices_in_a_subprocess():
 
 
 # -- XLA:GPU plans without a GPU (--compiler h100) -------------------------------------------------
-def _plan_cli(args, env=None, timeout=600):
-    cmd = [sys.executable, "-m", "workbench", "plan", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "resolution, mesh, remat", [(512, "1x4x4", False), (512, "2x2x2", True), (1024, "4x4x4", False)]
@@ -189,7 +169,7 @@ def test_h100_plans_fit_the_paper_budget(resolution, mesh, remat):
         "--compiler",
         "h100",
     ] + (["--remat"] if remat else [])
-    proc = _plan_cli(args)
+    proc = plan_cli(args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(proc.stdout)
     assert (
@@ -210,7 +190,7 @@ def test_gpu_compiler_errors(capsys):
     assert len(err) == 1 and "--compiler 'a100' is unknown; use one of cpu, h100, h200" in err[0]
     # An interpreter without the CUDA plugin (this one) cannot plan for a GPU: one line, exit 2.
     env = {**os.environ, "WORKBENCH_GPU_PLAN_PYTHON": sys.executable}
-    proc = _plan_cli(["--resolution", "32", "--mesh", "2x2x2", "--compiler", "h100"], env=env, timeout=120)
+    proc = plan_cli(["--resolution", "32", "--mesh", "2x2x2", "--compiler", "h100"], env=env, timeout=120)
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1 and proc.stdout == ""
     assert "has no CUDA plugin for JAX" in err[0] and "WORKBENCH_GPU_PLAN_PYTHON" in err[0]

@@ -1,6 +1,7 @@
 """What a scheduled program runs while each halo message travels (workbench.analysis.schedule)."""
 
 import pytest
+from conftest import plan_cli
 
 from workbench.analysis.scaling import simulate_step
 from workbench.analysis.schedule import format_schedule, halo_schedule, parse_entry, scheduler_flags, timeline
@@ -141,25 +142,10 @@ def test_plan_reports_the_halo_overlap_of_the_h100_schedule():
     """One tiny deviceless XLA:GPU compile (.venv-gpu-plan, as `make install` creates it):
     `workbench plan --compiler h100` reports the overlapped halo bytes per pass and the flags."""
     import json
-    import subprocess
-    import sys
 
     config = {**UNetConfig.preset("paper").as_dict(), "depth": 2, "base_filters": 8}
     args = ["--resolution", "32", "--mesh", "2x2x2", "--model-config", json.dumps(config), "--train"]
-    cmd = [
-        sys.executable,
-        "-m",
-        "workbench",
-        "plan",
-        *args,
-        "--json",
-        "--no-reference",
-        "--compiler",
-        "h100",
-        "--comm-overlap",
-        "on",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = plan_cli([*args, "--json", "--no-reference", "--compiler", "h100", "--comm-overlap", "on"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(proc.stdout)["communication"]["schedule"]
     assert r["scheduled"] and r["flags"]["latency_hiding_scheduler"] is False

@@ -147,7 +147,7 @@ def audit(compiled, *, activation_rank: int = 4) -> dict[str, Any]:
     Parameters
     ----------
     compiled
-        a ``jax.stages.Compiled`` (e.g. from :func:`workbench.analysis.plan.compile_step`).
+        a ``jax.stages.Compiled`` (e.g. ``workbench.execute.run.compile_forward(...).compiled``).
     activation_rank
         all-gathers whose result has at least this many dimensions count as gathered
         activations (volumes are (N, Z, Y, X, C); parameters have rank <= 5 but are

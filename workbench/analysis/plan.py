@@ -5,7 +5,7 @@ gives XLA's own per-device accounting through ``compiled.memory_analysis()``
 (arguments, outputs, temporaries, aliasing), and the compiled HLO gives the
 communication audit (:mod:`workbench.analysis.audit`).
 
-* :func:`compile_step`: inference. A training step is compiled by
+* inference is compiled by :func:`workbench.execute.run.compile_forward`, a training step by
   :func:`workbench.training.step.compile_train_step`: the very step training runs (loss,
   gradients, clipping, Adam update; parameters and optimiser state donated).
 * :func:`plan_memory`: per-device bytes of either, for a layout.
@@ -33,18 +33,16 @@ import copy
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from workbench.errors import UserError
-from workbench.execute.run import make_forward, memory_stats
+from workbench.execute.run import compile_forward, memory_stats
 from workbench.mesh import ShardLayout, parse_resolution
-from workbench.model.unet import Model, UNetConfig
+from workbench.model.unet import UNetConfig
 from workbench.options import PLAN_BACKENDS
 from workbench.training.config import TrainConfig
 from workbench.training.step import compile_train_step
 
 __all__ = [
-    "compile_step",
     "plan_memory",
     "plan_layout",
     "plan",
@@ -59,30 +57,6 @@ __all__ = [
 GIB = 2**30
 
 
-def compile_step(
-    config: UNetConfig,
-    layout: ShardLayout,
-    *,
-    backend: str = "explicit",
-    halo="exact",
-    batch: int = 1,
-    comm_overlap="auto",
-):
-    """Compile inference (the forward pass) of ``config`` on ``layout`` for abstract inputs
-    (``comm_overlap``: :func:`workbench.execute.run.make_forward`'s).
-    A training step is :func:`workbench.training.step.compile_train_step`."""
-    if batch % layout.mesh.data:
-        raise UserError(f"batch of {batch} does not split over data={layout.mesh.data}; use a multiple of it")
-    fn, _, in_sharding, var_sharding = make_forward(
-        config, layout, backend=backend, halo=halo, comm_overlap=comm_overlap
-    )
-    target = layout.reference_shape if backend == "reference" else layout.padded_shape
-    variables = jax.eval_shape(lambda: Model.init(config).variables)
-    variables = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=var_sharding), variables)
-    images = jax.ShapeDtypeStruct((batch, *target, config.in_channels), jnp.float32, sharding=in_sharding)
-    return jax.jit(fn).lower(variables, images).compile()
-
-
 def _compile(config, layout, *, backend, halo, train, batch, train_config=None, comm_overlap="auto"):
     """Inference, or the real train step (the one training runs: loss, gradients,
     clipping, optimiser update with its state donated)."""
@@ -91,7 +65,7 @@ def _compile(config, layout, *, backend, halo, train, batch, train_config=None, 
             raise UserError(f"training plans use exact halos; halo {halo!r} is for inference only")
         train_config = train_config or TrainConfig(comm_overlap=comm_overlap)
         return compile_train_step(config, layout, train_config, backend=backend, batch=batch)
-    return compile_step(config, layout, backend=backend, halo=halo, batch=batch, comm_overlap=comm_overlap)
+    return compile_forward(config, layout, backend=backend, halo=halo, batch=batch, comm_overlap=comm_overlap).compiled
 
 
 def plan_memory(
