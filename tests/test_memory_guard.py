@@ -72,14 +72,17 @@ def test_train_refuses_before_compiling_and_force_skips_the_check(monkeypatch, t
 
 
 def test_cli_refuses_a_run_bigger_than_this_machine(tmp_path):
-    """512³ with the paper model on one device needs ~50 GiB: refused by the planner, exit 2,
-    one line, nothing written (the run itself would exceed the machine's RAM)."""
+    """512³ with the paper model on one device needs ~50 GiB: refused, exit 2, one line,
+    nothing written (the run itself would exceed the machine's RAM). Which check refuses
+    depends on the RAM free at the time: the planner's compiled peak, or already the analytic
+    lower bound (16 GiB) when less than that is free (a busy machine)."""
     out = tmp_path / "big"
     argv = ["infer", "phantom:512", "--model", "paper", "--mesh", "1x1x1", "--out", str(out), "--cpu-devices", "1"]
     proc = subprocess.run([sys.executable, "-m", "workbench", *argv], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
-    assert "this inference run needs the planner's" in proc.stderr and "or pass --force" in proc.stderr
+    needs = ("this inference run needs the planner's", "this inference run needs at least")
+    assert any(n in proc.stderr for n in needs) and "or pass --force" in proc.stderr
     assert not out.exists()
 
 

@@ -201,3 +201,31 @@ def test_process_blocks_match_what_jax_assigns(mesh, shape):
         mine = devices[block.process * 4 : (block.process + 1) * 4]
         assert block.boxes == tuple(box(d) for d in mine)
         assert block.box == tuple((min(box(d)[i][0] for d in mine), max(box(d)[i][1] for d in mine)) for i in range(3))
+
+
+def test_cpu_codegen_flag_is_added_once_and_yields_to_the_user(monkeypatch):
+    """configure_cpu_devices' XLA:CPU code-generator flag: added on the measured jaxlib versions,
+    never twice, never over the user's own setting, and not at all with WORKBENCH_XLA_CPU_DEFAULTS=1."""
+    import os
+
+    import jaxlib
+
+    from workbench.execute import devices
+
+    monkeypatch.setattr(jaxlib, "__version__", "0.10.2")  # measured there
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    monkeypatch.delenv("WORKBENCH_XLA_CPU_DEFAULTS", raising=False)
+    devices.cpu_codegen_flags()
+    devices.cpu_codegen_flags()
+    assert os.environ["XLA_FLAGS"] == f"--xla_dump_to=/tmp/x {devices.CPU_CODEGEN_FLAG}"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=true")
+    devices.cpu_codegen_flags()
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_use_fusion_emitters=true"
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("WORKBENCH_XLA_CPU_DEFAULTS", "1")
+    devices.cpu_codegen_flags()
+    assert os.environ["XLA_FLAGS"] == ""
+    monkeypatch.delenv("WORKBENCH_XLA_CPU_DEFAULTS")
+    monkeypatch.setattr(jaxlib, "__version__", "0.12.0")  # a jaxlib it was not measured on
+    devices.cpu_codegen_flags()
+    assert os.environ["XLA_FLAGS"] == ""

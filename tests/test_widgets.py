@@ -260,8 +260,8 @@ def test_panel_training_estimate_is_workbench_plan_train():
     clipping, Adam state) as `workbench plan --train`, on a data-parallel mesh too."""
     from workbench.analysis.plan import plan
 
-    p = WorkbenchPanel("phantom:16", mesh="data=2,z=2,y=2,x=1", estimate="sync")
-    p.plan_for.value = "training"
+    p = WorkbenchPanel("phantom:16", mesh="data=2,z=2,y=2,x=1", estimate="sync", plan_for="training")
+    assert p.plan_for.value == "training"
     for spec in (MeshSpec(2, 2, 1, data=2), MeshSpec(2, 2, 2)):
         p.data.value = spec.data
         p.mesh.value = spec

@@ -36,10 +36,13 @@ class EstimateView:
         *,
         mode: str = "background",
         budget_gib: float = 16.0,
+        plan_for: str = "inference",
         style=None,
     ):
         if mode not in ("background", "sync", "off"):
             raise UserError(f"estimate={mode!r}; use 'background', 'sync' or 'off'")
+        if plan_for not in ("inference", "training"):
+            raise UserError(f"plan_for={plan_for!r}; use 'inference' or 'training'")
         self.estimator = estimator or MemoryEstimator()
         self.mode = mode
         self.key: PlanKey | None = None
@@ -47,7 +50,7 @@ class EstimateView:
         self.fits: bool | None = None
         self.last: dict | None = None
         self.plan_for = W.ToggleButtons(
-            options=["inference", "training"], value="inference", description="plan for", style={"button_width": "92px"}
+            options=["inference", "training"], value=plan_for, description="plan for", style={"button_width": "92px"}
         )
         self.budget = W.BoundedFloatText(
             value=budget_gib,

@@ -72,6 +72,9 @@ class WorkbenchPanel:
         (planned and trained in that dtype; runs compute float32), and no rematerialisation.
     budget_gib : float
         per-device memory budget the estimate is checked against.
+    plan_for : {"inference", "training"}
+        what the first estimate plans (the ``plan for`` control; setting it here spares
+        compiling the other one first).
     estimate : {"background", "sync", "off"}
         when to run the planner: in a background thread (default), before returning from
         every change (scripts, tests), or never.
@@ -93,6 +96,7 @@ class WorkbenchPanel:
         halo="exact",
         backend: str = "explicit",
         budget_gib: float = 16.0,
+        plan_for: str = "inference",
         steps: int = 5,
         seed: int = 0,
         n_devices: int | None = None,
@@ -109,7 +113,7 @@ class WorkbenchPanel:
         self.platform = devices[0].platform
         self.session = Session(volume, seed=seed)
         self.memory = EstimateView(
-            estimator, mode=estimate, budget_gib=budget_gib, style={"description_width": "110px"}
+            estimator, mode=estimate, budget_gib=budget_gib, plan_for=plan_for, style={"description_width": "110px"}
         )
         self.estimator, self.plan_for, self.budget, self.estimate = (
             self.memory.estimator,
