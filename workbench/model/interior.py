@@ -8,8 +8,13 @@ does):
 * the **boundary shells**: the thin slabs of output voxels whose window reaches into a
   halo, convolved from slices of the halo-padded block (:func:`~workbench.model.halo.halo_pad`).
 
-The halo messages (``ppermute``) are issued first and only the shells wait for them, so
-a latency-hiding scheduler may run the interior convolution while they travel. The
+The halo messages go out in one phase (:func:`~workbench.model.halo_direct.direct_pad`:
+every face, edge and corner straight from the unpadded block, none waiting for another) and
+only the shells wait for them; the received messages pass through one
+``optimization_barrier`` with the interior's output, so the padded block is assembled (and
+the messages waited for) only once the interior exists. On GPUs the program is compiled with
+:data:`GPU_COMPILER_OPTIONS` (XLA:GPU otherwise keeps one collective in flight). Halos
+deeper than a block fall back to the chained exchange (:func:`~workbench.model.halo.halo_pad`). The
 output is the concatenation of the parts, equal to the unsplit convolution up to the
 order of float sums within each voxel (none: each output voxel is still one window).
 
@@ -120,10 +125,10 @@ def resolve_comm_overlap(choice: str, platform: str) -> str:
     ``auto`` is ``off`` on every platform for now, by measurement. On CPU, XLA runs
     collectives synchronously (nothing can travel while the interior is computed) and the
     split only costs time (:data:`MIN_INTERIOR_FRACTION`). On GPU, XLA:GPU's schedule of the
-    split program (deviceless H100/H200, paper model at 512³) hides no forward halo and
-    23-53 % of the backward halo bytes (benchmarks/halo_overlap.py), about 1 ms of a
-    171 ms step in the scaling model, while the split adds 3-27 % convolution work and
-    memory (the 1024³ step on 4x4x4 H100s grew from under 16 GiB to 17.7 GiB per device). ``on``
+    split program with the one-phase exchange (deviceless H100, paper model at 512³ on
+    2x2x2) hides every halo byte of the forward and backward pass (benchmarks/halo_overlap.py,
+    docs/scaling.md), but no GPU has timed the split's extra convolution work (3-27 % more
+    on CPU), so ``auto`` stays off until one does. ``on``
     splits every layer whose block has an interior; ``Partition(interior_boundary="auto")``
     applies the per-layer rule :func:`split_pays` for experiments.
     """
@@ -134,7 +139,8 @@ def resolve_comm_overlap(choice: str, platform: str) -> str:
 # XLA:GPU keeps one collective in flight at a time by default; the one-phase exchange sends
 # up to 26 messages per convolution (7 on a 2x2x2 mesh), and with one in flight the scheduler
 # leaves the interior convolution outside them. Measured (deviceless H100 compile, paper model,
-# 512³ training step; docs/scaling.md): forward halo bytes hidden 0 % at the default.
+# 512³ training step on 2x2x2; docs/scaling.md): forward halo bytes hidden 33 % at the
+# default, 100 % with 8 or 32.
 GPU_COMPILER_OPTIONS = {"xla_gpu_experimental_parallel_collective_overlap_limit": 32}
 
 
