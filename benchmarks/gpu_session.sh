@@ -35,7 +35,7 @@ timeout 60 "$PY" -c "import jax, jaxlib, flax, optax; print('jax', jax.__version
 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" 2>&1 | tail -1 | tee "$OUT/versions.txt"
 
 echo "== 1. paper model at ${SIZE}³: training step and inference, variant by variant"
-timeout $((BUDGET + 60)) "$PY" benchmarks/gpu_step.py --size "$SIZE" --budget-s "$BUDGET" --out "$OUT" "${EXTRA[@]}" \
+timeout $((BUDGET + 60)) "$PY" benchmarks/gpu_step.py --size "$SIZE" --budget-s "$BUDGET" --out "$OUT" ${EXTRA[@]+"${EXTRA[@]}"} \
   2>&1 | tee "$OUT/gpu_step.log"
 echo "gpu_step exit ${PIPESTATUS[0]}"
 

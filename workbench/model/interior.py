@@ -12,14 +12,17 @@ The halo messages go out in one phase (:func:`~workbench.model.halo_direct.direc
 every face, edge and corner straight from the unpadded block, none waiting for another) and
 only the shells wait for them; the received messages pass through one
 ``optimization_barrier`` with the interior's output, so the padded block is assembled (and
-the messages waited for) only once the interior exists. On GPUs the program is compiled with
+the messages waited for) only once the interior exists. In the backward pass the block's
+two gradients (the interior's input gradient and the adjoint exchange's) meet in one
+barrier (``_tie``), so the returned messages are waited for only with the interior's
+gradients computed. On GPUs the program is compiled with
 :data:`GPU_COMPILER_OPTIONS` (XLA:GPU otherwise keeps one collective in flight). Halos
 deeper than a block fall back to the chained exchange (:func:`~workbench.model.halo.halo_pad`). The
 output is the concatenation of the parts, equal to the unsplit convolution up to the
 order of float sums within each voxel (none: each output voxel is still one window).
 
 Backward (autodiff of the split): the shells' input cotangents are thin; they go back
-through the adjoint exchange (``halo_pad``'s custom gradient), which waits only for
+through the adjoint exchange (``direct_pad``'s or ``halo_pad``'s custom gradient), which waits only for
 them, while the interior's input and kernel gradients (the bulk of the work) depend on
 no message. The interior is convolved by the caller's ``conv``: the U-Net's ``conv3d`` puts
 its input and the kernel through one ``optimization_barrier``, so the interior's input
