@@ -129,10 +129,11 @@ def resolve_comm_overlap(choice: str, platform: str) -> str:
     ``auto`` is ``off`` on every platform for now, by measurement. On CPU, XLA runs
     collectives synchronously (nothing can travel while the interior is computed) and the
     split only costs time (:data:`MIN_INTERIOR_FRACTION`). On GPU, XLA:GPU's schedule of the
-    split program with the one-phase exchange (deviceless H100, paper model at 512³ on
-    2x2x2) hides every halo byte of the forward and backward pass (benchmarks/halo_overlap.py,
-    docs/scaling.md), but no GPU has timed the split's extra convolution work (3-27 % more
-    on CPU), so ``auto`` stays off until one does. ``on``
+    split program with the one-phase exchange (deviceless H100, paper model at 512³) hides
+    every forward halo byte on 2x2x2 and 4x4x4 and 96 % / 87 % of the backward's
+    (benchmarks/halo_overlap.py, docs/scaling.md), at 9 % more memory, but no GPU has timed
+    the split's extra convolution work (3-27 % more on CPU), so ``auto`` stays off until one
+    does. ``on``
     splits every layer whose block has an interior; ``Partition(interior_boundary="auto")``
     applies the per-layer rule :func:`split_pays` for experiments.
     """
