@@ -21,14 +21,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from workbench.mesh import SPATIAL_AXES
+from workbench.model.halo import _paired  # the rule that pairs an axis of two devices
 
 __all__ = ["direct_applies", "direct_pad"]
 
 _DIMS = (1, 2, 3)
-
-
-def _paired(size, pair, n):
-    return size == 2 and pair[0] == pair[1] and 0 < pair[0] <= n
 
 
 def direct_applies(block_shape, widths, mesh_shape) -> bool:
