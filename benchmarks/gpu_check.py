@@ -119,13 +119,13 @@ def run_phase(
 
         out["seconds"] = _common.median_seconds(step, 3)[0]
         out["loss"] = float(step()["loss"])
-    if profile_dir:
-        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
-            jax.block_until_ready(step())
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list of one dict in older JAX
     out["flops"] = float((cost or {}).get("flops", float("nan")))
     out["hlo_sha1"] = hashlib.sha1(compiled.as_text().encode()).hexdigest()[:12]
+    if profile_dir:  # after the hash: the program text of a profiled executable differs
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            jax.block_until_ready(step())
     out["xla_bytes"] = memory_stats(compiled).get("peak")
     out["allocator_peak"] = (dev.memory_stats() or {}).get("peak_bytes_in_use")
     out["device"] = dev.device_kind

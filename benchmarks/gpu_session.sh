@@ -4,7 +4,7 @@
 # (benchmarks/gpu_step.py: one process each, its own time limit):
 #   explicit backend (baseline) and plain jax.jit of the same model; --comm-overlap on;
 #   without the optimization_barrier that pins kernel gradients; xla_gpu_autotune_level 0
-#   and 2 (default 4); --remat; one profiled training step (kernels summed by name).
+#   and 2 (default 4); --remat; the baseline training step also profiled (kernels by name).
 # Every row records seconds, XLA's FLOPs (cost_analysis), TFLOP/s, the fraction of the
 # device's dense bf16 peak (looked up by name), compile seconds, XLA bytes, allocator peak,
 # an HLO hash and the device's name (nvidia-smi and JAX); derived: train ÷ inference,

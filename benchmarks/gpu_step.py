@@ -15,6 +15,8 @@ Variants (:data:`VARIANTS`, in the order they run; ``--variants`` picks some):
 
 * ``infer``, ``train``: the explicit backend on a 1x1x1 mesh, as ``workbench train/infer``
   run it (kernel-gradient barrier on, XLA's default autotuning, ``--comm-overlap auto``);
+  after the timed runs one more training step runs under ``jax.profiler.trace``: the
+  device's kernels summed by name (the top ones in the JSON, the trace in ``--out``);
 * ``infer-jit``, ``train-jit``: plain ``jax.jit`` of the same model (``backend="reference"``);
 * ``train-nobarrier``: :func:`workbench.model.layers.conv3d` without its
   ``optimization_barrier`` (replaced in the worker process only: there is no switch in the
@@ -24,9 +26,7 @@ Variants (:data:`VARIANTS`, in the order they run; ``--variants`` picks some):
 * ``train-remat``: ``--remat`` (activations rematerialised per U-Net level);
 * ``train-overlap``, ``infer-overlap``: ``--comm-overlap on``. On one GPU no axis exchanges
   halos, so the split into interior and boundary does not apply: the HLO hash says whether
-  XLA compiled the baseline's program;
-* ``train-profile``: one training step under ``jax.profiler.trace``; the device's kernels
-  summed by name (the top ones in the JSON, the trace in ``--out``).
+  XLA compiled the baseline's program.
 
 Derived: training ÷ inference (time and FLOPs), explicit ÷ jit, and every variant's time
 ÷ the baseline's. Usage::
@@ -57,16 +57,15 @@ PEAK_TFLOPS = (("H200 NVL", 835.0), ("H200", 989.0), ("H100 NVL", 835.0), ("H100
 # key: (phase, options for run_phase, extra XLA flags, per-variant time limit in seconds)
 VARIANTS = {
     "infer": ("infer:explicit", {}, "", 80),
-    "train": ("train:explicit", {}, "", 150),
+    "train": ("train:explicit", {"profile": True}, "", 170),
     "infer-jit": ("infer:reference", {}, "", 80),
     "train-jit": ("train:reference", {}, "", 150),
+    "infer-overlap": ("infer:explicit", {"comm_overlap": "on"}, "", 80),
     "train-nobarrier": ("train:explicit", {"barrier": False}, "", 150),
     "train-autotune0": ("train:explicit", {}, "--xla_gpu_autotune_level=0", 120),
     "train-remat": ("train:explicit", {"remat": True}, "", 150),
-    "infer-overlap": ("infer:explicit", {"comm_overlap": "on"}, "", 80),
     "train-overlap": ("train:explicit", {"comm_overlap": "on"}, "", 150),
     "train-autotune2": ("train:explicit", {}, "--xla_gpu_autotune_level=2", 150),
-    "train-profile": ("train:explicit", {"profile": True}, "", 150),
 }
 
 
@@ -242,7 +241,7 @@ def main(argv=None) -> int:
             print(f"{k}: {r['error'][:120]}")
     for label, value in _derive(rows).items():
         print(f"{label}: {value if isinstance(value, bool) else f'{value:.3f}'}")
-    kernels = rows.get("train-profile", {}).get("kernels", {})
+    kernels = rows.get("train", {}).get("kernels", {})
     for row in kernels.get("top", [])[:12]:
         print(f"  {row['us'] / 1e3:9.2f} ms  {row['calls']:5d}×  {row['name'][:90]}")
     print(f"total {time.perf_counter() - start:.0f} s; JSON in {out / 'gpu_step.json'}")
