@@ -56,8 +56,25 @@ PHASES = ("infer:reference", "infer:explicit", "train:reference", "train:explici
 
 
 # -- workers (each in its own process) --------------------------------------------------------
-def run_phase(phase: str, size: int, allow_cpu: bool, dump: str | None) -> dict:
-    """One real run: ``infer:reference``, ``infer:explicit``, ``train:reference``, ``train:explicit``."""
+def run_phase(
+    phase: str,
+    size: int,
+    allow_cpu: bool,
+    dump: str | None,
+    *,
+    remat: bool = False,
+    comm_overlap: str = "auto",
+    profile_dir: str | None = None,
+) -> dict:
+    """One real run: ``infer:reference``, ``infer:explicit``, ``train:reference``, ``train:explicit``.
+
+    ``remat`` and ``comm_overlap`` (explicit backend) as the CLI's ``--remat`` and
+    ``--comm-overlap``. Also returned: XLA's FLOP count of the compiled program
+    (``cost_analysis``) and a hash of its optimised HLO (equal hashes: the same program).
+    With ``profile_dir``, one more run is traced there (``jax.profiler``, perfetto JSON).
+    """
+    import hashlib
+
     import jax
     import numpy as np
 
@@ -69,24 +86,25 @@ def run_phase(phase: str, size: int, allow_cpu: bool, dump: str | None) -> dict:
     if dev.platform != "gpu" and not allow_cpu:
         raise SystemExit(f"JAX sees {dev.platform} devices, not a GPU; pass --allow-cpu for a dry run")
     kind, backend = phase.split(":")
-    cfg = UNetConfig.preset("paper")
+    cfg = UNetConfig.preset("paper").replace(remat=remat)
     model = Model.init(cfg, seed=0)
     x = np.random.default_rng(0).standard_normal((1, size, size, size, 1)).astype(np.float32)
     layout = ShardLayout((size,) * 3, "1x1x1", multiple=cfg.multiple)
     out = {"phase": phase, "size": size}
     t0 = time.perf_counter()
     if kind == "infer":
-        fn, _, xs, vs = make_forward(cfg, layout, backend=backend)
+        fn, _, xs, vs = make_forward(cfg, layout, backend=backend, comm_overlap=comm_overlap)
         v, xd = jax.device_put(model.variables, vs), jax.device_put(x, xs)
         compiled = fn.lower(v, xd).compile()
         out["compile_s"] = time.perf_counter() - t0
-        out["seconds"] = _common.median_seconds(lambda: compiled(v, xd), 3)[0]
+        step = lambda: compiled(v, xd)  # noqa: E731
+        out["seconds"] = _common.median_seconds(step, 3)[0]
         if dump:
             np.save(dump, np.asarray(compiled(v, xd), np.float32)[..., :size, :size, :size, :])
     else:
         from workbench.training import TrainConfig, build_train_step, create_train_state
 
-        tc = TrainConfig(mesh="1x1x1", backend=backend)
+        tc = TrainConfig(mesh="1x1x1", backend=backend, comm_overlap=comm_overlap)
         ts = build_train_step(cfg, tc, layout)
         state = jax.device_put(create_train_state(cfg, tc, variables=model.variables), ts.state_sharding)
         labels = np.random.default_rng(1).integers(0, cfg.num_classes, (1, size, size, size)).astype(np.int32)
@@ -101,6 +119,13 @@ def run_phase(phase: str, size: int, allow_cpu: bool, dump: str | None) -> dict:
 
         out["seconds"] = _common.median_seconds(step, 3)[0]
         out["loss"] = float(step()["loss"])
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list of one dict in older JAX
+    out["flops"] = float((cost or {}).get("flops", float("nan")))
+    out["hlo_sha1"] = hashlib.sha1(compiled.as_text().encode()).hexdigest()[:12]
+    if profile_dir:  # after the hash: the program text of a profiled executable differs
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            jax.block_until_ready(step())
     out["xla_bytes"] = memory_stats(compiled).get("peak")
     out["allocator_peak"] = (dev.memory_stats() or {}).get("peak_bytes_in_use")
     out["device"] = dev.device_kind
@@ -150,7 +175,8 @@ def run_plan(name: str, mock: int, allow_cpu: bool, scale: int) -> dict:
 
 
 # -- driver -----------------------------------------------------------------------------------
-def _child(args: list[str], timeout: float, xla_flags: str = "") -> tuple[dict | None, str]:
+def _child(args: list[str], timeout: float, xla_flags: str = "", script: str = __file__) -> tuple[dict | None, str]:
+    """Run ``script`` with ``args`` in a fresh process; (its last JSON line, or None and why)."""
     env = {
         **os.environ,
         "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
@@ -161,7 +187,7 @@ def _child(args: list[str], timeout: float, xla_flags: str = "") -> tuple[dict |
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
     try:
         proc = subprocess.run(
-            [sys.executable, __file__, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+            [sys.executable, script, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
         )
     except subprocess.TimeoutExpired:
         return None, f"timed out after {timeout:.0f} s"

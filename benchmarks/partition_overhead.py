@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import sys
 
 import _common
@@ -36,11 +37,65 @@ def _parse() -> argparse.Namespace:
         default=None,
         help="auto | on | off (explicit backend; default: make_forward's, auto: off for now)",
     )
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="also trace one forward of the reference and of the explicit backend (jax.profiler, in DIR) "
+        "and print the XLA:CPU operations' time by kind",
+    )
     p.add_argument("--json", default=None, help="also write the rows as JSON")
     return p.parse_args()
 
 
-def _time_forward(config, layout, backend, variables, image, repeats, comm_overlap=None):
+_KINDS = {  # XLA:CPU names its thunks after the HLO op or the JAX primitive
+    "convolution": "convolution",
+    "conv_general_dilated": "convolution",
+    "collective-permute": "collective-permute (incl. waiting)",
+    "ppermute": "collective-permute (incl. waiting)",
+    "all-reduce": "all-reduce (incl. waiting)",
+    "psum": "all-reduce (incl. waiting)",
+    "psum_invariant": "all-reduce (incl. waiting)",
+}
+
+
+def _op_kind(name: str) -> str | None:
+    """The kind of an XLA operation named in a CPU trace (``convolution.12`` -> ``convolution``,
+    ``loop_pad_fusion.3`` -> ``fusion (loop_pad)``); None for the runtime's and Python's events."""
+    if not re.fullmatch(r"[a-z][a-z0-9_\-]*(\.\d+)*", name):
+        return None
+    base = name.split(".")[0]
+    if base in _KINDS:
+        return _KINDS[base]
+    if "fusion" in base or base.startswith("wrapped"):
+        return "fusion (" + base.replace("_fusion", "").replace("wrapped_", "") + ")"
+    return base
+
+
+def _profile(fn, v, x, folder) -> dict:
+    """Seconds of XLA:CPU operations by kind over one traced run (summed over the devices'
+    threads: a collective's time includes waiting for the other devices)."""
+    import gzip
+    import json as _json
+    from pathlib import Path
+
+    import jax
+
+    with jax.profiler.trace(str(folder), create_perfetto_trace=True):
+        jax.block_until_ready(fn(v, x))
+    trace = sorted(Path(folder).rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)[-1]
+    with gzip.open(trace, "rt") as fh:
+        events = _json.load(fh)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    kinds: dict[str, float] = {}
+    for e in events:
+        kind = _op_kind(e.get("name", "")) if e.get("ph") == "X" else None
+        if kind:
+            kinds[kind] = kinds.get(kind, 0.0) + float(e.get("dur", 0.0)) / 1e6
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
+
+
+def _time_forward(config, layout, backend, variables, image, repeats, comm_overlap=None, profile=None):
     """(median wall seconds, warm-up seconds, cropped logits, median CPU seconds of this process)."""
     import time
 
@@ -61,6 +116,8 @@ def _time_forward(config, layout, backend, variables, image, repeats, comm_overl
         t0 = time.process_time()
         jax.block_until_ready(fn(v, x))
         cpu.append(time.process_time() - t0)
+    if profile:
+        _time_forward.profile = _profile(fn, v, x, profile)
     return seconds, compile_s, layout.crop(np.asarray(out)), float(np.median(cpu))
 
 
@@ -89,16 +146,20 @@ def main() -> int:
         image = np.random.default_rng(0).standard_normal((1, n, n, n, 1)).astype(np.float32)
         ref_layout = ShardLayout((n, n, n), "1x1x1", multiple=config.multiple)
         layout = ShardLayout((n, n, n), spec, multiple=config.multiple)
+        folder = f"{args.profile}/{n}" if args.profile else None
         ref_t, _, ref_logits, ref_cpu = _time_forward(
-            config, ref_layout, "reference", model.variables, image, args.repeats
+            config, ref_layout, "reference", model.variables, image, args.repeats, profile=folder and folder + "_ref"
         )
+        ref_profile = getattr(_time_forward, "profile", None)
         ref_mem = {"forward": plan_memory(config, ref_layout, backend="reference")["peak"]}
         if not args.no_train:
             ref_mem["train"] = plan_memory(config, ref_layout, backend="reference", train=True)["peak"]
         for backend in ("explicit", "gspmd"):
+            _time_forward.profile = None
             t, _, logits, cpu = _time_forward(
-                config, layout, backend, model.variables, image, args.repeats, args.comm_overlap
-            )
+                config, layout, backend, model.variables, image, args.repeats, args.comm_overlap,
+                profile=folder and backend == "explicit" and folder + "_explicit",
+            )  # fmt: skip
             row = {
                 "resolution": n,
                 "backend": backend,
@@ -111,6 +172,9 @@ def main() -> int:
                 "max_abs_diff": float(np.abs(logits - ref_logits).max()),
                 "comm_overlap": args.comm_overlap if backend == "explicit" else None,
             }
+            if _time_forward.profile:
+                row["profile_seconds"] = _time_forward.profile
+                row["reference_profile_seconds"] = ref_profile
             for mode in ref_mem:
                 peak = plan_memory(config, layout, backend=backend, train=mode == "train")["peak"]
                 ideal = ref_mem[mode] / spec.n_devices
@@ -144,6 +208,18 @@ def main() -> int:
         + ", ".join(f"{r['resolution']}³ {r['reference_seconds']:.3f}" for r in rows if r["backend"] == "explicit")
         + ")"
     )
+    for r in rows:
+        if "profile_seconds" in r:
+            ref, exp = r["reference_profile_seconds"], r["profile_seconds"]
+            print(f"\nXLA:CPU operation time by kind, one traced forward at {r['resolution']}³ (s, all threads)")
+            print("| kind | reference | explicit | difference |\n|---|---|---|---|")
+            for kind in sorted(set(ref) | set(exp), key=lambda k: -(exp.get(k, 0) - ref.get(k, 0))):
+                a, b = ref.get(kind, 0.0), exp.get(kind, 0.0)
+                if max(a, b) >= 0.001:
+                    print(f"| {kind} | {a:.3f} | {b:.3f} | {b - a:+.3f} |")
+            print(
+                f"| total | {sum(ref.values()):.3f} | {sum(exp.values()):.3f} | {sum(exp.values()) - sum(ref.values()):+.3f} |"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "mesh": str(spec), "model": args.model, "rows": rows}, f, indent=2)

@@ -135,7 +135,10 @@ def collective_seconds(system: str, spec, c: dict, *, bandwidth=1.0, latency=1.0
     p = spec.n_devices
     nodes = math.ceil(p / GPUS_PER_NODE)
     if c["kind"] == "collective-permute":
-        crossing = crossing_axes(spec, GPUS_PER_NODE)[c["axis"]]
+        axes = crossing_axes(spec, GPUS_PER_NODE)
+        # an edge or corner message over combined axes ("?", the one-phase exchange) crosses
+        # a node boundary if any axis does: timed at the slower link
+        crossing = axes[c["axis"]] if c["axis"] in axes else any(axes.values())
         link = LINKS["ici"] if system == "tpu" else LINKS["ib" if crossing else "nvlink"]
         return c["bytes"] / (link["bandwidth"] * bandwidth), link["latency"] * latency
     # over every device: a ring's bandwidth term, a tree's (or torus rings') latency

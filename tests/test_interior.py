@@ -10,8 +10,11 @@ from jax.sharding import PartitionSpec as P
 from workbench.errors import UserError
 from workbench.mesh import ACTIVATION_SPEC, build_mesh, parse_mesh
 from workbench.model.halo import halo_pad
+from workbench.model.halo_direct import direct_applies, direct_pad
 from workbench.model.interior import (
+    GPU_COMPILER_OPTIONS,
     MIN_INTERIOR_FRACTION,
+    compiler_options,
     conv_valid,
     interior_boundary_conv,
     resolve_comm_overlap,
@@ -122,3 +125,59 @@ def test_split_convolution_equals_unsplit_values_and_float64_gradients(mesh_text
     np.testing.assert_allclose(y1, y0, rtol=0, atol=1e-12)
     np.testing.assert_allclose(gx1, gx0, rtol=0, atol=1e-12)
     np.testing.assert_allclose(gk1, gk0, rtol=0, atol=1e-11)
+
+
+# (mesh, global shape, per-axis (lo, hi) halo): axes of two devices (one message per
+# combination of axes: 7 on 2x2x2), axes of four (faces, edges and corners: one-sided at the
+# volume's faces), uneven blocks, asymmetric and zero-depth halos, a halo of a whole block.
+DIRECT_CASES = [
+    ("2x2x2", (8, 10, 6), H3),
+    ("1x2x4", (5, 6, 12), ((1, 1), (2, 1), (1, 2))),
+    ("2x2x2", (8, 8, 8), ((4, 4), (1, 0), (0, 0))),
+]
+
+
+@pytest.mark.parametrize("mesh_text, shape, halo", DIRECT_CASES)
+def test_one_phase_exchange_equals_the_chained_one(mesh_text, shape, halo):
+    """direct_pad (every message at once, from the unpadded block) gives halo_pad's padded block,
+    and its hand-written adjoint the same float64 gradient; the held array passes unchanged
+    (values and cotangent)."""
+    spec = parse_mesh(mesh_text)
+    mesh = build_mesh(spec)
+    act = P(*ACTIVATION_SPEC)
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(1)
+        x = jnp.asarray(rng.standard_normal((1, *shape, 2)))
+        held = jnp.asarray(rng.standard_normal((1, *shape, 1)))
+        # shard_map joins the padded blocks: each block grows by lo + hi
+        padded = (1, *((n // m + sum(h)) * m for n, m, h in zip(shape, spec.spatial, halo)), 2)
+        weights = jnp.asarray(rng.standard_normal(padded))
+
+        def chained(x_block, held_block):
+            return halo_pad(x_block, width=halo, mesh_shape=spec.spatial), held_block
+
+        def direct(x_block, held_block):
+            assert direct_applies(x_block.shape, halo, spec.spatial)
+            return direct_pad(x_block, halo, spec.spatial, held_block)
+
+        results = []
+        for body in (chained, direct):
+            fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(act, act), out_specs=(act, act)))
+            xp, kept = fn(x, held)
+            loss = lambda x, h, fn=fn: jnp.sum(fn(x, h)[0] * weights) + jnp.sum(fn(x, h)[1] ** 2)  # noqa: E731
+            gx, gh = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, held)
+            results.append((np.asarray(xp), np.asarray(kept), np.asarray(gx), np.asarray(gh)))
+    (p0, k0, gx0, gh0), (p1, k1, gx1, gh1) = results
+    assert p0.shape == padded and np.abs(p0).max() > 1  # halos and blocks, not zeros
+    np.testing.assert_array_equal(p1, p0)
+    np.testing.assert_array_equal(k1, k0)
+    np.testing.assert_allclose(gx1, gx0, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(gh1, 2 * np.asarray(held), rtol=0, atol=0)
+
+
+def test_one_phase_applies_to_one_hop_halos_and_gpu_options():
+    assert direct_applies((1, 4, 4, 4, 1), ((4, 4), (1, 1), (0, 0)), (2, 2, 1))
+    assert not direct_applies((1, 4, 4, 4, 1), ((5, 1), (1, 1), (1, 1)), (2, 2, 2))  # two hops along z
+    assert direct_applies((1, 4, 4, 4, 1), ((5, 1), (1, 1), (1, 1)), (1, 2, 2))  # z is not split
+    assert compiler_options("on", "gpu") == GPU_COMPILER_OPTIONS
+    assert compiler_options("off", "gpu") is None and compiler_options("on", "cpu") is None

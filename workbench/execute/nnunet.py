@@ -13,6 +13,8 @@ Example
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +25,7 @@ from workbench.errors import UserError
 from workbench.execute.distributed import put, put_tree, to_host
 from workbench.execute.run import run_mesh
 from workbench.mesh import ACTIVATION_SPEC, ShardLayout, build_mesh
-from workbench.model.interior import resolve_comm_overlap
+from workbench.model.interior import compiler_options, resolve_comm_overlap
 from workbench.model.layers import Partition
 from workbench.model.nnunet import NNUNet, NNUNetModel
 from workbench.model.spec import NetworkSpec
@@ -85,7 +87,10 @@ def make_nnunet_forward(
         module = NNUNet(spec, Partition("gspmd", *geometry, mesh=mesh), dtype, deep_supervision)
         return wrap(module.apply), mesh, act_sharding, replicated
 
-    split = resolve_comm_overlap(comm_overlap, mesh.devices.flat[0].platform)
+    platform = mesh.devices.flat[0].platform
+    split = resolve_comm_overlap(comm_overlap, platform)
+    if jit:  # the split program's XLA options (unjitted: the caller's jit, train_step, sets them)
+        wrap = functools.partial(jax.jit, compiler_options=compiler_options(split, platform))
     module = NNUNet(
         spec, Partition("explicit", *geometry, halo="exact", interior_boundary=split), dtype, deep_supervision
     )

@@ -27,7 +27,7 @@ from workbench.errors import UserError
 from workbench.execute.distributed import put, put_tree, to_host
 from workbench.mesh import ACTIVATION_SPEC, MeshSpec, ShardLayout, build_mesh, parse_mesh
 from workbench.model.halo import halo_pad, validate_halo
-from workbench.model.interior import resolve_comm_overlap
+from workbench.model.interior import compiler_options, resolve_comm_overlap
 from workbench.model.layers import Partition
 from workbench.model.unet import Model, UNet3D, UNetConfig
 from workbench.options import BACKENDS
@@ -232,6 +232,8 @@ def make_forward(
         fn = jax.jit(_module_call(UNet3D(config, part), train), out_shardings=out)
         return fn, mesh, act_sharding, replicated
 
+    platform = mesh.devices.flat[0].platform
+    split = resolve_comm_overlap(comm_overlap, platform)
     part = Partition(
         "explicit",
         spec.spatial,
@@ -240,7 +242,7 @@ def make_forward(
         layout.padded_shape,
         halo=mode,
         overlap=overlap,
-        interior_boundary=resolve_comm_overlap(comm_overlap, mesh.devices.flat[0].platform),
+        interior_boundary=split,
     )
     call = _module_call(UNet3D(config, part), train)
 
@@ -256,7 +258,8 @@ def make_forward(
     in_specs = (P(), act, P()) if train else (P(), act)
     out_specs = (act, P()) if train else act
     mapped = jax.shard_map(forward_block, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
-    return jax.jit(mapped), mesh, act_sharding, replicated
+    options = None if train else compiler_options(split, platform)  # train: the step's jit sets them
+    return jax.jit(mapped, compiler_options=options), mesh, act_sharding, replicated
 
 
 def _module_call(module: UNet3D, train: bool):

@@ -8,13 +8,21 @@ does):
 * the **boundary shells**: the thin slabs of output voxels whose window reaches into a
   halo, convolved from slices of the halo-padded block (:func:`~workbench.model.halo.halo_pad`).
 
-The halo messages (``ppermute``) are issued first and only the shells wait for them, so
-a latency-hiding scheduler may run the interior convolution while they travel. The
+The halo messages go out in one phase (:func:`~workbench.model.halo_direct.direct_pad`:
+every face, edge and corner straight from the unpadded block, none waiting for another) and
+only the shells wait for them; the received messages pass through one
+``optimization_barrier`` with the interior's output, so the padded block is assembled (and
+the messages waited for) only once the interior exists. In the backward pass the block's
+two gradients (the interior's input gradient and the adjoint exchange's) meet in one
+barrier (``_tie``), so the returned messages are waited for only with the interior's
+gradients computed. On GPUs the program is compiled with
+:data:`GPU_COMPILER_OPTIONS` (XLA:GPU otherwise keeps one collective in flight). Halos
+deeper than a block fall back to the chained exchange (:func:`~workbench.model.halo.halo_pad`). The
 output is the concatenation of the parts, equal to the unsplit convolution up to the
 order of float sums within each voxel (none: each output voxel is still one window).
 
 Backward (autodiff of the split): the shells' input cotangents are thin; they go back
-through the adjoint exchange (``halo_pad``'s custom gradient), which waits only for
+through the adjoint exchange (``direct_pad``'s or ``halo_pad``'s custom gradient), which waits only for
 them, while the interior's input and kernel gradients (the bulk of the work) depend on
 no message. The interior is convolved by the caller's ``conv``: the U-Net's ``conv3d`` puts
 its input and the kernel through one ``optimization_barrier``, so the interior's input
@@ -39,11 +47,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
 from workbench.errors import UserError
-from workbench.model.halo import halo_pad
+from workbench.model.halo import halo_pad, halo_widths
+from workbench.model.halo_direct import direct_applies, direct_pad
 from workbench.options import COMM_OVERLAP
 
 __all__ = [
@@ -52,6 +62,8 @@ __all__ = [
     "validate_comm_overlap",
     "resolve_comm_overlap",
     "interior_boundary_conv",
+    "compiler_options",
+    "GPU_COMPILER_OPTIONS",
     "MIN_INTERIOR_FRACTION",
 ]
 
@@ -117,15 +129,30 @@ def resolve_comm_overlap(choice: str, platform: str) -> str:
     ``auto`` is ``off`` on every platform for now, by measurement. On CPU, XLA runs
     collectives synchronously (nothing can travel while the interior is computed) and the
     split only costs time (:data:`MIN_INTERIOR_FRACTION`). On GPU, XLA:GPU's schedule of the
-    split program (deviceless H100/H200, paper model at 512³) hides no forward halo and
-    23-53 % of the backward halo bytes (benchmarks/halo_overlap.py), about 1 ms of a
-    171 ms step in the scaling model, while the split adds 3-27 % convolution work and
-    memory (the 1024³ step on 4x4x4 H100s grew from under 16 GiB to 17.7 GiB per device). ``on``
+    split program with the one-phase exchange (deviceless H100, paper model at 512³) hides
+    every forward halo byte on 2x2x2 and 4x4x4 and 96 % / 87 % of the backward's
+    (benchmarks/halo_overlap.py, docs/scaling.md), at 9 % more memory, but no GPU has timed
+    the split's extra convolution work (3-27 % more on CPU), so ``auto`` stays off until one
+    does. ``on``
     splits every layer whose block has an interior; ``Partition(interior_boundary="auto")``
     applies the per-layer rule :func:`split_pays` for experiments.
     """
     text = validate_comm_overlap(choice)
     return "off" if text == "auto" else text
+
+
+# XLA:GPU keeps one collective in flight at a time by default; the one-phase exchange sends
+# up to 26 messages per convolution (7 on a 2x2x2 mesh), and with one in flight the scheduler
+# leaves the interior convolution outside them. Measured (deviceless H100 compile, paper model,
+# 512³ training step on 2x2x2; docs/scaling.md): forward halo bytes hidden 33 % at the
+# default, 100 % with 8 or 32.
+GPU_COMPILER_OPTIONS = {"xla_gpu_experimental_parallel_collective_overlap_limit": 32}
+
+
+def compiler_options(interior_boundary: str, platform: str) -> dict | None:
+    """XLA options for ``jax.jit`` of a program whose convolutions are split (``on``/``auto``)
+    on ``platform``: :data:`GPU_COMPILER_OPTIONS` on GPUs, else None."""
+    return dict(GPU_COMPILER_OPTIONS) if interior_boundary != "off" and platform == "gpu" else None
 
 
 Conv = Callable[..., object]  # conv(x, kernel, stride, padding) -> output
@@ -146,8 +173,6 @@ def interior_boundary_conv(x_block, kernel, *, stride, halo: Pairs, mesh_shape, 
     ranges = split_ranges(block=block, kernel=kernel_size, stride=stride, halo=halo, exchanged=exchanged)
     if ranges is None or not any(exchanged):
         raise UserError(f"a block of {block} cannot be split for a {kernel_size} kernel; use comm overlap 'off'")
-    # Messages first: the shells read the padded block; the interior does not.
-    xp_block = halo_pad(x_block, width=halo, mesh_shape=tuple(mesh_shape), mode=mode)
     m = [n // s for n, s in zip(block, stride)]
 
     # Interior: the block itself along split axes (cut to the windows that stay inside),
@@ -159,7 +184,17 @@ def interior_boundary_conv(x_block, kernel, *, stride, halo: Pairs, mesh_shape, 
         else:
             cut[1 + d] = slice(s * r[0] - lo, s * (r[1] - 1) - lo + k)
             padding.append((0, 0))
-    out = conv(x_block[tuple(cut)], kernel, tuple(stride), tuple(padding))
+    # Backward hold: the block's two gradients (the interior's, the adjoint exchange's) meet in
+    # one barrier, so the returned halo messages are waited for once the interior's are done.
+    x_inner, x_outer = _tie(x_block, x_block)
+    out = conv(x_inner[tuple(cut)], kernel, tuple(stride), tuple(padding))
+    # The shells read the padded block; the interior does not. One phase of messages (none
+    # waits for another), written into the padded block only once the interior exists.
+    widths = halo_widths(halo)
+    if mode == "exact" and direct_applies(x_block.shape, widths, mesh_shape):
+        xp_block, out = direct_pad(x_outer, widths, tuple(mesh_shape), out)
+    else:  # halos deeper than a block: the chained exchange (several hops)
+        xp_block = halo_pad(x_outer, width=halo, mesh_shape=tuple(mesh_shape), mode=mode)
 
     def shell(box):
         """The output voxels in ``box`` ((start, stop) per axis, grid of this layer), from the padded block."""
@@ -185,6 +220,23 @@ def interior_boundary_conv(x_block, kernel, *, stride, halo: Pairs, mesh_shape, 
             parts.append(shell([*box[:d], (b, m[d]), *box[d + 1 :]]))
         out = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1 + d)
     return out
+
+
+@jax.custom_vjp
+def _tie(a, b):
+    """``(a, b)`` unchanged; their cotangents pass through one ``optimization_barrier``."""
+    return a, b
+
+
+def _tie_fwd(a, b):
+    return (a, b), None
+
+
+def _tie_bwd(_, g):
+    return lax.optimization_barrier(g)
+
+
+_tie.defvjp(_tie_fwd, _tie_bwd)
 
 
 def conv_valid(x, kernel, stride: Sequence[int], padding):

@@ -125,11 +125,18 @@ def _build_train_step(config, tc, layout, backend, class_weights, devices) -> Tr
         }
         return new, metrics
 
+    options = None
+    if backend == "explicit":  # the split program's XLA options (workbench.model.interior)
+        from workbench.model.interior import compiler_options, resolve_comm_overlap
+
+        platform = mesh.devices.flat[0].platform
+        options = compiler_options(resolve_comm_overlap(tc.comm_overlap, platform), platform)
     jitted = jax.jit(
         step,
         in_shardings=(state_sharding, image_sharding, label_sharding),
         out_shardings=(state_sharding, state_sharding),
         donate_argnums=0,
+        compiler_options=options,
     )
     return TrainStep(jitted, layout, backend, mesh, state_sharding, image_sharding, label_sharding)
 
