@@ -183,12 +183,12 @@ def _assert_gradients_match(grads, ref_grads, *, rtol, pool_routed_norm_rtol=Non
         )
 
 
+# float32 training on three meshes; explicit 8x1x1 and data=2,z=2,y=2,x=1 are checked in
+# float64 below (forward, statistics and every gradient leaf, tighter than float32 can be)
+# and, 8x1x1, in float32 on the uneven volume; group/instance norm train on a data axis.
 TRAIN_CASES = [
     ("explicit", "2x2x2"),
     ("explicit", "1x2x4"),
-    ("explicit", "8x1x1"),
-    ("explicit", "data=2,z=2,y=2,x=1"),
-    ("gspmd", "2x2x2"),
     ("gspmd", "data=2,z=2,y=2,x=1"),
 ]
 
@@ -210,17 +210,20 @@ def train_setup(make_model):
     return model, rng, reference
 
 
-def _assert_forward_and_statistics_match(out, ref):
-    assert abs(out[0] - ref[0]) <= 1e-5 * max(1.0, abs(ref[0]))
-    np.testing.assert_allclose(out[1], ref[1], rtol=0, atol=f32_tolerance(ref[1]))
+def _assert_forward_and_statistics_match(out, ref, atol=None):
+    """Loss, logits and updated batch statistics: float32 within the README's bound, float64
+    within ``atol``."""
+    rel = 1e-5 if atol is None else atol
+    assert abs(out[0] - ref[0]) <= rel * max(1.0, abs(ref[0]))
+    np.testing.assert_allclose(out[1], ref[1], rtol=0, atol=f32_tolerance(ref[1]) if atol is None else atol)
     for s, s_ref in zip(jax.tree.leaves(out[3]), jax.tree.leaves(ref[3])):
-        np.testing.assert_allclose(np.asarray(s), np.asarray(s_ref), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(s), np.asarray(s_ref), rtol=rel, atol=rel / 10)
 
 
 @pytest.mark.parametrize("backend, mesh", TRAIN_CASES)
 def test_training_forward_gradients_and_statistics(train_setup, backend, mesh):
-    """Batch statistics, dropout and gradients match the reference (40×56×48; on 8x1x1
-    the partition pads z to 64 and masks the padding at every layer).
+    """Batch statistics, dropout and gradients match the reference (40×56×48; padded,
+    masked meshes such as 8x1x1 are checked in float64 and on the uneven volume below).
 
     float32 gradients: GRAD_RTOL_F32 per leaf (rounding of long sums), and the
     encoder leaves upstream of a max-pool only in norm (near-tie windows may pick
@@ -273,6 +276,7 @@ def test_gradients_float64(backend, mesh, comm_overlap):
     with jax.enable_x64(True):
         out = _train_step_outputs(model, x, mesh, backend, rng, comm_overlap)
     assert out[1].dtype == np.float64
+    _assert_forward_and_statistics_match(out, ref, atol=1e-10)
     _assert_gradients_match(out[2], ref[2], rtol=GRAD_RTOL)
 
 
