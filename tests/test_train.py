@@ -52,6 +52,9 @@ CONFIG = TrainConfig(
 CONFIG_F64 = CONFIG.replace(model_overrides={**TINY, "dtype": "float64"})
 WEIGHTS = (1.0, 8.0, 16.0)
 CASES = [("explicit", "2x2x2"), ("gspmd", "2x2x2"), ("explicit", "data=2,z=2,y=2,x=1")]
+# float32's own rounding is checked on the explicit backend; GSPMD's float32 training step is
+# checked in test_partition (data=2,z=2,y=2,x=1), and its trajectory here in float64.
+CASES_F32 = [case for case in CASES if case[0] == "explicit"]
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +166,7 @@ def _gradient_errors(grads, ref_grads):
     return errors
 
 
-@pytest.mark.parametrize("backend,mesh", CASES)
+@pytest.mark.parametrize("backend,mesh", CASES_F32)
 def test_first_step_matches_single_device_reference(source, reference_first_step, backend, mesh):
     """float32: the step's loss and the gradient it takes equal the reference's (see the top)."""
     loss, grads, step_loss, step_grad_norm = _first_step(source, backend, mesh)
@@ -182,7 +185,7 @@ def test_first_step_matches_single_device_reference(source, reference_first_step
 @pytest.mark.parametrize("backend,mesh", CASES + [("gspmd", "1x2x4")])
 def test_steps_match_single_device_reference_float64(source, reference_f64, backend, mesh):
     """Float64 compute: no rounding to flip max-pool winners or Adam's near-zero steps, the
-    trajectories agree to 1e-6 (all three float32 cases, and gspmd on 1x2x4)."""
+    trajectories agree to 1e-6 (explicit and gspmd on 2x2x2, explicit with a data axis, gspmd on 1x2x4)."""
     with jax.enable_x64(True):
         out = _trajectory(source, backend, mesh, config=CONFIG_F64)
         init = _initial_state(CONFIG_F64)["params"]
