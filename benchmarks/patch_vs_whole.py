@@ -1,34 +1,45 @@
 """Whole-volume training against nnU-Net-style patch training: same network, same budget.
 
 Per task (:mod:`data_tools.synthetic.context`: ``laterality``, ``connection``, ``counting``;
-``lesions``: the CT phantoms' small lesions), one dataset folder (``--cases`` cases of
-``--size``³, fold 0's validation cases held out) and, per arm and seed, one training run of
-the same network (the paper U-Net ``small`` preset) with the same optimiser (Adam, constant
-learning rate), loss and steps:
+``lesions``: the CT phantoms' small lesions), one dataset folder (``--cases`` cases, every
+case resampled to ``--size``³ so both arms see the same volumes; fold 0's validation cases
+held out), and one plan of it (``--network plan``, the default): ``workbench plan --data``'s
+rules (nnU-Net's fingerprint, target spacing and topology for the whole median volume, a
+PlainConvUNet) with ``--features`` per stage instead of nnU-Net's 32–320, so that it trains
+on this CPU. Both arms train that network (``workbench train --plans``) with the same
+optimiser (Adam, constant learning rate), loss (nnU-Net's Dice + CE, deep supervision) and
+number of voxels seen:
 
-* ``whole``: one whole volume per step (``workbench train``);
-* ``patch``: ``--patch``³ patches, nnU-Net's sampler with one third forced foreground
-  (``workbench train --patch``), as many per step as make the same voxels per step
-  ((size / patch)³), predicted by Gaussian sliding windows at half-patch steps.
+* ``whole``: one whole volume per step, partitioned over ``--mesh`` (default 2x2x2, exact
+  halos); what its compiled training step needs per device is the **budget** (or ``--budget-gib``);
+* ``patch``: ``--batch`` patches per step (nnU-Net's 2) on one device, nnU-Net's sampler with
+  one third forced foreground; the patch is the plan's under the budget
+  (:func:`workbench.analysis.patch_budget.plan_patch`: nnU-Net's shrinking order, multiples
+  of the network's strides, the first patch whose compiled step fits), or ``--patch``; as many
+  steps as make the whole arm's voxels; predicted by Gaussian sliding windows at half-patch steps.
+
+``--network small`` trains the paper U-Net ``small`` preset instead, with ``--patch``³ patches,
+(size / patch)³ per step, both arms on ``--mesh`` (the earlier run's design).
 
 Augmentation is off in both arms (its x mirroring would swap the laterality task's sides).
-Each run is scored by ``workbench evaluate`` (``evaluate_dataset``: per-case Dice, the
-predictions written), and from the predictions: lesions found per size bin, the
+Each run is scored by ``workbench evaluate`` (``evaluate_dataset`` on one device: per-case
+Dice, the predictions written), and from the predictions: lesions found per size bin, the
 laterality / index confusion rate, and the error rate within 2 voxels of the sliding-window
 tile borders against elsewhere (both arms on the same grid). Per arm also the inference
-time of one case (median of 3, after a warm-up) and the compiled forward's memory (whole
-volume, or one window). Compute per run (steps, voxels seen, device-seconds) comes from the
-training history. Nothing passes or fails; results are written whichever way they fall,
+time of one case on one device (median of 3, after a warm-up) and the compiled forward's
+memory per device (the whole volume on the mesh, or one window). The JSON records per task the
+plan, the budget, the patch search (every patch tried and its compiled bytes) and both arms'
+per-device memory; per run the compute (steps, voxels seen, device-seconds) and the training's
+wall and CPU seconds. Nothing passes or fails; results are written whichever way they fall,
 after every run (``--json``), and the figure at the end (``--figure``).
 
-    nice -n 10 python benchmarks/patch_vs_whole.py --tasks laterality,lesions --size 32 --patch 16 \\
-        --steps 120 --seeds 3 --json benchmarks/results/patch_vs_whole_cpu_DATE.json --figure ...png
-    nice -n 10 python benchmarks/patch_vs_whole.py --tasks connection,counting ...   # the other two tasks
+    nice -n 10 python benchmarks/patch_vs_whole.py --tasks laterality,lesions --size 32 --steps 120 --seeds 3 \\
+        --json benchmarks/results/patch_vs_whole_plan_cpu_DATE.json --figure ...png
 
-(the stored results: ``benchmarks/results/patch_vs_whole_cpu_2026-12-06.json`` and
-``patch_vs_whole_context_cpu_2026-12-06.json``, two shared CPU cores, about 2–4 minutes a run)::
+(stored: ``benchmarks/results/patch_vs_whole_plan_cpu_2026-12-06.json``; the earlier run on the
+``small`` preset with a hand-chosen 16³ patch: ``patch_vs_whole{,_context}_cpu_2026-12-06.json``)::
 
-    python benchmarks/patch_vs_whole.py --quick       # 32³, 16³ patches, 6 steps, 1 seed: a smoke run
+    python benchmarks/patch_vs_whole.py --quick    # 16³, features 4,8,16, 2 steps, 8³ patches, 1 seed
 """
 
 from __future__ import annotations
@@ -63,14 +74,14 @@ def study_plan(data: Path, features, work: Path) -> Path:
 
     from workbench.analysis.nnunet_planning import plan_dataset
 
-    plans = plan_dataset(data, budget_gib=64, dtype="float32", max_devices=1, samples=1e5)
+    plans = plan_dataset(data, dtype="float32", samples=1e5, mesh_search=False)
     arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
     planned = list(arch["features_per_stage"])
     arch["features_per_stage"] = [int(f) for f in features][: arch["n_stages"]]
     if len(arch["features_per_stage"]) != arch["n_stages"]:
         raise SystemExit(f"--features needs {arch['n_stages']} values (the plan has {arch['n_stages']} stages)")
-    for key in ("mesh", "devices", "bytes_per_device", "memory", "tried", "parameters"):
-        plans["workbench"].pop(key, None)  # planned for nnU-Net's features: not this network's
+    for key in ("budget_gib", "budget_bytes", "parameters"):
+        plans["workbench"].pop(key, None)  # no mesh was searched; the parameters were the planned features'
     plans["workbench"]["study_note"] = (f"features_per_stage {arch['features_per_stage']} replace the planned "
                                         f"{planned} (benchmarks/patch_vs_whole.py: a network this CPU trains)")  # fmt: skip
     path = work / f"{Path(data).name}_plans.json"
@@ -78,7 +89,7 @@ def study_plan(data: Path, features, work: Path) -> Path:
     return path
 
 
-def plan_arms(plans: Path, args) -> dict:
+def plan_arms(plans: Path, args, log=print) -> dict:
     """The budget and both arms' shapes: the whole arm's compiled training step per device on
     ``--mesh`` (batch 1) is the budget unless ``--budget-gib`` gives one; the patch is
     :func:`~workbench.analysis.patch_budget.plan_patch`'s (or ``--patch``), ``--batch``
@@ -99,7 +110,7 @@ def plan_arms(plans: Path, args) -> dict:
         planned = {"patch": patch, "batch": args.batch, "given": True,
                    "bytes_per_device": compiled_step_bytes(spec, patch, batch=args.batch)}  # fmt: skip
     else:
-        planned = plan_patch(spec, volume, budget, spacing=config["spacing"], batch=args.batch, log=print)
+        planned = plan_patch(spec, volume, budget, spacing=config["spacing"], batch=args.batch, log=log)
     patch = tuple(planned["patch"])
     ratio = np.prod(volume) / (args.batch * np.prod(patch))
     if ratio != int(ratio):
@@ -189,7 +200,7 @@ def _mean(values):
 
 def inference_cost(run_dir, data, window, mesh: str) -> dict:
     """Seconds of one held-out case's logits on one device (median of 3 after a warm-up; a
-    patch model by sliding ``window``\s) and the compiled forward's memory per device (the
+    patch model by sliding windows of ``window``) and the compiled forward's memory per device (the
     whole volume on ``mesh``, or one window on one device)."""
     from workbench.execute.run import compile_forward
     from workbench.mesh import MeshSpec, ShardLayout, parse_mesh
@@ -198,7 +209,9 @@ def inference_cost(run_dir, data, window, mesh: str) -> dict:
     from workbench.training.evaluation import model_logits
 
     model, meta = load_model(run_dir, log=lambda m: None)
-    case = next(iter(DatasetSource(data, fold=0, progress=False, resolution=meta["train"].get("resolution")).eval_cases(1)))
+    case = next(
+        iter(DatasetSource(data, fold=0, progress=False, resolution=meta["train"].get("resolution")).eval_cases(1))
+    )
 
     def once():
         return model_logits(model, case.image, MeshSpec(), "reference", window=window)
@@ -224,15 +237,24 @@ def inference_cost(run_dir, data, window, mesh: str) -> dict:
             "forward_bytes": int(peak)}  # fmt: skip
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The study's settings (``--quick``: the laptop-size version notebook 03 runs)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", default="laterality,lesions", help=f"comma-separated, of {', '.join(TASKS)}")
     p.add_argument("--size", type=int, default=32, help="volume side (voxels; every case resampled to it)")
-    p.add_argument("--network", default="plan", choices=("plan", "small"),
-                   help="plan: each task's plan (PlainConvUNet, --features); small: the paper U-Net preset (needs --patch)")
+    p.add_argument(
+        "--network",
+        default="plan",
+        choices=("plan", "small"),
+        help="plan: each task's plan (PlainConvUNet, --features); small: the paper U-Net preset (needs --patch)",
+    )
     p.add_argument("--features", default="8,16,32,64", help="with --network plan: features per stage")
-    p.add_argument("--budget-gib", type=float, default=None,
-                   help="per-device memory budget (default: what the whole arm's training step needs per device on --mesh)")
+    p.add_argument(
+        "--budget-gib",
+        type=float,
+        default=None,
+        help="per-device memory budget (default: what the whole arm's training step needs per device on --mesh)",
+    )
     p.add_argument("--batch", type=int, default=2, help="patches per step of the patch arm (nnU-Net: 2)")
     p.add_argument("--patch", type=int, default=None, help="patch side (voxels; default: planned under the budget)")
     p.add_argument("--steps", type=int, default=120, help="whole-arm steps (the patch arm takes as many voxels)")
@@ -243,15 +265,35 @@ def main(argv=None) -> dict:
     p.add_argument("--backend", default="explicit", help="the whole arm's backend on --mesh")
     p.add_argument("--arms", default="whole,patch")
     p.add_argument("--work", default=None, help="folder for datasets and runs (default: a temporary one)")
-    p.add_argument("--quick", action="store_true", help="one task, 32³, 4 steps, 1 seed, 10 cases: a smoke run")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="laptop size: the first task, 16³, features 4,8,16, 2 steps, 8³ patches, one device, 1 seed, 5 cases",
+    )
+    p.add_argument(
+        "--no-inference-cost",
+        dest="inference_cost",
+        action="store_false",
+        help="skip the per-arm inference time and forward memory",
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--figure", default=None)
     args = p.parse_args(argv)
     if args.quick:
-        args.tasks, args.size, args.steps, args.seeds, args.cases = args.tasks.split(",")[0], 32, 4, 1, 10
+        args.tasks, args.size, args.steps, args.seeds, args.cases = args.tasks.split(",")[0], 16, 2, 1, 5
+        args.features, args.mesh, args.patch, args.batch, args.inference_cost = "4,8,16", "1x1x1", 8, 1, False
     if args.network == "small" and not args.patch:
         raise SystemExit("--network small needs --patch (the small preset has no plan)")
+    return args
+
+
+def main(argv=None) -> dict:
     start(8)
+    return run_study(parse_args(argv), log=lambda m: print(m, flush=True))
+
+
+def run_study(args, log=print) -> dict:
+    """Write the datasets, plan each task, train and score every arm and seed (see the module notes)."""
     from workbench.analysis.patch_study import plot_study, study_rows, study_table
     from workbench.app import train
 
@@ -265,11 +307,13 @@ def main(argv=None) -> dict:
         results["tasks"][task] = {"dataset": str(data), "arms": {a: [] for a in args.arms.split(",")}, "inference": {}}
         if args.network == "plan":
             plans = study_plan(data, [int(f) for f in args.features.split(",")], work)
-            arms_of[task] = plan_arms(plans, args)
+            arms_of[task] = plan_arms(plans, args, log)
             results["tasks"][task]["plan"] = arms_of[task]
             results["network"] = arms_of[task]["network"] + " (each task's plan)"
-            print(f"{task}: {arms_of[task]['network']}; budget {arms_of[task]['budget_bytes'] / 2**20:.1f} MiB/device "
-                  f"({arms_of[task]['budget_from']}); patch {arms_of[task]['patch']['shape']} x {args.batch}", flush=True)
+            log(
+                f"{task}: {arms_of[task]['network']}; budget {arms_of[task]['budget_bytes'] / 2**20:.1f} MiB/device "
+                f"({arms_of[task]['budget_from']}); patch {arms_of[task]['patch']['shape']} x {args.batch}"
+            )
     for seed in range(args.seeds):  # seed by seed: a run cut short still holds every task and arm
         for task, data in datasets.items():
             entry, arms = results["tasks"][task], arms_of.get(task)
@@ -277,21 +321,22 @@ def main(argv=None) -> dict:
             for arm in args.arms.split(","):
                 run_dir = work / f"{task}_{arm}_{seed}"
                 t0, c0 = time.perf_counter(), time.process_time()
+                guard = {"memory_check": lambda *a: None} if arms else {}  # the plan compiled both arms' steps
                 result = train(train_config(task, data, arm, seed, args, arms), run_dir, progress=False,
-                               log=lambda m: None)  # fmt: skip
+                               log=lambda m: None, **guard)  # fmt: skip
                 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
                 scored = score_run(task, data, run_dir, work / f"{task}_{arm}_{seed}_eval", args, window)
                 entry["arms"][arm].append({"seed": seed, "compute": result["history"]["compute"],
                                            "train_wall_seconds": wall, "train_cpu_seconds": cpu, **scored})  # fmt: skip
                 dice = ", ".join(f"{k} {v:.3f}" for k, v in scored["dice"].items() if v is not None)
-                print(f"{task} {arm} seed {seed}: {dice}; confusion {scored['confusion']}; {wall:.0f} s "
-                      f"({cpu:.0f} CPU s)", flush=True)  # fmt: skip
-                if seed == 0:
+                log(f"{task} {arm} seed {seed}: {dice}; confusion {scored['confusion']}; {wall:.0f} s "
+                      f"({cpu:.0f} CPU s)")  # fmt: skip
+                if seed == 0 and args.inference_cost:
                     entry["inference"][arm] = inference_cost(run_dir, data, window if arm == "patch" else None,
                                                              arms["whole"]["mesh"] if arms else "1x1x1")  # fmt: skip
                 write_json(args.json, results)
     rows = study_rows(results)
-    print(study_table(results))
+    log(study_table(results))
     results["rows"] = rows
     write_json(args.json, results)
     if args.figure:

@@ -34,8 +34,15 @@ import numpy as np
 
 from workbench.errors import UserError
 
-__all__ = ["FOREGROUND_OVERSAMPLING", "forced_foreground", "patch_box", "PatchSource", "patch_batch", "trained_window",
-           "check_patch_multiple"]
+__all__ = [
+    "FOREGROUND_OVERSAMPLING",
+    "forced_foreground",
+    "patch_box",
+    "PatchSource",
+    "patch_batch",
+    "trained_window",
+    "check_patch_multiple",
+]
 
 #: nnU-Net's ``oversample_foreground_percent``
 FOREGROUND_OVERSAMPLING = 0.33
