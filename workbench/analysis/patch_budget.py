@@ -106,12 +106,10 @@ def plan_patch(spec, shape, budget_bytes: int, *, spacing=None, batch: int = 2, 
             break
         axis = shrink_axis(patch, shape, multiple)
         if axis is None:
-            from workbench.app.planning import format_bytes
-
             raise PatchBudgetError(
                 f"not even the smallest patch of this network ({'x'.join(map(str, patch))}, one size multiple per "
-                f"axis) fits the budget: its training step with batch {batch} needs {format_bytes(need)} per "
-                f"device against {format_bytes(int(budget_bytes))}; raise the budget (--budget-gib) to at least "
+                f"axis) fits the budget: its training step with batch {batch} needs {need / 2**20:.1f} MiB per "
+                f"device against {budget_bytes / 2**20:.1f} MiB; raise the budget (--budget-gib) to at least "
                 f"{need / 2**30:.3g} GiB or lower the batch"
             )
         patch[axis] -= multiple[axis]
