@@ -19,7 +19,9 @@ number of voxels seen:
   steps as make the whole arm's voxels; predicted by Gaussian sliding windows at half-patch steps.
 
 ``--network small`` trains the paper U-Net ``small`` preset instead, with ``--patch``³ patches,
-(size / patch)³ per step, both arms on ``--mesh`` (the earlier run's design).
+(size / patch)³ per step, both arms on ``--mesh`` (the earlier run's design: ``--network small
+--patch 16 --mesh 1x1x1 --backend reference``; the lesion cases are now resampled to 32³, where
+the earlier run had 33×32×32).
 
 Augmentation is off in both arms (its x mirroring would swap the laterality task's sides).
 Each run is scored by ``workbench evaluate`` (``evaluate_dataset`` on one device: per-case
