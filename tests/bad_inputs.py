@@ -818,6 +818,23 @@ case("train-plans-regions-order", N, "train --plans whose dataset.json has regio
 case("train-finetune-tensors", N, "train --checkpoint NNUNET_FOLDER whose weights do not match its plans",
      "has shape (4, 2, 1, 3, 3) but the network planned by", *NT, "--checkpoint", NN,
      setup=_finetune_mismatch)  # fmt: skip
+case("train-plans-patch-multiple", N, "train --plans with a --patch that is not a multiple of the network's strides",
+     "--patch 9x16x16 is not a multiple of the network's size multiple 2x4x4", *NT, "--plans", PLANS,
+     "--patch", "9x16x16", setup=_tiny_plans)  # fmt: skip
+
+
+def _patch_budget(tmp):
+    """``plan_patch`` of the tiny plans' network with a budget below its smallest patch's compiled step."""
+    from workbench.analysis.patch_budget import plan_patch
+    from workbench.model.nnunet_plans import load_plans_file
+
+    _tiny_plans(tmp)
+    plan_patch(load_plans_file(tmp / "plans" / "nnUNetPlans.json").spec, (2, 4, 4), 100_000)
+
+
+case("patch-budget-too-small", N, "plan_patch (the patch study's --budget-gib): a budget below the smallest patch",
+     "not even the smallest patch of this network (2x4x4, one size multiple per axis) fits the budget",
+     call=_patch_budget)  # fmt: skip
 
 
 def _nnunet_labels(tmp, shape=(6, 24, 32), dtype=np.uint8, value=1):

@@ -68,6 +68,7 @@ TIERS = {
     "test_nnunet_planning.py": ("unit",),
     "test_panel_plans.py": ("integration",),
     "test_partition.py": ("exactness",),
+    "test_patch_plan.py": ("integration",),
     "test_patch_training.py": ("integration",),
     "test_plan.py": ("integration",),
     "test_reliability.py": ("exactness",),

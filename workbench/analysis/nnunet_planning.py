@@ -189,10 +189,12 @@ def plan_dataset(
     compiler: str | None = None,
     max_devices: int = 512,
     samples: float = FOREGROUND_SAMPLES,
+    mesh_search: bool = True,
     log=None,
 ) -> dict:
     """The plans (nnU-Net's schema with a ``"workbench"`` block) of the dataset folder ``path``:
-    nnU-Net's rules on the whole median volume, the smallest mesh that fits ``budget_gib``."""
+    nnU-Net's rules on the whole median volume, the smallest mesh that fits ``budget_gib``
+    (``mesh_search=False``: no mesh is searched and the block has no mesh fields)."""
     from workbench.analysis.nnunet_mesh import smallest_mesh
     from workbench.model.nnunet_plans import from_nnunet_plans
 
@@ -242,14 +244,18 @@ def plan_dataset(
         "foreground_intensity_properties_per_channel": fingerprint["foreground_intensity_properties_per_channel"],
     }
     spec = from_nnunet_plans(plans, dataset_json)
-    if log:
-        log(
-            f"{spec.network_class}, {spec.n_stages} stages, {spec.num_params:,} parameters, on the whole "
-            f"{'x'.join(map(str, volume))} volume; searching the smallest mesh within {budget_gib:g} GiB/device:"
+    mesh_fields = {}
+    if mesh_search:
+        if log:
+            log(
+                f"{spec.network_class}, {spec.n_stages} stages, {spec.num_params:,} parameters, on the whole "
+                f"{'x'.join(map(str, volume))} volume; searching the smallest mesh within {budget_gib:g} GiB/device:"
+            )
+        best = smallest_mesh(
+            spec, volume, budget_gib, train=train, dtype=dtype, compiler=compiler, max_devices=max_devices, log=log
         )
-    best = smallest_mesh(
-        spec, volume, budget_gib, train=train, dtype=dtype, compiler=compiler, max_devices=max_devices, log=log
-    )
+        mesh_fields = {k: best[k] for k in ("mesh", "devices", "bytes_per_device", "memory", "padded_shape",
+                                            "block_shape")}  # fmt: skip
     plans["workbench"] = {
         "schema_version": SCHEMA_VERSION,
         "planner": planner,
@@ -257,19 +263,13 @@ def plan_dataset(
         "fingerprint": fingerprint,
         "median_shape": volume,
         "network_shape": list(topology.shape),
-        "mesh": best["mesh"],
-        "devices": best["devices"],
-        "bytes_per_device": best["bytes_per_device"],
-        "memory": best["memory"],
-        "padded_shape": best["padded_shape"],
-        "block_shape": best["block_shape"],
+        **mesh_fields,
         "budget_gib": budget_gib,
         "budget_bytes": int(budget_gib * 2**30),
         "train": bool(train),
         "dtype": dtype,
         "batch": 1,
-        "compiler": best["compiler"],
-        "tried": best["tried"],
+        **({"compiler": best["compiler"], "tried": best["tried"]} if mesh_search else {}),
         "parameters": spec.num_params,
         "nnunet_patch_size": nnunet["patch_size"],
         "nnunet_batch_size": nnunet["batch_size"],

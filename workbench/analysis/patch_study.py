@@ -121,6 +121,13 @@ def study_rows(results: dict) -> list[dict]:
                 row[key] = _mean_sd([r["grid"][key] for r in runs])
             for key in ("steps", "voxels_seen", "device_seconds"):
                 row[key] = float(np.mean([r["compute"][key] for r in runs]))
+            cpu = [r["train_cpu_seconds"] for r in runs if r.get("train_cpu_seconds") is not None]
+            row["train_cpu_seconds"] = float(np.mean(cpu)) if cpu else None
+            planned = (entry.get("plan") or {}).get(arm) or {}
+            row["train_bytes_per_device"] = planned.get("bytes_per_device")
+            row["input_shape"] = runs[0]["compute"].get("input_shape")
+            row["batch"] = runs[0]["compute"].get("batch")
+            row["devices"] = runs[0]["compute"].get("devices")
             cost = (entry.get("inference") or {}).get(arm) or {}
             row["inference_seconds"] = cost.get("seconds_per_case")
             row["forward_bytes"] = cost.get("forward_bytes")
@@ -212,18 +219,30 @@ def study_table(results: dict) -> str:
     cases), the error rates near the tile grid and elsewhere, and the compute per run."""
     rows = study_rows(results)
     header = ["task", "arm", "seeds", "Dice per class", "confusion", "lesions found", "error near grid / elsewhere",
-              "steps", "voxels seen", "device-s", "inference s/case", "forward MiB"]  # fmt: skip
+              "input x batch", "steps", "voxels seen", "device-s", "train CPU-s", "train MiB/device",
+              "inference s/case", "forward MiB"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         dice = ", ".join(f"{k[5:]} {_pm(v)}" for k, v in r.items() if k.startswith("dice_") and "_case_sd" not in k)
         lesions = r.get("lesions") or {"bins": [], "found": [], "total": []}
         found = ", ".join(f"{b}: {f}/{t}" for b, f, t in zip(lesions["bins"], lesions["found"], lesions["total"]) if t)
         cells = [r["task"], r["arm"], str(r["seeds"]), dice, _pm(r["confusion"]), found or "-",
-                 f"{_pm(r['error_rate_near'], 3)} / {_pm(r['error_rate_elsewhere'], 3)}", f"{r['steps']:.0f}",
-                 f"{r['voxels_seen']:.3g}", f"{r['device_seconds']:.0f}", _num(r["inference_seconds"], ".2f"),
+                 f"{_pm(r['error_rate_near'], 3)} / {_pm(r['error_rate_elsewhere'], 3)}", _shape(r),
+                 f"{r['steps']:.0f}", f"{r['voxels_seen']:.3g}", f"{r['device_seconds']:.0f}",
+                 _num(r.get("train_cpu_seconds"), ".0f"),
+                 _num(None if r.get("train_bytes_per_device") is None else r["train_bytes_per_device"] / 2**20, ".1f"),
+                 _num(r["inference_seconds"], ".2f"),
                  _num(None if r["forward_bytes"] is None else r["forward_bytes"] / 2**20, ".1f")]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _shape(row) -> str:
+    shape = row.get("input_shape")
+    if not shape:
+        return "-"
+    devices = row.get("devices") or 1
+    return f"{'x'.join(map(str, shape))} x {row.get('batch') or 1}" + (f" on {devices} devices" if devices > 1 else "")
 
 
 def _num(value, spec: str) -> str:

@@ -204,6 +204,8 @@ def _check_memory(config, shape, mesh, backend, halo, *, reference: bool = False
     from workbench.app.memory_guard import check_run_memory
     from workbench.mesh import MeshSpec, auto_mesh, parse_mesh
 
+    if getattr(config, "kind", None) == "nnunet":  # a plans network trained by the workbench: the guard reads its spec
+        config = config.spec
     if backend == "reference":
         spec = MeshSpec()
     elif isinstance(mesh, str) and mesh.strip().lower() == "auto":

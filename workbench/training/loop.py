@@ -100,6 +100,10 @@ def train_and_evaluate(
             raise UserError("patch training (--patch) runs in one process for now; run it without launch")
         source = PatchSource(source, tc.patch, batch=tc.batch, foreground=tc.foreground_oversampling)
     cfg = model_config(tc, source.num_classes, getattr(source, "channels", None) or 1)
+    if tc.patch is not None:
+        from workbench.training.patches import check_patch_multiple
+
+        check_patch_multiple(tc.patch, (cfg.multiple,) * 3 if isinstance(cfg.multiple, int) else cfg.multiple)
     initial_variables = None
     if isinstance(cfg, NNUNetConfig):
         if tc.init_checkpoint:  # before the data is checked: a folder whose weights are not its plans'

@@ -34,7 +34,15 @@ import numpy as np
 
 from workbench.errors import UserError
 
-__all__ = ["FOREGROUND_OVERSAMPLING", "forced_foreground", "patch_box", "PatchSource", "patch_batch", "trained_window"]
+__all__ = [
+    "FOREGROUND_OVERSAMPLING",
+    "forced_foreground",
+    "patch_box",
+    "PatchSource",
+    "patch_batch",
+    "trained_window",
+    "check_patch_multiple",
+]
 
 #: nnU-Net's ``oversample_foreground_percent``
 FOREGROUND_OVERSAMPLING = 0.33
@@ -152,3 +160,18 @@ def trained_window(meta: dict):
     window = (meta or {}).get("window") or {}
     patch = window.get("patch") or ((meta or {}).get("train") or {}).get("patch")
     return tuple(int(v) for v in patch) if patch else None
+
+
+def check_patch_multiple(patch, multiple) -> None:
+    """One :class:`UserError` when a training patch is not a multiple of the network's per-axis
+    size multiple (the product of its strides): the step would pad every patch (nnU-Net's
+    planner never makes such a patch); the message names the nearest multiples."""
+    bad = [(p, m) for p, m in zip(patch, multiple) if p % m]
+    if bad:
+        lower = [max(m, p // m * m) for p, m in zip(patch, multiple)]
+        upper = [-(-p // m) * m for p, m in zip(patch, multiple)]
+        raise UserError(
+            f"--patch {'x'.join(map(str, patch))} is not a multiple of the network's size multiple "
+            f"{'x'.join(map(str, multiple))} (the product of its strides per axis), so every patch would be padded; "
+            f"use {'x'.join(map(str, lower))} or {'x'.join(map(str, upper))}"
+        )
