@@ -26,6 +26,18 @@ def start(devices: int = 8) -> None:
     configure_cpu_devices(devices)
 
 
+def nvidia_smi() -> str | None:
+    """``name, memory.total, driver_version`` of each GPU as nvidia-smi prints them; None
+    where there is no nvidia-smi (every GPU figure is recorded with the device's name)."""
+    import subprocess
+
+    query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+    try:
+        return subprocess.run(query, capture_output=True, text=True, timeout=30).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
 def machine() -> dict:
     """Host, devices and package versions of this run."""
     from workbench.execute.devices import device_summary

@@ -235,15 +235,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     common = ["--size", str(args.size)] + (["--allow-cpu"] if args.allow_cpu else [])
     info = {"argv": sys.argv[1:]}
-    try:
-        info["nvidia_smi"] = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        ).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        info["nvidia_smi"] = None
+    info["nvidia_smi"] = _common.nvidia_smi()
     vers = subprocess.run(
         [
             sys.executable,

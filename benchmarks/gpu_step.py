@@ -41,7 +41,6 @@ import argparse
 import gzip
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -176,16 +175,8 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        smi = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        ).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        smi = ""
-    info = {"argv": sys.argv[1:], "nvidia_smi": smi or None, "size": args.size, "peak_table_tflops": dict(PEAK_TFLOPS)}
+    smi = _common.nvidia_smi()
+    info = {"argv": sys.argv[1:], "nvidia_smi": smi, "size": args.size, "peak_table_tflops": dict(PEAK_TFLOPS)}
     print(f"GPU: {smi or 'none (nvidia-smi absent)'}", flush=True)
     rows = {}
 
