@@ -275,6 +275,14 @@ def feature_map_size(
 
 
 # -- the patch nnU-Net would train on -----------------------------------------------------------------
+def initial_patch_shape(spacing, median_shape) -> list:
+    """nnU-Net's starting patch: 256³ voxels shaped like the inverse ``spacing``, clipped to
+    ``median_shape`` (before the network's size multiples are applied)."""
+    inverse = 1 / np.asarray(spacing, dtype=float)
+    initial = [round(v) for v in inverse * (256**3 / np.prod(inverse)) ** (1 / 3)]
+    return [min(i, m) for i, m in zip(initial, median_shape)]
+
+
 def nnunet_configuration(
     plan: Planner, spacing, median_shape, *, num_classes: int, n_cases: int, gpu_gb: float | None = None
 ) -> dict:
@@ -284,10 +292,7 @@ def nnunet_configuration(
     gpu_gb = plan.gpu_gb if gpu_gb is None else gpu_gb
     spacing = [float(s) for s in spacing]
     median = [float(n) for n in median_shape]
-    inverse = 1 / np.array(spacing)
-    initial = [round(v) for v in inverse * (256**3 / np.prod(inverse)) ** (1 / 3)]
-    initial = [min(i, m) for i, m in zip(initial, median)]
-    topo = pool_and_conv_props(spacing, initial)
+    topo = pool_and_conv_props(spacing, initial_patch_shape(spacing, median))
     patch = list(topo.shape)
     reference = plan.reference_3d * gpu_gb / plan.gpu_gb
     estimate = feature_map_size(plan, topo, patch, num_classes)

@@ -35,12 +35,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from workbench.analysis.nnunet_rules import initial_patch_shape
 from workbench.errors import UserError
 
 __all__ = ["PatchBudgetError", "initial_patch", "shrink_axis", "plan_patch", "compiled_step_bytes"]
-
-#: nnU-Net's initial patch volume (3D): 256³ voxels
-INITIAL_VOXELS = 256**3
 
 
 class PatchBudgetError(UserError):
@@ -55,9 +53,7 @@ def initial_patch(shape, multiple, spacing=None) -> list[int]:
     """nnU-Net's initial patch: 256³ voxels shaped like the inverse ``spacing`` (isotropic
     when None), clipped to ``shape`` (the median volume), rounded up to ``multiple``."""
     spacing = [1.0] * 3 if spacing is None else [float(s) for s in spacing]
-    inverse = 1 / np.asarray(spacing)
-    initial = [round(v) for v in inverse * (INITIAL_VOXELS / np.prod(inverse)) ** (1 / 3)]
-    return [_round_up(min(i, n), m) for i, n, m in zip(initial, shape, multiple)]
+    return [_round_up(n, m) for n, m in zip(initial_patch_shape(spacing, shape), multiple)]
 
 
 def shrink_axis(patch, shape, multiple) -> int | None:
