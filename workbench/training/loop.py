@@ -103,7 +103,7 @@ def train_and_evaluate(
     if tc.patch is not None:
         from workbench.training.patches import check_patch_multiple
 
-        check_patch_multiple(tc.patch, (cfg.multiple,) * 3 if isinstance(cfg.multiple, int) else cfg.multiple)
+        check_patch_multiple(tc.patch, cfg.multiple)
     initial_variables = None
     if isinstance(cfg, NNUNetConfig):
         if tc.init_checkpoint:  # before the data is checked: a folder whose weights are not its plans'

@@ -165,7 +165,9 @@ def trained_window(meta: dict):
 def check_patch_multiple(patch, multiple) -> None:
     """One :class:`UserError` when a training patch is not a multiple of the network's per-axis
     size multiple (the product of its strides): the step would pad every patch (nnU-Net's
-    planner never makes such a patch); the message names the nearest multiples."""
+    planner never makes such a patch); the message names the nearest multiples. ``multiple``:
+    one per axis, or one int for all three (the presets')."""
+    multiple = (multiple,) * 3 if isinstance(multiple, int) else tuple(multiple)
     bad = [(p, m) for p, m in zip(patch, multiple) if p % m]
     if bad:
         lower = [max(m, p // m * m) for p, m in zip(patch, multiple)]
